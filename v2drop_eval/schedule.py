@@ -1,0 +1,161 @@
+"""Drop schedules: at which decoder layers vision tokens are dropped, and how many survive.
+
+A schedule is an ordered list of ``(layer, keep_ratio)`` stages. Before ``layer`` runs, the vision
+tokens still alive are cut to ``floor(alive * keep_ratio)`` (exact decimal arithmetic, so
+``100 x 0.29`` keeps 29, not 28). Layer 0 never drops: transformers reads the cache length from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+__all__ = ["DropSchedule", "PRESETS", "kept_count"]
+
+
+def kept_count(alive: int, keep_ratio: float) -> int:
+    """``floor(alive * keep_ratio)`` computed on the ratio's decimal form, free of float round-off."""
+    return math.floor(alive * Fraction(repr(float(keep_ratio))))
+
+
+# Published V2Drop schedules (DESIGN.md 1) and the Qwen2-VL budgets derived from them.
+# Qwen2-VL budgets are named after the LLaVA budget with the same vision-token reduction
+# (192/576 = -66.7%, 128/576 = -77.8%): layers 3/16/22 as published, the second-stage ratio of the
+# LLaVA preset of that budget, the first-stage ratio solved (to 0.01) so that the mean fraction of
+# vision tokens over Qwen2-VL-7B's 28 layers is closest to 1/3 and 2/9 (33.4% and 22.1%).
+PRESETS: dict[str, dict[str | int, str]] = {
+    "llava": {
+        192: "3:0.5/17:0.3/22:0",
+        128: "3:0.28/17:0.25/22:0",
+        64: "3:0.05/17:0.05/22:0",
+    },
+    "qwen2_vl": {
+        "default": "3:0.25/16:0.05/22:0",
+        192: "3:0.43/16:0.3/22:0",
+        128: "3:0.22/16:0.25/22:0",
+    },
+}
+# FastV drops once, at layer K=2, keeping the share that gives the same layer-averaged vision-token
+# count as the V2Drop preset of that budget (576 tokens / 32 layers for LLaVA, 28 layers for Qwen2-VL).
+FASTV_LAYER = 2
+FASTV_PRESETS: dict[str, dict[str | int, str]] = {
+    "llava": {192: "2:0.2882", 128: "2:0.1702", 64: "2:0.0521"},
+    "qwen2_vl": {"default": "2:0.1667", 192: "2:0.2813", 128: "2:0.1632"},
+}
+# Reference shapes the presets were matched on.
+PRESET_SHAPES = {"llava": (576, 32), "qwen2_vl": (576, 28)}
+# Family aliases accepted by ``preset``.
+FAMILY_ALIASES = {"llava": "llava", "llava_hf": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
+
+
+@dataclass(frozen=True)
+class DropSchedule:
+    """Ordered ``(layer, keep_ratio)`` stages; the keep ratio applies to the vision tokens still alive."""
+
+    stages: tuple[tuple[int, float], ...]
+
+    def __post_init__(self) -> None:
+        stages = tuple((int(layer), float(ratio)) for layer, ratio in self.stages)
+        object.__setattr__(self, "stages", stages)
+        prev = 0
+        for layer, ratio in stages:
+            if layer < 1:
+                raise ValueError(
+                    f"drop layer {layer} is not allowed: layers must be >= 1 (layer 0 never drops, "
+                    "transformers reads the cache length from it)"
+                )
+            if layer <= prev:
+                raise ValueError(
+                    f"drop layer {layer} follows layer {prev}: layers must be strictly increasing"
+                )
+            if not (0.0 <= ratio <= 1.0) or math.isnan(ratio):
+                raise ValueError(f"keep ratio {ratio} at layer {layer} is not allowed: it must be in [0, 1]")
+            prev = layer
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str | DropSchedule) -> DropSchedule:
+        """Parse ``"3:0.5/17:0.3/22:0"`` (stages ``layer:keep_ratio`` separated by ``/``).
+
+        ``""`` or ``"none"`` is the empty schedule (nothing dropped).
+        """
+        if isinstance(text, DropSchedule):
+            return text
+        if not isinstance(text, str):
+            raise ValueError(f"schedule {text!r} is not a string like '3:0.5/17:0.3/22:0'")
+        body = text.strip()
+        if body.lower() in ("", "none"):
+            return cls(())
+        stages = []
+        for part in body.split("/"):
+            layer_s, sep, ratio_s = part.strip().partition(":")
+            try:
+                if not sep:
+                    raise ValueError
+                stages.append((int(layer_s), float(ratio_s)))
+            except ValueError:
+                raise ValueError(
+                    f"schedule stage {part!r} in {text!r} is not 'layer:keep_ratio'; expected stages like "
+                    "'3:0.5/17:0.3/22:0' (integer layer >= 1, keep ratio in [0, 1], separated by '/')"
+                ) from None
+        return cls(tuple(stages))
+
+    @classmethod
+    def preset(cls, family: str, budget: int | str, method: str = "v2drop") -> DropSchedule:
+        """The published schedule for ``family`` (``llava``, ``qwen2_vl``) at ``budget``.
+
+        ``method="fastv"`` gives FastV's single stage at layer 2 matched to the same average count.
+        """
+        fam = FAMILY_ALIASES.get(str(family))
+        if fam is None:
+            raise ValueError(f"unknown model family {family!r}; known families: {sorted(PRESETS)}")
+        table = FASTV_PRESETS if method == "fastv" else PRESETS
+        key = _budget_key(budget)
+        if key not in table[fam]:
+            known = ", ".join(str(k) for k in table[fam])
+            raise ValueError(f"no preset for budget {budget!r} in family {fam!r}; known budgets: {known}")
+        return cls.parse(table[fam][key])
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(layer for layer, _ in self.stages)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.stages
+
+    def check_depth(self, num_layers: int) -> None:
+        """Raise if a stage names a layer the model does not have."""
+        for layer, _ in self.stages:
+            if layer >= num_layers:
+                raise ValueError(
+                    f"drop layer {layer} is past the model's depth: it has {num_layers} decoder layers, "
+                    f"so layers must be in 1..{num_layers - 1}"
+                )
+
+    def tokens_per_layer(self, num_vision_tokens: int, num_layers: int) -> list[int]:
+        """Vision tokens entering each decoder layer."""
+        self.check_depth(num_layers)
+        ratios = dict(self.stages)
+        alive, out = int(num_vision_tokens), []
+        for layer in range(num_layers):
+            if layer in ratios:
+                alive = kept_count(alive, ratios[layer])
+            out.append(alive)
+        return out
+
+    def average_tokens(self, num_vision_tokens: int, num_layers: int) -> float:
+        """Mean over decoder layers of the vision tokens each layer sees (the papers' "retained")."""
+        per_layer = self.tokens_per_layer(num_vision_tokens, num_layers)
+        return sum(per_layer) / len(per_layer)
+
+    def __str__(self) -> str:
+        return "/".join(f"{layer}:{ratio:g}" for layer, ratio in self.stages) or "none"
+
+
+def _budget_key(budget: int | str) -> int | str:
+    if isinstance(budget, str) and budget.strip().lstrip("-").isdigit():
+        return int(budget)
+    return budget
