@@ -1,0 +1,135 @@
+"""Tiny random-weight LLaVA and Qwen2-VL models built from configs, and their raw inputs (no tokenizer)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+LAYERS = 6
+LLAVA_IMAGE_ID = 100
+LLAVA_TOKENS_PER_IMAGE = 16  # 32x32 image, patch 8
+QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START, QWEN_END = 150, 151, 152, 153
+PAD = 0
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8, projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, pad_token_id=PAD, max_position_embeddings=512,
+        ),
+        image_token_id=LLAVA_IMAGE_ID,
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(cfg).float().eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=160, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3,
+        ),
+        image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
+        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, pad_token_id=PAD,
+    )
+    model = Qwen2VLForConditionalGeneration(cfg).float().eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def _text(gen: torch.Generator, n: int, vocab: int = 90) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=gen).tolist()
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def llava_inputs(images_per_row: list[int], text_lens: list[int] | None = None, seed: int = 0) -> dict:
+    """Rows of [text, image tokens..., text] with ``images_per_row[b]`` images each, left-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, n_images = [], 0
+    for b, k in enumerate(images_per_row):
+        t = (text_lens or [5] * len(images_per_row))[b]
+        row = [1] + _text(gen, t)
+        for _ in range(k):
+            row += [LLAVA_IMAGE_ID] * LLAVA_TOKENS_PER_IMAGE + _text(gen, 2)
+        rows.append(row + _text(gen, 3))
+        n_images += k
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if n_images:
+        out["pixel_values"] = torch.randn(n_images, 3, 32, 32, generator=gen)
+    return out
+
+
+def qwen_inputs(grids_per_row: list[list[tuple[int, int]]], seed: int = 0) -> dict:
+    """Rows with images of the given patch grids (h, w), e.g. [[(4, 4)], [(4, 6), (2, 2)]], left-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, grids = [], []
+    for b, row_grids in enumerate(grids_per_row):
+        row = _text(gen, 3 + b)
+        for h, w in row_grids:
+            row += [QWEN_START] + [QWEN_IMAGE_ID] * (h * w // 4) + [QWEN_END] + _text(gen, 2)
+            grids.append([1, h, w])
+        rows.append(row + _text(gen, 3))
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == QWEN_IMAGE_ID).long()}
+    if grids:
+        grid = torch.tensor(grids)
+        out["image_grid_thw"] = grid
+        out["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=gen)
+    return out
+
+
+def row_inputs(inputs: dict, b: int, family: str) -> dict:
+    """Row ``b`` of a batch as its own unpadded batch of one."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b][keep][None] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+    if "pixel_values" not in inputs:
+        return out
+    if family == "llava":
+        counts = [int((r == LLAVA_IMAGE_ID).sum()) // LLAVA_TOKENS_PER_IMAGE for r in inputs["input_ids"]]
+        start = sum(counts[:b])
+        if counts[b]:
+            out["pixel_values"] = inputs["pixel_values"][start:start + counts[b]]
+    else:
+        counts = [int((r == QWEN_START).sum()) for r in inputs["input_ids"]]
+        start = sum(counts[:b])
+        grid = inputs["image_grid_thw"]
+        if counts[b]:
+            patches = grid.prod(-1)
+            p0 = int(patches[:start].sum())
+            p1 = p0 + int(patches[start:start + counts[b]].sum())
+            out["image_grid_thw"] = grid[start:start + counts[b]]
+            out["pixel_values"] = inputs["pixel_values"][p0:p1]
+    return out

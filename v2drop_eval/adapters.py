@@ -1,0 +1,70 @@
+"""Model adapters: the only place that knows where each model family keeps its decoder and vision ids.
+
+The engine sees a :class:`ModelAdapter` and nothing of LLaVA or Qwen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class"]
+
+# class name -> family; `tested` marks the classes the test-suite runs on.
+SUPPORTED_CLASSES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+}
+
+
+@dataclass
+class ModelAdapter:
+    family: str
+    top: nn.Module  # the *ForConditionalGeneration model: sees input_ids, labels, the cache
+    decoder: nn.Module  # the LLM decoder (LlamaModel, Qwen2VLTextModel, ...)
+    layers: nn.ModuleList
+    text_config: Any
+    vision_token_ids: tuple[int, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def attn_implementation(self) -> str:
+        return str(self.text_config._attn_implementation or "eager")
+
+
+def family_of_class(name: str) -> str:
+    if name not in SUPPORTED_CLASSES:
+        raise TypeError(
+            f"{name} is not supported; supported model classes: {', '.join(SUPPORTED_CLASSES)}"
+        )
+    return SUPPORTED_CLASSES[name]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """Build the adapter for a loaded model, or raise TypeError naming the supported classes."""
+    family = family_of_class(type(model).__name__)
+    config = model.config
+    decoder = model.model.language_model
+    if family == "llava":
+        # llava-hf configs call it image_token_index in older releases, image_token_id in newer.
+        image_id = getattr(config, "image_token_id", None)
+        if image_id is None:
+            image_id = config.image_token_index
+        ids: tuple[int, ...] = (int(image_id),)
+    else:
+        ids = tuple(int(i) for i in (config.image_token_id, config.video_token_id) if i is not None)
+    return ModelAdapter(
+        family=family,
+        top=model,
+        decoder=decoder,
+        layers=decoder.layers,
+        text_config=decoder.config,
+        vision_token_ids=ids,
+    )
