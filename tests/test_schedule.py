@@ -1,0 +1,71 @@
+"""DropSchedule parsing, presets, validation and the token arithmetic."""
+
+import pytest
+
+from v2drop_eval import DropSchedule
+from v2drop_eval.schedule import kept_count
+
+
+def test_parse_and_str_roundtrip():
+    s = DropSchedule.parse("3:0.5/17:0.3/22:0")
+    assert s.stages == ((3, 0.5), (17, 0.3), (22, 0.0))
+    assert str(s) == "3:0.5/17:0.3/22:0"
+    assert DropSchedule.parse(str(s)) == s
+    assert DropSchedule.parse("none").is_empty and DropSchedule.parse("").is_empty
+
+
+@pytest.mark.parametrize(
+    "budget,tokens,average",
+    [(192, [576] * 3 + [288] * 14 + [86] * 5 + [0] * 10, 193.4), (128, None, 130.7), (64, None, 66.4)],
+)
+def test_llava_presets_give_published_averages(budget, tokens, average):
+    s = DropSchedule.preset("llava", budget)
+    if tokens:
+        assert s.tokens_per_layer(576, 32) == tokens
+    assert s.average_tokens(576, 32) == pytest.approx(average, abs=0.05)
+
+
+def test_qwen_presets_and_fastv_presets():
+    assert str(DropSchedule.preset("qwen2_vl", "default")) == "3:0.25/16:0.05/22:0"
+    assert DropSchedule.preset("qwen2_vl", 192).average_tokens(576, 28) / 576 == pytest.approx(1 / 3, abs=0.005)
+    assert DropSchedule.preset("qwen2_vl", 128).average_tokens(576, 28) / 576 == pytest.approx(2 / 9, abs=0.005)
+    assert DropSchedule.preset("qwen2_5_vl", "128") == DropSchedule.preset("qwen2_vl", 128)
+    for budget in (192, 128, 64):
+        fastv = DropSchedule.preset("llava", budget, method="fastv")
+        assert len(fastv.stages) == 1 and fastv.layers == (2,)
+        assert fastv.average_tokens(576, 32) == pytest.approx(budget, abs=1)
+
+
+def test_kept_count_is_exact_decimal_floor():
+    assert kept_count(100, 0.29) == 29  # 100 * 0.29 == 28.999999999999996 in floats
+    assert kept_count(576, 0.28) == 161 and kept_count(161, 0.25) == 40 and kept_count(5, 0) == 0
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("0:0.5", "layers must be >= 1"),
+        ("3:0.5/3:0.2", "strictly increasing"),
+        ("5:0.5/3:0.2", "strictly increasing"),
+        ("3:1.5", r"keep ratio 1.5 .* \[0, 1\]"),
+        ("3:-0.1", r"\[0, 1\]"),
+        ("3:nan", r"\[0, 1\]"),
+        ("3-0.5", "layer:keep_ratio"),
+        ("3:0.5,17:0.3", "layer:keep_ratio"),
+        ("x:0.5", "layer:keep_ratio"),
+    ],
+)
+def test_bad_schedules_name_the_value(text, match):
+    with pytest.raises(ValueError, match=match):
+        DropSchedule.parse(text)
+
+
+def test_depth_and_preset_errors():
+    with pytest.raises(ValueError, match=r"drop layer 40 is past the model's depth: it has 32 .* 1\.\.31"):
+        DropSchedule.parse("3:0.5/40:0").tokens_per_layer(576, 32)
+    with pytest.raises(ValueError, match=r"unknown model family 'blip'; known families: \['llava', 'qwen2_vl'\]"):
+        DropSchedule.preset("blip", 128)
+    with pytest.raises(ValueError, match="known budgets: 192, 128, 64"):
+        DropSchedule.preset("llava", 100)
+    with pytest.raises(ValueError, match="known budgets: default, 192, 128"):
+        DropSchedule.preset("qwen2_vl", 64)
