@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
 __all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class"]
 
@@ -37,6 +38,15 @@ class ModelAdapter:
     @property
     def attn_implementation(self) -> str:
         return str(self.text_config._attn_implementation or "eager")
+
+    @property
+    def mask_format(self) -> str:
+        """How the decoder's attention takes its mask: ``padding2d`` (flash kernels: [B, S] or None),
+        ``additive`` (eager: float 4D) or ``bool`` (sdpa and the like: bool 4D or None)."""
+        impl = self.attn_implementation
+        if "flash" in impl or ALL_MASK_ATTENTION_FUNCTIONS.get(impl) is flash_attention_mask:
+            return "padding2d"
+        return "additive" if impl == "eager" else "bool"
 
 
 def family_of_class(name: str) -> str:

@@ -31,7 +31,6 @@ from v2drop_eval.scorers import METRICS, FastVRecorder, random_scores, variation
 __all__ = ["attach", "DropHandle", "METHODS"]
 
 METHODS = ("v2drop", "random", "fastv", "none")
-_FLASH_PREFIXES = ("flash_attention", "kernels-community/flash")
 
 
 def attach(
@@ -398,8 +397,8 @@ class DropHandle:
         B, n = valid.shape
         device = valid.device
         keys = torch.cat([valid, torch.ones(B, extra, dtype=torch.bool, device=device)], dim=1)
-        impl = self.adapter.attn_implementation
-        if impl.startswith(_FLASH_PREFIXES):
+        fmt = self.adapter.mask_format
+        if fmt == "padding2d":
             return keys.long()
         k_len = n + extra
         # Query i sits at key position k_len - q_len + i (prefill: extra=0, q_len=n).
@@ -408,7 +407,7 @@ class DropHandle:
         m = (causal[None, None] & keys[:, None, None, :]).clone()
         if extra == 0:
             m |= torch.eye(n, dtype=torch.bool, device=device)[None, None]
-        if impl == "eager":
+        if fmt == "additive":
             dtype = self.adapter.top.dtype
             return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(~m, torch.finfo(dtype).min)
         return m
