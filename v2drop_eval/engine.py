@@ -25,7 +25,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from v2drop_eval.adapters import ModelAdapter, adapter_for
-from v2drop_eval.schedule import DropSchedule
+from v2drop_eval.schedule import Adaptive, DropSchedule
 from v2drop_eval.scorers import METRICS, FastVRecorder, random_scores, variation
 
 __all__ = ["attach", "DropHandle", "METHODS"]
@@ -94,6 +94,10 @@ class DropHandle:
                 f"method 'fastv' drops once, at one layer K; schedule {schedule} has "
                 f"{len(schedule.stages)} stages (use e.g. '2:0.3', or DropSchedule.preset(family, budget, method='fastv'))"
             )
+        if schedule.is_adaptive and method != "v2drop":
+            raise ValueError(
+                f"adaptive stages ({schedule}) rank tokens by variation: they need method 'v2drop', not {method!r}"
+            )
         impl = self.adapter.attn_implementation
         if impl == "flex_attention":
             raise ValueError(
@@ -108,7 +112,9 @@ class DropHandle:
         self.text_config = self.adapter.text_config
         self.last_stats: list[dict[str, Any]] = []
         self.last_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._ratios = {layer: Fraction(repr(r)) for layer, r in schedule.stages}
+        self._ratios: dict[int, Fraction | Adaptive] = {
+            layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in schedule.stages
+        }
         self._dropping = method != "none" and not schedule.is_empty
         self._call: _Call | None = None  # the prefill being run, or whose layouts decode uses
         self._mode: str | None = None  # "prefill" | "decode" | None (hooks idle) for the current call
@@ -285,13 +291,19 @@ class DropHandle:
         candidates = lay.valid & lay.vision
         alive = candidates.sum(1)
         ratio = self._ratios[layer]
-        keep_k = (alive * ratio.numerator) // ratio.denominator  # exact floor(alive * ratio)
+        raw = None
+        if isinstance(ratio, Adaptive):
+            raw = self._scores(call, layer, hidden)
+            keep_k = _adaptive_counts(raw, candidates, lay.valid & ~lay.vision, alive, ratio)
+        else:
+            keep_k = (alive * ratio.numerator) // ratio.denominator  # exact floor(alive * ratio)
         if bool((keep_k == alive).all()):
             call.layouts[layer] = lay
             call.vision_alive.append(alive.tolist())
             call.score_s += time.perf_counter() - t0
             return hidden
-        scores = self._scores(call, layer, hidden).masked_fill(~candidates, float("-inf"))
+        raw = self._scores(call, layer, hidden) if raw is None else raw
+        scores = raw.masked_fill(~candidates, float("-inf"))
         order = scores.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -451,6 +463,19 @@ class DropHandle:
             )
         self.last_stats = stats
         self.last_layouts = {layer: (lay.idx, lay.valid) for layer, lay in call.layouts.items()}
+
+
+def _adaptive_counts(
+    scores: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, alive: torch.Tensor, stage: Adaptive
+) -> torch.Tensor:
+    """Per row: vision tokens whose variation >= threshold x the row's mean text-token variation,
+    clamped to [floor(alive x min), floor(alive x max)]. The reference does not depend on the image,
+    so a plain image (small variations) keeps fewer tokens than a busy one."""
+    text_mean = (scores * text).sum(1) / text.sum(1).clamp(min=1)
+    passing = ((scores >= stage.threshold * text_mean[:, None]) & candidates).sum(1)
+    lo = (alive * Fraction(repr(stage.min_ratio)).numerator) // Fraction(repr(stage.min_ratio)).denominator
+    hi = (alive * Fraction(repr(stage.max_ratio)).numerator) // Fraction(repr(stage.max_ratio)).denominator
+    return torch.minimum(torch.maximum(passing, lo), hi)
 
 
 def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,10 @@
 A schedule is an ordered list of ``(layer, keep_ratio)`` stages. Before ``layer`` runs, the vision
 tokens still alive are cut to ``floor(alive * keep_ratio)`` (exact decimal arithmetic, so
 ``100 x 0.29`` keeps 29, not 28). Layer 0 never drops: transformers reads the cache length from it.
+
+A stage may instead be adaptive (``layer:tTHRESHOLD:MIN:MAX``, V2Drop only): each image keeps the
+vision tokens whose variation is at least THRESHOLD x the mean variation of its own text tokens at
+that layer, clamped to ``[floor(alive x MIN), floor(alive x MAX)]``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-__all__ = ["DropSchedule", "PRESETS", "kept_count"]
+__all__ = ["DropSchedule", "Adaptive", "PRESETS", "kept_count"]
 
 
 def kept_count(alive: int, keep_ratio: float) -> int:
@@ -50,13 +54,49 @@ FAMILY_ALIASES = {"llava": "llava", "llava_hf": "llava", "qwen2_vl": "qwen2_vl",
 
 
 @dataclass(frozen=True)
+class Adaptive:
+    """An adaptive stage: keep tokens with variation >= ``threshold`` x the row's mean text-token
+    variation, at least ``floor(alive x min_ratio)`` and at most ``floor(alive x max_ratio)``."""
+
+    threshold: float
+    min_ratio: float
+    max_ratio: float
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.threshold <= MAX_THRESHOLD) or math.isnan(self.threshold):
+            raise ValueError(
+                f"adaptive threshold {self.threshold} is not allowed: it must be in [0, {MAX_THRESHOLD:g}] "
+                "(a multiple of the mean text-token variation)"
+            )
+        for name, value in (("min", self.min_ratio), ("max", self.max_ratio)):
+            if not (0.0 <= value <= 1.0) or math.isnan(value):
+                raise ValueError(f"adaptive {name} keep ratio {value} is not allowed: it must be in [0, 1]")
+        if self.min_ratio > self.max_ratio:
+            raise ValueError(
+                f"adaptive min keep ratio {self.min_ratio} is greater than max {self.max_ratio}: need min <= max"
+            )
+
+    def __str__(self) -> str:
+        return f"t{self.threshold:g}:{self.min_ratio:g}:{self.max_ratio:g}"
+
+    def __format__(self, spec: str) -> str:
+        return str(self)
+
+
+MAX_THRESHOLD = 100.0
+Stage = tuple[int, "float | Adaptive"]
+
+
+@dataclass(frozen=True)
 class DropSchedule:
     """Ordered ``(layer, keep_ratio)`` stages; the keep ratio applies to the vision tokens still alive."""
 
-    stages: tuple[tuple[int, float], ...]
+    stages: tuple[Stage, ...]
 
     def __post_init__(self) -> None:
-        stages = tuple((int(layer), float(ratio)) for layer, ratio in self.stages)
+        stages = tuple(
+            (int(layer), ratio if isinstance(ratio, Adaptive) else float(ratio)) for layer, ratio in self.stages
+        )
         object.__setattr__(self, "stages", stages)
         prev = 0
         for layer, ratio in stages:
@@ -69,7 +109,9 @@ class DropSchedule:
                 raise ValueError(
                     f"drop layer {layer} follows layer {prev}: layers must be strictly increasing"
                 )
-            if not (0.0 <= ratio <= 1.0) or math.isnan(ratio):
+            if isinstance(ratio, Adaptive):
+                pass
+            elif not (0.0 <= ratio <= 1.0) or math.isnan(ratio):
                 raise ValueError(f"keep ratio {ratio} at layer {layer} is not allowed: it must be in [0, 1]")
             prev = layer
 
@@ -87,18 +129,35 @@ class DropSchedule:
         body = text.strip()
         if body.lower() in ("", "none"):
             return cls(())
-        stages = []
+        stages: list[Stage] = []
         for part in body.split("/"):
             layer_s, sep, ratio_s = part.strip().partition(":")
             try:
                 if not sep:
                     raise ValueError
-                stages.append((int(layer_s), float(ratio_s)))
-            except ValueError:
+                if ratio_s.startswith("t"):
+                    threshold, lo, hi = (float(x) for x in ratio_s[1:].split(":"))
+                    stages.append((int(layer_s), Adaptive(threshold, lo, hi)))
+                else:
+                    stages.append((int(layer_s), float(ratio_s)))
+            except ValueError as err:
+                if "adaptive" in str(err):
+                    raise
                 raise ValueError(
-                    f"schedule stage {part!r} in {text!r} is not 'layer:keep_ratio'; expected stages like "
-                    "'3:0.5/17:0.3/22:0' (integer layer >= 1, keep ratio in [0, 1], separated by '/')"
+                    f"schedule stage {part!r} in {text!r} is not 'layer:keep_ratio' or 'layer:tTHRESHOLD:MIN:MAX'; "
+                    "expected stages like '3:0.5/17:0.3/22:0' or '3:t1.0:0.1:0.6/22:0' (integer layer >= 1, "
+                    "ratios in [0, 1], separated by '/')"
                 ) from None
+        return cls(tuple(stages))
+
+    @classmethod
+    def adaptive(
+        cls, threshold: float, min_ratio: float, max_ratio: float, layers: tuple[int, ...] = (3, 17), final: int | None = 22
+    ) -> DropSchedule:
+        """Adaptive stages at ``layers`` (same threshold and bounds), then ``final:0`` if given."""
+        stages: list[Stage] = [(layer, Adaptive(threshold, min_ratio, max_ratio)) for layer in layers]
+        if final is not None:
+            stages.append((final, 0.0))
         return cls(tuple(stages))
 
     @classmethod
@@ -126,6 +185,15 @@ class DropSchedule:
     def is_empty(self) -> bool:
         return not self.stages
 
+    @property
+    def is_adaptive(self) -> bool:
+        return any(isinstance(r, Adaptive) for _, r in self.stages)
+
+    def slug(self) -> str:
+        """A file-name-safe form: ``3-0.5_17-0.3_22-0`` (adaptive: ``3-t1-0.1-0.6``)."""
+        return "_".join(f"{layer}-{str(r).replace(':', '-') if isinstance(r, Adaptive) else f'{r:g}'}"
+                        for layer, r in self.stages) or "none"
+
     def check_depth(self, num_layers: int) -> None:
         """Raise if a stage names a layer the model does not have."""
         for layer, _ in self.stages:
@@ -137,14 +205,28 @@ class DropSchedule:
 
     def tokens_per_layer(self, num_vision_tokens: int, num_layers: int) -> list[int]:
         """Vision tokens entering each decoder layer."""
+        if self.is_adaptive:
+            raise ValueError(
+                f"schedule {self} is adaptive: its counts depend on each image; use bounds_per_layer() for the "
+                "range, and the handle's last_stats for what was kept"
+            )
+        return self.bounds_per_layer(num_vision_tokens, num_layers)[0]
+
+    def bounds_per_layer(self, num_vision_tokens: int, num_layers: int) -> tuple[list[int], list[int]]:
+        """Fewest and most vision tokens entering each layer (equal for fixed schedules)."""
         self.check_depth(num_layers)
         ratios = dict(self.stages)
-        alive, out = int(num_vision_tokens), []
+        lo = hi = int(num_vision_tokens)
+        los, his = [], []
         for layer in range(num_layers):
-            if layer in ratios:
-                alive = kept_count(alive, ratios[layer])
-            out.append(alive)
-        return out
+            r = ratios.get(layer)
+            if isinstance(r, Adaptive):
+                lo, hi = kept_count(lo, r.min_ratio), kept_count(hi, r.max_ratio)
+            elif r is not None:
+                lo, hi = kept_count(lo, r), kept_count(hi, r)
+            los.append(lo)
+            his.append(hi)
+        return los, his
 
     def average_tokens(self, num_vision_tokens: int, num_layers: int) -> float:
         """Mean over decoder layers of the vision tokens each layer sees (the papers' "retained")."""
