@@ -7,11 +7,11 @@ import functools
 import pytest
 import torch
 from reference import allowed_keys, masking_reference
-from tiny import LAYERS, llava_inputs, qwen_inputs, row_inputs, tiny_llava, tiny_qwen2_vl
+from tiny import LAYERS, llava_inputs, qwen_inputs, row_inputs, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 from v2drop_eval import DropSchedule, attach
 
-FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl}
+FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl}
 
 # Each case: (family, inputs builder). Batch 1, padded batch, different vision counts, two images, text-only.
 CASES = {
@@ -21,6 +21,7 @@ CASES = {
     ("qwen", "batch1"): lambda: qwen_inputs([[(4, 4)]]),
     ("qwen", "padded"): lambda: qwen_inputs([[(4, 4)], [(4, 4)]]),
     ("qwen", "mixed"): lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []], seed=1),
+    ("qwen25", "mixed"): lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []], seed=1),
 }
 
 
@@ -37,7 +38,7 @@ def _generate(m, inputs, **kw):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25"])
 def test_keep_all_is_bit_identical(family, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()
@@ -84,7 +85,7 @@ def test_dropping_equals_masking_reference(case, attn, schedule):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", ["v2drop", "random", "fastv"])
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25"])
 def test_batch_rows_equal_rows_alone(family, method, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()

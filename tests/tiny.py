@@ -8,6 +8,8 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -55,6 +57,27 @@ def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGen
         vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, pad_token_id=PAD,
     )
     model = Qwen2VLForConditionalGeneration(cfg).float().eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=160, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16, fullatt_block_indexes=[1],
+        ),
+        image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
+        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, pad_token_id=PAD,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
     model.set_attn_implementation(attn)
     model.generation_config.pad_token_id = PAD
     return model
