@@ -1,0 +1,183 @@
+"""The plugin's own model arguments: parsed, checked and removed from ``kwargs`` before any weight loads.
+
+lmms-eval hands every ``--model_args`` entry to the model class as a keyword argument, already
+converted to bool / int / float / str. The parent classes (``llava_hf``, ``qwen2_vl``, ...)
+``assert kwargs == {}``, so ours are popped first; anything that is neither ours nor the parent's is
+refused here with the list of allowed names (the parent's assert would not name them).
+
+Everything that can be checked without weights is checked here, including the schedule against the
+model's depth (``num_hidden_layers`` of the text config, read with ``AutoConfig``), so that a bad run
+fails in seconds and lmms-eval writes no results file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from v2drop_eval.schedule import DropSchedule
+
+__all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
+           "allowed_args"]
+
+METHODS = ("v2drop", "random", "fastv", "none")
+METRICS = ("l2", "l1", "cosine")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup")
+
+# family -> (model_type values of checkpoints it accepts, lmms-eval model name, preset family)
+FAMILIES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "llava": (("llava", "llava_next"), "v2drop_llava", "llava"),
+    "qwen2_vl": (("qwen2_vl",), "v2drop_qwen2_vl", "qwen2_vl"),
+    "qwen2_5_vl": (("qwen2_5_vl",), "v2drop_qwen2_5_vl", "qwen2_5_vl"),
+}
+
+
+@dataclass(frozen=True)
+class DropArgs:
+    """What to drop and how, as given on the command line (resolved to one schedule)."""
+
+    family: str
+    method: str
+    schedule: DropSchedule
+    budget: int | str | None
+    metric: str | None  # v2drop only
+    seed: int | None  # random only (None: not given; random then uses 0)
+    sidecar: str | None
+    warmup: int
+    num_layers: int | None = None  # filled in by check_checkpoint
+
+    @property
+    def engine_metric(self) -> str:
+        return self.metric or "l2"
+
+    @property
+    def engine_seed(self) -> int:
+        return 0 if self.seed is None else int(self.seed)
+
+    def describe(self) -> dict[str, Any]:
+        """The side-car's description of the run."""
+        return {
+            "family": self.family,
+            "method": self.method,
+            "schedule": None if self.schedule.is_empty else str(self.schedule),
+            "budget": self.budget,
+            "metric": self.metric,
+            "seed": self.seed,
+        }
+
+
+def _fail(model_name: str, message: str) -> ValueError:
+    return ValueError(f"{model_name}: {message}")
+
+
+def allowed_args(parent: type, extra: Iterable[str] = ()) -> list[str]:
+    """Keyword arguments the parent class's ``__init__`` names, plus ours and ``extra``."""
+    names = [
+        p.name for p in inspect.signature(parent.__init__).parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    return sorted(set(names) | set(OWN_ARGS) | set(extra))
+
+
+def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iterable[str] = ()) -> DropArgs:
+    """Remove and validate our arguments from ``kwargs``; refuse names neither we nor ``parent`` take.
+
+    ``extra``: names the subclass handles itself (e.g. ``attn_implementation`` for Qwen2-VL).
+    Raises ``ValueError`` naming the bad value and what is allowed.
+    """
+    model_name = FAMILIES[family][1]
+    preset_family = FAMILIES[family][2]
+    allowed = allowed_args(parent, extra)
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if unknown:
+        raise _fail(model_name, f"unknown model argument(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+
+    method = str(kwargs.pop("method", "v2drop")).strip().lower()
+    if method not in METHODS:
+        raise _fail(model_name, f"method={method!r} is not allowed; allowed: {'|'.join(METHODS)}")
+
+    metric = kwargs.pop("metric", None)
+    if metric is not None:
+        metric = str(metric).strip().lower()
+        if metric not in METRICS:
+            raise _fail(model_name, f"metric={metric!r} is not allowed; allowed: {'|'.join(METRICS)}")
+        if method != "v2drop":
+            raise _fail(model_name, f"metric={metric} applies to method=v2drop only, not method={method}")
+    elif method == "v2drop":
+        metric = "l2"
+
+    seed = kwargs.pop("seed", None)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise _fail(model_name, f"seed={seed!r} is not an integer")
+        if method not in ("random",):
+            raise _fail(model_name, f"seed={seed} applies to method=random only, not method={method}")
+
+    warmup = kwargs.pop("warmup", 1)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise _fail(model_name, f"warmup={warmup!r} is not allowed; give an integer >= 0 (untimed warm-up batches)")
+
+    sidecar = kwargs.pop("sidecar", None)
+    sidecar = None if sidecar is None else str(sidecar)
+
+    budget = kwargs.pop("budget", None)
+    schedule_text = kwargs.pop("schedule", None)
+    if budget is not None and schedule_text is not None:
+        raise _fail(model_name, f"give budget= or schedule=, not both (got budget={budget}, schedule={schedule_text})")
+
+    if method == "none":
+        if budget is not None:
+            raise _fail(model_name, f"method=none runs the unpruned model; drop budget={budget}")
+        if schedule_text is not None and DropSchedule.parse(str(schedule_text)).stages:
+            raise _fail(model_name, f"method=none runs the unpruned model; drop schedule={schedule_text}")
+        schedule = DropSchedule(())
+    elif budget is not None:
+        try:
+            schedule = DropSchedule.preset(preset_family, budget, method="fastv" if method == "fastv" else "v2drop")
+        except ValueError as exc:
+            raise _fail(model_name, f"budget={budget}: {exc}") from None
+    elif schedule_text is not None:
+        try:
+            schedule = DropSchedule.parse(str(schedule_text))
+        except ValueError as exc:
+            raise _fail(model_name, f"schedule={schedule_text}: {exc}") from None
+        if schedule.is_empty:
+            raise _fail(model_name, f"schedule={schedule_text} drops nothing; for the unpruned baseline use method=none")
+    else:
+        raise _fail(model_name, f"method={method} needs budget= (a published preset, e.g. budget=128) or "
+                                "schedule= (e.g. schedule=3:0.5/17:0.3/22:0); for the unpruned baseline use method=none")
+
+    if method == "fastv" and len(schedule.stages) != 1:
+        raise _fail(model_name, f"method=fastv drops once, at one layer: schedule {schedule} has "
+                                f"{len(schedule.stages)} stages; give one stage such as schedule=2:0.3, or budget=")
+    if schedule.is_adaptive and method != "v2drop":
+        raise _fail(model_name, f"adaptive schedule {schedule} ranks tokens by variation: it needs method=v2drop")
+
+    if isinstance(budget, float) and budget.is_integer():
+        budget = int(budget)
+    return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
+                    sidecar=sidecar, warmup=warmup)
+
+
+def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> DropArgs:
+    """Read the checkpoint's config (no weights): right family, and every drop layer within its depth."""
+    from transformers import AutoConfig
+
+    model_name = FAMILIES[args.family][1]
+    accepted = FAMILIES[args.family][0]
+    config = AutoConfig.from_pretrained(pretrained, **config_kwargs)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in accepted:
+        others = [name for fam, (types, name, _) in FAMILIES.items() if model_type in types]
+        hint = f"; use --model {others[0]}" if others else ""
+        raise _fail(model_name, f"{pretrained} is a {model_type!r} checkpoint; this model takes "
+                                f"model_type {' or '.join(accepted)}{hint}")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = int(text_config.num_hidden_layers)
+    try:
+        args.schedule.check_depth(num_layers)
+    except ValueError as exc:
+        raise _fail(model_name, f"schedule {args.schedule} does not fit {pretrained}: {exc}") from None
+    return DropArgs(**{**args.__dict__, "num_layers": num_layers})

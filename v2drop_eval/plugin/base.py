@@ -1,0 +1,178 @@
+"""What every V2Drop lmms-eval class shares: argument handling, the dropper, batching, measurement.
+
+A plugin class is ``class X(V2DropMixin, <lmms-eval parent>)``. Its ``__init__`` calls
+:meth:`V2DropMixin._v2drop_pop_args` before the parent's ``__init__`` (which loads the weights), and
+:meth:`V2DropMixin._v2drop_attach` after it. ``generate_until`` here splits the requests into batches
+and hands each batch to the family's ``_v2drop_generate_batch``, inside the measurement.
+
+Warm-up: the first batch is first run ``warmup`` times (model argument, default 1) untimed, and its
+answers thrown away (requests are copied, since the parents mutate their generation kwargs); then it
+runs again, timed, like every other batch. So no recorded sample carries one-off costs (CUDA context,
+kernel selection, allocator growth, lazy imports). ``warmup=0`` turns this off.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from loguru import logger as eval_logger
+from tqdm import tqdm
+
+from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
+
+__all__ = ["V2DropMixin"]
+
+# Positions in a request's ``args``: simple (ctx, gen_kwargs, doc_to_visual, doc_id, task, split);
+# chat (ctx, doc_to_messages, gen_kwargs, doc_id, task, split).
+DOC_ID, TASK = 3, 4
+
+
+class V2DropMixin:
+    """Mixed in front of an lmms-eval model class; see the module docstring."""
+
+    _v2drop_family: str = ""
+    _v2drop_gen_kwargs_index: int = 1  # 1 for simple classes, 2 for chat classes
+
+    # -- construction -------------------------------------------------------------------------
+    def _v2drop_pop_args(self, kwargs: dict[str, Any], pretrained: str, parent: type,
+                         extra: Sequence[str] = (), **config_kwargs: Any) -> DropArgs:
+        """Pop and check our model arguments, and the checkpoint's config, before any weights load."""
+        args = pop_drop_args(kwargs, self._v2drop_family, parent, extra)
+        return check_checkpoint(args, pretrained, **config_kwargs)
+
+    def _v2drop_attach(self, args: DropArgs, pretrained: str) -> None:
+        """Attach the dropper and the timer to the loaded model."""
+        from v2drop_eval import attach
+        from v2drop_eval.measure import GenerateTimer, SampleLog, sidecar_path, versions
+
+        model = self.model
+        self._v2drop_args = args
+        self._v2drop_handle = attach(model, args.schedule, method=args.method, metric=args.engine_metric,
+                                     seed=args.engine_seed)
+        handle = self._v2drop_handle
+        self._v2drop_timer = GenerateTimer(model, lambda: handle.last_stats)
+        self._v2drop_warmup_left = args.warmup
+        device = next(model.parameters()).device
+        self._v2drop_meta = {
+            "model": pretrained,
+            **args.describe(),
+            "attn_implementation": str(getattr(handle.text_config, "_attn_implementation", None) or "eager"),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "device": str(device),
+            "device_name": _device_name(device),
+            "num_layers": args.num_layers,
+            "versions": versions(),
+        }
+        self._v2drop_log = SampleLog(lambda: sidecar_path(args.sidecar, pretrained, rank=self.rank,
+                                                          world_size=self.world_size))
+        eval_logger.info(f"V2Drop: {handle!r} on {type(model).__name__} ({args.num_layers} layers), "
+                         f"budget={args.budget}")
+
+    # -- batching -------------------------------------------------------------------------------
+    def _v2drop_sort_key(self, args: tuple) -> Any:
+        """Order of requests inside a batch; classes that delegate to the parent use the parent's."""
+        ctx = args[0]
+        return (-len(self.tokenizer.encode(ctx)), ctx) if isinstance(ctx, str) else (0, "")
+
+    def _v2drop_batches(self, requests: Sequence[Any]) -> list[list[int]]:
+        """Request indices in batches: grouped by generation kwargs (first appearance first), each
+        group sorted by ``_v2drop_sort_key`` (stable), cut into ``batch_size`` pieces."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            gen = req.args[self._v2drop_gen_kwargs_index]
+            key = json.dumps(gen, sort_keys=True, default=repr)
+            groups.setdefault(key, []).append(i)
+        n = max(int(self.batch_size), 1)
+        batches = []
+        for idx in groups.values():
+            idx = sorted(idx, key=lambda i: self._v2drop_sort_key(requests[i].args))
+            batches += [idx[k:k + n] for k in range(0, len(idx), n)]
+        return batches
+
+    def _v2drop_generate_batch(self, requests: list[Any]) -> list[Any]:
+        """Answers for one batch, in the order given (one ``model.generate`` call)."""
+        raise NotImplementedError
+
+    # -- the lmms-eval entry point ------------------------------------------------------------
+    def generate_until(self, requests: list[Any]) -> list[Any]:
+        from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history
+
+        from v2drop_eval.measure import sample_records
+
+        logged_before = len(get_logged_metrics_history())
+        answers: list[Any] = [None] * len(requests)
+        batches = self._v2drop_batches(requests)
+        pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="V2Drop responding")
+        start = len(self._v2drop_log.records)
+        for idx in batches:
+            batch = [requests[i] for i in idx]
+            while self._v2drop_warmup_left > 0:
+                with self._v2drop_timer.paused():
+                    self._v2drop_generate_batch([_fresh(r, self._v2drop_gen_kwargs_index) for r in batch])
+                self._v2drop_warmup_left -= 1
+            self._v2drop_timer.take()
+            out = self._v2drop_generate_batch(batch)
+            calls = self._v2drop_timer.take()
+            rows = [(r.args[TASK], r.args[DOC_ID]) for r in batch]
+            if len(calls) == 1 and calls[0].batch_size == len(batch):
+                self._v2drop_log.extend(sample_records(calls[0], rows, self._v2drop_meta,
+                                                       self._v2drop_handle.text_config))
+            else:
+                # Each batch must be exactly one generate call of that many rows; anything else
+                # (e.g. the parent swallowed an error) is not attributable to samples: say so.
+                eval_logger.warning(f"V2Drop: batch of {len(batch)} made {len(calls)} generate call(s) "
+                                    f"({[c.batch_size for c in calls]} rows); its samples are not measured")
+            for i, ans in zip(idx, out, strict=True):
+                answers[i] = ans
+            pbar.update(len(batch))
+        pbar.close()
+        self._v2drop_report(self._v2drop_log.records[start:],
+                            parent_logs=len(get_logged_metrics_history()) > logged_before)
+        return answers
+
+    def _v2drop_report(self, records: list[dict[str, Any]], parent_logs: bool) -> None:
+        """Means into lmms-eval's throughput summary; every record into the side-car."""
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        from v2drop_eval.measure import summarize
+
+        path = self._v2drop_log.flush()
+        if path is not None:
+            eval_logger.info(f"V2Drop: {len(self._v2drop_log.records)} sample records in {path} "
+                             f"({self._v2drop_log.how})")
+        else:
+            eval_logger.warning(f"V2Drop: per-sample measurements not written: {self._v2drop_log.how}")
+        if not records:
+            return
+        # A batch's k records share its time: k shares of total_ms / k add up to it once.
+        total_s = sum(r["total_ms"] / r["batch_size"] for r in records if r.get("total_ms") is not None) / 1e3
+        tokens = sum(r["generated_tokens"] or 0 for r in records)
+        # A parent that logs its own totals (the qwen2_5_vl chat class does, per batch) would have
+        # lmms-eval's total_gen_tokens counted twice: then only our means go in.
+        log_metrics(total_elapsed_time=0.0 if parent_logs else total_s,
+                    total_gen_tokens=0 if parent_logs else tokens,
+                    avg_speed=0.0 if parent_logs or total_s <= 0 else tokens / total_s,
+                    additional_metrics=summarize(records))
+
+
+
+def _fresh(request: Any, gen_index: int) -> Any:
+    """A copy of ``request`` whose generation kwargs the parent may mutate freely."""
+    args = list(request.args)
+    args[gen_index] = copy.deepcopy(args[gen_index])
+    return dataclasses.replace(request, arguments=tuple(args))
+
+
+def _device_name(device: Any) -> str:
+    """The accelerator's name (e.g. 'NVIDIA H100 80GB HBM3'), or the CPU's architecture."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,130 @@
+"""``v2drop_llava``: lmms-eval's ``llava_hf`` (chat and simple) with V2Drop and measurement.
+
+Subclasses of ``lmms_eval.models.simple.llava_hf.LlavaHf`` and ``lmms_eval.models.chat.llava_hf.LlavaHf``:
+loading, devices, accelerate data parallelism, tokenizer and processor set-up and every model
+argument stay the parent's. Only ``generate_until`` is replaced, because the parents run one sample
+per ``generate`` call (they assert ``batch_size == 1``) and swallow generation errors into empty
+answers. The prompt of each row is built exactly as the parent builds it for batch size 1 (same
+chat template choice, same ``<image>`` prefixing, same generation kwargs and defaults), so at
+``method=none`` the answers equal the built-in ``llava_hf``'s; rows are left-padded (the parent
+sets ``padding_side = "left"``) and run as one ``generate`` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import PIL.Image
+from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
+from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE
+from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
+from lmms_eval.protocol import ChatMessages
+
+from v2drop_eval.plugin.base import V2DropMixin
+
+__all__ = ["V2DropLlava", "V2DropLlavaChat"]
+
+
+class _LlavaCommon(V2DropMixin):
+    _v2drop_family = "llava"
+    _v2drop_parent: type = LlavaHfSimple
+
+    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", **kwargs: Any) -> None:
+        config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+        args = self._v2drop_pop_args(kwargs, pretrained, self._v2drop_parent, **config_kwargs)
+        super().__init__(pretrained=pretrained, **kwargs)
+        self._v2drop_attach(args, pretrained)
+
+    def _v2drop_sort_key(self, args: tuple) -> Any:
+        # Longest prompt first, as the simple parent orders its requests.
+        ctx = args[0]
+        return (-len(self.tok_encode(ctx)), ctx) if isinstance(ctx, str) else (0, "")
+
+    # -- one batch ------------------------------------------------------------------------------
+    def _llava_row(self, request: Any) -> tuple[str, list[Any]]:
+        """``(prompt text, images)`` of one request, as the parent builds them."""
+        raise NotImplementedError
+
+    def _v2drop_generate_batch(self, requests: list[Any]) -> list[Any]:
+        texts, images = [], []
+        for req in requests:
+            text, visuals = self._llava_row(req)
+            texts.append(text)
+            images += visuals
+        # The parent: processor(images=..., text=...).to(device, model dtype); left padding for batches.
+        inputs = self._image_processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+        inputs = inputs.to(self._device, self.model.dtype)
+        gen_kwargs = dict(requests[0].args[self._v2drop_gen_kwargs_index])
+        gen_kwargs.pop("until", None)  # the parents never truncate at `until`
+        gen_kwargs.setdefault("max_new_tokens", 1024)
+        gen_kwargs.setdefault("temperature", 0)
+        gen_kwargs.setdefault("top_p", None)
+        gen_kwargs.setdefault("num_beams", 1)
+        do_sample = gen_kwargs["temperature"] > 0
+        cont = self.model.generate(
+            **inputs,
+            do_sample=do_sample,
+            temperature=gen_kwargs["temperature"] if do_sample else None,
+            top_p=gen_kwargs["top_p"],
+            num_beams=gen_kwargs["num_beams"],
+            max_new_tokens=gen_kwargs["max_new_tokens"],
+            use_cache=self.use_cache,
+            pad_token_id=self.eot_token_id,
+            eos_token_id=self.eot_token_id,
+        )
+        new = cont[:, inputs["input_ids"].shape[-1]:]
+        answers = []
+        for req, text, ids in zip(requests, texts, new, strict=True):
+            answer = self.tokenizer.decode(ids, skip_special_tokens=True)
+            # A finished row is padded with EOS: count its tokens up to the first EOS.
+            hits = (ids == self.eot_token_id).nonzero()
+            n_tokens = int(hits[0, 0]) + 1 if len(hits) else int(ids.shape[0])
+            answers.append(GenerationResult(text=answer, token_counts=TokenCounts(output_tokens=n_tokens)))
+            self.cache_hook.add_partial("generate_until", (text, req.args[self._v2drop_gen_kwargs_index]), answer)
+        return answers
+
+
+class V2DropLlava(_LlavaCommon, LlavaHfSimple):
+    """``v2drop_llava`` (simple, ``--force_simple``): prompts from ``doc_to_text`` + ``doc_to_visual``."""
+
+    is_simple = True
+    _v2drop_parent = LlavaHfSimple
+    _v2drop_gen_kwargs_index = 1
+
+    def _llava_row(self, request: Any) -> tuple[str, list[Any]]:
+        context, _, doc_to_visual, doc_id, task, split = request.args
+        visuals = self.flatten([doc_to_visual(self.task_dict[task][split][doc_id])])
+        if any(not isinstance(v, PIL.Image.Image) for v in visuals):
+            raise NotImplementedError("v2drop_llava takes image (PIL) visuals only; videos are not supported")
+        # As LlavaHf.generate_until (simple): add <image> tokens if the prompt has none, then the
+        # chat template: the chat_template argument, else the tokenizer's, else Vicuna's.
+        if DEFAULT_IMAGE_TOKEN not in context and visuals:
+            context = f"{' '.join([DEFAULT_IMAGE_TOKEN] * len(visuals))}\n{context}"
+        messages = [{"role": "user", "content": context}]
+        if self.chat_template is not None:
+            self.tokenizer.chat_template = self.chat_template
+        elif self.tokenizer.chat_template is None:
+            self.tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, visuals
+
+
+class V2DropLlavaChat(_LlavaCommon, LlavaHfChat):
+    """``v2drop_llava`` (chat, lmms-eval's default): prompts from ``doc_to_messages``."""
+
+    is_simple = False
+    _v2drop_parent = LlavaHfSimple  # the chat class takes the simple class's __init__ arguments
+    _v2drop_gen_kwargs_index = 2
+
+    def _llava_row(self, request: Any) -> tuple[str, list[Any]]:
+        _, doc_to_messages, _, doc_id, task, split = request.args
+        messages = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+        visuals, videos, _ = messages.extract_media()
+        if videos:
+            raise NotImplementedError("v2drop_llava takes images only; videos are not supported")
+        # As LlavaHf.generate_until (chat): the processor's chat template over the messages.
+        text = self._image_processor.apply_chat_template(messages.model_dump()["messages"], tokenize=False,
+                                                         add_generation_prompt=True)
+        return text, list(visuals)
+
