@@ -1,0 +1,110 @@
+"""``v2drop-eval``: the command line (``sweep``, ``tables``; room for ``bench`` and ``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "select_points", "DELEGATED"]
+
+# Subcommands that own their argument parsing: ``v2drop-eval NAME ARGS`` calls ``module.main(ARGS)``.
+DELEGATED = {
+    "bench": ("v2drop_eval.bench", "time prefill/decode of the engine on synthetic inputs (see --help)"),
+    "demo": ("v2drop_eval.demo.__main__", "the embedded demo's models and task (see --help)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="v2drop-eval", description="V2Drop evaluation: lmms-eval sweeps, paper tables and plots, benchmarks, demo.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sw = sub.add_parser("sweep", help="run the grid of a sweep config through lmms-eval (resumable)")
+    sw.add_argument("config", type=Path, help="sweep config, e.g. configs/smoke.yaml")
+    sw.add_argument("--output", type=Path, default=None, help="sweep directory (default: the config's output)")
+    sw.add_argument("--dry-run", action="store_true", help="print the points and their exact commands; run nothing")
+    sw.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                    help="run only points whose id matches PATTERN (glob, or substring without wildcards); repeatable")
+    sw.add_argument("--jobs", type=int, default=None, metavar="N",
+                    help="run N points at the same time (default: the config's jobs, else 1)")
+    sw.set_defaults(func=_cmd_sweep)
+
+    tb = sub.add_parser("tables", help="build accuracy/efficiency tables and plots from a sweep directory")
+    tb.add_argument("results", type=Path, help="sweep directory, e.g. results/smoke")
+    tb.add_argument("--output", type=Path, default=None, help="where to write (default: RESULTS/tables)")
+    tb.set_defaults(func=_cmd_tables)
+
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def select_points(points: list, patterns: Sequence[str]) -> list:
+    """Points whose id matches any pattern (``fnmatch`` glob; a pattern without wildcards is a substring)."""
+    if not patterns:
+        return list(points)
+    pats = [p if any(c in p for c in "*?[") else f"*{p}*" for p in patterns]
+    return [pt for pt in points if any(fnmatch.fnmatchcase(pt.id, p) for p in pats)]
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from v2drop_eval.runner import dry_run, run_sweep
+    from v2drop_eval.sweep import ConfigError, expand, load_config
+
+    try:
+        cfg = load_config(args.config, output=args.output)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    points = select_points(expand(cfg), args.only)
+    if not points:
+        print(f"error: no point of {args.config} matches {args.only}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(cfg, points, cfg.output)
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the running point, then exit
+    try:
+        report = run_sweep(cfg, points, cfg.output, jobs=args.jobs)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished points are kept, run the same command to resume", file=sys.stderr)
+        return 130
+    return 0 if report.ok else 1
+
+
+def _cmd_tables(args: argparse.Namespace) -> int:
+    from v2drop_eval.tables import build_tables
+
+    if not args.results.is_dir():
+        print(f"error: {args.results} is not a directory", file=sys.stderr)
+        return 2
+    written = build_tables(args.results, args.output)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _delegate(name: str, argv: Sequence[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(DELEGATED[name][0])
+    return int(module.main(list(argv)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

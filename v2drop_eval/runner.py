@@ -1,0 +1,408 @@
+"""Run the points of a sweep: one lmms-eval process per point, resumable, atomic, failure-tolerant.
+
+Layout under the sweep directory ``OUT``:
+
+- ``OUT/<point-id>/``: a finished point: lmms-eval's ``<model>/<timestamp>_results.json``, the plugin's
+  side-car JSONL, ``lmms_eval.log`` and ``point.json``. The folder appears only by an atomic rename of
+  ``OUT/.tmp-<point-id>/`` once the run has exited 0 *and* written results for every task, so a point
+  killed half-way is never counted as done; its temp folder is removed on the next run.
+- ``OUT/_failed/<point-id>/``: the last failed attempt (its log and ``error.json``); retried next run.
+- ``OUT/sweep.json``: the status of every point, rewritten after each one; ``OUT/sweep.yaml``: the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from v2drop_eval.results import SIDECAR_GLOB
+from v2drop_eval.sweep import Point, SweepConfig
+
+__all__ = ["RunFn", "PointOutcome", "SweepReport", "run_sweep", "dry_run", "subprocess_run",
+           "check_point_output", "is_done", "SIDECAR_GLOB", "LOG_NAME", "POINT_FILE"]
+
+# cmd, log file, environment, timeout (s) -> exit status. Tests pass a fake; real runs use subprocess_run.
+RunFn = Callable[[Sequence[str], Path, dict[str, str], "float | None"], int]
+LOG_NAME = "lmms_eval.log"
+POINT_FILE = "point.json"
+FAILED_DIR = "_failed"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class PointOutcome:
+    point: Point
+    status: str  # "done" (ran now), "skipped" (already done), "failed", "cancelled" (interrupted)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class SweepReport:
+    outcomes: list[PointOutcome]
+
+    @property
+    def failed(self) -> list[PointOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# -- the process ------------------------------------------------------------------------------------
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the child gets SIGKILL if the sweep dies, so no orphan keeps writing a temp folder."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+_ACTIVE: set[subprocess.Popen] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _stop_all() -> None:
+    """Terminate every point process still running (parallel sweeps, on interruption)."""
+    with _ACTIVE_LOCK:
+        procs = list(_ACTIVE)
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            proc.terminate()
+
+
+def subprocess_run(cmd: Sequence[str], log_path: Path, env: dict[str, str], timeout: float | None) -> int:
+    """Run ``cmd`` with stdout and stderr into ``log_path``; kill it on timeout or interruption."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(proc)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[v2drop-eval sweep] timed out: killed after {timeout:g} s\n".encode())
+            log.flush()
+            return 124
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(proc)
+
+
+# -- checking a point's output ----------------------------------------------------------------------
+def check_point_output(workdir: Path, tasks: Sequence[str]) -> tuple[list[Path], list[Path], str | None]:
+    """``(results files, side-cars, error)``: lmms-eval exits 0 even when a run failed, so a point counts
+    only if a ``*_results.json`` exists and holds a result for every task."""
+    results = sorted(workdir.rglob("*_results.json"))
+    sidecars = sorted(workdir.rglob(SIDECAR_GLOB))
+    if not results:
+        return results, sidecars, "lmms-eval wrote no *_results.json"
+    found: set[str] = set()
+    for path in results:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return results, sidecars, f"{path.name} is not valid JSON: {exc}"
+        found |= set(data.get("results") or {}) | set(data.get("groups") or {})
+    missing = [t for t in tasks if t not in found]
+    if missing:
+        return results, sidecars, f"no results for task(s) {', '.join(missing)}"
+    return results, sidecars, None
+
+
+def is_done(point_dir: Path) -> bool:
+    """A finished point: ``point.json`` says ok and the results files it names exist."""
+    try:
+        meta = json.loads((point_dir / POINT_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    files = meta.get("results_files") or []
+    return meta.get("status") == "ok" and bool(files) and all((point_dir / f).is_file() for f in files)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    fh = open(out / ".sweep.lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise RuntimeError(f"another sweep is running in {out} (it holds {out / '.sweep.lock'})") from None
+    try:
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _prepare(cfg: SweepConfig, log: TextIO) -> None:
+    if not cfg.prepare:
+        return
+    module, _, func = cfg.prepare["call"].partition(":")
+    print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log, flush=True)
+    getattr(importlib.import_module(module), func)(**cfg.prepare["args"])
+
+
+# -- the sweep -------------------------------------------------------------------------------------
+def dry_run(cfg: SweepConfig, points: Sequence[Point], out: Path, log: TextIO | None = None) -> None:
+    """Print every point, whether it is done, and the exact command that would run it."""
+    log = log or sys.stdout
+    print(f"sweep {cfg.name}: {len(points)} points -> {out}", file=log)
+    for note in cfg.notes:
+        print(f"note: {note}", file=log)
+    if cfg.prepare:
+        print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log)
+    for i, p in enumerate(points, 1):
+        state = "done" if is_done(out / p.id) else "todo"
+        print(f"[{i}/{len(points)}] {p.id} ({state})", file=log)
+        print(f"    {cfg.shell_command(p, out / (TMP_PREFIX + p.id))}", file=log)
+    log.flush()
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    points: Sequence[Point],
+    out: Path | None = None,
+    runner: RunFn = subprocess_run,
+    log: TextIO | None = None,
+    jobs: int | None = None,
+) -> SweepReport:
+    """Run every point not yet done, in order (``jobs`` at a time, default the config's ``jobs``);
+    a failed point is recorded and the sweep goes on."""
+    log = log or sys.stdout
+    out = Path(out if out is not None else cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with _lock(out):
+        for stale in out.glob(TMP_PREFIX + "*"):
+            print(f"removing {stale.name}, left by an interrupted run", file=log)
+            _remove(stale)
+        (out / "sweep.yaml").write_text(yaml.safe_dump(cfg.raw, sort_keys=False))
+        return _run_locked(cfg, list(points), out, runner, log, jobs or cfg.jobs)
+
+
+_STATUS_LOCK = threading.Lock()
+
+
+def _write_status(cfg: SweepConfig, points: Sequence[Point], out: Path, seconds: dict[str, float]) -> None:
+    """``sweep.json``: done / failed / pending for every point, from what is on disk (merged with the
+    entries of points not selected in this run, e.g. with ``--only``)."""
+    with _STATUS_LOCK:
+        _write_status_locked(cfg, points, out, dict(seconds))
+
+
+def _write_status_locked(cfg: SweepConfig, points: Sequence[Point], out: Path, seconds: dict[str, float]) -> None:
+    path = out / "sweep.json"
+    try:
+        entries = json.loads(path.read_text()).get("points", {})
+    except (OSError, ValueError, AttributeError):
+        entries = {}
+    for p in points:
+        entry: dict[str, Any] = {"status": "pending"}
+        if is_done(out / p.id):
+            entry = {"status": "done"}
+        elif (out / FAILED_DIR / p.id / "error.json").is_file():
+            try:
+                err = json.loads((out / FAILED_DIR / p.id / "error.json").read_text())
+                entry = {"status": "failed", "error": err.get("error")}
+            except (OSError, ValueError):
+                entry = {"status": "failed"}
+        if p.id in seconds:
+            entry["seconds"] = round(seconds[p.id], 2)
+        entries[p.id] = entry
+    _write_json_atomic(path, {"name": cfg.name, "updated": _now(), "points": entries})
+
+
+class _Progress:
+    """Progress lines (``[k/N] run <id>  elapsed ..  ETA ..``), safe to call from worker threads."""
+
+    def __init__(self, total: int, todo: int, jobs: int, log: TextIO):
+        self.total, self.left, self.jobs, self.log = total, todo, max(jobs, 1), log
+        self.start = time.monotonic()
+        self.seconds: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            print(text, file=self.log, flush=True)
+
+    def started(self, i: int, point: Point) -> None:
+        with self.lock:
+            done = list(self.seconds.values())
+            eta = _fmt_time(sum(done) / len(done) * self.left / self.jobs) if done else "?"
+            elapsed = _fmt_time(time.monotonic() - self.start)
+        self.say(f"[{i}/{self.total}] run  {point.id}  elapsed {elapsed}  ETA {eta}")
+
+    def finished(self, i: int, outcome: PointOutcome, out: Path) -> None:
+        with self.lock:
+            self.seconds[outcome.point.id] = outcome.seconds
+            self.left -= 1
+        tag = f"[{i}/{self.total}] " if self.jobs > 1 else "      "
+        if outcome.status == "done":
+            self.say(f"{tag}ok in {outcome.seconds:.1f}s -> {out / outcome.point.id}")
+        elif outcome.status == "failed":
+            self.say(f"{tag}FAILED {outcome.point.id} in {outcome.seconds:.1f}s: {outcome.error}")
+
+
+def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn, log: TextIO,
+                jobs: int) -> SweepReport:
+    total = len(points)
+    todo = {p.id for p in points if not is_done(out / p.id)}
+    print(f"sweep {cfg.name}: {total} points, {total - len(todo)} done already, {len(todo)} to run -> {out}"
+          + (f" ({jobs} at a time)" if jobs > 1 and todo else ""), file=log, flush=True)
+    for note in cfg.notes:
+        print(f"note: {note}", file=log)
+    if todo:
+        _prepare(cfg, log)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **cfg.env}
+    progress = _Progress(total, len(todo), jobs, log)
+    cancel = threading.Event()
+    results: dict[str, PointOutcome] = {}
+
+    def work(i: int, point: Point) -> PointOutcome:
+        if cancel.is_set():
+            return PointOutcome(point, "cancelled")
+        progress.started(i, point)
+        outcome = _run_point(cfg, point, out, runner, env, cancel)
+        if outcome.status != "cancelled":
+            progress.finished(i, outcome, out)
+            _write_status(cfg, points, out, progress.seconds)
+        return outcome
+
+    queue = []
+    for i, point in enumerate(points, 1):
+        if point.id in todo:
+            queue.append((i, point))
+        else:
+            progress.say(f"[{i}/{total}] skip {point.id} (done)")
+            results[point.id] = PointOutcome(point, "skipped")
+    if jobs <= 1:
+        for i, point in queue:
+            results[point.id] = work(i, point)
+    elif queue:
+        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sweep")
+        try:
+            futures = [pool.submit(work, i, point) for i, point in queue]
+            for fut in as_completed(futures):
+                outcome = fut.result()
+                results[outcome.point.id] = outcome
+        except BaseException:
+            cancel.set()  # Ctrl-C, SIGTERM, or a runner that raised: stop every running point
+            _stop_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    _write_status(cfg, points, out, progress.seconds)
+    report = SweepReport([results[p.id] for p in points])
+    skipped = sum(o.status == "skipped" for o in report.outcomes)
+    print(f"sweep {cfg.name}: {total} points: {skipped} skipped, {total - skipped - len(report.failed)} ran ok, "
+          f"{len(report.failed)} failed, in {_fmt_time(time.monotonic() - progress.start)}", file=log, flush=True)
+    for o in report.failed:
+        print(f"  failed: {o.point.id}: {o.error} (see {out / FAILED_DIR / o.point.id})", file=log)
+    log.flush()
+    return report
+
+
+def _run_point(cfg: SweepConfig, point: Point, out: Path, runner: RunFn, env: dict[str, str],
+               cancel: threading.Event | None = None) -> PointOutcome:
+    tmp, final = out / (TMP_PREFIX + point.id), out / point.id
+    _remove(tmp)
+    tmp.mkdir()
+    cmd = cfg.command(point, tmp)
+    started, t0 = _now(), time.monotonic()
+    log_path = tmp / LOG_NAME
+    log_path.write_text(f"$ {cfg.shell_command(point, tmp)}\n")
+    try:
+        rc = runner(cmd, log_path, env, cfg.timeout)
+    except BaseException:
+        _remove(tmp)  # interrupted (Ctrl-C, SIGTERM): leave nothing behind that could look done
+        raise
+    seconds = time.monotonic() - t0
+    if cancel is not None and cancel.is_set():
+        _remove(tmp)
+        return PointOutcome(point, "cancelled", seconds)
+    results, sidecars, error = check_point_output(tmp, cfg.tasks)
+    if rc != 0:
+        error = f"lmms-eval exited with status {rc}" + (f" ({error})" if error else "")
+    meta = {
+        **point.to_dict(), "sweep": cfg.name, "tasks": cfg.tasks, "limit": cfg.limit,
+        "batch_size": cfg.batch_size, "num_processes": cfg.num_processes,
+        "command": [str(c).replace(str(tmp), str(final)) for c in cmd], "started": started,
+        "finished": _now(), "seconds": round(seconds, 3), "returncode": rc,
+        "results_files": [str(p.relative_to(tmp)) for p in results],
+        "sidecars": [str(p.relative_to(tmp)) for p in sidecars],
+        "status": "ok" if error is None else "failed", "error": error,
+    }
+    if error is None:
+        _write_json_atomic(tmp / POINT_FILE, meta)
+        if final.exists():  # an unfinished or tampered folder; replace it
+            _remove(final)
+        os.replace(tmp, final)
+        _remove(out / FAILED_DIR / point.id)
+        return PointOutcome(point, "done", seconds)
+    tail = _tail(log_path)
+    meta["log_tail"] = tail
+    _write_json_atomic(tmp / "error.json", meta)
+    failed = out / FAILED_DIR / point.id
+    failed.parent.mkdir(exist_ok=True)
+    _remove(failed)
+    os.replace(tmp, failed)
+    last = tail.splitlines()[-1] if tail else ""
+    return PointOutcome(point, "failed", seconds, error + (f"; last log line: {last[:200]}" if last else ""))

@@ -1,0 +1,332 @@
+"""Tables for the paper from a sweep directory: accuracy (paper layout) and efficiency.
+
+Accuracy: a row per model x method x budget/schedule (x metric, seed), a column per benchmark with
+the task's headline metric in % (MME: perception + cognition, out of 2800), and "Average": the mean
+over benchmarks of the score relative to the same model's ``none`` run, in %.
+Efficiency: per-item means from the plugin's side-car (timings of a batch are shared by its items).
+Each table is written as Markdown, CSV and LaTeX (booktabs); plots come from :mod:`v2drop_eval.plots`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from v2drop_eval.results import PointResult, load_sweep
+
+__all__ = [
+    "HEADLINE",
+    "TASK_LABELS",
+    "build_tables",
+    "accuracy_table",
+    "efficiency_table",
+    "headline_score",
+    "to_markdown",
+    "to_latex",
+]
+
+# task -> headline metric (the key before ",<filter>" in lmms-eval's results). MME is special-cased.
+HEADLINE: dict[str, str] = {
+    "gqa": "exact_match",
+    "scienceqa_img": "exact_match",
+    "scienceqa": "exact_match",
+    "textvqa_val": "exact_match",
+    "pope": "pope_f1_score",
+    "mmbench_en_dev": "gpt_eval_score",
+    "mmbench_en_dev_static": "gpt_eval_score",
+    "ai2d": "exact_match",
+    "mmstar": "average",
+    "v2drop_demo_vqa": "accuracy",
+}
+MME_PARTS = ("mme_perception_score", "mme_cognition_score")
+# Metrics lmms-eval reports as a fraction in [0, 1]; shown x100. Others (MME, gpt_eval_score) as is.
+FRACTION_METRICS = {"exact_match", "pope_accuracy", "pope_f1_score", "pope_precision", "pope_recall",
+                    "average", "acc", "accuracy", "anls", "relaxed_overall"}
+TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "textvqa_val": "TextVQA",
+               "pope": "POPE", "mme": "MME", "mmbench_en_dev": "MMB", "mmbench_en_dev_static": "MMB",
+               "ai2d": "AI2D", "mmstar": "MMStar", "v2drop_demo_vqa": "DemoVQA"}
+METHOD_LABELS = {"none": "Vanilla", "v2drop": "V2Drop", "random": "Random", "fastv": "FastV"}
+METHOD_ORDER = {"none": 0, "v2drop": 1, "random": 2, "fastv": 3}
+KEY_COLS = ["model", "method", "setting", "metric", "seed"]
+
+
+def _metric_value(task_metrics: Mapping[str, Any], name: str) -> float | None:
+    for key, value in task_metrics.items():
+        if key.split(",")[0] == name and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def headline_score(task: str, task_metrics: Mapping[str, Any],
+                   headline: Mapping[str, str] | None = None) -> tuple[float | None, str]:
+    """``(score, metric name)`` for one task; MME is perception + cognition. ``None`` if absent."""
+    parts = [_metric_value(task_metrics, p) for p in MME_PARTS]
+    if all(p is not None for p in parts):
+        return float(sum(parts)), "+".join(MME_PARTS)  # type: ignore[arg-type]
+    name = (headline or {}).get(task) or HEADLINE.get(task)
+    if name is None:  # fallback: the first numeric, non-stderr metric
+        for key, value in task_metrics.items():
+            base = key.split(",")[0]
+            if "stderr" not in base and isinstance(value, (int, float)) and not isinstance(value, bool):
+                name = base
+                break
+    if name is None:
+        return None, ""
+    value = _metric_value(task_metrics, name)
+    if value is None:
+        return None, name
+    return (value * 100.0 if name in FRACTION_METRICS else value), name
+
+
+def _setting(meta: Mapping[str, Any]) -> str:
+    if meta.get("budget") is not None:
+        return str(meta["budget"])
+    if meta.get("schedule"):
+        return str(meta["schedule"])
+    return "full"
+
+
+def _key(p: PointResult) -> dict[str, Any]:
+    m = p.meta
+    return {"model": m.get("model_name") or p.point_id.split("__")[0], "method": m["method"],
+            "setting": _setting(m), "metric": m.get("metric") or "", "seed": "" if m.get("seed") is None else m["seed"],
+            "point": p.point_id}
+
+
+def _sort(df: pd.DataFrame) -> pd.DataFrame:
+    """Paper order: per model, the unpruned row, then per budget (largest first) each method."""
+    def budget_rank(s: str) -> tuple[int, float, str]:
+        if s == "full":
+            return (0, 0.0, "")
+        if s.lstrip("-").isdigit():
+            return (1, -float(s), "")
+        return (2, 0.0, s)
+    order = df.apply(lambda r: (r["model"], budget_rank(str(r["setting"])), METHOD_ORDER.get(r["method"], 9),
+                                str(r["metric"]), str(r["seed"])), axis=1)
+    return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+
+
+def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per point; columns: key columns, one per benchmark (label), ``Average`` (% of none)."""
+    rows, tasks = [], []
+    for p in points:
+        row = _key(p)
+        for task, metrics in p.results.items():
+            score, _ = headline_score(task, metrics, headline)
+            if score is None:
+                continue
+            if task not in tasks:
+                tasks.append(task)
+            row[task] = score
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=[*KEY_COLS, "Average"])
+    df = pd.DataFrame(rows)
+    tasks = [t for t in _task_order(tasks) if t in df.columns]
+    base = df[df["method"] == "none"].drop_duplicates("model").set_index("model")
+    averages = []
+    for _, r in df.iterrows():
+        rel = []
+        if r["model"] in base.index:
+            for t in tasks:
+                ref = base.loc[r["model"], t] if t in base.columns else math.nan
+                if not pd.isna(r.get(t)) and not pd.isna(ref) and ref:
+                    rel.append(100.0 * r[t] / ref)
+        averages.append(sum(rel) / len(rel) if rel else math.nan)
+    df["Average"] = averages
+    df = _sort(df[["point", *KEY_COLS, *tasks, "Average"]])
+    return df.rename(columns={t: TASK_LABELS.get(t, t) for t in tasks})
+
+
+def _task_order(tasks: list[str]) -> list[str]:
+    known = list(TASK_LABELS)
+    return sorted(tasks, key=lambda t: (known.index(t) if t in known else len(known), tasks.index(t)))
+
+
+def _num(df: pd.DataFrame, col: str) -> pd.Series:
+    if col not in df.columns:
+        return pd.Series([math.nan] * len(df), index=df.index, dtype=float)
+    return pd.to_numeric(df[col], errors="coerce")
+
+
+def _efficiency_row(p: PointResult) -> dict[str, Any]:
+    s = p.samples
+    row: dict[str, Any] = {"items": len(s)}
+    if s.empty:
+        tp = p.throughput
+        row.update({"items": math.nan, "prefill_ms": math.nan, "decode_ms_per_token": math.nan,
+                    "total_ms": _first(tp, "avg_total_ms", "avg_e2e_latency", "avg_latency") })
+        return row
+    bs = _num(s, "batch_size").fillna(1).clip(lower=1)
+    # A line carries its batch's time: divide by the batch size to share it among the batch's items.
+    prefill, decode, total = (_num(s, c) / bs for c in ("prefill_ms", "decode_ms", "total_ms"))
+    tokens = _num(s, "generated_tokens")
+    n = len(s)
+    row["prefill_ms"] = prefill.sum() / n if prefill.notna().any() else math.nan
+    row["decode_ms_per_token"] = decode.sum() / tokens.sum() if tokens.sum() > 0 else math.nan
+    row["total_ms"] = total.sum() / n if total.notna().any() else math.nan
+    row["throughput_items_s"] = 1000.0 * n / total.sum() if total.sum() > 0 else math.nan
+    row["vision_tokens_avg"] = _num(s, "avg_vision_tokens").mean()
+    row["vision_tokens_input"] = _num(s, "vision_tokens").mean()
+    row["prefill_tflops"] = _num(s, "prefill_flops").mean() / 1e12
+    row["paper_tmacs"] = _num(s, "paper_macs").mean() / 1e12
+    row["kv_cache_mb"] = _num(s, "kv_cache_bytes").mean() / 2**20
+    row["peak_memory_mb"] = _num(s, "peak_memory_bytes").max() / 2**20
+    device = s["device"].dropna().astype(str).unique() if "device" in s.columns else []
+    row["device"] = ", ".join(device)
+    return row
+
+
+def _first(d: Mapping[str, Any], *keys: str) -> float:
+    for k in keys:
+        if isinstance(d.get(k), (int, float)):
+            return float(d[k])
+    return math.nan
+
+
+EFFICIENCY_COLUMNS = {
+    "items": "Items",
+    "prefill_ms": "Prefill (ms)",
+    "decode_ms_per_token": "Decode (ms/token)",
+    "total_ms": "Total (ms)",
+    "speedup": "Speed-up",
+    "throughput_items_s": "Throughput (items/s)",
+    "vision_tokens_avg": "Vision tokens (layer avg)",
+    "prefill_tflops": "Prefill TFLOPs",
+    "flops_reduction": "FLOPs reduction (%)",
+    "paper_tmacs": "Paper TFLOPs (vision MACs)",
+    "kv_cache_mb": "KV cache (MB)",
+    "peak_memory_mb": "Peak memory (MB)",
+    "device": "Device",
+}
+
+
+def efficiency_table(points: Sequence[PointResult]) -> pd.DataFrame:
+    """One row per point: per-item timings, speed-up and FLOPs reduction vs the model's ``none`` run."""
+    rows = [{**_key(p), **_efficiency_row(p)} for p in points]
+    if not rows:
+        return pd.DataFrame(columns=[*KEY_COLS, *EFFICIENCY_COLUMNS])
+    df = pd.DataFrame(rows)
+    for col in EFFICIENCY_COLUMNS:
+        if col not in df.columns:
+            df[col] = math.nan
+    base = df[df["method"] == "none"].drop_duplicates("model").set_index("model")
+    ref_total = df["model"].map(base["total_ms"]) if len(base) else math.nan
+    ref_flops = df["model"].map(base["prefill_tflops"]) if len(base) else math.nan
+    df["speedup"] = ref_total / df["total_ms"]
+    df["flops_reduction"] = 100.0 * (1.0 - df["prefill_tflops"] / ref_flops)
+    df = _sort(df[["point", *KEY_COLS, *EFFICIENCY_COLUMNS]])
+    return df
+
+
+# -- writers ---------------------------------------------------------------------------------------
+_KEY_LABELS = {"model": "Model", "method": "Method", "setting": "Tokens / schedule", "metric": "Metric",
+               "seed": "Seed"}
+_DIGITS = {"items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
+           "paper_tmacs": 3}
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and digits >= 3 and value != 0 and abs(value) < 0.01:
+        return f"{value:.3g}"
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+
+def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
+    """Header, formatted rows and which columns are numeric (method labels, empty key columns dropped)."""
+    cols = [c for c in df.columns if c != "point"]
+    cols = [c for c in cols if not (c in ("metric", "seed") and (df[c].astype(str) == "").all())]
+    numeric = [c not in _KEY_LABELS and c != "device" and pd.api.types.is_numeric_dtype(df[c]) for c in cols]
+    header = [_KEY_LABELS.get(c) or EFFICIENCY_COLUMNS.get(c) or c for c in cols]
+    rows = []
+    for _, r in df.iterrows():
+        row = []
+        for c, is_num in zip(cols, numeric, strict=True):
+            v = r[c]
+            if c == "method":
+                row.append(METHOD_LABELS.get(v, str(v)))
+            elif is_num:
+                row.append(_fmt(None if pd.isna(v) else float(v), _DIGITS.get(c, 1)))
+            else:
+                row.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) or v == "" else str(v))
+        rows.append(row)
+    return header, rows, numeric
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    header, rows, numeric = _display(df)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
+    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX_ESCAPES.get(c, c) for c in str(text))
+
+
+def to_latex(df: pd.DataFrame, caption: str = "") -> str:
+    """A booktabs ``tabular`` (``\\toprule``/``\\midrule``/``\\bottomrule``); needs ``\\usepackage{booktabs}``."""
+    header, rows, numeric = _display(df)
+    spec = "".join("r" if n else "l" for n in numeric)
+    lines = [f"% {caption}" if caption else "% generated by v2drop-eval tables", f"\\begin{{tabular}}{{{spec}}}",
+             "\\toprule", " & ".join(_tex(c) for c in header) + " \\\\", "\\midrule"]
+    prev_model = None
+    for r in rows:
+        if prev_model is not None and r[0] != prev_model:
+            lines.append("\\midrule")
+        prev_model = r[0]
+        lines.append(" & ".join(_tex(v) for v in r) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write(df: pd.DataFrame, out: Path, stem: str, caption: str) -> list[Path]:
+    paths = [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.tex"]
+    paths[0].write_text(f"<!-- {caption} -->\n" + to_markdown(df))
+    df.to_csv(paths[1], index=False)
+    paths[2].write_text(to_latex(df, caption))
+    return paths
+
+
+ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: perception + cognition, of 2800); "
+                    "Average: mean over benchmarks of the score relative to the unpruned model, in %.")
+EFFICIENCY_CAPTION = ("Efficiency per item (batch timings shared among the batch's items). Prefill TFLOPs: "
+                      "2 x MACs of the LLM decoder layers at prefill, every token counted; Paper TFLOPs: "
+                      "MACs of the decoder layers counting vision tokens only (the papers' convention).")
+
+
+def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
+                 headline: Mapping[str, str] | None = None) -> list[Path]:
+    """Write accuracy/efficiency tables (md, csv, tex) and plots (png) under ``sweep_dir/tables``.
+
+    Missing or corrupt files are named in a warning (printed) and skipped; this never raises on them.
+    """
+    from v2drop_eval import plots
+
+    sweep_dir = Path(sweep_dir)
+    out = Path(output) if output is not None else sweep_dir / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        points = load_sweep(sweep_dir)
+        acc = accuracy_table(points, headline)
+        eff = efficiency_table(points)
+        written = _write(acc, out, "accuracy", ACCURACY_CAPTION)
+        written += _write(eff, out, "efficiency", EFFICIENCY_CAPTION)
+        written += plots.tradeoff_plot(acc, eff, out / "tradeoff.png")
+        written += plots.vision_tokens_plot(points, out / "vision_tokens.png")
+    for w in caught:
+        if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
+            print(f"warning: {w.message}")
+    return written
