@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint
+.PHONY: install test lint sweep tables demo train-demo bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,34 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check v2drop_eval tests
+
+# The research loop. `make sweep CONFIG=configs/llava15_7b.yaml` (add OUTPUT=dir to redirect),
+# then `make tables RESULTS=results/llava15_7b`. Both resume / rebuild from what is on disk.
+CONFIG ?= configs/smoke.yaml
+RESULTS ?= results/$(basename $(notdir $(CONFIG)))
+sweep: install
+	$(VENV)/bin/v2drop-eval sweep $(CONFIG) $(if $(OUTPUT),--output $(OUTPUT))
+
+tables: install
+	$(VENV)/bin/v2drop-eval tables $(RESULTS)
+
+# The embedded demo on a CPU: both shipped demo models x methods x schedules on the synthetic
+# benchmark, then the tables and plots under results/demo/tables.
+demo: install
+	$(VENV)/bin/v2drop-eval sweep configs/demo.yaml
+	$(VENV)/bin/v2drop-eval tables results/demo
+
+# Re-train the shipped demo models (CPU, one thread each, both at once; under an hour).
+DEMO_MINUTES ?= 50
+train-demo: install
+	$(PY) -m v2drop_eval.demo.train --family llava --out v2drop_eval/demo/models/llava --minutes $(DEMO_MINUTES) & \
+	llava=$$!; \
+	$(PY) -m v2drop_eval.demo.train --family qwen2_vl --out v2drop_eval/demo/models/qwen2_vl --minutes $(DEMO_MINUTES); \
+	qwen=$$?; wait $$llava && exit $$qwen
+
+# Prefill / decode speed vs the FLOPs limit. On a GPU: make bench SHAPE=llava-1.5-7b DEVICE=cuda
+SHAPE ?= small
+DEVICE ?= cpu
+BENCH_ARGS ?=
+bench: install
+	$(VENV)/bin/v2drop-eval bench --shape $(SHAPE) --device $(DEVICE) $(BENCH_ARGS)

@@ -45,6 +45,7 @@ SIDECAR_KEYS = {
     "attn_implementation", "batch_size", "prefill_ms", "decode_ms", "generated_tokens", "total_ms",
     "vision_tokens", "vision_per_layer", "avg_vision_tokens", "tokens_per_layer", "prefill_flops",
     "prefill_flops_convention", "paper_macs", "kv_cache_bytes", "peak_memory_bytes", "device", "versions",
+    "n_objects", "image_edge_density",
 }
 THROUGHPUT_KEYS = {"avg_prefill_ms", "avg_decode_ms_per_token", "avg_total_ms", "avg_avg_vision_tokens",
                    "avg_prefill_tflops", "avg_kv_cache_mb"}
@@ -360,6 +361,7 @@ def _check_run(run: Run, assets: dict[str, Any], family: str, method: str, sched
         assert r["tokens_per_layer"] == [r["text_tokens"] + v for v in r["vision_per_layer"]]
         assert r["kv_cache_bytes"] > 0 and r["prefill_flops"] > r["paper_macs"] > 0
         assert r["prefill_flops_convention"] == flops.CONVENTION
+        assert 0.0 <= r["image_edge_density"] <= 1.0 and r["n_objects"] is None  # the tiny tasks have no count
     return rows
 
 
@@ -415,3 +417,20 @@ def test_lmms_eval_bad_args_fail_before_loading(lmms):
         run = lmms["runs"][name]
         assert not glob.glob(str(run.out / "**" / "*_results.json"), recursive=True)
         assert not glob.glob(str(run.out / "**" / "*v2drop*.jsonl"), recursive=True)
+
+
+def test_doc_complexity():
+    from PIL import Image, ImageDraw
+
+    from v2drop_eval.measure import doc_complexity
+
+    plain = Image.new("RGB", (300, 200), (200, 200, 200))
+    busy = plain.copy()
+    draw = ImageDraw.Draw(busy)
+    for i in range(0, 300, 10):
+        draw.line((i, 0, i, 199), fill=(0, 0, 0), width=2)
+    assert doc_complexity({"image": plain, "n_objects": 3}) == {"n_objects": 3, "image_edge_density": 0.0}
+    d = doc_complexity({"images": [busy]})
+    assert d["n_objects"] is None and 0.1 < d["image_edge_density"] < 1.0
+    assert doc_complexity({"question": "no image"}) == {"n_objects": None, "image_edge_density": None}
+    assert doc_complexity(None) == {"n_objects": None, "image_edge_density": None}

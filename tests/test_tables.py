@@ -182,3 +182,25 @@ def test_empty_directory(tmp_path: Path, capsys):
     assert "no readable *_results.json" in capsys.readouterr().out
     assert (tmp_path / "tables" / "accuracy.md").exists()
     assert main(["tables", str(tmp_path / "nope")]) == 2
+
+
+def test_adaptive_spread_and_complexity_plot(fake_sweep: Path):
+    """Adaptive points: per-item token counts differ; tables give mean/min/max, a plot shows them
+    against the object count."""
+    sched = "3:t1:0.1:0.6"
+    meta = {"model_name": "llava15_7b", "family": "llava", "method": "v2drop", "schedule": sched, "metric": "l2"}
+    rows = []
+    for k, objects in enumerate((1, 2, 5, 5)):
+        kept = [576] * 3 + [int(576 * (0.1 + 0.1 * objects))] * 29
+        row_ = sidecar_rows(["gqa"], meta, n=1, per_layer=kept)[0]
+        rows.append({**row_, "doc_id": k, "n_objects": objects, "image_edge_density": 0.01 * objects})
+    point = "llava15_7b__v2drop__s3-t1-0.1-0.6__l2"
+    write_point(fake_sweep, point, meta, {"gqa": 0.6}, rows)
+    written = build_tables(fake_sweep)
+    assert "tokens_vs_complexity.png" in {p.name for p in written}
+    assert (fake_sweep / "tables" / "tokens_vs_complexity.png").read_bytes()[:8] == PNG
+    e = row(read_csv(fake_sweep, "efficiency"), point)
+    avgs = [r["avg_vision_tokens"] for r in rows]
+    assert (e["vision_tokens_min"], e["vision_tokens_max"]) == (pytest.approx(min(avgs)), pytest.approx(max(avgs)))
+    assert e["vision_tokens_avg"] == pytest.approx(sum(avgs) / len(avgs))
+    assert e["prefill_tflops"] == pytest.approx(sum(r["prefill_flops"] for r in rows) / len(rows) / 1e12)

@@ -36,7 +36,7 @@ from torch import nn
 from v2drop_eval import flops
 
 __all__ = ["GenerateCall", "GenerateTimer", "SampleLog", "versions", "summarize", "write_jsonl_atomic",
-           "find_lmms_eval_run", "sidecar_path", "SIDECAR_SUFFIX"]
+           "find_lmms_eval_run", "sidecar_path", "SIDECAR_SUFFIX", "doc_complexity"]
 
 SIDECAR_SUFFIX = "_v2drop_samples.jsonl"
 
@@ -199,18 +199,59 @@ def _rows(stats: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
 
 
 # -- per-sample records -------------------------------------------------------------------------------
+def doc_complexity(doc: Any) -> dict[str, Any]:
+    """How busy a sample's image is, for plots of kept tokens against content (adaptive budgets).
+
+    ``n_objects``: the document's own object count where the task has one (the demo benchmark);
+    ``image_edge_density``: share of pixels of the first image whose grey-level gradient exceeds 0.1
+    (images scaled to at most 256 pixels a side first, so the figure does not depend on resolution).
+    """
+    out: dict[str, Any] = {"n_objects": None, "image_edge_density": None}
+    if not hasattr(doc, "get"):
+        return out
+    n = doc.get("n_objects")
+    if n is not None and not isinstance(n, bool):
+        try:
+            out["n_objects"] = int(n)
+        except (TypeError, ValueError):
+            pass
+    image = _first_image(doc)
+    if image is not None:
+        import numpy as np
+
+        gray = image.convert("L")
+        gray.thumbnail((256, 256))
+        a = np.asarray(gray, dtype=np.float32) / 255.0
+        if a.shape[0] > 1 and a.shape[1] > 1:
+            gx, gy = np.abs(np.diff(a, axis=1))[:-1], np.abs(np.diff(a, axis=0))[:, :-1]
+            out["image_edge_density"] = round(float((np.hypot(gx, gy) > 0.1).mean()), 6)
+    return out
+
+
+def _first_image(doc: Any) -> Any:
+    from PIL import Image
+
+    for value in doc.values() if hasattr(doc, "values") else ():
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], Image.Image):
+            return value[0]
+    return None
+
+
 def sample_records(call: GenerateCall, rows: Sequence[tuple[str, int]], meta: dict[str, Any],
-                   text_config: Any) -> list[dict[str, Any]]:
+                   text_config: Any, docs: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One side-car record per row of a measured ``generate`` call.
 
     ``rows``: ``(task, doc_id)`` in batch order. ``meta``: the run's description (model, method, ...).
+    ``docs``: per row, extra fields (e.g. :func:`doc_complexity`) merged into the record.
     """
     out = []
     for b, (task, doc_id) in enumerate(rows):
         st = call.stats[b] if b < len(call.stats) else {}
         per_layer = st.get("vision_per_layer")
         tokens = st.get("tokens_per_layer")
-        rec: dict[str, Any] = {"task": task, "doc_id": doc_id, **meta}
+        rec: dict[str, Any] = {"task": task, "doc_id": doc_id, **meta, **(docs[b] if docs else {})}
         rec.update({
             "batch_size": len(rows),
             "prefill_ms": call.prefill_ms,

@@ -1,4 +1,5 @@
-"""Plots for a sweep (matplotlib, Agg backend): accuracy/FLOPs trade-off and vision tokens per layer."""
+"""Plots for a sweep (matplotlib, Agg backend): accuracy/FLOPs trade-off, vision tokens per layer, and
+kept tokens against image complexity for adaptive schedules."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pandas as pd  # noqa: E402
 
 from v2drop_eval.results import PointResult  # noqa: E402
 
-__all__ = ["tradeoff_plot", "vision_tokens_plot"]
+__all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot"]
 
 _METHOD_STYLE = {"none": ("k", "*"), "v2drop": ("tab:red", "o"), "random": ("tab:gray", "s"), "fastv": ("tab:blue", "^")}
 
@@ -113,6 +114,48 @@ def vision_tokens_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
         ax.set_xlim(0, max(len(p) for p in lines))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=1 if len(lines) < 8 else 2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def complexity_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
+    """Layer-averaged kept vision tokens against image complexity, for each adaptive-schedule point.
+
+    Complexity is the task's object count where its documents have one (the demo benchmark), else the
+    side-car's ``image_edge_density``. Per object count: mean, and the min-max range as a bar.
+    Written only when the sweep has adaptive points (``layer:tTHRESHOLD:MIN:MAX`` stages).
+    """
+    adaptive = [p for p in points if ":t" in str(p.meta.get("schedule") or "") and not p.samples.empty
+                and "avg_vision_tokens" in p.samples.columns]
+    if not adaptive:
+        return []
+    models = list(dict.fromkeys(str(p.meta.get("model_name") or p.point_id.split("__")[0]) for p in adaptive))
+    fig, axes = _grid(len(models))
+    for ax, model in zip(axes, models, strict=True):
+        xlabel = "image edge density"
+        for p in adaptive:
+            if str(p.meta.get("model_name") or p.point_id.split("__")[0]) != model:
+                continue
+            s = p.samples
+            y = pd.to_numeric(s["avg_vision_tokens"], errors="coerce")
+            objects = pd.to_numeric(s["n_objects"], errors="coerce") if "n_objects" in s.columns else None
+            if objects is not None and objects.notna().any():
+                xlabel = "objects in the image"
+                g = y.groupby(objects).agg(["mean", "min", "max"])
+                line = ax.plot(g.index, g["mean"], marker="o", label=str(p.meta["schedule"]))[0]
+                ax.vlines(g.index, g["min"], g["max"], color=line.get_color(), alpha=0.5)
+            elif "image_edge_density" in s.columns:
+                x = pd.to_numeric(s["image_edge_density"], errors="coerce")
+                ax.scatter(x, y, s=10, alpha=0.6, label=str(p.meta["schedule"]))
+        ax.set_title(model)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("vision tokens kept (layer average, per item)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

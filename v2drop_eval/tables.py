@@ -171,7 +171,11 @@ def _efficiency_row(p: PointResult) -> dict[str, Any]:
     row["decode_ms_per_token"] = decode.sum() / tokens.sum() if tokens.sum() > 0 else math.nan
     row["total_ms"] = total.sum() / n if total.notna().any() else math.nan
     row["throughput_items_s"] = 1000.0 * n / total.sum() if total.sum() > 0 else math.nan
-    row["vision_tokens_avg"] = _num(s, "avg_vision_tokens").mean()
+    avg_tokens = _num(s, "avg_vision_tokens")
+    row["vision_tokens_avg"] = avg_tokens.mean()
+    # Adaptive schedules (and images of different sizes) give each item its own count: show the spread.
+    row["vision_tokens_min"] = avg_tokens.min()
+    row["vision_tokens_max"] = avg_tokens.max()
     row["vision_tokens_input"] = _num(s, "vision_tokens").mean()
     row["prefill_tflops"] = _num(s, "prefill_flops").mean() / 1e12
     row["paper_tmacs"] = _num(s, "paper_macs").mean() / 1e12
@@ -197,6 +201,8 @@ EFFICIENCY_COLUMNS = {
     "speedup": "Speed-up",
     "throughput_items_s": "Throughput (items/s)",
     "vision_tokens_avg": "Vision tokens (layer avg)",
+    "vision_tokens_min": "min",
+    "vision_tokens_max": "max",
     "prefill_tflops": "Prefill TFLOPs",
     "flops_reduction": "FLOPs reduction (%)",
     "paper_tmacs": "Paper TFLOPs (vision MACs)",
@@ -326,6 +332,7 @@ def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
         written += _write(eff, out, "efficiency", EFFICIENCY_CAPTION)
         written += plots.tradeoff_plot(acc, eff, out / "tradeoff.png")
         written += plots.vision_tokens_plot(points, out / "vision_tokens.png")
+        written += plots.complexity_plot(points, out / "tokens_vs_complexity.png")
     for w in caught:
         if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
             print(f"warning: {w.message}")

@@ -28,7 +28,7 @@ __all__ = ["V2DropMixin"]
 
 # Positions in a request's ``args``: simple (ctx, gen_kwargs, doc_to_visual, doc_id, task, split);
 # chat (ctx, doc_to_messages, gen_kwargs, doc_id, task, split).
-DOC_ID, TASK = 3, 4
+DOC_ID, TASK, SPLIT = 3, 4, 5
 
 
 class V2DropMixin:
@@ -42,7 +42,9 @@ class V2DropMixin:
                          extra: Sequence[str] = (), **config_kwargs: Any) -> DropArgs:
         """Pop and check our model arguments, and the checkpoint's config, before any weights load."""
         args = pop_drop_args(kwargs, self._v2drop_family, parent, extra)
-        return check_checkpoint(args, pretrained, **config_kwargs)
+        args = check_checkpoint(args, pretrained, **config_kwargs)
+        _cpu_defaults(kwargs)
+        return args
 
     def _v2drop_attach(self, args: DropArgs, pretrained: str) -> None:
         """Attach the dropper and the timer to the loaded model."""
@@ -101,7 +103,7 @@ class V2DropMixin:
     def generate_until(self, requests: list[Any]) -> list[Any]:
         from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history
 
-        from v2drop_eval.measure import sample_records
+        from v2drop_eval.measure import doc_complexity, sample_records
 
         logged_before = len(get_logged_metrics_history())
         answers: list[Any] = [None] * len(requests)
@@ -119,8 +121,9 @@ class V2DropMixin:
             calls = self._v2drop_timer.take()
             rows = [(r.args[TASK], r.args[DOC_ID]) for r in batch]
             if len(calls) == 1 and calls[0].batch_size == len(batch):
+                docs = [doc_complexity(self._v2drop_doc(r)) for r in batch]
                 self._v2drop_log.extend(sample_records(calls[0], rows, self._v2drop_meta,
-                                                       self._v2drop_handle.text_config))
+                                                       self._v2drop_handle.text_config, docs))
             else:
                 # Each batch must be exactly one generate call of that many rows; anything else
                 # (e.g. the parent swallowed an error) is not attributable to samples: say so.
@@ -158,6 +161,25 @@ class V2DropMixin:
                     avg_speed=0.0 if parent_logs or total_s <= 0 else tokens / total_s,
                     additional_metrics=summarize(records))
 
+
+
+    def _v2drop_doc(self, request: Any) -> Any:
+        """The task document behind a request (for its image statistics), or None."""
+        try:
+            return self.task_dict[request.args[TASK]][request.args[SPLIT]][request.args[DOC_ID]]
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None
+
+
+def _cpu_defaults(kwargs: dict[str, Any]) -> None:
+    """No CUDA: run on the CPU unless told otherwise (the parents default to ``device=cuda``)."""
+    import torch
+
+    if torch.cuda.is_available() or "device" in kwargs:
+        return
+    kwargs["device"] = "cpu"
+    kwargs.setdefault("device_map", "cpu")
+    eval_logger.info("V2Drop: no CUDA device found; running on the CPU (device=cpu, device_map=cpu)")
 
 
 def _fresh(request: Any, gen_index: int) -> Any:

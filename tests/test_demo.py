@@ -1,0 +1,125 @@
+"""The embedded demo: deterministic data, the shipped models load and see, keep ratio 1.0 changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from v2drop_eval import attach  # noqa: E402
+from v2drop_eval.demo import TASKS, TASKS_DIR, model_path, paths  # noqa: E402
+from v2drop_eval.demo.data import GRID, TEST_SIZE, make_item, make_split  # noqa: E402
+
+N_ITEMS = 60  # a test subset: enough to tell 90% from chance, a few seconds on a CPU
+
+
+def _load(family: str):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cls = LlavaForConditionalGeneration if family == "llava" else Qwen2VLForConditionalGeneration
+    path = model_path(family)
+    if not (path / "model.safetensors").exists():
+        pytest.skip(f"demo model not built: {path} (make train-demo)")
+    model = cls.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def loaded(request):
+    model, processor = _load(request.param)
+    return request.param, model, processor
+
+
+@pytest.fixture(scope="module")
+def subset():
+    return make_split("test", N_ITEMS)
+
+
+def _generate(model, processor, items) -> list[str]:
+    """Greedy generation one item at a time, the way lmms-eval's models call ``generate``."""
+    from v2drop_eval.demo.train import _messages
+
+    out = []
+    for it in items:
+        text = processor.apply_chat_template(_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[text], images=[it.image], return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        out.append(processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+def test_paths_json():
+    res = subprocess.run([sys.executable, "-m", "v2drop_eval.demo", "paths"], capture_output=True, text=True, check=True)
+    got = json.loads(res.stdout)
+    assert got == paths()
+    assert set(got) == {"llava", "qwen2_vl", "include_path", "tasks"}
+    assert got["tasks"] == TASKS
+    assert (TASKS_DIR / "v2drop_demo_vqa.yaml").exists()
+
+
+def test_data_is_deterministic():
+    a, b = make_item(0, "test", 7), make_item(0, "test", 7)
+    assert (a.question, a.answer, a.objects, a.target) == (b.question, b.answer, b.objects, b.target)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert make_item(0, "train", 7).question != a.question or make_item(0, "train", 7).objects != a.objects
+
+
+def test_shipped_test_split_matches_the_generator():
+    import datasets
+
+    ds = datasets.load_dataset(
+        "parquet", data_files={"test": str(TASKS_DIR / "v2drop_demo_vqa_test.parquet")}
+    )["test"]
+    assert len(ds) == TEST_SIZE
+    for i in (0, 1, 2, 150, TEST_SIZE - 1):
+        item = make_item(0, "test", i)
+        assert (ds[i]["question"], ds[i]["answer"], ds[i]["target"]) == (item.question, item.answer, item.target)
+        assert np.array_equal(np.asarray(ds[i]["image"].convert("RGB")), np.asarray(item.image))
+
+
+def test_split_properties(subset):
+    for it in make_split("test", TEST_SIZE):
+        assert it.image.size == (224, 224)
+        assert 1 <= len(it.objects) <= 5  # at most 5 of 64 cells hold anything
+        assert it.target == -1 or 0 <= it.target < GRID * GRID
+    answers = [it.answer for it in make_split("test", TEST_SIZE) if it.qtype == "exists"]
+    assert answers.count("yes") == answers.count("no")
+
+
+def test_model_shapes(loaded):
+    family, model, processor = loaded
+    cfg = model.config
+    assert cfg.text_config.num_hidden_layers >= 8
+    it = make_item(0, "test", 0)
+    from v2drop_eval.demo.train import _messages
+
+    text = processor.apply_chat_template(_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
+    ids = processor(text=[text], images=[it.image], return_tensors="pt")["input_ids"]
+    assert int((ids == cfg.image_token_id).sum()) == 64
+
+
+def test_demo_models_score_90(loaded, subset):
+    family, model, processor = loaded
+    preds = _generate(model, processor, subset)
+    acc = sum(p == it.answer for p, it in zip(preds, subset, strict=True)) / len(subset)
+    assert acc >= 0.9, f"{family}: {acc:.3f} on {len(subset)} test items"
+
+
+def test_keep_ratio_one_changes_nothing(loaded, subset):
+    family, model, processor = loaded
+    items = subset[:12]
+    plain = _generate(model, processor, items)
+    for method in ("v2drop", "random", "none"):
+        with attach(model, "2:1.0", method=method):
+            assert _generate(model, processor, items) == plain, method
+    with attach(model, "2:1.0", method="fastv"):
+        assert _generate(model, processor, items) == plain

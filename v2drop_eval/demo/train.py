@@ -1,0 +1,497 @@
+"""Train the demo's tiny LLaVA / Qwen2-VL models from scratch on the synthetic benchmark, on a CPU.
+
+    python -m v2drop_eval.demo.train --family llava --out v2drop_eval/demo/models/llava [--minutes 50]
+
+The models have the real architectures (``LlavaForConditionalGeneration``: CLIP tower + Llama decoder;
+``Qwen2VLForConditionalGeneration``), each with a word-level tokenizer trained offline, its processor
+and chat template, saved with ``save_pretrained`` so they load through ``pretrained=<dir>`` like any
+hub model. What makes them learn in minutes on one CPU thread (DESIGN.md 5 recorded a first attempt
+at 76% after 35 minutes):
+
+- one object per vision token: 28-pixel cells on a 224-pixel image, LLaVA patch 28, Qwen patch 14
+  merged 2x2 (``data.py``);
+- an auxiliary per-token loss (training only, the head is not saved): a linear probe on the
+  projector's output predicts each cell's (colour, shape) or background, so the vision tower learns
+  to see before the decoder has learnt to look;
+- a curriculum from one object per image up to five;
+- the loss on the answer and end-of-turn tokens only.
+
+Training stops when validation accuracy (its own split, never the test split) reaches ``--target`` or
+the time runs out; the test split is scored once at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v2drop_eval.demo.data import (
+    ANSWERS,
+    CELL,
+    COLORS,
+    GRID,
+    IMAGE_SIZE,
+    POST_PROMPT,
+    SHAPES,
+    TEST_SEED,
+    TEST_SIZE,
+    Item,
+    extra_questions,
+    make_item,
+    make_split,
+    prompt_text,
+)
+
+__all__ = ["build_tokenizer", "build_processor", "build_model", "score_items", "train", "main"]
+
+FAMILIES = ("llava", "qwen2_vl")
+VISION_TOKENS = GRID * GRID  # 64 per image in both families
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+QWEN_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+
+# The chat templates accept a string content (lmms-eval's simple classes) or a list of typed parts (its
+# chat classes and transformers' processors). They drop system turns: the models never saw one, and
+# harnesses add their own (lmms-eval's qwen2_vl sends "You are a helpful assistant.").
+LLAVA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'] | upper }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+
+# -- tokenizer, processor, model --------------------------------------------------------------------
+def _words() -> list[str]:
+    """Every word the prompts, templates and answers use (lower case, as the normaliser makes them)."""
+    import re
+
+    text = " ".join(
+        [
+            "what color is the object shape is there a user assistant system",
+            POST_PROMPT,
+            " ".join(ANSWERS),
+            "you are a helpful assistant .",  # lmms-eval's default system prompt, if a template keeps it
+        ]
+    ).lower()
+    return sorted(set(re.findall(r"\w+|[^\w\s]+", text)) | {"?", ".", ":"})
+
+
+def build_tokenizer(family: str) -> Any:
+    """A word-level tokenizer (``tokenizers``, no download) wrapped as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = [PAD, UNK, BOS, EOS] + (["<image>"] if family == "llava" else QWEN_SPECIAL)
+    vocab = {tok: i for i, tok in enumerate(special + _words())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if family == "llava":
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+            additional_special_tokens=["<image>"], padding_side="left",
+        )
+        fast.image_token = "<image>"
+    else:
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<|endoftext|>", unk_token=UNK, bos_token=None,
+            eos_token="<|im_end|>", additional_special_tokens=QWEN_SPECIAL, padding_side="left",
+        )
+    fast.chat_template = LLAVA_TEMPLATE if family == "llava" else QWEN_TEMPLATE
+    return fast
+
+
+def build_processor(family: str) -> Any:
+    """The family's processor, sized so that every 224x224 image gives exactly 64 vision tokens."""
+    tokenizer = build_tokenizer(family)
+    if family == "llava":
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        )
+        return LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=CELL,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            chat_template=LLAVA_TEMPLATE, image_token="<image>",
+        )
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    # min = max pixels: the image is never rescaled away from the 28-pixel cell grid.
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE,
+        patch_size=CELL // 2, merge_size=2, temporal_patch_size=2,
+    )
+    # The processor class requires a video processor; the demo never feeds video.
+    video_processor = Qwen2VLVideoProcessor(patch_size=CELL // 2, merge_size=2, temporal_patch_size=2)
+    return Qwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        chat_template=QWEN_TEMPLATE,
+    )
+
+
+def build_model(family: str, tokenizer: Any, layers: int = 8, hidden: int = 128, seed: int = 0) -> nn.Module:
+    """A tiny model of the real class, random weights; ``layers`` decoder layers of width ``hidden``."""
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    text = dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        cfg = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                image_size=IMAGE_SIZE, patch_size=CELL, projection_dim=96,
+            ),
+            text_config=LlamaConfig(**text),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            tie_word_embeddings=True,
+        )
+        model = LlavaForConditionalGeneration(cfg)
+    else:
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+        head_dim = hidden // 4
+        cfg = Qwen2VLConfig(
+            text_config=dict(
+                rope_parameters={
+                    "rope_type": "default", "rope_theta": 10000.0,
+                    # temporal / height / width rotary sections; they sum to head_dim / 2
+                    "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6],
+                },
+                **text,
+            ),
+            vision_config=dict(
+                depth=2, embed_dim=96, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=CELL // 2,
+                spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            ),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+            tie_word_embeddings=True,
+        )
+        model = Qwen2VLForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.max_new_tokens = 4
+    model.generation_config.do_sample = False
+    return model.float()
+
+
+def _vision_output_module(model: nn.Module, family: str) -> nn.Module:
+    """The module whose output is the per-token image features fed to the decoder."""
+    return model.model.multi_modal_projector if family == "llava" else model.model.visual.merger
+
+
+# -- batches ------------------------------------------------------------------------------------------
+def _messages(item: Item, answer: bool, extra: list[tuple[str, str]] = ()) -> list[dict]:
+    # The same shape lmms-eval's chat classes build: image part first, then the text. ``extra``
+    # question / answer pairs about the same image follow as further turns (training only).
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text(item.question)}]}]
+    if answer:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": item.answer}]})
+        for q, a in extra:
+            msgs.append({"role": "user", "content": [{"type": "text", "text": prompt_text(q)}]})
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return msgs
+
+
+def _cell_labels(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 64] colour and shape class per cell, 0 for background (else 1 + index)."""
+    colors, shapes = list(COLORS), list(SHAPES)
+    col = torch.zeros(len(items), VISION_TOKENS, dtype=torch.long)
+    shp = torch.zeros(len(items), VISION_TOKENS, dtype=torch.long)
+    for b, it in enumerate(items):
+        for o in it.objects:
+            col[b, o.row * GRID + o.col] = 1 + colors.index(o.color)
+            shp[b, o.row * GRID + o.col] = 1 + shapes.index(o.shape)
+    return col, shp
+
+
+def encode(processor: Any, items: list[Item], answer: bool, extra: list[list[tuple[str, str]]] | None = None,
+           ) -> tuple[dict, torch.Tensor]:
+    """Right-padded model inputs (so positions match an unpadded run) and each row's last real index."""
+    tok = processor.tokenizer
+    extra = extra or [[] for _ in items]
+    texts = [processor.apply_chat_template(_messages(it, answer, ex), tokenize=False, add_generation_prompt=not answer)
+             for it, ex in zip(items, extra, strict=True)]
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        inputs = processor(text=texts, images=[it.image for it in items], padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    last = inputs["attention_mask"].sum(1) - 1
+    return dict(inputs), last
+
+
+def answer_positions(processor: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the positions of assistant answers (right after each generation prompt)."""
+    tok = processor.tokenizer
+    probe = processor.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    suffix = tok(probe, add_special_tokens=False)["input_ids"][-2:]  # e.g. ["assistant", ":"]
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    mask[:, 2:] = (input_ids[:, :-2] == suffix[0]) & (input_ids[:, 1:-1] == suffix[1])
+    return mask
+
+
+@torch.no_grad()
+def score_items(model: nn.Module, processor: Any, items: list[Item], batch_size: int = 50) -> list[str]:
+    """Greedy first answer token per item, in one forward pass each (the answers are single tokens)."""
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        inputs, last = encode(processor, chunk, answer=False)
+        logits = model(**inputs).logits
+        ids = logits[torch.arange(len(chunk)), last].argmax(-1)
+        out += processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    return out
+
+
+def accuracy(preds: list[str], items: list[Item]) -> float:
+    return sum(p == it.answer for p, it in zip(preds, items, strict=True)) / max(1, len(items))
+
+
+# -- training ----------------------------------------------------------------------------------------
+class _AuxHeads(nn.Module):
+    """Training-only probes on the image features: colour and shape of each cell, background = 0.
+
+    Two separate heads (not one per colour-shape pair) push the features to carry colour and shape as
+    separate directions, which is what the decoder has to match ("the triangle") and read ("red").
+    """
+
+    def __init__(self, hidden: int, embed: nn.Embedding | None = None, word_ids: torch.Tensor | None = None):
+        super().__init__()
+        self.color = nn.Linear(hidden, 1 + len(COLORS))
+        self.shape = nn.Linear(hidden, 1 + len(SHAPES))
+        # Grounding: pull each object token to the sum of the decoder's own embeddings of its colour and
+        # shape words, and every background token to zero (what LLaVA's projector learns to do on
+        # real data: image tokens in the word space). Then even the untrained decoder's near-uniform
+        # attention over the image hands the object's words to the answer position, and "the triangle"
+        # in the question finds its token by the dot product that matches words in text.
+        self.embed = embed
+        if word_ids is not None:
+            self.register_buffer("word_ids", word_ids, persistent=False)  # [1 + colours + shapes]
+
+    def loss(self, feat: torch.Tensor, items: list[Item]) -> torch.Tensor:
+        col, shp = _cell_labels(items)
+        feat = feat.reshape(len(items), VISION_TOKENS, -1)
+        loss = F.cross_entropy(self.color(feat).flatten(0, 1), col.flatten()) + F.cross_entropy(
+            self.shape(feat).flatten(0, 1), shp.flatten()
+        )
+        if self.embed is not None:
+            words = self.embed(self.word_ids).detach()  # [0]: unused, then colours, shapes
+            n_col = len(COLORS)
+            target = words[col] + words[n_col + shp]
+            target = torch.where((col > 0)[..., None], target, torch.zeros_like(target))
+            # squared error relative to the typical squared norm of a word embedding
+            scale = words[1:].pow(2).sum(-1).mean()
+            loss = loss + (feat - target).pow(2).sum(-1).mean() / scale
+        return loss
+
+
+def train(
+    family: str,
+    out: str | Path,
+    minutes: float = 50.0,
+    target: float = 0.95,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    aux_weight: float = 1.0,
+    curriculum_acc: float = 0.8,
+    extra_qa: int = 3,
+    ground: bool = True,
+    eval_every: int = 100,
+    val_size: int = 300,
+    seed: int = 0,
+    threads: int = 1,
+    layers: int = 8,
+    hidden: int = 128,
+) -> dict:
+    """Train one demo model and save it to ``out``; returns the training record (also ``train_log.json``)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    processor = build_processor(family)
+    model = build_model(family, processor.tokenizer, layers=layers, hidden=hidden, seed=seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[{family}] {n_params / 1e6:.2f}M parameters", flush=True)
+
+    word_ids = None
+    if ground:
+        tok = processor.tokenizer
+        words = ["object", *COLORS, *SHAPES]  # "object" stands for background
+        word_ids = torch.tensor(tok.convert_tokens_to_ids(words))
+    aux_heads = _AuxHeads(
+        model.config.text_config.hidden_size, model.get_input_embeddings() if ground else None, word_ids
+    )
+    captured: dict[str, torch.Tensor] = {}
+    hook = _vision_output_module(model, family).register_forward_hook(
+        lambda m, a, o: captured.__setitem__("feat", o if isinstance(o, torch.Tensor) else o[0])
+    )
+    # The grounding head borrows the decoder's embedding (read only): list it once, or AdamW steps it twice.
+    own = {id(p) for p in model.parameters()}
+    params = list(model.parameters()) + [p for p in aux_heads.parameters() if id(p) not in own]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    val = make_split("val", val_size, seed=seed)
+    budget = minutes * 60.0
+    warmup = 100
+    max_objects = 1  # curriculum level: images hold 1..max_objects objects
+    level_acc = 0.0  # running training accuracy at the current level
+    log: list[dict] = []
+    t0 = time.time()
+    step = seen = index = 0
+    ema: dict[str, float] = {}
+    try:
+        while True:
+            elapsed = time.time() - t0
+            if elapsed > budget:
+                print(f"[{family}] time limit reached", flush=True)
+                break
+            items = []
+            for _ in range(batch_size):
+                # Object count drawn from the item's own seed stream: deterministic for a given level.
+                n = 1 + (index * 7919) % max_objects
+                items.append(make_item(seed + 1000, "train", index, n_objects=n))
+                index += 1
+            model.train()
+            extra = [extra_questions(it, extra_qa, seed) for it in items]
+            inputs, _ = encode(processor, items, answer=True, extra=extra)
+            ids = inputs["input_ids"]
+            ans = answer_positions(processor, ids)
+            end = torch.zeros_like(ans)
+            end[:, 1:] = ans[:, :-1]
+            # Loss on each answer word and the end-of-turn token that follows it.
+            labels = torch.where(ans | end, ids, torch.full_like(ids, -100))
+            outputs = model(**inputs, labels=labels)
+            lm = outputs.loss
+            aux = aux_heads.loss(captured["feat"], items) if aux_weight > 0 else torch.zeros(())
+            loss = lm + aux_weight * aux
+            # Warm-up, then cosine decay over the time budget (not steps: the budget is wall time).
+            frac = min(1.0, elapsed / budget)
+            scale = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            seen += len(items)
+            with torch.no_grad():
+                prev = torch.zeros_like(ans)
+                prev[:, :-1] = ans[:, 1:]
+                pred = outputs.logits[prev].argmax(-1)
+                batch_acc = (pred == ids[ans]).float().mean().item()
+            for k, v in (("lm", lm.item()), ("aux", aux.item()), ("train_acc", batch_acc)):
+                ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+            # Curriculum: one more object per image once the current level is learnt.
+            level_acc = 0.9 * level_acc + 0.1 * batch_acc
+            if max_objects < 5 and level_acc >= curriculum_acc:
+                max_objects += 1
+                level_acc = 0.0
+                print(f"[{family}] step {step}: up to {max_objects} objects per image", flush=True)
+            if step % eval_every == 0:
+                acc = accuracy(score_items(model, processor, val), val)
+                rec = {"step": step, "seen": seen, "minutes": round((time.time() - t0) / 60, 2),
+                       **{k: round(v, 4) for k, v in ema.items()}, "val_acc": round(acc, 4),
+                       "max_objects": max_objects}
+                log.append(rec)
+                print(f"[{family}] {json.dumps(rec)}", flush=True)
+                if acc >= target and max_objects == 5:
+                    break
+    finally:
+        hook.remove()
+    train_s = time.time() - t0
+    test = make_split("test", TEST_SIZE, seed=TEST_SEED)
+    preds = score_items(model, processor, test)
+    by_type = {q: accuracy([p for p, it in zip(preds, test, strict=True) if it.qtype == q], [it for it in test if it.qtype == q])
+               for q in ("color", "shape", "exists")}
+    record = {
+        "family": family, "parameters": n_params, "steps": step, "samples": seen,
+        "train_minutes": round(train_s / 60, 2), "threads": threads, "batch_size": batch_size, "lr": lr,
+        "aux_weight": aux_weight, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
+        "test_acc": round(accuracy(preds, test), 4),
+        "test_acc_by_type": {k: round(v, 4) for k, v in by_type.items()}, "log": log,
+    }
+    print(f"[{family}] test accuracy {record['test_acc']:.3f} {record['test_acc_by_type']}", flush=True)
+    save(model, processor, out, record)
+    return record
+
+
+def save(model: nn.Module, processor: Any, out: str | Path, record: dict | None = None) -> Path:
+    """``save_pretrained`` model, processor, tokenizer, chat template and generation config into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out)
+    processor.tokenizer.padding_side = "left"
+    processor.save_pretrained(out)
+    if record is not None:
+        (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m v2drop_eval.demo.train", description=__doc__.split("\n")[0])
+    p.add_argument("--family", choices=FAMILIES, required=True)
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--minutes", type=float, default=50.0, help="wall-time budget for training (default 50)")
+    p.add_argument("--target", type=float, default=0.95, help="stop at this validation accuracy (default 0.95)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell vision loss (0: off)")
+    p.add_argument("--curriculum-acc", type=float, default=0.8,
+                   help="training accuracy at which images get one more object (default 0.8)")
+    p.add_argument("--extra-qa", type=int, default=3, help="extra question turns per training image (default 3)")
+    p.add_argument("--no-ground", action="store_true", help="no grounding loss on the image tokens")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU may be shared)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    train(
+        args.family, args.out, minutes=args.minutes, target=args.target, batch_size=args.batch_size, lr=args.lr,
+        aux_weight=args.aux_weight, curriculum_acc=args.curriculum_acc, extra_qa=args.extra_qa, ground=not args.no_ground, eval_every=args.eval_every,
+        seed=args.seed, threads=args.threads,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
