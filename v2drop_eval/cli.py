@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="print the points and their exact commands; run nothing")
     sw.add_argument("--only", action="append", default=[], metavar="PATTERN",
                     help="run only points whose id matches PATTERN (glob, or substring without wildcards); repeatable")
+    sw.add_argument("--limit", type=float, default=None, metavar="N",
+                    help="lmms-eval --limit for every point, overriding the config's (a short check run; "
+                         "give it its own --output)")
     sw.add_argument("--jobs", type=int, default=None, metavar="N",
                     help="run N points at the same time (default: the config's jobs, else 1)")
     sw.set_defaults(func=_cmd_sweep)
@@ -60,6 +63,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.limit is not None:
+        if args.limit <= 0:
+            print(f"error: --limit {args.limit:g} is not allowed; give a positive item count or fraction < 1",
+                  file=sys.stderr)
+            return 2
+        cfg.limit = int(args.limit) if args.limit >= 1 else args.limit
     points = select_points(expand(cfg), args.only)
     if not points:
         print(f"error: no point of {args.config} matches {args.only}", file=sys.stderr)

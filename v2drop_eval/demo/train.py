@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,34 @@ def _cell_labels(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
     return col, shp
 
 
+def question_target(item: Item, question: str) -> int:
+    """The grid cell (row * GRID + col) that answers ``question`` about ``item``'s image, or -1 (a "no")."""
+    words = question.rstrip("?").split()
+    if question.startswith("what color is the "):
+        hits = [o for o in item.objects if o.shape == words[-1]]
+    elif question.startswith("what shape is the "):
+        hits = [o for o in item.objects if o.color == words[-2]]
+    else:  # "is there a <colour> <shape>?"
+        hits = [o for o in item.objects if (o.color, o.shape) == (words[-2], words[-1])]
+    return hits[0].row * GRID + hits[0].col if len(hits) == 1 else -1
+
+
+def _pointer_loss(attentions: tuple, layer: int, ids: torch.Tensor, ans: torch.Tensor, image_token_id: int,
+                  targets: list[list[int]]) -> torch.Tensor:
+    """-log attention of head 0 at ``layer``, from the position that predicts each answer to the image
+    token holding it. Training only: it teaches one head to look the object up, which a model trained
+    from scratch on a CPU otherwise takes a long time to find by itself."""
+    attn = attentions[layer][:, 0]  # [B, S, S], head 0
+    terms = []
+    for b in range(ids.shape[0]):
+        queries = (ans[b].nonzero().flatten() - 1).tolist()
+        image_pos = (ids[b] == image_token_id).nonzero().flatten()
+        for q, cell in zip(queries, targets[b], strict=False):
+            if cell >= 0:
+                terms.append(-torch.log(attn[b, q, image_pos[cell]] + 1e-6))
+    return torch.stack(terms).mean() if terms else attn.sum() * 0.0
+
+
 def encode(processor: Any, items: list[Item], answer: bool, extra: list[list[tuple[str, str]]] | None = None,
            ) -> tuple[dict, torch.Tensor]:
     """Right-padded model inputs (so positions match an unpadded run) and each row's last real index."""
@@ -333,7 +362,7 @@ def train(
     lr: float = 2e-3,
     aux_weight: float = 1.0,
     curriculum_acc: float = 0.8,
-    extra_qa: int = 3,
+    extra_qa: int = 0,
     ground: bool = True,
     eval_every: int = 100,
     val_size: int = 300,
@@ -341,6 +370,8 @@ def train(
     threads: int = 1,
     layers: int = 8,
     hidden: int = 128,
+    pointer_weight: float = 1.0,
+    pointer_layer: int = 3,
 ) -> dict:
     """Train one demo model and save it to ``out``; returns the training record (also ``train_log.json``)."""
     if family not in FAMILIES:
@@ -349,6 +380,9 @@ def train(
     random.seed(seed)
     processor = build_processor(family)
     model = build_model(family, processor.tokenizer, layers=layers, hidden=hidden, seed=seed)
+    if pointer_weight > 0:
+        model.set_attn_implementation("eager")  # attention weights for the pointer loss
+    image_token_id = model.config.image_token_id
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{family}] {n_params / 1e6:.2f}M parameters", flush=True)
 
@@ -377,11 +411,14 @@ def train(
     t0 = time.time()
     step = seen = index = 0
     ema: dict[str, float] = {}
+    # SIGTERM ends training early but still scores and saves the model (a shared machine may need it).
+    stop: list[bool] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:
         while True:
             elapsed = time.time() - t0
-            if elapsed > budget:
-                print(f"[{family}] time limit reached", flush=True)
+            if elapsed > budget or stop:
+                print(f"[{family}] {'stopped' if stop else 'time limit reached'}", flush=True)
                 break
             items = []
             for _ in range(batch_size):
@@ -398,10 +435,15 @@ def train(
             end[:, 1:] = ans[:, :-1]
             # Loss on each answer word and the end-of-turn token that follows it.
             labels = torch.where(ans | end, ids, torch.full_like(ids, -100))
-            outputs = model(**inputs, labels=labels)
+            outputs = model(**inputs, labels=labels, output_attentions=pointer_weight > 0)
             lm = outputs.loss
             aux = aux_heads.loss(captured["feat"], items) if aux_weight > 0 else torch.zeros(())
             loss = lm + aux_weight * aux
+            pointer = torch.zeros(())
+            if pointer_weight > 0:
+                targets = [[it.target] + [question_target(it, q) for q, _ in ex] for it, ex in zip(items, extra, strict=True)]
+                pointer = _pointer_loss(outputs.attentions, pointer_layer, ids, ans, image_token_id, targets)
+                loss = loss + pointer_weight * pointer
             # Warm-up, then cosine decay over the time budget (not steps: the budget is wall time).
             frac = min(1.0, elapsed / budget)
             scale = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -418,7 +460,7 @@ def train(
                 prev[:, :-1] = ans[:, 1:]
                 pred = outputs.logits[prev].argmax(-1)
                 batch_acc = (pred == ids[ans]).float().mean().item()
-            for k, v in (("lm", lm.item()), ("aux", aux.item()), ("train_acc", batch_acc)):
+            for k, v in (("lm", lm.item()), ("aux", aux.item()), ("pointer", pointer.item()), ("train_acc", batch_acc)):
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
             # Curriculum: one more object per image once the current level is learnt.
             level_acc = 0.9 * level_acc + 0.1 * batch_acc
@@ -437,7 +479,9 @@ def train(
                     break
     finally:
         hook.remove()
+        signal.signal(signal.SIGTERM, previous)
     train_s = time.time() - t0
+    model.set_attn_implementation("sdpa")
     test = make_split("test", TEST_SIZE, seed=TEST_SEED)
     preds = score_items(model, processor, test)
     by_type = {q: accuracy([p for p, it in zip(preds, test, strict=True) if it.qtype == q], [it for it in test if it.qtype == q])
@@ -445,7 +489,7 @@ def train(
     record = {
         "family": family, "parameters": n_params, "steps": step, "samples": seen,
         "train_minutes": round(train_s / 60, 2), "threads": threads, "batch_size": batch_size, "lr": lr,
-        "aux_weight": aux_weight, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
+        "aux_weight": aux_weight, "pointer_weight": pointer_weight, "pointer_layer": pointer_layer, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
         "test_acc": round(accuracy(preds, test), 4),
         "test_acc_by_type": {k: round(v, 4) for k, v in by_type.items()}, "log": log,
     }
@@ -478,8 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell vision loss (0: off)")
     p.add_argument("--curriculum-acc", type=float, default=0.8,
                    help="training accuracy at which images get one more object (default 0.8)")
-    p.add_argument("--extra-qa", type=int, default=3, help="extra question turns per training image (default 3)")
+    p.add_argument("--extra-qa", type=int, default=0,
+                   help="extra question turns per training image (default 0: later turns can copy answers from "
+                        "earlier questions instead of looking)")
     p.add_argument("--no-ground", action="store_true", help="no grounding loss on the image tokens")
+    p.add_argument("--pointer-weight", type=float, default=1.0,
+                   help="weight of the attention-pointer loss (head 0 of --pointer-layer looks at the answer's "
+                        "image token; 0: off)")
+    p.add_argument("--pointer-layer", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU may be shared)")
     p.add_argument("--seed", type=int, default=0)
@@ -488,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     train(
         args.family, args.out, minutes=args.minutes, target=args.target, batch_size=args.batch_size, lr=args.lr,
         aux_weight=args.aux_weight, curriculum_acc=args.curriculum_acc, extra_qa=args.extra_qa, ground=not args.no_ground, eval_every=args.eval_every,
+        pointer_weight=args.pointer_weight, pointer_layer=args.pointer_layer,
         seed=args.seed, threads=args.threads,
     )
     return 0
