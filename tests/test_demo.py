@@ -146,3 +146,13 @@ def test_demo_config_short_run(tmp_path):
     rows = [json.loads(line) for line in next((out / "demo_llava__none").rglob("*_v2drop_samples.jsonl"))
             .read_text().splitlines()]
     assert len(rows) == 12 and all(r["vision_tokens"] == GRID * GRID and r["n_objects"] >= 1 for r in rows)
+
+
+def test_adaptive_probe_runs(loaded):
+    from v2drop_eval.demo.probe import probe
+
+    family = loaded[0]
+    out = probe(family, layer=2, items=6, thresholds=(0.0, 1.0))
+    assert out["mean_kept"]["text-mean t0"] == 64  # threshold 0 keeps everything
+    assert set(out["corr_with_objects"]) == {"text-mean t0", "text-mean t1", "mass 50%", "mass 80%"}
+    assert all(0 < k <= 64 for k in out["mean_kept"].values())

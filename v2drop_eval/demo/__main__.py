@@ -15,6 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("paths", help="print JSON: llava, qwen2_vl (model folders), include_path, tasks")
     write = sub.add_parser("write-test-split", help="regenerate the test parquet of the lmms-eval task")
     write.add_argument("--out", default=None, help="default: the shipped task folder")
+    sub.add_parser("probe", help="adaptive criteria vs object count on the demo models (see probe --help)",
+                   add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "probe":
+        from v2drop_eval.demo.probe import main as probe_main
+
+        return probe_main(list(argv[1:]))
     args = p.parse_args(argv)
     if args.command == "paths":
         json.dump(paths(), sys.stdout, indent=1)
