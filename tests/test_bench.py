@@ -29,8 +29,8 @@ def test_bench_tiny_writes_outputs(tmp_path, capsys):
     payload = json.loads((tmp_path / "cpu-tiny.json").read_text())
     assert payload["machine"]["torch"] and payload["machine"]["transformers"]
     rows = payload["rows"]
-    # plain, none, v2drop, random, fastv, v2drop keep1.0 for each batch size
-    assert len(rows) == 12
+    # plain, none, v2drop, random, fastv, v2drop at fastv's schedule, v2drop keep1.0 for each batch size
+    assert len(rows) == 14
     for row in rows:
         assert REQUIRED <= row.keys()
         assert row["prefill_ms"] > 0 and row["kv_cache_bytes"] > 0
@@ -41,9 +41,11 @@ def test_bench_tiny_writes_outputs(tmp_path, capsys):
     assert v2["overhead_vs_random"] is not None
     assert by[(2, "none", "-")]["kv_cache_bytes"] == 2 * none["kv_cache_bytes"]
     assert by[(1, "v2drop", "keep1.0")]["flops_speedup"] == 1.0
+    same = by[(1, "v2drop", "128@fastv")]
+    assert same["schedule"] == by[(1, "fastv", "128")]["schedule"] and by[(1, "fastv", "128")]["fastv_over_v2drop"] is not None
     md = (tmp_path / "cpu-tiny.md").read_text()
     assert "| attn | batch_size | method |" in md and "transformers" in md
-    assert md.count("\n| sdpa |") == 12
+    assert md.count("\n| sdpa |") == 14
 
 
 def test_bench_rejects_bad_input():

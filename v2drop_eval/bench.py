@@ -195,6 +195,11 @@ def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str]) -> li
             if method == "none":
                 continue
             out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers), method))
+    if "v2drop" in methods and "fastv" in methods:
+        # V2Drop at FastV's own one-stage schedule: the two scorers compared at the same token counts.
+        for budget in budgets:
+            sched = scaled_schedule(shape.family, budget, "fastv", shape.layers)
+            out.append(_Config("v2drop", f"{budget}@fastv", sched, "v2drop"))
     v2 = [c for c in out if c.method == "v2drop"]
     if v2:
         # hooks on every layer, nothing dropped: the cost of the machinery alone
@@ -314,7 +319,12 @@ def _rows(shape_name: str, device: str, attn: str, bs: int, configs: list[_Confi
         })
     base = next(r for r in rows if r["method"] == "none") if any(r["method"] == "none" for r in rows) else rows[0]
     randoms = {r["budget"]: r for r in rows if r["method"] == "random"}
+    at_fastv = {r["budget"].split("@")[0]: r for r in rows if r["method"] == "v2drop" and r["budget"].endswith("@fastv")}
     for r in rows:
+        r["fastv_over_v2drop"] = (
+            round(r["llm_prefill_ms"] / at_fastv[r["budget"]]["llm_prefill_ms"] - 1, 4)
+            if r["method"] == "fastv" and r["budget"] in at_fastv else None
+        )
         r["speedup"] = round(base["prefill_ms"] / r["prefill_ms"], 3)
         r["llm_speedup"] = round(base["llm_prefill_ms"] / r["llm_prefill_ms"], 3)
         r["flops_speedup"] = round(base["prefill_flops"] / r["prefill_flops"], 3)
@@ -341,7 +351,7 @@ def machine_info(device: str) -> dict:
 
 COLUMNS = ["attn", "batch_size", "method", "budget", "schedule", "avg_vision_tokens", "prefill_ms", "llm_prefill_ms",
            "decode_ms_per_token", "generate_ms", "speedup", "llm_speedup", "flops_speedup", "efficiency",
-           "overhead_vs_random", "kv_cache_bytes", "peak_memory_bytes"]
+           "overhead_vs_random", "fastv_over_v2drop", "kv_cache_bytes", "peak_memory_bytes"]
 
 
 def to_markdown(rows: list[dict], info: dict, shape: str, device: str) -> str:
@@ -350,7 +360,8 @@ def to_markdown(rows: list[dict], info: dict, shape: str, device: str) -> str:
              "Medians of interleaved repeats. `speedup`: prefill (time to first token) vs `none`; `llm_speedup`: the "
              "LLM decoder's prefill alone; `flops_speedup`: analytic (" + flops.CONVENTION + "); `efficiency` = "
              "llm_speedup / flops_speedup; `overhead_vs_random`: v2drop's LLM prefill over random's at the same "
-             "schedule; `plain` = model without any hooks; budget `keep1.0` = hooks on, nothing dropped.", "",
+             "schedule; `fastv_over_v2drop`: FastV's LLM prefill over V2Drop's at FastV's schedule (budget `B@fastv`); "
+             "`plain` = model without any hooks; budget `keep1.0` = hooks on, nothing dropped.", "",
              "| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
     for r in rows:
         cells = []
