@@ -254,20 +254,40 @@ def question_target(item: Item, question: str) -> int:
     return hits[0].row * GRID + hits[0].col if len(hits) == 1 else -1
 
 
+# The pointer heads of the pointer layer: one per question type. Each looks at the answer's image token
+# for its own type of question and at position 0 (a sink that carries nothing) otherwise, so its
+# output is already the answer's feature seen through a type-specific linear map.
+POINTER_HEADS = {"color": 0, "shape": 1, "exists": 2}
+
+
+def question_type(question: str) -> str:
+    return "color" if question.startswith("what color") else "shape" if question.startswith("what shape") else "exists"
+
+
 def _pointer_loss(attentions: tuple, layer: int, ids: torch.Tensor, ans: torch.Tensor, image_token_id: int,
-                  targets: list[list[int]]) -> torch.Tensor:
-    """-log attention of head 0 at ``layer``, from the position that predicts each answer to the image
-    token holding it. Training only: it teaches one head to look the object up, which a model trained
-    from scratch on a CPU otherwise takes a long time to find by itself."""
-    attn = attentions[layer][:, 0]  # [B, S, S], head 0
+                  targets: list[list[tuple[str, int]]]) -> torch.Tensor:
+    """Mean -log attention of each pointer head at ``layer``, from the position that predicts each
+    answer to the key it should read (the answer's image token, or the sink). Training only: it
+    teaches the lookup, which a model trained from scratch on a CPU otherwise takes long to find."""
+    attn = attentions[layer]  # [B, H, S, S]
     terms = []
     for b in range(ids.shape[0]):
         queries = (ans[b].nonzero().flatten() - 1).tolist()
         image_pos = (ids[b] == image_token_id).nonzero().flatten()
-        for q, cell in zip(queries, targets[b], strict=False):
-            if cell >= 0:
-                terms.append(-torch.log(attn[b, q, image_pos[cell]] + 1e-6))
+        for q, (qtype, cell) in zip(queries, targets[b], strict=False):
+            for kind, head in POINTER_HEADS.items():
+                key = int(image_pos[cell]) if kind == qtype and cell >= 0 else 0
+                terms.append(-torch.log(attn[b, head, q, key] + 1e-6))
     return torch.stack(terms).mean() if terms else attn.sum() * 0.0
+
+
+def _readout_loss(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the answer read straight after the pointer layer (final norm + LM head on that
+    layer's output at each answer's query position): a short gradient path to the pointer heads."""
+    prev = torch.zeros_like(ans)
+    prev[:, :-1] = ans[:, 1:]
+    h = model.model.language_model.norm(hidden[prev])
+    return F.cross_entropy(model.lm_head(h), ids[ans])
 
 
 def encode(processor: Any, items: list[Item], answer: bool, extra: list[list[tuple[str, str]]] | None = None,
@@ -339,17 +359,23 @@ class _AuxHeads(nn.Module):
     def loss(self, feat: torch.Tensor, items: list[Item]) -> torch.Tensor:
         col, shp = _cell_labels(items)
         feat = feat.reshape(len(items), VISION_TOKENS, -1)
-        loss = F.cross_entropy(self.color(feat).flatten(0, 1), col.flatten()) + F.cross_entropy(
-            self.shape(feat).flatten(0, 1), shp.flatten()
-        )
+        obj = col > 0
+        # Objects and background weigh the same: 59 or more of the 64 cells are background, and a plain
+        # mean over cells would teach "background" long before the colours and shapes.
+        def balanced(per_cell: torch.Tensor) -> torch.Tensor:
+            return per_cell[obj].mean() + per_cell[~obj].mean()
+
+        ce = F.cross_entropy(self.color(feat).flatten(0, 1), col.flatten(), reduction="none") + F.cross_entropy(
+            self.shape(feat).flatten(0, 1), shp.flatten(), reduction="none")
+        loss = balanced(ce.view_as(col))
         if self.embed is not None:
             words = self.embed(self.word_ids).detach()  # [0]: unused, then colours, shapes
             n_col = len(COLORS)
             target = words[col] + words[n_col + shp]
-            target = torch.where((col > 0)[..., None], target, torch.zeros_like(target))
+            target = torch.where(obj[..., None], target, torch.zeros_like(target))
             # squared error relative to the typical squared norm of a word embedding
             scale = words[1:].pow(2).sum(-1).mean()
-            loss = loss + (feat - target).pow(2).sum(-1).mean() / scale
+            loss = loss + balanced((feat - target).pow(2).sum(-1)) / scale
         return loss
 
 
@@ -435,14 +461,17 @@ def train(
             end[:, 1:] = ans[:, :-1]
             # Loss on each answer word and the end-of-turn token that follows it.
             labels = torch.where(ans | end, ids, torch.full_like(ids, -100))
-            outputs = model(**inputs, labels=labels, output_attentions=pointer_weight > 0)
+            outputs = model(**inputs, labels=labels, output_attentions=pointer_weight > 0,
+                            output_hidden_states=pointer_weight > 0)
             lm = outputs.loss
             aux = aux_heads.loss(captured["feat"], items) if aux_weight > 0 else torch.zeros(())
             loss = lm + aux_weight * aux
             pointer = torch.zeros(())
             if pointer_weight > 0:
-                targets = [[it.target] + [question_target(it, q) for q, _ in ex] for it, ex in zip(items, extra, strict=True)]
+                targets = [[(it.qtype, it.target)] + [(question_type(q), question_target(it, q)) for q, _ in ex]
+                           for it, ex in zip(items, extra, strict=True)]
                 pointer = _pointer_loss(outputs.attentions, pointer_layer, ids, ans, image_token_id, targets)
+                pointer = pointer + _readout_loss(model, outputs.hidden_states[pointer_layer + 1], ids, ans)
                 loss = loss + pointer_weight * pointer
             # Warm-up, then cosine decay over the time budget (not steps: the budget is wall time).
             frac = min(1.0, elapsed / budget)
