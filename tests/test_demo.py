@@ -18,6 +18,12 @@ from v2drop_eval import attach  # noqa: E402
 from v2drop_eval.demo import TASKS, TASKS_DIR, model_path, paths  # noqa: E402
 from v2drop_eval.demo.data import GRID, TEST_SIZE, make_item, make_split  # noqa: E402
 
+# Until the trained weights are committed (make train-demo), the tests that need them cannot run.
+needs_models = pytest.mark.skipif(
+    not all((model_path(f) / "model.safetensors").exists() for f in ("llava", "qwen2_vl")),
+    reason="demo models not trained yet (make train-demo)",
+)
+
 N_ITEMS = 60  # a test subset: enough to tell 90% from chance, a few seconds on a CPU
 
 
@@ -32,7 +38,7 @@ def _load(family: str):
     return model, AutoProcessor.from_pretrained(path)
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=needs_models) for f in ("llava", "qwen2_vl")])
 def loaded(request):
     model, processor = _load(request.param)
     return request.param, model, processor
@@ -125,6 +131,7 @@ def test_keep_ratio_one_changes_nothing(loaded, subset):
         assert _generate(model, processor, items) == plain
 
 
+@needs_models
 @pytest.mark.slow
 def test_demo_config_short_run(tmp_path):
     """configs/demo.yaml through the real sweep runner: a few points on a dozen items, then the tables."""
