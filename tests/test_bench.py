@@ -46,6 +46,29 @@ def test_bench_tiny_writes_outputs(tmp_path, capsys):
     md = (tmp_path / "cpu-tiny.md").read_text()
     assert "| attn | batch_size | method |" in md and "transformers" in md
     assert md.count("\n| sdpa |") == 14
+    # the target summary: one line per (attn, batch size), each target with a verdict
+    summary = [line for line in md.splitlines() if line.startswith("- sdpa, batch ")]
+    assert len(summary) == 2
+    for line in summary:
+        assert "efficiency at 128" in line and "v2drop over random" in line and "keep1.0 over plain" in line
+        assert "FastV over v2drop" in line and "n/a" not in line
+
+
+def test_bench_targets_verdicts():
+    from v2drop_eval.bench import targets
+
+    base = {"attn": "sdpa", "batch_size": 1, "overhead_vs_random": None, "fastv_over_v2drop": None}
+    rows = [
+        {**base, "method": "plain", "budget": "-", "llm_prefill_ms": 100.0},
+        {**base, "method": "v2drop", "budget": "keep1.0", "llm_prefill_ms": 100.5},
+        {**base, "method": "v2drop", "budget": "128", "efficiency": 0.8, "overhead_vs_random": 0.05},
+        {**base, "method": "fastv", "budget": "128", "fastv_over_v2drop": 0.03},
+    ]
+    (line,) = targets(rows)
+    assert "efficiency at 128 0.800 (>= 0.9: **missed**)" in line
+    assert "v2drop over random +5.0% (<= 2%: **missed**)" in line
+    assert "keep1.0 over plain +0.5% (<= 1%: met)" in line
+    assert "FastV over v2drop +3.0% (> 0: met)" in line
 
 
 def test_bench_rejects_bad_input():

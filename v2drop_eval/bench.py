@@ -354,6 +354,41 @@ COLUMNS = ["attn", "batch_size", "method", "budget", "schedule", "avg_vision_tok
            "overhead_vs_random", "fastv_over_v2drop", "kv_cache_bytes", "peak_memory_bytes"]
 
 
+def targets(rows: list[dict]) -> list[str]:
+    """The four speed targets of the project, checked on ``rows`` (one Markdown bullet each).
+
+    Prefill efficiency >= 0.9 at budget 128; v2drop within 2% of random at the same schedule; hooks
+    with nothing dropped (``keep1.0``) within 1% of the plain model; v2drop faster than FastV under
+    sdpa at FastV's schedule. Reported, never asserted: timings are the machine's, not the code's.
+    """
+    def fmt(vals: list[float], pct: bool = False) -> str:
+        return ", ".join(f"{v:+.1%}" if pct else f"{v:.3f}" for v in vals) or "n/a"
+
+    groups = sorted({(r["attn"], r["batch_size"]) for r in rows}, key=str)
+    out = []
+    for attn, bs in groups:
+        g = [r for r in rows if r["attn"] == attn and r["batch_size"] == bs]
+        eff = [r["efficiency"] for r in g if r["method"] == "v2drop" and r["budget"] == "128"]
+        over = [r["overhead_vs_random"] for r in g if r["overhead_vs_random"] is not None]
+        plain = next((r for r in g if r["method"] == "plain"), None)
+        keep = next((r for r in g if r["budget"] == "keep1.0"), None)
+        hooks = [keep["llm_prefill_ms"] / plain["llm_prefill_ms"] - 1] if plain and keep else []
+        fastv = [r["fastv_over_v2drop"] for r in g if r["fastv_over_v2drop"] is not None]
+
+        def mark(ok: bool | None) -> str:
+            return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+        parts = [
+            f"efficiency at 128 {fmt(eff)} (>= 0.9: {mark(all(e >= 0.9 for e in eff) if eff else None)})",
+            f"v2drop over random {fmt(over, True)} (<= 2%: {mark(all(o <= 0.02 for o in over) if over else None)})",
+            f"keep1.0 over plain {fmt(hooks, True)} (<= 1%: {mark(all(abs(h) <= 0.01 for h in hooks) if hooks else None)})",
+        ]
+        if attn == "sdpa":
+            parts.append(f"FastV over v2drop {fmt(fastv, True)} (> 0: {mark(all(f > 0 for f in fastv) if fastv else None)})")
+        out.append(f"- {attn}, batch {bs}: " + "; ".join(parts))
+    return out
+
+
 def to_markdown(rows: list[dict], info: dict, shape: str, device: str) -> str:
     lines = [f"# Bench: {shape} on {device}", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
@@ -369,6 +404,7 @@ def to_markdown(rows: list[dict], info: dict, shape: str, device: str) -> str:
             v = r.get(c)
             cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Targets (LLM prefill, medians; reported, not asserted)", "", *targets(rows)]
     return "\n".join(lines) + "\n"
 
 

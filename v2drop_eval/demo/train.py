@@ -292,24 +292,6 @@ def _pointer_loss(attentions: tuple, layer: int, ids: torch.Tensor, ans: torch.T
     return torch.stack(terms).mean() if terms else attn.sum() * 0.0
 
 
-def _gather_loss(attentions: tuple, layer: int, ids: torch.Tensor, ans: torch.Tensor,
-                 word_sets: list[torch.Tensor]) -> torch.Tensor:
-    """Mean -log attention of heads 0, 1, 2 at ``layer``, from each answer's query position to the
-    question's colour word, shape word and type word ("color" / "shape" / "there"; position 0 where
-    the question has none). Training only, like the pointer: it teaches the step before the lookup,
-    bringing what the question asks about to the position that answers it."""
-    attn = attentions[layer]
-    terms = []
-    for b in range(ids.shape[0]):
-        for q in (ans[b].nonzero().flatten() - 1).tolist():
-            before = ids[b, :q + 1]
-            for head, words in enumerate(word_sets):
-                hits = torch.isin(before, words).nonzero().flatten()
-                key = int(hits[-1]) if len(hits) else 0
-                terms.append(-torch.log(attn[b, head, q, key] + 1e-6))
-    return torch.stack(terms).mean() if terms else attn.sum() * 0.0
-
-
 def _readout_loss(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the answer read straight after the pointer layer (final norm + LM head on that
     layer's output at each answer's query position): a short gradient path to the pointer heads."""
@@ -481,7 +463,7 @@ def train(
     pointer_weight: float = 1.0,
     pointer_layer: int = 3,
     vision_steps: int = 600,
-    gather_layer: int = 1,
+    clip: float = 1.0,
 ) -> dict:
     """Train one demo model and save it to ``out``; returns the training record (also ``train_log.json``)."""
     if family not in FAMILIES:
@@ -501,8 +483,6 @@ def train(
         tok = processor.tokenizer
         words = ["object", *COLORS, *SHAPES]  # "object" stands for background
         word_ids = torch.tensor(tok.convert_tokens_to_ids(words))
-    tok = processor.tokenizer
-    gather_words = [torch.tensor(tok.convert_tokens_to_ids(list(w))) for w in (COLORS, SHAPES, ("color", "shape", "there"))]
     aux_heads = _AuxHeads(
         model.config.text_config.hidden_size, model.get_input_embeddings() if ground else None, word_ids
     )
@@ -525,6 +505,7 @@ def train(
     t0 = time.time()
     step = seen = index = 0
     ema: dict[str, float] = {}
+    best: tuple[int, float, dict | None] = (0, -1.0, None)  # (curriculum level, val accuracy, weights)
     # SIGTERM ends training early but still scores and saves the model (a shared machine may need it).
     stop: list[bool] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
@@ -560,8 +541,6 @@ def train(
                            for it, ex in zip(items, extra, strict=True)]
                 pointer = _pointer_loss(outputs.attentions, pointer_layer, ids, ans, image_token_id, targets)
                 pointer = pointer + _readout_loss(model, outputs.hidden_states[pointer_layer + 1], ids, ans)
-                if 0 <= gather_layer < pointer_layer:
-                    pointer = pointer + _gather_loss(outputs.attentions, gather_layer, ids, ans, gather_words)
                 loss = loss + pointer_weight * pointer
             # Warm-up, then cosine decay over the time budget (not steps: the budget is wall time).
             frac = min(1.0, elapsed / budget)
@@ -570,7 +549,7 @@ def train(
                 g["lr"] = lr * scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             step += 1
             seen += len(items)
@@ -594,11 +573,20 @@ def train(
                        "max_objects": max_objects}
                 log.append(rec)
                 print(f"[{family}] {json.dumps(rec)}", flush=True)
+                # Keep the best model of the hardest level reached so far (a late spike of the
+                # learning-rate schedule should not cost the saved model), and save it as we go so a
+                # killed run still leaves a usable model behind.
+                if (max_objects, acc) > best[:2]:
+                    best = (max_objects, acc, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                    save(model, processor, out, {"family": family, "step": step, "val_acc": acc, "partial": True})
                 if acc >= target and max_objects == 5:
                     break
     finally:
         hook.remove()
         signal.signal(signal.SIGTERM, previous)
+    if best[2] is not None and (max_objects, log[-1]["val_acc"] if log else 0.0) < best[:2]:
+        print(f"[{family}] restoring the best checkpoint (val {best[1]:.3f} at {best[0]} objects)", flush=True)
+        model.load_state_dict(best[2])
     train_s = time.time() - t_start
     model.set_attn_implementation("sdpa")
     test = make_split("test", TEST_SIZE, seed=TEST_SEED)
@@ -608,7 +596,7 @@ def train(
     record = {
         "family": family, "parameters": n_params, "steps": step, "samples": seen,
         "train_minutes": round(train_s / 60, 2), "threads": threads, "batch_size": batch_size, "lr": lr,
-        **vision, "aux_weight": aux_weight, "pointer_weight": pointer_weight, "pointer_layer": pointer_layer, "gather_layer": gather_layer, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
+        **vision, "aux_weight": aux_weight, "pointer_weight": pointer_weight, "pointer_layer": pointer_layer, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
         "test_acc": round(accuracy(preds, test), 4),
         "test_acc_by_type": {k: round(v, 4) for k, v in by_type.items()}, "log": log,
     }
@@ -651,9 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pointer-layer", type=int, default=3)
     p.add_argument("--vision-steps", type=int, default=600,
                    help="phase 1: at most this many steps of the vision tower alone on per-cell labels (0: off)")
-    p.add_argument("--gather-layer", type=int, default=1,
-                   help="layer whose heads 0/1/2 are taught to bring the question's colour / shape / type word to "
-                        "the answer position (-1: off)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU may be shared)")
     p.add_argument("--seed", type=int, default=0)
@@ -663,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         args.family, args.out, minutes=args.minutes, target=args.target, batch_size=args.batch_size, lr=args.lr,
         aux_weight=args.aux_weight, curriculum_acc=args.curriculum_acc, extra_qa=args.extra_qa, ground=not args.no_ground, eval_every=args.eval_every,
         pointer_weight=args.pointer_weight, pointer_layer=args.pointer_layer, vision_steps=args.vision_steps,
-        gather_layer=args.gather_layer,
+        clip=args.clip,
         seed=args.seed, threads=args.threads,
     )
     return 0
