@@ -204,3 +204,10 @@ def test_adaptive_spread_and_complexity_plot(fake_sweep: Path):
     assert (e["vision_tokens_min"], e["vision_tokens_max"]) == (pytest.approx(min(avgs)), pytest.approx(max(avgs)))
     assert e["vision_tokens_avg"] == pytest.approx(sum(avgs) / len(avgs))
     assert e["prefill_tflops"] == pytest.approx(sum(r["prefill_flops"] for r in rows) / len(rows) / 1e12)
+    # the complexity table: kept tokens rise with the object count here, by construction
+    c = row(read_csv(fake_sweep, "complexity"), point)
+    assert c["complexity"] == "objects" and c["corr"] > 0.9
+    by_count = {n: [r["avg_vision_tokens"] for r, o in zip(rows, (1, 2, 5, 5), strict=True) if o == n] for n in (1, 2, 5)}
+    for n, vals in by_count.items():
+        assert c[f"kept@{n}"] == pytest.approx(sum(vals) / len(vals))
+    assert "kept@3" not in c

@@ -24,6 +24,7 @@ __all__ = [
     "TASK_LABELS",
     "build_tables",
     "accuracy_table",
+    "complexity_table",
     "efficiency_table",
     "headline_score",
     "to_markdown",
@@ -230,10 +231,41 @@ def efficiency_table(points: Sequence[PointResult]) -> pd.DataFrame:
     return df
 
 
+def complexity_table(points: Sequence[PointResult]) -> pd.DataFrame:
+    """Adaptive points: layer-averaged kept vision tokens against image complexity.
+
+    One row per point with an adaptive stage: the Pearson correlation of each item's kept tokens with
+    its complexity (the task's object count where the documents have one, else the side-car's
+    ``image_edge_density``; positive = busy images keep more) and the mean kept tokens per object count.
+    """
+    rows = []
+    for p in points:
+        s = p.samples
+        if ":t" not in str(p.meta.get("schedule") or "") or s.empty or "avg_vision_tokens" not in s.columns:
+            continue
+        y = pd.to_numeric(s["avg_vision_tokens"], errors="coerce")
+        key = {k: v for k, v in _key(p).items() if k in ("point", "model", "method", "setting")}
+        objects = pd.to_numeric(s["n_objects"], errors="coerce") if "n_objects" in s.columns else None
+        if objects is not None and objects.notna().any():
+            row = {**key, "complexity": "objects", "corr": y.corr(objects)}
+            row.update({f"kept@{int(n)}": v for n, v in y.groupby(objects).mean().items()})
+        elif "image_edge_density" in s.columns:
+            row = {**key, "complexity": "edge density", "corr": y.corr(pd.to_numeric(s["image_edge_density"], errors="coerce"))}
+        else:
+            continue
+        row.update({"kept_mean": y.mean(), "kept_min": y.min(), "kept_max": y.max()})
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    kept = sorted((c for c in df.columns if c.startswith("kept@")), key=lambda c: int(c[5:]))
+    return df[["point", "model", "method", "setting", "complexity", "corr", "kept_mean", "kept_min", "kept_max", *kept]]
+
+
 # -- writers ---------------------------------------------------------------------------------------
 _KEY_LABELS = {"model": "Model", "method": "Method", "setting": "Tokens / schedule", "metric": "Metric",
                "seed": "Seed"}
-_DIGITS = {"items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
+_DIGITS = {"corr": 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
            "paper_tmacs": 3}
 
 
@@ -311,6 +343,10 @@ EFFICIENCY_CAPTION = ("Efficiency per item (batch timings shared among the batch
                       "2 x MACs of the LLM decoder layers at prefill, every token counted; Paper TFLOPs: "
                       "MACs of the decoder layers counting vision tokens only (the papers' convention).")
 
+COMPLEXITY_CAPTION = ("Adaptive schedules: layer-averaged vision tokens kept per item against image complexity. "
+                      "corr: Pearson correlation with the object count (or edge density); kept@N: mean over items "
+                      "with N objects.")
+
 
 def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
                  headline: Mapping[str, str] | None = None) -> list[Path]:
@@ -333,6 +369,9 @@ def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
         written += plots.tradeoff_plot(acc, eff, out / "tradeoff.png")
         written += plots.vision_tokens_plot(points, out / "vision_tokens.png")
         written += plots.complexity_plot(points, out / "tokens_vs_complexity.png")
+        cx = complexity_table(points)
+        if not cx.empty:
+            written += _write(cx, out, "complexity", COMPLEXITY_CAPTION)
     for w in caught:
         if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
             print(f"warning: {w.message}")

@@ -166,8 +166,13 @@ def build_processor(family: str) -> Any:
     )
 
 
-def build_model(family: str, tokenizer: Any, layers: int = 8, hidden: int = 128, seed: int = 0) -> nn.Module:
-    """A tiny model of the real class, random weights; ``layers`` decoder layers of width ``hidden``."""
+def build_model(family: str, tokenizer: Any, layers: int = 8, hidden: int = 128, seed: int = 0,
+                rope_theta: float = 1e6) -> nn.Module:
+    """A tiny model of the real class, random weights; ``layers`` decoder layers of width ``hidden``.
+
+    ``rope_theta`` 1e6 (Qwen2-VL's own value): with head size 32 and the default 1e4 only a few rotary
+    frequencies turn slowly enough over the ~80 positions between the question and the image for a
+    head to match "the triangle" against image tokens by content; training stalled at two objects."""
     torch.manual_seed(seed)
     vocab = len(tokenizer)
     text = dict(
@@ -176,6 +181,7 @@ def build_model(family: str, tokenizer: Any, layers: int = 8, hidden: int = 128,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     if family == "llava":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
         cfg = LlavaConfig(
@@ -199,7 +205,7 @@ def build_model(family: str, tokenizer: Any, layers: int = 8, hidden: int = 128,
         cfg = Qwen2VLConfig(
             text_config=dict(
                 rope_parameters={
-                    "rope_type": "default", "rope_theta": 10000.0,
+                    "rope_type": "default", "rope_theta": rope_theta,
                     # temporal / height / width rotary sections; they sum to head_dim / 2
                     "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6],
                 },
