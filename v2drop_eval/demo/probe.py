@@ -55,11 +55,12 @@ def probe(family: str = "llava", layer: int = 2, items: int = 150, thresholds: t
     data = make_split("test", items, seed=TEST_SEED)
     kept: dict[str, list[float]] = {f"text-mean t{t:g}": [] for t in thresholds}
     kept.update({f"mass {int(s * 100)}%": [] for s in shares})
-    objects = []
+    objects, qtypes = [], []
     for it in data:
         text = processor.apply_chat_template(_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
         inputs = processor(text=[text], images=[it.image], return_tensors="pt")
         objects.append(len(it.objects))
+        qtypes.append(it.qtype)
         for t in thresholds:
             with attach(model, f"{layer}:t{t:g}:0:1") as h:
                 model(**inputs)
@@ -72,8 +73,16 @@ def probe(family: str = "llava", layer: int = 2, items: int = 150, thresholds: t
     table = {rule: {n: round(sum(k for k, o in zip(ks, objects, strict=True) if o == n)
                              / max(1, objects.count(n)), 1) for n in counts} for rule, ks in kept.items()}
     corr = {rule: round(_corr([float(o) for o in objects], [float(k) for k in ks]), 3) for rule, ks in kept.items()}
+    # The reference (the row's text tokens) changes with the question: the kept count by question type
+    # shows how much of the spread is the question's rather than the image's.
+    by_qtype = {rule: {q: round(sum(k for k, t in zip(ks, qtypes, strict=True) if t == q) / max(1, qtypes.count(q)), 1)
+                       for q in sorted(set(qtypes))} for rule, ks in kept.items()}
+    within = {rule: round(sum(_corr([float(o) for o, t in zip(objects, qtypes, strict=True) if t == q],
+                                    [float(k) for k, t in zip(ks, qtypes, strict=True) if t == q])
+                              for q in sorted(set(qtypes))) / len(set(qtypes)), 3) for rule, ks in kept.items()}
     return {"family": family, "layer": layer, "items": items, "vision_tokens": int((inputs["input_ids"] == image_id).sum()),
             "mean_kept_by_objects": table, "corr_with_objects": corr,
+            "mean_kept_by_question_type": by_qtype, "corr_with_objects_within_question_type": within,
             "mean_kept": {rule: round(sum(ks) / len(ks), 2) for rule, ks in kept.items()}}
 
 
