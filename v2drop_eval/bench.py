@@ -375,6 +375,9 @@ def targets(rows: list[dict]) -> list[str]:
     def fmt(vals: list[float], pct: bool = False) -> str:
         return ", ".join(f"{v:+.1%}" if pct else f"{v:.3f}" for v in vals) or "n/a"
 
+    def verdict(vals: list[float], ok: Any) -> str:
+        return "n/a" if not vals else ("met" if all(ok(v) for v in vals) else "**missed**")
+
     groups = sorted({(r["attn"], r["batch_size"]) for r in rows}, key=str)
     out = []
     for attn, bs in groups:
@@ -385,17 +388,13 @@ def targets(rows: list[dict]) -> list[str]:
         keep = next((r for r in g if r["budget"] == "keep1.0"), None)
         hooks = [keep["llm_prefill_ms"] / plain["llm_prefill_ms"] - 1] if plain and keep else []
         fastv = [r["fastv_over_v2drop"] for r in g if r["fastv_over_v2drop"] is not None]
-
-        def mark(ok: bool | None) -> str:
-            return "n/a" if ok is None else ("met" if ok else "**missed**")
-
         parts = [
-            f"efficiency at 128 {fmt(eff)} (>= 0.9: {mark(all(e >= 0.9 for e in eff) if eff else None)})",
-            f"v2drop over random {fmt(over, True)} (<= 2%: {mark(all(o <= 0.02 for o in over) if over else None)})",
-            f"keep1.0 over plain {fmt(hooks, True)} (<= 1%: {mark(all(abs(h) <= 0.01 for h in hooks) if hooks else None)})",
+            f"efficiency at 128 {fmt(eff)} (>= 0.9: {verdict(eff, lambda e: e >= 0.9)})",
+            f"v2drop over random {fmt(over, True)} (<= 2%: {verdict(over, lambda o: o <= 0.02)})",
+            f"keep1.0 over plain {fmt(hooks, True)} (<= 1%: {verdict(hooks, lambda h: abs(h) <= 0.01)})",
         ]
         if attn == "sdpa":
-            parts.append(f"FastV over v2drop {fmt(fastv, True)} (> 0: {mark(all(f > 0 for f in fastv) if fastv else None)})")
+            parts.append(f"FastV over v2drop {fmt(fastv, True)} (> 0: {verdict(fastv, lambda f: f > 0)})")
         spreads = [r["llm_prefill_spread"] for r in g if r.get("llm_prefill_spread") is not None]
         none = next((r for r in g if r["method"] == "none"), None)
         noise = [none["llm_prefill_ms"] / plain["llm_prefill_ms"] - 1] if plain and none else []

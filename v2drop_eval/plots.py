@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from v2drop_eval.results import PointResult  # noqa: E402
+from v2drop_eval.results import PointResult, adaptive_points, complexity  # noqa: E402
 
 __all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot"]
 
@@ -127,8 +127,7 @@ def complexity_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
     side-car's ``image_edge_density``. Per object count: mean, and the min-max range as a bar.
     Written only when the sweep has adaptive points (``layer:tTHRESHOLD:MIN:MAX`` stages).
     """
-    adaptive = [p for p in points if ":t" in str(p.meta.get("schedule") or "") and not p.samples.empty
-                and "avg_vision_tokens" in p.samples.columns]
+    adaptive = adaptive_points(points)
     if not adaptive:
         return []
     models = list(dict.fromkeys(str(p.meta.get("model_name") or p.point_id.split("__")[0]) for p in adaptive))
@@ -138,16 +137,17 @@ def complexity_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
         for p in adaptive:
             if str(p.meta.get("model_name") or p.point_id.split("__")[0]) != model:
                 continue
-            s = p.samples
-            y = pd.to_numeric(s["avg_vision_tokens"], errors="coerce")
-            objects = pd.to_numeric(s["n_objects"], errors="coerce") if "n_objects" in s.columns else None
-            if objects is not None and objects.notna().any():
+            measured = complexity(p.samples)
+            if measured is None:
+                continue
+            kind, x = measured
+            y = pd.to_numeric(p.samples["avg_vision_tokens"], errors="coerce")
+            if kind == "objects":
                 xlabel = "objects in the image"
-                g = y.groupby(objects).agg(["mean", "min", "max"])
+                g = y.groupby(x).agg(["mean", "min", "max"])
                 line = ax.plot(g.index, g["mean"], marker="o", label=str(p.meta["schedule"]))[0]
                 ax.vlines(g.index, g["min"], g["max"], color=line.get_color(), alpha=0.5)
-            elif "image_edge_density" in s.columns:
-                x = pd.to_numeric(s["image_edge_density"], errors="coerce")
+            else:
                 ax.scatter(x, y, s=10, alpha=0.6, label=str(p.meta["schedule"]))
         ax.set_title(model)
         ax.set_xlabel(xlabel)

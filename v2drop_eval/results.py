@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-__all__ = ["PointResult", "load_sweep", "parse_model_args", "SIDECAR_GLOB"]
+__all__ = ["PointResult", "load_sweep", "parse_model_args", "adaptive_points", "complexity", "SIDECAR_GLOB"]
 
 SIDECAR_GLOB = "*v2drop*.jsonl"
 _SKIP_DIRS = ("_failed", "tables")
@@ -33,6 +34,24 @@ class PointResult:
     throughput: dict[str, Any] = field(default_factory=dict)
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)
     results_files: list[Path] = field(default_factory=list)
+
+
+def adaptive_points(points: Sequence[PointResult]) -> list[PointResult]:
+    """The points with an adaptive stage (``layer:tTHRESHOLD:MIN:MAX``) and per-item kept counts."""
+    return [p for p in points if ":t" in str(p.meta.get("schedule") or "") and not p.samples.empty
+            and "avg_vision_tokens" in p.samples.columns]
+
+
+def complexity(samples: pd.DataFrame) -> tuple[str, pd.Series] | None:
+    """Each item's image complexity: the task's object count where its documents have one (the demo
+    benchmark), else the side-car's ``image_edge_density``; ``(kind, values)``, or None."""
+    if "n_objects" in samples.columns:
+        objects = pd.to_numeric(samples["n_objects"], errors="coerce")
+        if objects.notna().any():
+            return "objects", objects
+    if "image_edge_density" in samples.columns:
+        return "edge density", pd.to_numeric(samples["image_edge_density"], errors="coerce")
+    return None
 
 
 def parse_model_args(text: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from v2drop_eval.results import PointResult, load_sweep
+from v2drop_eval.results import PointResult, adaptive_points, complexity, load_sweep
 
 __all__ = [
     "HEADLINE",
@@ -239,21 +239,17 @@ def complexity_table(points: Sequence[PointResult]) -> pd.DataFrame:
     ``image_edge_density``; positive = busy images keep more) and the mean kept tokens per object count.
     """
     rows = []
-    for p in points:
-        s = p.samples
-        if ":t" not in str(p.meta.get("schedule") or "") or s.empty or "avg_vision_tokens" not in s.columns:
+    for p in adaptive_points(points):
+        measured = complexity(p.samples)
+        if measured is None:
             continue
-        y = pd.to_numeric(s["avg_vision_tokens"], errors="coerce")
+        kind, x = measured
+        y = pd.to_numeric(p.samples["avg_vision_tokens"], errors="coerce")
         key = {k: v for k, v in _key(p).items() if k in ("point", "model", "method", "setting")}
-        objects = pd.to_numeric(s["n_objects"], errors="coerce") if "n_objects" in s.columns else None
-        if objects is not None and objects.notna().any():
-            row = {**key, "complexity": "objects", "corr": y.corr(objects)}
-            row.update({f"kept@{int(n)}": v for n, v in y.groupby(objects).mean().items()})
-        elif "image_edge_density" in s.columns:
-            row = {**key, "complexity": "edge density", "corr": y.corr(pd.to_numeric(s["image_edge_density"], errors="coerce"))}
-        else:
-            continue
-        row.update({"kept_mean": y.mean(), "kept_min": y.min(), "kept_max": y.max()})
+        row = {**key, "complexity": kind, "corr": y.corr(x),
+               "kept_mean": y.mean(), "kept_min": y.min(), "kept_max": y.max()}
+        if kind == "objects":
+            row.update({f"kept@{int(n)}": v for n, v in y.groupby(x).mean().items()})
         rows.append(row)
     if not rows:
         return pd.DataFrame()

@@ -45,6 +45,12 @@ def _corr(x: list[float], y: list[float]) -> float:
     return float(torch.corrcoef(t)[0, 1]) if t[1].std() > 0 else float("nan")
 
 
+def _mean_by(values: list[float], keys: list[Any]) -> dict[Any, float]:
+    """Mean of ``values`` per distinct key, keys sorted."""
+    return {g: round(sum(v for v, k in zip(values, keys, strict=True) if k == g) / keys.count(g), 1)
+            for g in sorted(set(keys))}
+
+
 @torch.no_grad()
 def probe(family: str = "llava", layer: int = 2, items: int = 150, thresholds: tuple[float, ...] = (0.5, 1, 1.5, 2, 3),
           shares: tuple[float, ...] = (0.5, 0.8), path: str | None = None) -> dict[str, Any]:
@@ -69,17 +75,16 @@ def probe(family: str = "llava", layer: int = 2, items: int = 150, thresholds: t
         v = variation(hs[layer], hs[layer - 1])[0][inputs["input_ids"][0] == image_id]
         for s in shares:
             kept[f"mass {int(s * 100)}%"].append(_mass_count(v, s))
-    counts = sorted(set(objects))
-    table = {rule: {n: round(sum(k for k, o in zip(ks, objects, strict=True) if o == n)
-                             / max(1, objects.count(n)), 1) for n in counts} for rule, ks in kept.items()}
+    table = {rule: _mean_by(ks, objects) for rule, ks in kept.items()}
     corr = {rule: round(_corr([float(o) for o in objects], [float(k) for k in ks]), 3) for rule, ks in kept.items()}
     # The reference (the row's text tokens) changes with the question: the kept count by question type
     # shows how much of the spread is the question's rather than the image's.
-    by_qtype = {rule: {q: round(sum(k for k, t in zip(ks, qtypes, strict=True) if t == q) / max(1, qtypes.count(q)), 1)
-                       for q in sorted(set(qtypes))} for rule, ks in kept.items()}
-    within = {rule: round(sum(_corr([float(o) for o, t in zip(objects, qtypes, strict=True) if t == q],
-                                    [float(k) for k, t in zip(ks, qtypes, strict=True) if t == q])
-                              for q in sorted(set(qtypes))) / len(set(qtypes)), 3) for rule, ks in kept.items()}
+    by_qtype = {rule: _mean_by(ks, qtypes) for rule, ks in kept.items()}
+    within = {}
+    for rule, ks in kept.items():
+        per_type = [_corr([float(o) for o, t in zip(objects, qtypes, strict=True) if t == q],
+                          [float(k) for k, t in zip(ks, qtypes, strict=True) if t == q]) for q in sorted(set(qtypes))]
+        within[rule] = round(sum(per_type) / len(per_type), 3)
     return {"family": family, "layer": layer, "items": items, "vision_tokens": int((inputs["input_ids"] == image_id).sum()),
             "mean_kept_by_objects": table, "corr_with_objects": corr,
             "mean_kept_by_question_type": by_qtype, "corr_with_objects_within_question_type": within,
