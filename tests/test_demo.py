@@ -162,3 +162,18 @@ def test_adaptive_probe_runs(loaded):
     assert out["mean_kept"]["text-mean t0"] == 64  # threshold 0 keeps everything
     assert set(out["corr_with_objects"]) == {"text-mean t0", "text-mean t1", "mass 50%", "mass 80%"}
     assert all(0 < k <= 64 for k in out["mean_kept"].values())
+
+
+def test_fast_patch_embed_is_the_same_product():
+    """The trainer's linear patch embedding (a speed-up) gives Qwen2-VL's Conv3d result."""
+    from v2drop_eval.demo.train import _fast_patch_embed, build_model, build_tokenizer
+
+    model = build_model("qwen2_vl", build_tokenizer("qwen2_vl"), layers=1, hidden=64)
+    embed = model.model.visual.patch_embed
+    x = torch.randn(20, embed.proj.weight[0].numel())
+    with torch.no_grad():
+        conv = embed(x)
+        _fast_patch_embed(model, "qwen2_vl")
+        fast = embed(x)
+    assert "forward" in vars(embed)  # the instance method was replaced
+    torch.testing.assert_close(fast, conv, rtol=1e-5, atol=1e-5)
