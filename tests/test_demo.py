@@ -177,3 +177,28 @@ def test_fast_patch_embed_is_the_same_product():
         fast = embed(x)
     assert "forward" in vars(embed)  # the instance method was replaced
     torch.testing.assert_close(fast, conv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_freeze_vision_tower_leaves_the_projector_training(family):
+    """``--freeze-vision``: after phase 1 only the tower's output module (projector / merger) still learns."""
+    from v2drop_eval.demo.train import (
+        _image_features,
+        _vision_output_module,
+        build_model,
+        build_processor,
+        freeze_vision_tower,
+    )
+
+    processor = build_processor(family)
+    model = build_model(family, processor.tokenizer, layers=1, hidden=64)
+    assert freeze_vision_tower(model, family) > 0
+    captured = {}
+    _vision_output_module(model, family).register_forward_hook(lambda m, a, o: captured.setdefault("feat", o))
+    pixels = processor.image_processor([make_item(0, "train", 0).image], return_tensors="pt")
+    _image_features(model, family, dict(pixels))
+    captured["feat"].pow(2).sum().backward()
+    out = {id(p) for p in _vision_output_module(model, family).parameters()}
+    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    assert all(p.grad is not None for p in tower.parameters() if id(p) in out)
+    assert all(p.grad is None and not p.requires_grad for p in tower.parameters() if id(p) not in out)

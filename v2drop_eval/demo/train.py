@@ -431,6 +431,21 @@ def _fast_patch_embed(model: nn.Module, family: str) -> None:
     embed.forward = forward
 
 
+def freeze_vision_tower(model: nn.Module, family: str) -> int:
+    """Freeze the vision tower after phase 1, all but its output module (LLaVA's projector, Qwen2-VL's
+    merger), which keeps following the decoder's word embeddings as they train. Returns the number of
+    frozen parameters. Training speed: no backward pass through the tower's 256 (Qwen2-VL) or 64
+    (LLaVA) patch tokens per image."""
+    out_params = {id(p) for p in _vision_output_module(model, family).parameters()}
+    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    frozen = 0
+    for p in tower.parameters():
+        if id(p) not in out_params:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
 def pretrain_vision(model: nn.Module, family: str, processor: Any, aux_heads: _AuxHeads, captured: dict,
                     max_steps: int, lr: float, seed: int, batch_size: int = 32, target: float = 0.97) -> dict:
     """Phase 1: the vision tower and projector alone learn each cell's colour and shape (and, with
@@ -486,6 +501,9 @@ def train(
     pointer_weight: float = 1.0,
     pointer_layer: int = 3,
     vision_steps: int = 600,
+    vision_target: float = 0.97,
+    freeze_vision: bool = False,
+    level_steps: int = 0,
     clip: float = 1.0,
 ) -> dict:
     """Train one demo model and save it to ``out``; returns the training record (also ``train_log.json``)."""
@@ -515,7 +533,10 @@ def train(
         lambda m, a, o: captured.__setitem__("feat", o if isinstance(o, torch.Tensor) else o[0])
     )
     t_start = time.time()
-    vision = pretrain_vision(model, family, processor, aux_heads, captured, vision_steps, lr, seed) if vision_steps else {}
+    vision = (pretrain_vision(model, family, processor, aux_heads, captured, vision_steps, lr, seed, target=vision_target)
+              if vision_steps else {})
+    if freeze_vision:
+        print(f"[{family}] vision tower frozen ({freeze_vision_tower(model, family) / 1e6:.2f}M parameters)", flush=True)
     # The grounding head borrows the decoder's embedding (read only): list it once, or AdamW steps it twice.
     own = {id(p) for p in model.parameters()}
     params = list(model.parameters()) + [p for p in aux_heads.parameters() if id(p) not in own]
@@ -525,6 +546,7 @@ def train(
     warmup = 100
     max_objects = 1  # curriculum level: images hold 1..max_objects objects
     level_acc = 0.0  # running training accuracy at the current level
+    level_start = 0  # step at which the current level began
     log: list[dict] = []
     t0 = time.time()
     step = seen = index = 0
@@ -586,9 +608,12 @@ def train(
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
             # Curriculum: one more object per image once the current level is learnt.
             level_acc = 0.9 * level_acc + 0.1 * batch_acc
-            if max_objects < 5 and level_acc >= curriculum_acc:
+            # ``level_steps``: or once it has had that many steps, learnt or not (a model that reads the
+            # sum of all objects is right on most one- and two-object images and can stay there).
+            if max_objects < 5 and (level_acc >= curriculum_acc or 0 < level_steps <= step - level_start):
                 max_objects += 1
                 level_acc = 0.0
+                level_start = step
                 print(f"[{family}] step {step}: up to {max_objects} objects per image", flush=True)
             if step % eval_every == 0:
                 acc = accuracy(score_items(model, processor, val), val)
@@ -620,7 +645,8 @@ def train(
     record = {
         "family": family, "parameters": n_params, "steps": step, "samples": seen,
         "train_minutes": round(train_s / 60, 2), "threads": threads, "batch_size": batch_size, "lr": lr,
-        **vision, "aux_weight": aux_weight, "pointer_weight": pointer_weight, "pointer_layer": pointer_layer, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
+        **vision, "aux_weight": aux_weight, "pointer_weight": pointer_weight, "pointer_layer": pointer_layer,
+        "freeze_vision": freeze_vision, "level_steps": level_steps, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
         "test_acc": round(accuracy(preds, test), 4),
         "test_acc_by_type": {k: round(v, 4) for k, v in by_type.items()}, "log": log,
     }
@@ -663,6 +689,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pointer-layer", type=int, default=3)
     p.add_argument("--vision-steps", type=int, default=600,
                    help="phase 1: at most this many steps of the vision tower alone on per-cell labels (0: off)")
+    p.add_argument("--vision-target", type=float, default=0.97,
+                   help="phase 1 ends at this object accuracy (running mean; default 0.97)")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="after phase 1 train only the projector / merger of the vision side (faster steps)")
+    p.add_argument("--level-steps", type=int, default=0,
+                   help="curriculum: add an object after this many steps at a level even if it is not learnt "
+                        "(default 0: only when learnt)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU may be shared)")
@@ -673,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         args.family, args.out, minutes=args.minutes, target=args.target, batch_size=args.batch_size, lr=args.lr,
         aux_weight=args.aux_weight, curriculum_acc=args.curriculum_acc, extra_qa=args.extra_qa, ground=not args.no_ground, eval_every=args.eval_every,
         pointer_weight=args.pointer_weight, pointer_layer=args.pointer_layer, vision_steps=args.vision_steps,
-        clip=args.clip,
-        seed=args.seed, threads=args.threads,
+        vision_target=args.vision_target, freeze_vision=args.freeze_vision, level_steps=args.level_steps,
+        clip=args.clip, seed=args.seed, threads=args.threads,
     )
     return 0
 
