@@ -202,3 +202,21 @@ def test_freeze_vision_tower_leaves_the_projector_training(family):
     tower = model.model.vision_tower if family == "llava" else model.model.visual
     assert all(p.grad is not None for p in tower.parameters() if id(p) in out)
     assert all(p.grad is None and not p.requires_grad for p in tower.parameters() if id(p) not in out)
+
+
+def test_gather_loss_targets_the_question_key_words():
+    """``--gather-layer``: the first hop looks at the words naming the object (and nowhere else scores 0)."""
+    from v2drop_eval.demo.train import _gather_loss, question_keys
+
+    assert question_keys("what color is the triangle?") == ["triangle"]
+    assert question_keys("what shape is the red object?") == ["red"]
+    assert question_keys("is there a blue circle?") == ["blue", "circle"]
+    ids = torch.tensor([[5, 7, 8, 9, 3, 4]])  # ... "blue"=7 "circle"=8 "?"=9 "assistant"=3, answer=4
+    ans = torch.tensor([[False, False, False, False, False, True]])
+    attn = torch.zeros(1, 2, 6, 6)
+    attn[0, 0, 4, 1] = attn[0, 0, 4, 2] = 0.5  # head 0 splits its attention over both key words
+    loss = _gather_loss((attn,), 0, 0, ids, ans, [[[7, 8]]])
+    assert loss.item() < 1e-5
+    attn[0, 0, 4, 1:3] = 0.0
+    attn[0, 0, 4, 0] = 1.0
+    assert _gather_loss((attn,), 0, 0, ids, ans, [[[7, 8]]]).item() > 10

@@ -298,6 +298,30 @@ def _pointer_loss(attentions: tuple, layer: int, ids: torch.Tensor, ans: torch.T
     return torch.stack(terms).mean() if terms else attn.sum() * 0.0
 
 
+def question_keys(question: str) -> list[str]:
+    """The question's words that name the object asked about: its shape (colour questions), its colour
+    (shape questions), or both (yes/no)."""
+    words = question.rstrip("?").split()
+    qtype = question_type(question)
+    return [words[-1]] if qtype == "color" else [words[-2]] if qtype == "shape" else words[-2:]
+
+
+def _gather_loss(attentions: tuple, layer: int, head: int, ids: torch.Tensor, ans: torch.Tensor,
+                 keys: list[list[list[int]]]) -> torch.Tensor:
+    """Mean -log of the attention mass that ``head`` at ``layer`` puts, from the position that predicts
+    each answer, on the question's key words (``question_keys``, as token ids; the last occurrence
+    before the query). Training only: the first hop of the lookup, which brings "the triangle" to the
+    answer position so that the pointer layer's query can match it against the image tokens."""
+    attn = attentions[layer]  # [B, H, S, S]
+    terms = []
+    for b in range(ids.shape[0]):
+        queries = (ans[b].nonzero().flatten() - 1).tolist()
+        for q, key_ids in zip(queries, keys[b], strict=False):
+            pos = [int((ids[b, :q] == k).nonzero().flatten()[-1]) for k in key_ids]
+            terms.append(-torch.log(attn[b, head, q, pos].sum() + 1e-6))
+    return torch.stack(terms).mean() if terms else attn.sum() * 0.0
+
+
 def _readout_loss(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the answer read straight after the pointer layer (final norm + LM head on that
     layer's output at each answer's query position): a short gradient path to the pointer heads."""
@@ -504,6 +528,7 @@ def train(
     vision_target: float = 0.97,
     freeze_vision: bool = False,
     level_steps: int = 0,
+    gather_layer: int = -1,
     clip: float = 1.0,
 ) -> dict:
     """Train one demo model and save it to ``out``; returns the training record (also ``train_log.json``)."""
@@ -587,6 +612,11 @@ def train(
                            for it, ex in zip(items, extra, strict=True)]
                 pointer = _pointer_loss(outputs.attentions, pointer_layer, ids, ans, image_token_id, targets)
                 pointer = pointer + _readout_loss(model, outputs.hidden_states[pointer_layer + 1], ids, ans)
+                if gather_layer >= 0:
+                    tok = processor.tokenizer
+                    keys = [[tok.convert_tokens_to_ids(question_keys(q)) for q in [it.question] + [q for q, _ in ex]]
+                            for it, ex in zip(items, extra, strict=True)]
+                    pointer = pointer + _gather_loss(outputs.attentions, gather_layer, 0, ids, ans, keys)
                 loss = loss + pointer_weight * pointer
             # Warm-up, then cosine decay over the time budget (not steps: the budget is wall time).
             frac = min(1.0, elapsed / budget)
@@ -646,7 +676,7 @@ def train(
         "family": family, "parameters": n_params, "steps": step, "samples": seen,
         "train_minutes": round(train_s / 60, 2), "threads": threads, "batch_size": batch_size, "lr": lr,
         **vision, "aux_weight": aux_weight, "pointer_weight": pointer_weight, "pointer_layer": pointer_layer,
-        "freeze_vision": freeze_vision, "level_steps": level_steps, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
+        "freeze_vision": freeze_vision, "level_steps": level_steps, "gather_layer": gather_layer, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
         "test_acc": round(accuracy(preds, test), 4),
         "test_acc_by_type": {k: round(v, 4) for k, v in by_type.items()}, "log": log,
     }
@@ -696,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level-steps", type=int, default=0,
                    help="curriculum: add an object after this many steps at a level even if it is not learnt "
                         "(default 0: only when learnt)")
+    p.add_argument("--gather-layer", type=int, default=-1,
+                   help="also teach head 0 of this layer (below --pointer-layer) to look from the answer position "
+                        "at the question's key words, the lookup's first hop (default -1: off)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU may be shared)")
@@ -707,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         aux_weight=args.aux_weight, curriculum_acc=args.curriculum_acc, extra_qa=args.extra_qa, ground=not args.no_ground, eval_every=args.eval_every,
         pointer_weight=args.pointer_weight, pointer_layer=args.pointer_layer, vision_steps=args.vision_steps,
         vision_target=args.vision_target, freeze_vision=args.freeze_vision, level_steps=args.level_steps,
+        gather_layer=args.gather_layer,
         clip=args.clip, seed=args.seed, threads=args.threads,
     )
     return 0
