@@ -220,3 +220,22 @@ def test_gather_loss_targets_the_question_key_words():
     attn[0, 0, 4, 1:3] = 0.0
     attn[0, 0, 4, 0] = 1.0
     assert _gather_loss((attn,), 0, 0, ids, ans, [[[7, 8]]]).item() > 10
+
+
+def test_init_decoder_from_copies_the_llava_decoder():
+    """``--init-from``: a Qwen2-VL model starts from the shipped LLaVA model's decoder, words by string."""
+    from transformers import AutoTokenizer
+
+    from v2drop_eval.demo.train import build_model, build_tokenizer, init_decoder_from
+
+    tok = build_tokenizer("qwen2_vl")
+    model = build_model("qwen2_vl", tok)
+    out = init_decoder_from(model, tok, model_path("llava"))
+    src, _ = _load("llava")
+    src_lm, lm = src.model.language_model, model.model.language_model
+    assert out["init_tensors"] == len(src_lm.state_dict()) - 1  # all but the embedding, copied whole
+    torch.testing.assert_close(lm.layers[3].self_attn.q_proj.weight, src_lm.layers[3].self_attn.q_proj.weight)
+    src_tok = AutoTokenizer.from_pretrained(model_path("llava"))
+    for word, src_word in (("red", "red"), ("triangle", "triangle"), ("<|im_start|>", "<s>")):
+        torch.testing.assert_close(lm.embed_tokens.weight[tok.convert_tokens_to_ids(word)],
+                                   src_lm.embed_tokens.weight[src_tok.convert_tokens_to_ids(src_word)])

@@ -229,6 +229,38 @@ def build_model(family: str, tokenizer: Any, layers: int = 8, hidden: int = 128,
     return model.float()
 
 
+# Tokens with no namesake in the other family's vocabulary that play the same part in its chat template.
+_TOKEN_ALIASES = {"<|im_start|>": BOS, "<|im_end|>": EOS, "<|image_pad|>": "<image>", "<|endoftext|>": PAD,
+                  BOS: "<|im_start|>", EOS: "<|im_end|>", "<image>": "<|image_pad|>"}
+
+
+def init_decoder_from(model: nn.Module, tokenizer: Any, source: str | Path) -> dict:
+    """Start ``model``'s language decoder from a trained demo model's (either family): every decoder
+    weight of the same name and shape, and the word embeddings row by row by token string (chat-template
+    tokens through ``_TOKEN_ALIASES``). Real VLMs start from a pre-trained LLM in the same way (LLaVA
+    from Vicuna, Qwen2-VL from Qwen2). Returns counts of what was copied."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    src = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
+    src_tok = AutoTokenizer.from_pretrained(source)
+    src_sd = src.model.language_model.state_dict()
+    dst = model.model.language_model
+    copied = 0
+    with torch.no_grad():
+        for name, tensor in dst.state_dict().items():
+            if name != "embed_tokens.weight" and name in src_sd and src_sd[name].shape == tensor.shape:
+                tensor.copy_(src_sd[name])
+                copied += 1
+        src_vocab, rows = src_tok.get_vocab(), 0
+        embed, src_embed = dst.embed_tokens.weight, src_sd["embed_tokens.weight"]
+        for token, i in tokenizer.get_vocab().items():
+            j = src_vocab.get(token, src_vocab.get(_TOKEN_ALIASES.get(token, "")))
+            if j is not None:
+                embed[i] = src_embed[j]
+                rows += 1
+    return {"init_from": str(source), "init_tensors": copied, "init_embedding_rows": rows}
+
+
 def _vision_output_module(model: nn.Module, family: str) -> nn.Module:
     """The module whose output is the per-token image features fed to the decoder."""
     return model.model.multi_modal_projector if family == "llava" else model.model.visual.merger
@@ -529,6 +561,7 @@ def train(
     freeze_vision: bool = False,
     level_steps: int = 0,
     gather_layer: int = -1,
+    init_from: str | Path | None = None,
     clip: float = 1.0,
 ) -> dict:
     """Train one demo model and save it to ``out``; returns the training record (also ``train_log.json``)."""
@@ -538,6 +571,9 @@ def train(
     random.seed(seed)
     processor = build_processor(family)
     model = build_model(family, processor.tokenizer, layers=layers, hidden=hidden, seed=seed)
+    init = init_decoder_from(model, processor.tokenizer, init_from) if init_from else {}
+    if init:
+        print(f"[{family}] decoder initialised from {init}", flush=True)
     if pointer_weight > 0:
         model.set_attn_implementation("eager")  # attention weights for the pointer loss
     image_token_id = model.config.image_token_id
@@ -676,7 +712,7 @@ def train(
         "family": family, "parameters": n_params, "steps": step, "samples": seen,
         "train_minutes": round(train_s / 60, 2), "threads": threads, "batch_size": batch_size, "lr": lr,
         **vision, "aux_weight": aux_weight, "pointer_weight": pointer_weight, "pointer_layer": pointer_layer,
-        "freeze_vision": freeze_vision, "level_steps": level_steps, "gather_layer": gather_layer, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
+        "freeze_vision": freeze_vision, "level_steps": level_steps, "gather_layer": gather_layer, **init, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
         "test_acc": round(accuracy(preds, test), 4),
         "test_acc_by_type": {k: round(v, 4) for k, v in by_type.items()}, "log": log,
     }
@@ -729,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gather-layer", type=int, default=-1,
                    help="also teach head 0 of this layer (below --pointer-layer) to look from the answer position "
                         "at the question's key words, the lookup's first hop (default -1: off)")
+    p.add_argument("--init-from", default=None,
+                   help="start the language decoder from this trained demo model folder (either family)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU may be shared)")
@@ -740,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         aux_weight=args.aux_weight, curriculum_acc=args.curriculum_acc, extra_qa=args.extra_qa, ground=not args.no_ground, eval_every=args.eval_every,
         pointer_weight=args.pointer_weight, pointer_layer=args.pointer_layer, vision_steps=args.vision_steps,
         vision_target=args.vision_target, freeze_vision=args.freeze_vision, level_steps=args.level_steps,
-        gather_layer=args.gather_layer,
+        gather_layer=args.gather_layer, init_from=args.init_from,
         clip=args.clip, seed=args.seed, threads=args.threads,
     )
     return 0
