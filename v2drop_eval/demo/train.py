@@ -19,7 +19,17 @@ attempt at 76% after 35 minutes):
   shape / yes-no questions and at position 0 otherwise, and the answer is read out right after that
   layer (final norm + LM head). The lookup is what a model trained from scratch on a CPU otherwise
   takes very long to find (a first run without it stayed at chance for 700 steps);
+- ``--gather-layer`` (the Qwen2-VL recipe uses 1): head 0 of that layer is also taught to look, from
+  the same position, at the question's words that name the object ("triangle"; "blue circle"), the
+  first hop of the lookup. Without it the Qwen2-VL model learnt a shortcut instead: at layer 0 the
+  answer position read the sum of all image tokens (right for one object, a trap for five) and
+  spent thousands of steps at the two-object level of the curriculum;
+- ``--freeze-vision``: after phase 1 only the projector / merger of the vision side trains (Qwen2-VL's
+  tower sees 256 patches per image; the step is 30% faster without its backward pass);
 - a curriculum from one object per image up to five;
+- ``--init-from DIR`` (not used by the shipped recipe): start the decoder from another trained demo
+  model's, the way real VLMs start from a pre-trained LLM. From the LLaVA model's decoder the Qwen2-VL
+  model reached 0.81 validation accuracy in 800 steps;
 - the loss on the answer and end-of-turn tokens only; one question per image (extra question turns
   about the same image let later turns copy answers from earlier questions instead of looking).
 
@@ -559,7 +569,6 @@ def train(
     vision_steps: int = 600,
     vision_target: float = 0.97,
     freeze_vision: bool = False,
-    level_steps: int = 0,
     gather_layer: int = -1,
     init_from: str | Path | None = None,
     clip: float = 1.0,
@@ -607,7 +616,6 @@ def train(
     warmup = 100
     max_objects = 1  # curriculum level: images hold 1..max_objects objects
     level_acc = 0.0  # running training accuracy at the current level
-    level_start = 0  # step at which the current level began
     log: list[dict] = []
     t0 = time.time()
     step = seen = index = 0
@@ -674,12 +682,9 @@ def train(
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
             # Curriculum: one more object per image once the current level is learnt.
             level_acc = 0.9 * level_acc + 0.1 * batch_acc
-            # ``level_steps``: or once it has had that many steps, learnt or not (a model that reads the
-            # sum of all objects is right on most one- and two-object images and can stay there).
-            if max_objects < 5 and (level_acc >= curriculum_acc or 0 < level_steps <= step - level_start):
+            if max_objects < 5 and level_acc >= curriculum_acc:
                 max_objects += 1
                 level_acc = 0.0
-                level_start = step
                 print(f"[{family}] step {step}: up to {max_objects} objects per image", flush=True)
             if step % eval_every == 0:
                 acc = accuracy(score_items(model, processor, val), val)
@@ -712,7 +717,7 @@ def train(
         "family": family, "parameters": n_params, "steps": step, "samples": seen,
         "train_minutes": round(train_s / 60, 2), "threads": threads, "batch_size": batch_size, "lr": lr,
         **vision, "aux_weight": aux_weight, "pointer_weight": pointer_weight, "pointer_layer": pointer_layer,
-        "freeze_vision": freeze_vision, "level_steps": level_steps, "gather_layer": gather_layer, **init, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
+        "freeze_vision": freeze_vision, "gather_layer": gather_layer, **init, "extra_qa": extra_qa, "ground": ground, "val_acc": log[-1]["val_acc"] if log else None,
         "test_acc": round(accuracy(preds, test), 4),
         "test_acc_by_type": {k: round(v, 4) for k, v in by_type.items()}, "log": log,
     }
@@ -759,9 +764,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="phase 1 ends at this object accuracy (running mean; default 0.97)")
     p.add_argument("--freeze-vision", action="store_true",
                    help="after phase 1 train only the projector / merger of the vision side (faster steps)")
-    p.add_argument("--level-steps", type=int, default=0,
-                   help="curriculum: add an object after this many steps at a level even if it is not learnt "
-                        "(default 0: only when learnt)")
     p.add_argument("--gather-layer", type=int, default=-1,
                    help="also teach head 0 of this layer (below --pointer-layer) to look from the answer position "
                         "at the question's key words, the lookup's first hop (default -1: off)")
@@ -777,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         args.family, args.out, minutes=args.minutes, target=args.target, batch_size=args.batch_size, lr=args.lr,
         aux_weight=args.aux_weight, curriculum_acc=args.curriculum_acc, extra_qa=args.extra_qa, ground=not args.no_ground, eval_every=args.eval_every,
         pointer_weight=args.pointer_weight, pointer_layer=args.pointer_layer, vision_steps=args.vision_steps,
-        vision_target=args.vision_target, freeze_vision=args.freeze_vision, level_steps=args.level_steps,
+        vision_target=args.vision_target, freeze_vision=args.freeze_vision,
         gather_layer=args.gather_layer, init_from=args.init_from,
         clip=args.clip, seed=args.seed, threads=args.threads,
     )
