@@ -46,7 +46,8 @@ DEMO_MINUTES ?= 55
 train-demo: install
 	$(PY) -m v2drop_eval.demo.train --family llava --seed 1 --out v2drop_eval/demo/models/llava --minutes $(DEMO_MINUTES) & \
 	llava=$$!; \
-	$(PY) -m v2drop_eval.demo.train --family qwen2_vl --out v2drop_eval/demo/models/qwen2_vl --minutes $(DEMO_MINUTES); \
+	$(PY) -m v2drop_eval.demo.train --family qwen2_vl --out v2drop_eval/demo/models/qwen2_vl --minutes $(DEMO_MINUTES) \
+		--gather-layer 1 --freeze-vision --vision-target 0.99 --vision-steps 1500; \
 	qwen=$$?; wait $$llava && exit $$qwen
 
 # Prefill / decode speed vs the FLOPs limit. On a GPU: make bench SHAPE=llava-1.5-7b DEVICE=cuda
