@@ -237,3 +237,12 @@ def test_init_decoder_from_copies_the_llava_decoder():
     for word, src_word in (("red", "red"), ("triangle", "triangle"), ("<|im_start|>", "<s>")):
         torch.testing.assert_close(lm.embed_tokens.weight[tok.convert_tokens_to_ids(word)],
                                    src_lm.embed_tokens.weight[src_tok.convert_tokens_to_ids(src_word)])
+
+
+@pytest.mark.parametrize("kwargs", [dict(gather_layer=3), dict(gather_layer=-2), dict(gather_layer=1, pointer_weight=0)])
+def test_bad_gather_layer_is_refused_before_training(kwargs, tmp_path):
+    from v2drop_eval.demo.train import train
+
+    with pytest.raises(ValueError, match="gather_layer must be -1"):
+        train("qwen2_vl", tmp_path, **kwargs)
+    assert not any(tmp_path.iterdir())

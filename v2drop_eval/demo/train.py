@@ -576,6 +576,10 @@ def train(
     """Train one demo model and save it to ``out``; returns the training record (also ``train_log.json``)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if gather_layer != -1 and not (pointer_weight > 0 and 0 <= gather_layer < pointer_layer):
+        # Its head 0 would be a pointer head at the pointer layer, and it needs the pointer's attentions.
+        raise ValueError(f"gather_layer must be -1 (off) or in [0, pointer_layer={pointer_layer}) with "
+                         f"pointer_weight > 0, got gather_layer={gather_layer}, pointer_weight={pointer_weight}")
     torch.set_num_threads(threads)
     random.seed(seed)
     processor = build_processor(family)
