@@ -183,6 +183,7 @@ def test_freeze_vision_tower_leaves_the_projector_training(family):
     from v2drop_eval.demo.train import (
         _image_features,
         _vision_output_module,
+        _vision_tower,
         build_model,
         build_processor,
         freeze_vision_tower,
@@ -197,7 +198,7 @@ def test_freeze_vision_tower_leaves_the_projector_training(family):
     _image_features(model, family, dict(pixels))
     captured["feat"].pow(2).sum().backward()
     out = {id(p) for p in _vision_output_module(model, family).parameters()}
-    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    tower = _vision_tower(model, family)
     assert all(p.grad is not None for p in tower.parameters() if id(p) in out)
     assert all(p.grad is None and not p.requires_grad for p in tower.parameters() if id(p) not in out)
 

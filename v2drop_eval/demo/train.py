@@ -276,6 +276,11 @@ def _vision_output_module(model: nn.Module, family: str) -> nn.Module:
     return model.model.multi_modal_projector if family == "llava" else model.model.visual.merger
 
 
+def _vision_tower(model: nn.Module, family: str) -> nn.Module:
+    """The whole vision side up to the decoder (Qwen2-VL's includes its merger, LLaVA's not its projector)."""
+    return model.model.vision_tower if family == "llava" else model.model.visual
+
+
 # -- batches ------------------------------------------------------------------------------------------
 def _messages(item: Item, answer: bool, extra: list[tuple[str, str]] = ()) -> list[dict]:
     # The same shape lmms-eval's chat classes build: image part first, then the text. ``extra``
@@ -303,14 +308,18 @@ def _cell_labels(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def question_target(item: Item, question: str) -> int:
     """The grid cell (row * GRID + col) that answers ``question`` about ``item``'s image, or -1 (a "no")."""
-    words = question.rstrip("?").split()
-    if question.startswith("what color is the "):
-        hits = [o for o in item.objects if o.shape == words[-1]]
-    elif question.startswith("what shape is the "):
-        hits = [o for o in item.objects if o.color == words[-2]]
-    else:  # "is there a <colour> <shape>?"
-        hits = [o for o in item.objects if (o.color, o.shape) == (words[-2], words[-1])]
+    named = {"color": lambda o: [o.shape], "shape": lambda o: [o.color], "exists": lambda o: [o.color, o.shape]}
+    keys, attributes = question_keys(question), named[question_type(question)]
+    hits = [o for o in item.objects if attributes(o) == keys]
     return hits[0].row * GRID + hits[0].col if len(hits) == 1 else -1
+
+
+def question_keys(question: str) -> list[str]:
+    """The question's words that name the object asked about: its shape (colour questions), its colour
+    (shape questions), or both (yes/no: "is there a <colour> <shape>?")."""
+    words = question.rstrip("?").split()
+    qtype = question_type(question)
+    return [words[-1]] if qtype == "color" else [words[-2]] if qtype == "shape" else words[-2:]
 
 
 # The pointer heads of the pointer layer: one per question type. Each looks at the answer's image token
@@ -323,6 +332,11 @@ def question_type(question: str) -> str:
     return "color" if question.startswith("what color") else "shape" if question.startswith("what shape") else "exists"
 
 
+def _query_positions(ans: torch.Tensor, row: int) -> list[int]:
+    """The positions that predict row ``row``'s answers (each one just before its answer token)."""
+    return (ans[row].nonzero().flatten() - 1).tolist()
+
+
 def _pointer_loss(attentions: tuple, layer: int, ids: torch.Tensor, ans: torch.Tensor, image_token_id: int,
                   targets: list[list[tuple[str, int]]]) -> torch.Tensor:
     """Mean -log attention of each pointer head at ``layer``, from the position that predicts each
@@ -331,21 +345,13 @@ def _pointer_loss(attentions: tuple, layer: int, ids: torch.Tensor, ans: torch.T
     attn = attentions[layer]  # [B, H, S, S]
     terms = []
     for b in range(ids.shape[0]):
-        queries = (ans[b].nonzero().flatten() - 1).tolist()
+        queries = _query_positions(ans, b)
         image_pos = (ids[b] == image_token_id).nonzero().flatten()
         for q, (qtype, cell) in zip(queries, targets[b], strict=False):
             for kind, head in POINTER_HEADS.items():
                 key = int(image_pos[cell]) if kind == qtype and cell >= 0 else 0
                 terms.append(-torch.log(attn[b, head, q, key] + 1e-6))
     return torch.stack(terms).mean() if terms else attn.sum() * 0.0
-
-
-def question_keys(question: str) -> list[str]:
-    """The question's words that name the object asked about: its shape (colour questions), its colour
-    (shape questions), or both (yes/no)."""
-    words = question.rstrip("?").split()
-    qtype = question_type(question)
-    return [words[-1]] if qtype == "color" else [words[-2]] if qtype == "shape" else words[-2:]
 
 
 def _gather_loss(attentions: tuple, layer: int, head: int, ids: torch.Tensor, ans: torch.Tensor,
@@ -357,8 +363,7 @@ def _gather_loss(attentions: tuple, layer: int, head: int, ids: torch.Tensor, an
     attn = attentions[layer]  # [B, H, S, S]
     terms = []
     for b in range(ids.shape[0]):
-        queries = (ans[b].nonzero().flatten() - 1).tolist()
-        for q, key_ids in zip(queries, keys[b], strict=False):
+        for q, key_ids in zip(_query_positions(ans, b), keys[b], strict=False):
             pos = [int((ids[b, :q] == k).nonzero().flatten()[-1]) for k in key_ids]
             terms.append(-torch.log(attn[b, head, q, pos].sum() + 1e-6))
     return torch.stack(terms).mean() if terms else attn.sum() * 0.0
@@ -503,9 +508,8 @@ def freeze_vision_tower(model: nn.Module, family: str) -> int:
     frozen parameters. Training speed: no backward pass through the tower's 256 (Qwen2-VL) or 64
     (LLaVA) patch tokens per image."""
     out_params = {id(p) for p in _vision_output_module(model, family).parameters()}
-    tower = model.model.vision_tower if family == "llava" else model.model.visual
     frozen = 0
-    for p in tower.parameters():
+    for p in _vision_tower(model, family).parameters():
         if id(p) not in out_params:
             p.requires_grad_(False)
             frozen += p.numel()
