@@ -240,10 +240,16 @@ def test_init_decoder_from_copies_the_llava_decoder():
                                    src_lm.embed_tokens.weight[src_tok.convert_tokens_to_ids(src_word)])
 
 
-@pytest.mark.parametrize("kwargs", [dict(gather_layer=3), dict(gather_layer=-2), dict(gather_layer=1, pointer_weight=0)])
-def test_bad_gather_layer_is_refused_before_training(kwargs, tmp_path):
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(gather_layer=3), ValueError, "gather_layer must be -1"),
+    (dict(gather_layer=-2), ValueError, "gather_layer must be -1"),
+    (dict(gather_layer=1, pointer_weight=0), ValueError, "gather_layer must be -1"),
+    (dict(vision_target=1.5), ValueError, "vision_target is an object accuracy in \\(0, 1\\], got 1.5"),
+    (dict(init_from="/nonexistent"), FileNotFoundError, "init_from must be a trained demo model folder.*/nonexistent"),
+])
+def test_bad_training_options_are_refused_before_training(kwargs, error, match, tmp_path):
     from v2drop_eval.demo.train import train
 
-    with pytest.raises(ValueError, match="gather_layer must be -1"):
+    with pytest.raises(error, match=match):
         train("qwen2_vl", tmp_path, **kwargs)
     assert not any(tmp_path.iterdir())

@@ -584,6 +584,10 @@ def train(
         # Its head 0 would be a pointer head at the pointer layer, and it needs the pointer's attentions.
         raise ValueError(f"gather_layer must be -1 (off) or in [0, pointer_layer={pointer_layer}) with "
                          f"pointer_weight > 0, got gather_layer={gather_layer}, pointer_weight={pointer_weight}")
+    if not 0.0 < vision_target <= 1.0:
+        raise ValueError(f"vision_target is an object accuracy in (0, 1], got {vision_target}")
+    if init_from is not None and not (Path(init_from) / "config.json").is_file():
+        raise FileNotFoundError(f"init_from must be a trained demo model folder (with config.json), got {str(init_from)!r}")
     torch.set_num_threads(threads)
     random.seed(seed)
     processor = build_processor(family)
