@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
+from v2drop_eval.contract import cache_of
+
 
 def allowed_keys(layouts: dict, attention_mask: torch.Tensor, num_layers: int) -> dict[int, torch.Tensor]:
     """Per decoder layer, ``[B, S]`` bool: which prefill positions are still keys at that layer."""
@@ -36,7 +38,7 @@ def masking_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str
             B, q = hidden.shape[:2]
             keep = allowed[layer]
             S = keep.shape[1]
-            cache = kwargs.get("past_key_values")
+            cache = cache_of(kwargs)
             k_len = (cache.layers[layer].get_seq_length() + q) if cache is not None and layer < len(cache.layers) else q
             k_len = max(k_len, q)
             cols = torch.cat([keep, torch.ones(B, k_len - S, dtype=torch.bool)], 1) if k_len > S else keep

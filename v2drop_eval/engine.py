@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from v2drop_eval import contract
 from v2drop_eval.adapters import ModelAdapter, adapter_for
 from v2drop_eval.schedule import Adaptive, DropSchedule
 from v2drop_eval.scorers import METRICS, FastVRecorder, random_scores, variation
@@ -165,13 +166,15 @@ class DropHandle:
     # -- top-level hooks ----------------------------------------------------------------------
     def _on_top_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = contract.cache_of(kwargs)
         self._mode = None
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(
                 f"cache type {type(cache).__name__} is not supported: the dropped layers need per-layer "
                 "lengths; use the default DynamicCache (no cache_implementation='static', no torch.compile cache)"
             )
+        if cache is not None:
+            contract.check_cache(cache, self.adapter.num_layers)
         prefill = cache is None or cache.get_seq_length() == 0
         if input_ids is None:
             if self._dropping and prefill:
@@ -186,6 +189,7 @@ class DropHandle:
                     "labels= with dropping is not supported: logits exist only for the kept positions; "
                     "compute the loss without a dropper attached (or method='none')"
                 )
+            contract.check_prefill_call(input_ids, kwargs.get("attention_mask"))
             self._call = self._start_prefill(input_ids, kwargs.get("attention_mask"))
             self._mode = "prefill"
             return
@@ -243,10 +247,16 @@ class DropHandle:
             call, mode = self._call, self._mode
             if mode is None:
                 return None
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            hidden = contract.layer_hidden(args, kwargs)
+            cache = contract.cache_of(kwargs)
             if mode == "prefill":
-                if self._cache_ref is None or self._cache_ref() is not kwargs.get("past_key_values"):
-                    cache = kwargs.get("past_key_values")
+                contract.check_layer_kwargs(layer, kwargs, q=call.seq_len, key_len=call.seq_len)
+                if hidden.shape[1] != call.layout.idx.shape[1]:
+                    raise contract.contract_error(
+                        f"decoder layer {layer} got {hidden.shape[1]} positions where the previous layer's "
+                        f"output had {call.layout.idx.shape[1]}"
+                    )
+                if self._cache_ref is None or self._cache_ref() is not cache:
                     self._cache_ref = weakref.ref(cache) if cache is not None else None
                 given = hidden
                 if layer in self._ratios:
@@ -265,7 +275,7 @@ class DropHandle:
                 stage = self._stage_of(layer)
                 if stage is None:
                     return None
-                new_kwargs = self._gather_decode_kwargs(call, stage, layer, hidden, kwargs)
+                new_kwargs = self._gather_decode_kwargs(call, stage, layer, hidden, cache, kwargs)
             if new_kwargs is None:
                 return None
             if args:
@@ -376,16 +386,18 @@ class DropHandle:
         m = m.gather(3, lay.idx[:, None, None, :].expand(B, m.shape[1], n, n))
         return _mask_surplus(m, lay.valid, n) if surplus else m
 
-    def _gather_decode_kwargs(self, call: _Call, stage: int, layer: int, hidden: torch.Tensor, kwargs: dict) -> dict | None:
+    def _gather_decode_kwargs(
+        self, call: _Call, stage: int, layer: int, hidden: torch.Tensor, cache: Any, kwargs: dict
+    ) -> dict | None:
         lay = call.layouts[stage]
         S = call.seq_len
         if lay is call.initial:
             return None
         mask = kwargs.get("attention_mask")
         q_len = hidden.shape[1]
-        cache = kwargs.get("past_key_values")
-        # New tokens since the prefill, the current ones included (the cache is not yet updated).
+        # New tokens since the prefill, the current ones included (this layer's cache is not yet updated).
         extra = (cache.layers[layer].get_seq_length() - lay.idx.shape[1] + q_len) if cache is not None else q_len
+        contract.check_layer_kwargs(layer, kwargs, q=q_len, key_len=S + extra)
 
         def build() -> torch.Tensor | None:
             B, n = lay.idx.shape
