@@ -6,21 +6,61 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint sweep tables demo train-demo bench
+.PHONY: install test test-oldest test-latest lock lint sweep tables demo train-demo bench
 
-$(VENV)/.installed: pyproject.toml
+# Everything installs from the lock, so a machine next month gets what CI tested. torch and torchvision
+# are pinned together (an unpinned torch pulls a CUDA build, and a torchvision of another release does
+# not load beside it); the same pins go into the lock and into test-latest.
+LOCK := requirements.lock
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch and torchvision pinned together in one command: an unpinned torch pulls a CUDA build,
-	# and lmms-eval's requirements would otherwise pull a torchvision that does not load beside it.
-	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# Regenerate the lock from pyproject.toml with today's releases (uv, in a venv of its own), then run
+# `make test` and `make test-latest`.
+UV_VENV := .venv-uv
+$(UV_VENV)/bin/uv:
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install -q "uv>=0.9"
+
+lock: $(UV_VENV)/bin/uv
+	printf '%s\n' $(TORCH_PINS) | $(UV_VENV)/bin/uv pip compile pyproject.toml - --extra test \
+		--universal --python-version 3.11 --custom-compile-command "make lock" -q -o $(LOCK)
+
+# The engine's tests on the oldest transformers that pyproject.toml admits: a venv of its own that holds
+# only that transformers (and what it needs) in front of the locked venv's packages.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TRANSFORMERS = $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+ENGINE_TESTS := tests/test_transformers_contract.py tests/test_engine.py tests/test_validation.py
+test-oldest: install
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"))')" \
+		> $$($(OLDEST_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/locked-venv.pth
+	$(OLDEST_VENV)/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -q $(ENGINE_TESTS)
+
+# The suite against the newest releases that pyproject.toml admits (not the lock), in a fresh venv.
+# A failure names every package whose version differs from the lock.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_PINS) -e ".[test]"
+	$(LATEST_VENV)/bin/python tools/lockdiff.py $(LOCK)
+	$(LATEST_VENV)/bin/python -m pytest -q || { \
+		echo "make test-latest FAILED on the newest releases that pyproject.toml admits; they differ from $(LOCK) in:"; \
+		$(LATEST_VENV)/bin/python tools/lockdiff.py $(LOCK) --quiet; exit 1; }
 
 lint: install
 	$(VENV)/bin/ruff check v2drop_eval tests

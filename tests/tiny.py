@@ -14,6 +14,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from v2drop_eval.adapters import forward_takes
+
 LAYERS = 6
 LLAVA_IMAGE_ID = 100
 LLAVA_TOKENS_PER_IMAGE = 16  # 32x32 image, patch 8
@@ -126,7 +128,9 @@ def qwen_inputs(grids_per_row: list[list[tuple[int, int]]], seed: int = 0) -> di
             grids.append([1, h, w])
         rows.append(row + _text(gen, 3))
     ids, mask = _left_pad(rows)
-    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == QWEN_IMAGE_ID).long()}
+    out = {"input_ids": ids, "attention_mask": mask}
+    if forward_takes(Qwen2VLForConditionalGeneration, "mm_token_type_ids"):
+        out["mm_token_type_ids"] = (ids == QWEN_IMAGE_ID).long()
     if grids:
         grid = torch.tensor(grids)
         out["image_grid_thw"] = grid

@@ -5,13 +5,14 @@ The engine sees a :class:`ModelAdapter` and nothing of LLaVA or Qwen.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-__all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class"]
+__all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class", "forward_takes"]
 
 # class name -> family; `tested` marks the classes the test-suite runs on.
 SUPPORTED_CLASSES: dict[str, str] = {
@@ -47,6 +48,13 @@ class ModelAdapter:
         if "flash" in impl or ALL_MASK_ATTENTION_FUNCTIONS.get(impl) is flash_attention_mask:
             return "padding2d"
         return "additive" if impl == "eager" else "bool"
+
+
+def forward_takes(model: nn.Module | type, name: str) -> bool:
+    """Whether the model's ``forward`` has the argument ``name``: Qwen-VL forwards take
+    ``mm_token_type_ids`` in recent transformers releases and refuse it in older ones (5.0)."""
+    cls = model if isinstance(model, type) else type(model)
+    return name in inspect.signature(cls.forward).parameters
 
 
 def family_of_class(name: str) -> str:

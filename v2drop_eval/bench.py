@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from v2drop_eval import flops
+from v2drop_eval.adapters import forward_takes
 from v2drop_eval.engine import attach
 from v2drop_eval.schedule import PRESET_SHAPES, DropSchedule, kept_count
 
@@ -147,8 +148,9 @@ def make_inputs(model: nn.Module, shape: Shape, batch_size: int, device: str, dt
         extra = {
             "pixel_values": torch.randn(batch_size * 48 * 48, 3 * 2 * 14 * 14, generator=gen),
             "image_grid_thw": grid,
-            "mm_token_type_ids": (ids == cfg.image_token_id).long().expand(batch_size, -1).clone(),
         }
+        if forward_takes(model, "mm_token_type_ids"):
+            extra["mm_token_type_ids"] = (ids == cfg.image_token_id).long().expand(batch_size, -1).clone()
     out = {"input_ids": ids.expand(batch_size, -1).clone(), "attention_mask": torch.ones(batch_size, ids.numel(), dtype=torch.long), **extra}
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}
 

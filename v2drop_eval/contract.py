@@ -1,4 +1,4 @@
-"""What the engine relies on inside transformers, checked where it is used (docs/design.md, "The
+"""What the engine relies on inside transformers, checked where it is used (docs/design.md §3, "The
 transformers contract").
 
 The engine never copies a transformers ``forward``; it reads the keyword arguments that the decoder

@@ -1,6 +1,6 @@
 """The dropping engine: forward pre-hooks that shorten the decoder's sequence at the drop layers.
 
-How it works (DESIGN.md 2): the decoder builds one mask, one rotary (cos, sin) pair and one
+How it works (docs/design.md §2): the decoder builds one mask, one rotary (cos, sin) pair and one
 ``position_ids`` of the full prefill length S and hands the same objects to every layer. A pre-hook on
 each layer from the first drop layer on swaps them for copies gathered at the kept positions, and at
 a drop layer also gathers ``hidden_states``. The per-layer ``DynamicCache`` then simply holds fewer
@@ -214,6 +214,9 @@ class DropHandle:
         if mode == "prefill":
             call.prev_hidden = None
             call.layout = None
+            if self._dropping and len(call.vision_alive) != len(self._ratios) + 1:
+                self._call = None  # the forward raised before the last drop layer: nothing to count or decode
+                return
             self._finish_stats(call)
 
     def _vision_ids(self, ref: torch.Tensor) -> torch.Tensor:

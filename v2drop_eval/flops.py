@@ -1,4 +1,4 @@
-"""Analytic FLOPs of the LLM prefill (DESIGN.md 3).
+"""Analytic FLOPs of the LLM prefill (docs/design.md §4).
 
 Per decoder layer with ``n`` tokens, hidden ``d``, MLP width ``m``, heads ``h``, kv heads ``h_kv``:
 ``MACs(n) = 2nd^2 + 2nd^2 (h_kv/h) + 2n^2 d + 3ndm``. FLOPs = 2 x MACs. This equals

@@ -23,7 +23,7 @@ def kept_count(alive: int, keep_ratio: float) -> int:
     return math.floor(alive * Fraction(repr(float(keep_ratio))))
 
 
-# Published V2Drop schedules (DESIGN.md 1) and the Qwen2-VL budgets derived from them.
+# Published V2Drop schedules (docs/design.md §1) and the Qwen2-VL budgets derived from them.
 # Qwen2-VL budgets are named after the LLaVA budget with the same vision-token reduction
 # (192/576 = -66.7%, 128/576 = -77.8%): layers 3/16/22 as published, the second-stage ratio of the
 # LLaVA preset of that budget, the first-stage ratio solved (to 0.01) so that the mean fraction of
