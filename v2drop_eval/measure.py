@@ -5,7 +5,9 @@ pre-hook and hook sit on the top model. Within one ``generate`` call the first f
 (vision encoder + LLM prefill + logits of the last position); every later forward is one decode step.
 
 - ``prefill_ms``: ``generate`` entry -> end of the first forward: time to first token.
-- ``prefill_forward_ms``: the first forward alone (no input preparation by ``generate``).
+- ``prefill_forward_ms``: the first forward alone (no input preparation by ``generate``). From
+  transformers 5.24 on, ``generate`` encodes images before that forward, so it no longer holds the
+  vision encoder; ``prefill_ms`` does in every release (docs/design.md §3).
 - ``decode_ms``: end of the first forward -> ``generate`` returns; ``decode_steps`` forwards.
 - ``total_ms`` = ``prefill_ms + decode_ms``: the whole ``generate`` call.
 
