@@ -153,9 +153,13 @@ def test_depth_from_local_config_and_skip_note(tmp_path):
     raw = base_config(models=[{"name": "t", "family": "llava", "pretrained": str(tmp_path / "tiny")}], budgets=[192])
     with pytest.raises(ConfigError, match="drop layer 17 is past the model's depth: it has 6 decoder layers"):
         parse_config(raw)
-    raw["models"][0]["pretrained"] = str(tmp_path / "missing")
+    raw["models"][0]["pretrained"] = "org/not-in-the-cache"  # a hub id: left to the hub, noted
     cfg = parse_config(raw)
     assert any("depth check skipped" in n for n in cfg.notes)
+    raw["models"][0]["pretrained"] = str(tmp_path / "missing")  # a folder: refused, not sent to the hub
+    with pytest.raises(ConfigError, match=r"pretrained=.*missing: no such folder") as err:
+        parse_config(raw)
+    assert "Repo id" not in str(err.value)
 
 
 def test_env_substitution(monkeypatch):
@@ -196,8 +200,10 @@ class FakeRunner:
         if any(s in margs for s in self.missing_task):
             tasks = tasks[:-1]
         res = {t: {"alias": t, "exact_match,none": 0.5} for t in tasks}
-        (out / "v2drop_llava" / "20250101_000000_results.json").write_text(json.dumps({"results": res}))
-        (out / "v2drop_llava" / "20250101_000000_v2drop_samples.jsonl").write_text('{"task": "gqa"}\n')
+        n = {t: {"original": 2, "effective": 2} for t in tasks}
+        (out / "v2drop_llava" / "20250101_000000_results.json").write_text(json.dumps({"results": res, "n-samples": n}))
+        (out / "v2drop_llava" / "20250101_000000_v2drop_samples.jsonl").write_text(
+            "".join(json.dumps({"task": t, "doc_id": i}) + "\n" for t in tasks for i in range(2)))
         return 0
 
 
@@ -337,6 +343,7 @@ def test_cli_failure_exit_status(tmp_path, monkeypatch, capsys):
     assert main(["sweep", str(path)]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "wrote no *_results.json" in out and "Traceback: boom" in out
+    assert "\x1b" not in out  # lmms-eval's colour codes are stripped from FAILED lines
     assert len(calls(tmp_path)) == 3
     monkeypatch.delenv("FAKE_LMMS_FAIL")
     status = json.loads((tmp_path / "sw" / "sweep.json").read_text())["points"]
