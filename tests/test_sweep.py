@@ -518,7 +518,7 @@ def test_damaged_point_is_redone(tmp_path, capsys, damage, reason):
     assert "[2/2] m7b__fastv__b128 (to redo: " in text and reason in text and "[1/2] m7b__none (done)" in text
     assert main(["sweep", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "1 done already, 1 to run (1 to redo)" in text and f"redo m7b__fastv__b128: " in text and reason in text
+    assert "1 done already, 1 to run (1 to redo)" in text and "redo m7b__fastv__b128: " in text and reason in text
     assert len(calls(tmp_path)) == 3 and is_done(out / "m7b__fastv__b128")
     status = json.loads((out / "sweep.json").read_text())["points"]
     assert status["m7b__none"] == {"status": "done", "seconds": seconds}  # not dropped by a later run
