@@ -18,6 +18,7 @@ from v2drop_eval.tables import KEY_COLS, accuracy_table
 __all__ = ["compare_sweeps", "format_comparison", "SAME_TOLERANCE"]
 
 SAME_TOLERANCE = 1e-9
+VERDICTS = ("same", "different", "missing here", "not in reference")
 
 
 def _scores(sweep_dir: Path) -> dict[tuple[str, str], float]:
@@ -56,5 +57,6 @@ def format_comparison(df: pd.DataFrame, results: str | Path, reference: str | Pa
         new = "-" if pd.isna(r["this_run"]) else f"{r['this_run']:.2f}"
         lines.append(f"{r['point']:<{width}}  {r['benchmark']:<10} {ref:>9} {new:>9}  {r['verdict']}")
     counts = df["verdict"].value_counts()
-    lines.append(f"{len(df)} scores: " + (", ".join(f"{n} {v}" for v, n in counts.items()) or "none to compare"))
+    lines.append(f"{len(df)} scores: " + (", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in counts)
+                                          or "none to compare"))
     return "\n".join(lines)
