@@ -80,7 +80,11 @@ def write_point(sweep_dir: Path, point_id: str, meta: dict[str, Any], scores: di
     margs = ",".join(f"{k}={v}" for k, v in meta.items() if k in ("pretrained", "method", "budget", "schedule",
                                                                   "metric", "seed") and v is not None)
     res = run / "20250101_000000_results.json"
-    res.write_text(json.dumps(results_json(scores, margs), indent=2))
+    data = results_json(scores, margs)
+    if rows is not None:  # lmms-eval's item counts match the side-car's records
+        data["n-samples"] = {t: {"original": n, "effective": n} for t in scores
+                             if (n := sum(r.get("task") == t for r in rows))}
+    res.write_text(json.dumps(data, indent=2))
     if rows is not None:
         (run / "20250101_000000_v2drop_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if with_point_json:
@@ -90,7 +94,8 @@ def write_point(sweep_dir: Path, point_id: str, meta: dict[str, Any], scores: di
 
 
 # A stand-in for ``python -m lmms_eval``: put its folder first on PYTHONPATH. It writes a results JSON
-# for every task under --output_path/<model>/, appends the point to $FAKE_LMMS_LOG, and obeys
+# for every task (2 items each) and the plugin's side-car under --output_path/<model>/, appends the
+# point to $FAKE_LMMS_LOG, and obeys
 # FAKE_LMMS_SLEEP (seconds, for points whose model args contain $FAKE_LMMS_SLOW) and
 # FAKE_LMMS_FAIL (a substring of model args that makes the run fail like lmms-eval does: exit 0,
 # no results file).
@@ -113,12 +118,16 @@ FAKE_MAIN = textwrap.dedent('''
         time.sleep(float(os.environ.get("FAKE_LMMS_SLEEP", "60")))
     fail = os.environ.get("FAKE_LMMS_FAIL")
     if fail and fail in args.model_args:
-        print("Traceback: boom", file=sys.stderr)
+        print("\\x1b[31mTraceback: boom\\x1b[0m", file=sys.stderr)
         sys.exit(0)
-    results = {t: {"alias": t, "exact_match,none": 0.5} for t in args.tasks.split(",")}
+    tasks = args.tasks.split(",")
+    results = {t: {"alias": t, "exact_match,none": 0.5} for t in tasks}
     (out / "20250101_000000_results.json").write_text(json.dumps(
-        {"results": results, "config": {"model_args": args.model_args}}))
-    print("done")
+        {"results": results, "n-samples": {t: {"original": 2, "effective": 2} for t in tasks},
+         "config": {"model_args": args.model_args}}))
+    (out / "20250101_000000_v2drop_samples.jsonl").write_text(
+        "".join(json.dumps({"task": t, "doc_id": i}) + "\\n" for t in tasks for i in range(2)))
+    print("\\x1b[32mdone\\x1b[0m")
 ''')
 
 

@@ -69,3 +69,23 @@ def test_depth_and_preset_errors():
         DropSchedule.preset("llava", 100)
     with pytest.raises(ValueError, match="known budgets: default, 192, 128"):
         DropSchedule.preset("qwen2_vl", 64)
+
+
+def test_ratios_keep_every_digit():
+    """A ratio runs, prints and names its point exactly as written (not rounded to 6 digits)."""
+    sched = DropSchedule.parse("2:0.1736112")
+    assert str(sched) == "2:0.1736112" and sched.slug() == "2-0.1736112"
+    assert sched.tokens_per_layer(576, 28)[2] == 100  # 0.173611 would keep 99
+    assert str(DropSchedule.parse("3:0.5/17:0.30/22:0.0")) == "3:0.5/17:0.3/22:0"
+    assert str(DropSchedule.parse("3:t0.8:0.05:1")) == "3:t0.8:0.05:1"
+    assert str(DropSchedule.parse("3:t1.23456789:0.1234567:1")) == "3:t1.23456789:0.1234567:1"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("3:1e-400", r"'1e-400' is too small to represent: it would run as 0"),
+    ("3:0.12345678901234567891", r"cannot be represented exactly: it would run as 0.12345678901234568"),
+    ("3:t1:1e-999:1", "too small to represent"),
+])
+def test_ratios_that_would_change_are_refused(text, match):
+    with pytest.raises(ValueError, match=match):
+        DropSchedule.parse(text)

@@ -153,9 +153,13 @@ def test_depth_from_local_config_and_skip_note(tmp_path):
     raw = base_config(models=[{"name": "t", "family": "llava", "pretrained": str(tmp_path / "tiny")}], budgets=[192])
     with pytest.raises(ConfigError, match="drop layer 17 is past the model's depth: it has 6 decoder layers"):
         parse_config(raw)
-    raw["models"][0]["pretrained"] = str(tmp_path / "missing")
+    raw["models"][0]["pretrained"] = "org/not-in-the-cache"  # a hub id: left to the hub, noted
     cfg = parse_config(raw)
     assert any("depth check skipped" in n for n in cfg.notes)
+    raw["models"][0]["pretrained"] = str(tmp_path / "missing")  # a folder: refused, not sent to the hub
+    with pytest.raises(ConfigError, match=r"pretrained=.*missing: no such folder") as err:
+        parse_config(raw)
+    assert "Repo id" not in str(err.value)
 
 
 def test_env_substitution(monkeypatch):
@@ -196,8 +200,10 @@ class FakeRunner:
         if any(s in margs for s in self.missing_task):
             tasks = tasks[:-1]
         res = {t: {"alias": t, "exact_match,none": 0.5} for t in tasks}
-        (out / "v2drop_llava" / "20250101_000000_results.json").write_text(json.dumps({"results": res}))
-        (out / "v2drop_llava" / "20250101_000000_v2drop_samples.jsonl").write_text('{"task": "gqa"}\n')
+        n = {t: {"original": 2, "effective": 2} for t in tasks}
+        (out / "v2drop_llava" / "20250101_000000_results.json").write_text(json.dumps({"results": res, "n-samples": n}))
+        (out / "v2drop_llava" / "20250101_000000_v2drop_samples.jsonl").write_text(
+            "".join(json.dumps({"task": t, "doc_id": i}) + "\n" for t in tasks for i in range(2)))
         return 0
 
 
@@ -337,6 +343,7 @@ def test_cli_failure_exit_status(tmp_path, monkeypatch, capsys):
     assert main(["sweep", str(path)]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "wrote no *_results.json" in out and "Traceback: boom" in out
+    assert "\x1b" not in out  # lmms-eval's colour codes are stripped from FAILED lines
     assert len(calls(tmp_path)) == 3
     monkeypatch.delenv("FAKE_LMMS_FAIL")
     status = json.loads((tmp_path / "sw" / "sweep.json").read_text())["points"]
@@ -440,3 +447,116 @@ def test_parallel_sigterm_stops_every_point(tmp_path):
     assert proc.wait(timeout=30) == 143 and time.time() - t0 < 15
     assert not list(out.glob(".tmp-*")) and not any(is_done(d) for d in out.iterdir() if d.is_dir())
     assert len(calls(tmp_path)) == 2
+
+
+# -- the crash and bad-input probe (issue 15) -------------------------------------------------------
+def test_exact_schedule_reaches_id_args_and_point_json(tmp_path):
+    cfg = small_cfg(tmp_path, methods=["v2drop"], budgets=[], schedules=["2:0.1736112"])
+    (p,) = expand(cfg)
+    assert p.id == "m7b__v2drop__s2-0.1736112__l2" and "schedule=2:0.1736112," in p.model_args()
+    run_sweep(cfg, [p], runner=FakeRunner(), log=io.StringIO())
+    assert json.loads((cfg.output / p.id / "point.json").read_text())["schedule"] == "2:0.1736112"
+    with pytest.raises(ConfigError, match="too small to represent"):
+        small_cfg(tmp_path, methods=["v2drop"], budgets=[], schedules=["3:1e-400"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": [-1]}, "seeds: seed=-1 is not allowed; a seed is an integer >= 0"),
+    ({"seeds": [1.5]}, "seed=1.5 is not allowed"),
+    ({"models": [{"name": "m", "family": "llava", "pretrained": "/nonexistent"}]},
+     "pretrained=/nonexistent: no such folder /nonexistent"),
+    ({"models": [{"name": "m", "family": "llava", "pretrained": "x", "model_args": {"sidecar": "/tmp/s.jsonl"}}]},
+     "model_args.sidecar"),
+])
+def test_probe_configs_refused_before_running(change, message):
+    with pytest.raises(ConfigError) as err:
+        parse(base_config(**change))
+    assert message in str(err.value) and "Repo id" not in str(err.value)
+
+
+def test_jobs_below_one_refused(tmp_path, capsys):
+    path = write_cfg(tmp_path)
+    for jobs in ("0", "-2"):
+        assert main(["sweep", str(path), "--jobs", jobs]) == 2
+        assert f"--jobs {jobs} is not allowed; give an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists() and calls(tmp_path) == []
+    cfg = small_cfg(tmp_path)
+    with pytest.raises(ValueError, match="jobs=0 is not allowed"):
+        run_sweep(cfg, expand(cfg), runner=FakeRunner(), log=io.StringIO(), jobs=0)
+
+
+def _results_file(point_dir: Path) -> Path:
+    return next(point_dir.rglob("*_results.json"))
+
+
+def _sidecar(point_dir: Path) -> Path:
+    return next(point_dir.rglob("*v2drop*.jsonl"))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: _results_file(d).write_text(_results_file(d).read_text()[:20]), "is not valid JSON"),
+    (lambda d: _results_file(d).write_text(json.dumps({"results": {"gqa": {"alias": "gqa"}},
+                                                       "n-samples": {"gqa": {"effective": 2}}})),
+     "no results for task(s) pope"),
+    (lambda d: _sidecar(d).write_text(_sidecar(d).read_text()[:-8]), "has 1 corrupt line(s)"),
+    (lambda d: _sidecar(d).write_text("".join(_sidecar(d).read_text().splitlines(True)[:3])),
+     "side-car has 1 record(s) for task pope, which evaluated 2 item(s)"),
+    (lambda d: _sidecar(d).unlink(), "no side-car"),
+])
+def test_damaged_point_is_redone(tmp_path, capsys, damage, reason):
+    """A finished point whose files are damaged is not done: dry-run says 'to redo', the next run redoes
+    it and says why, sweep.json never calls it done."""
+    path = write_cfg(tmp_path, methods=["none", "fastv"])
+    assert main(["sweep", str(path)]) == 0
+    out = tmp_path / "sw"
+    seconds = json.loads((out / "sweep.json").read_text())["points"]["m7b__none"]["seconds"]
+    damage(out / "m7b__fastv__b128")
+    assert not is_done(out / "m7b__fastv__b128")
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "[2/2] m7b__fastv__b128 (to redo: " in text and reason in text and "[1/2] m7b__none (done)" in text
+    assert main(["sweep", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "1 done already, 1 to run (1 to redo)" in text and "redo m7b__fastv__b128: " in text and reason in text
+    assert len(calls(tmp_path)) == 3 and is_done(out / "m7b__fastv__b128")
+    status = json.loads((out / "sweep.json").read_text())["points"]
+    assert status["m7b__none"] == {"status": "done", "seconds": seconds}  # not dropped by a later run
+
+
+def test_prepare_failure_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "assets.json"
+    bad.write_text("{corrupt")
+    path = write_cfg(tmp_path, prepare={"call": "json:loads", "args": {"s": "{corrupt"}})
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: prepare step json:loads failed: JSONDecodeError:") and err.count("\n") == 1
+    assert "Traceback" not in err and calls(tmp_path) == []
+
+
+def test_prepare_that_builds_no_model_folder(tmp_path, capsys):
+    path = write_cfg(tmp_path, prepare={"call": "os:getcwd", "args": {}},
+                     models=[{"name": "m", "family": "llava", "pretrained": str(tmp_path / "built"), "num_layers": 32}])
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "no such folder" in capsys.readouterr().out  # a note: prepare may build it
+    assert main(["sweep", str(path)]) == 2
+    assert "no such folder" in capsys.readouterr().err and calls(tmp_path) == []
+
+
+def test_dry_run_into_a_closed_pipe(tmp_path):
+    """More than a pipe buffer of output into `head -1`: no BrokenPipeError traceback."""
+    path = write_cfg(tmp_path, methods=["v2drop"], budgets=[], schedules=[f"2:{i / 1000}" for i in range(1, 400)])
+    proc = subprocess.run(f"{sys.executable} -m v2drop_eval.cli sweep {path} --dry-run | head -1", shell=True,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.stdout.startswith("sweep t: 399 points") and proc.stderr == ""
+
+
+def test_closed_stdout_ends_quietly(tmp_path, monkeypatch, capsys):
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    path = write_cfg(tmp_path)
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["sweep", str(path), "--dry-run"]) == 141
+    assert capsys.readouterr().err == ""

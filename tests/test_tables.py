@@ -153,13 +153,18 @@ def test_bad_files_are_named_and_skipped(fake_sweep: Path, capsys):
     (fake_sweep / "_failed" / "p" / "m" / "a_results.json").write_text("{}")
     assert main(["tables", str(fake_sweep)]) == 0
     out = capsys.readouterr().out
-    assert "20250101_000000_results.json: not readable JSON" in out and "llava15_7b__v2drop__b64__l2" in out
-    assert f"{side}: skipped 1 corrupt line(s)" in out
+    assert ("not included: llava15_7b__v2drop__b64__l2: 20250101_000000_results.json is not valid JSON"
+            in out)
+    # a half-written side-car line: the point is left out and named, not counted short
+    assert f"not included: llava15_7b__fastv__b192: side-car {side.name} has 1 corrupt line(s)" in out
     assert "llava15_7b__none/point.json: not readable JSON" in out
     acc = read_csv(fake_sweep, "accuracy")
-    assert "llava15_7b__v2drop__b64__l2" not in set(acc["point"]) and len(acc) == 6
+    assert {"llava15_7b__v2drop__b64__l2", "llava15_7b__fastv__b192"}.isdisjoint(acc["point"]) and len(acc) == 5
     assert row(acc, "llava15_7b__none")["method"] == "none"  # described from model_args instead
-    assert row(read_csv(fake_sweep, "efficiency"), "llava15_7b__fastv__b192")["items"] == 24
+    for name in ("accuracy", "efficiency"):
+        md = (fake_sweep / "tables" / f"{name}.md").read_text()
+        assert "Not included (2):" in md and "- `llava15_7b__fastv__b192`: side-car" in md
+        assert "% not included: llava15_7b__v2drop__b64__l2:" in (fake_sweep / "tables" / f"{name}.tex").read_text()
 
 
 def test_missing_baseline_and_sidecar(tmp_path: Path):
@@ -211,3 +216,29 @@ def test_adaptive_spread_and_complexity_plot(fake_sweep: Path):
     for n, vals in by_count.items():
         assert c[f"kept@{n}"] == pytest.approx(sum(vals) / len(vals))
     assert "kept@3" not in c
+
+
+def test_failed_and_pending_points_are_listed(fake_sweep: Path, capsys):
+    failed = fake_sweep / "_failed" / "llava15_7b__fastv__b128"
+    failed.mkdir(parents=True)
+    (failed / "error.json").write_text(json.dumps({"error": "lmms-eval exited with status 1"}))
+    (fake_sweep / "sweep.json").write_text(json.dumps({"points": {
+        "llava15_7b__none": {"status": "done"}, "llava15_7b__fastv__b64": {"status": "pending"}}}))
+    assert main(["tables", str(fake_sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "not included: llava15_7b__fastv__b128: failed: lmms-eval exited with status 1" in out
+    assert "not included: llava15_7b__fastv__b64: not run yet" in out
+    md = (fake_sweep / "tables" / "accuracy.md").read_text()
+    assert "Not included (2):" in md and "`llava15_7b__fastv__b128`: failed:" in md
+
+
+def test_missing_reference_point_fails_unless_allowed(fake_sweep: Path, capsys):
+    results = next((fake_sweep / "llava15_7b__none").rglob("*_results.json"))
+    results.write_text(results.read_text()[:100])  # truncated: the reference row is gone
+    assert main(["tables", str(fake_sweep)]) == 1
+    captured = capsys.readouterr()
+    assert "not included: llava15_7b__none:" in captured.out
+    assert "error: no reference (none) point for model(s) llava15_7b" in captured.err and "--allow-missing" in captured.err
+    assert main(["tables", str(fake_sweep), "--allow-missing"]) == 0
+    assert "warning: no reference (none) point" in capsys.readouterr().err
+    assert (fake_sweep / "tables" / "accuracy.md").exists()

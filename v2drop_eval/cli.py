@@ -1,15 +1,28 @@
-"""``v2drop-eval``: the command line (``sweep``, ``tables``; room for ``bench`` and ``demo``)."""
+"""``v2drop-eval``: the command line (``sweep``, ``tables``, ``compare``, ``bench``, ``demo``).
+
+A user error (a bad value, a missing file, a failed ``prepare`` step) is one line on stderr and exit
+status 2; ``--debug`` (anywhere on the line) shows the traceback instead. A closed stdout (``| head``)
+ends quietly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "select_points", "DELEGATED"]
+__all__ = ["main", "build_parser", "select_points", "DELEGATED", "USER_ERRORS", "DEBUG_FLAG"]
+
+DEBUG_FLAG = "--debug"
+# What a user's input can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
+EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other tools in a pipe
 
 # Subcommands that own their argument parsing: ``v2drop-eval NAME ARGS`` calls ``module.main(ARGS)``.
 DELEGATED = {
@@ -21,6 +34,7 @@ DELEGATED = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="v2drop-eval", description="V2Drop evaluation: lmms-eval sweeps, paper tables and plots, benchmarks, demo.")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="show the traceback of an error (any position)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sw = sub.add_parser("sweep", help="run the grid of a sweep config through lmms-eval (resumable)")
@@ -39,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("tables", help="build accuracy/efficiency tables and plots from a sweep directory")
     tb.add_argument("results", type=Path, help="sweep directory, e.g. results/smoke")
     tb.add_argument("--output", type=Path, default=None, help="where to write (default: RESULTS/tables)")
+    tb.add_argument("--allow-missing", action="store_true",
+                    help="exit 0 even when a model's reference (none) point is missing")
     tb.set_defaults(func=_cmd_tables)
+
+    cp = sub.add_parser("compare", help="accuracy per point of a sweep against a reference sweep (same or different)")
+    cp.add_argument("results", type=Path, help="sweep directory, e.g. results/demo-run")
+    cp.add_argument("reference", type=Path, help="reference sweep directory, e.g. results/demo")
+    cp.set_defaults(func=_cmd_compare)
 
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -63,6 +84,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.jobs is not None and args.jobs < 1:
+        print(f"error: --jobs {args.jobs} is not allowed; give an integer >= 1 (points run at the same time)",
+              file=sys.stderr)
+        return 2
     if args.limit is not None:
         if args.limit <= 0:
             print(f"error: --limit {args.limit:g} is not allowed; give a positive item count or fraction < 1",
@@ -79,9 +104,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the running point, then exit
     try:
         report = run_sweep(cfg, points, cfg.output, jobs=args.jobs)
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; finished points are kept, run the same command to resume", file=sys.stderr)
         return 130
@@ -89,14 +111,33 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_tables(args: argparse.Namespace) -> int:
-    from v2drop_eval.tables import build_tables
+    from v2drop_eval.tables import write_tables
 
     if not args.results.is_dir():
         print(f"error: {args.results} is not a directory", file=sys.stderr)
         return 2
-    written = build_tables(args.results, args.output)
-    for path in written:
+    built = write_tables(args.results, args.output)
+    for path in built.written:
         print(path)
+    for pid, why in built.missing:
+        print(f"not included: {pid}: {why}")
+    if built.no_reference:
+        level = "warning" if args.allow_missing else "error"
+        print(f"{level}: no reference (none) point for model(s) {', '.join(built.no_reference)}: their speed-up "
+              "and Average are blank" + ("" if args.allow_missing else "; run it, or pass --allow-missing"),
+              file=sys.stderr)
+        return 0 if args.allow_missing else 1
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from v2drop_eval.compare import compare_sweeps, format_comparison
+
+    for folder in (args.results, args.reference):
+        if not folder.is_dir():
+            print(f"error: {folder} is not a directory", file=sys.stderr)
+            return 2
+    print(format_comparison(compare_sweeps(args.results, args.reference), args.results, args.reference))
     return 0
 
 
@@ -107,12 +148,40 @@ def _delegate(name: str, argv: Sequence[str]) -> int:
     return int(module.main(list(argv)) or 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         return _delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get("V2DROP_DEBUG") == "1"
+    argv = [a for a in argv if a != DEBUG_FLAG]  # global: the delegated parsers do not know it
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except USER_ERRORS as exc:
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        try:
+            print(f"error: {message} (--debug for the traceback)", file=sys.stderr)
+        except BrokenPipeError:
+            pass
+        return EXIT_USER_ERROR
+
+
+def _quiet_stdout() -> None:
+    """The reader went away: point stdout at /dev/null so that the exit's flush raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests capture it)
+        pass
 
 
 if __name__ == "__main__":

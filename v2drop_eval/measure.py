@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from torch import nn
 from v2drop_eval import flops
 
 __all__ = ["GenerateCall", "GenerateTimer", "SampleLog", "versions", "summarize", "write_jsonl_atomic",
-           "find_lmms_eval_run", "sidecar_path", "SIDECAR_SUFFIX", "doc_complexity"]
+           "find_lmms_eval_run", "sidecar_path", "prepare_sidecar", "SIDECAR_SUFFIX", "doc_complexity"]
 
 SIDECAR_SUFFIX = "_v2drop_samples.jsonl"
 
@@ -379,6 +380,37 @@ def sidecar_path(explicit: str | None, pretrained: str, rank: int = 0, world_siz
     if out:
         return Path(out) / sanitize_model_name(pretrained) / f"{stamp}{suffix}", "--output_path from the command line"
     return None, "no --output_path and no sidecar= model argument"
+
+
+def prepare_sidecar(explicit: str) -> str | None:
+    """Check the ``sidecar=`` model argument before any item runs: its folder must be a folder we can
+    write in. A missing folder is created, one level only (under a parent that exists). Raises
+    ``ValueError`` naming ``sidecar=`` and the path; returns a note when it created the folder."""
+    path = Path(explicit).expanduser()
+    if path.suffix == ".jsonl" and path.is_dir():
+        raise ValueError(f"sidecar={explicit}: {path} is a folder; give a .jsonl file or a folder for it")
+    folder = path.parent if path.suffix == ".jsonl" else path
+    note = None
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise ValueError(f"sidecar={explicit}: cannot create the side-car folder {folder}: {folder.parent} "
+                             "is not an existing folder (only the last folder of the path is created)")
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            raise ValueError(f"sidecar={explicit}: cannot create the side-car folder {folder}: "
+                             f"{exc.strerror or exc}") from None
+        note = f"created the side-car folder {folder} (sidecar={explicit})"
+    elif not folder.is_dir():
+        raise ValueError(f"sidecar={explicit}: {folder} is not a folder, so the side-car cannot go in it")
+    try:  # a real write: os.access says yes to root even on a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=".v2drop-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"sidecar={explicit}: cannot write in the side-car folder {folder}: "
+                         f"{exc.strerror or exc}") from None
+    return note
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -1,6 +1,8 @@
 """Read a sweep directory: every point's lmms-eval results JSON, side-car JSONL and ``point.json``.
 
-Never raises on bad files: a missing, unreadable or corrupt file is named in a warning and skipped.
+Never raises on bad files. A point whose files fail :func:`v2drop_eval.pointcheck.check_point_files`
+(the runner's own test of "done") is left out and listed with the reason, as are failed points and
+points not run yet (:func:`not_included`).
 A point folder without ``point.json`` (e.g. a plain ``lmms_eval --output_path``) is described from its
 results' ``config.model_args`` and its side-car rows instead.
 """
@@ -16,9 +18,17 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["PointResult", "load_sweep", "parse_model_args", "adaptive_points", "complexity", "SIDECAR_GLOB"]
+from v2drop_eval.pointcheck import (
+    POINT_FILE,
+    SIDECAR_GLOB,
+    check_point_files,
+    read_sidecar_lines,
+    writes_sidecar,
+)
 
-SIDECAR_GLOB = "*v2drop*.jsonl"
+__all__ = ["PointResult", "load_sweep", "not_included", "parse_model_args", "adaptive_points", "complexity",
+           "SIDECAR_GLOB"]
+
 _SKIP_DIRS = ("_failed", "tables")
 _META_KEYS = ("model_name", "family", "method", "budget", "schedule", "metric", "seed")
 
@@ -81,24 +91,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _read_sidecar(path: Path) -> pd.DataFrame:
-    rows, bad = [], 0
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        rows, bad = read_sidecar_lines(path)
     except OSError as exc:
         _warn(f"skipping {path}: {exc}")
         return pd.DataFrame()
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
     if bad:
         _warn(f"{path}: skipped {bad} corrupt line(s)")
     return pd.DataFrame(rows)
@@ -138,49 +135,73 @@ def _meta_from_run(point_id: str, config: dict[str, Any], samples: pd.DataFrame)
     return meta
 
 
-def _load_point(point_dir: Path, files: list[Path]) -> PointResult | None:
+def _load_point(point_dir: Path, meta: dict[str, Any] | None) -> PointResult:
     results: dict[str, dict[str, Any]] = {}
     throughput: dict[str, Any] = {}
     config: dict[str, Any] = {}
     good: list[Path] = []
-    for path in sorted(files):  # timestamped names: later runs override earlier ones
+    for path in sorted(point_dir.rglob("*_results.json")):  # timestamped: later runs override earlier ones
         data = _read_json(path)
         if data is None:
             continue
-        res = data.get("results")
-        if not isinstance(res, dict):
-            _warn(f"skipping {path}: no 'results' mapping")
-            continue
-        results.update({t: m for t, m in res.items() if isinstance(m, dict)})
+        results.update({t: m for t, m in data["results"].items() if isinstance(m, dict)})
         throughput.update(data.get("throughput") or {})
         config = data.get("config") or config
         good.append(path)
-    if not good:
-        return None
     frames = [f for f in (_read_sidecar(p) for p in sorted(point_dir.rglob(SIDECAR_GLOB))) if not f.empty]
     samples = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    meta_path = point_dir / "point.json"
-    meta = _read_json(meta_path) if meta_path.is_file() else None
     if meta is None:
         meta = _meta_from_run(point_dir.name, config, samples)
     return PointResult(point_dir.name, point_dir, _normalise_meta(meta), results, throughput, samples, good)
 
 
-def load_sweep(sweep_dir: str | Path) -> list[PointResult]:
-    """Every point under ``sweep_dir`` that has a readable results JSON, in folder-name order."""
+def _point_dirs(sweep_dir: Path) -> list[Path]:
+    """Top-level folders that hold a point: a results JSON or a ``point.json`` (a folder of the sweep's
+    own, ``.tmp-*`` or hidden, is skipped)."""
+    found = {sweep_dir / p.relative_to(sweep_dir).parts[0] for p in sweep_dir.rglob("*_results.json")
+             if len(p.relative_to(sweep_dir).parts) > 1}
+    found |= {p.parent for p in sweep_dir.glob(f"*/{POINT_FILE}")}
+    return sorted(d for d in found if d.is_dir() and not d.name.startswith(".") and d.name not in _SKIP_DIRS)
+
+
+
+def load_sweep(sweep_dir: str | Path, excluded: list[tuple[str, str]] | None = None) -> list[PointResult]:
+    """Every point under ``sweep_dir`` whose files pass the check, in folder-name order; the others go
+    into ``excluded`` as ``(point id, reason)``."""
     sweep_dir = Path(sweep_dir)
-    groups: dict[Path, list[Path]] = {}
-    for path in sweep_dir.rglob("*_results.json"):
-        rel = path.relative_to(sweep_dir)
-        top = rel.parts[0]
-        if len(rel.parts) < 2 or top.startswith(".") or top in _SKIP_DIRS:
-            continue
-        groups.setdefault(sweep_dir / top, []).append(path)
     points = []
-    for point_dir in sorted(groups):
-        point = _load_point(point_dir, groups[point_dir])
-        if point is not None:
-            points.append(point)
+    for point_dir in _point_dirs(sweep_dir):
+        meta_path = point_dir / POINT_FILE
+        meta = _read_json(meta_path) if meta_path.is_file() else None
+        tasks = meta.get("tasks") if meta and isinstance(meta.get("tasks"), list) else None
+        need_sidecar = bool(meta and (meta.get("sidecars") or writes_sidecar(str(meta.get("lmms_model")))))
+        problem = check_point_files(point_dir, tasks, need_sidecar).problem
+        if problem is None and meta is not None and meta.get("status") not in (None, "ok"):
+            problem = f"{POINT_FILE} says status {meta.get('status')!r}"
+        if problem is not None:
+            if excluded is not None:
+                excluded.append((point_dir.name, problem))
+            else:
+                _warn(f"skipping {point_dir.name}: {problem}")
+            continue
+        points.append(_load_point(point_dir, meta))
     if not points:
         _warn(f"no readable *_results.json under {sweep_dir}")
     return points
+
+
+def not_included(sweep_dir: str | Path, loaded: Sequence[str]) -> list[tuple[str, str]]:
+    """``(point id, reason)`` for the points the sweep knows of but that have no loaded result: the
+    last failure recorded under ``_failed/``, or the status in ``sweep.json`` (pending, redo)."""
+    sweep_dir = Path(sweep_dir)
+    out: dict[str, str] = {}
+    for error in sorted((sweep_dir / "_failed").glob("*/error.json")):
+        data = _read_json(error) or {}
+        out[error.parent.name] = f"failed: {data.get('error') or 'see ' + str(error)}"
+    status = _read_json(sweep_dir / "sweep.json") if (sweep_dir / "sweep.json").is_file() else None
+    for pid, entry in ((status or {}).get("points") or {}).items():
+        if pid in out or not isinstance(entry, dict) or entry.get("status") == "done":
+            continue
+        state = entry.get("status", "pending")
+        out[pid] = "not run yet" if state == "pending" else f"{state}: {entry.get('error') or ''}".rstrip(": ")
+    return [(pid, why) for pid, why in out.items() if pid not in set(loaded)]

@@ -17,6 +17,7 @@ import fcntl
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,18 +33,23 @@ from typing import Any, TextIO
 
 import yaml
 
-from v2drop_eval.results import SIDECAR_GLOB
+from v2drop_eval.pointcheck import POINT_FILE, SIDECAR_GLOB, check_point_files, writes_sidecar
 from v2drop_eval.sweep import Point, SweepConfig
+from v2drop_eval.validate import local_model_problem
 
-__all__ = ["RunFn", "PointOutcome", "SweepReport", "run_sweep", "dry_run", "subprocess_run",
-           "check_point_output", "is_done", "SIDECAR_GLOB", "LOG_NAME", "POINT_FILE"]
+__all__ = ["RunFn", "PointOutcome", "SweepReport", "PrepareError", "run_sweep", "dry_run", "subprocess_run",
+           "check_point_output", "is_done", "point_state", "SIDECAR_GLOB", "LOG_NAME", "POINT_FILE"]
 
 # cmd, log file, environment, timeout (s) -> exit status. Tests pass a fake; real runs use subprocess_run.
 RunFn = Callable[[Sequence[str], Path, dict[str, str], "float | None"], int]
 LOG_NAME = "lmms_eval.log"
-POINT_FILE = "point.json"
 FAILED_DIR = "_failed"
 TMP_PREFIX = ".tmp-"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # lmms-eval colours its log lines
+
+
+class PrepareError(RuntimeError):
+    """The config's ``prepare`` step failed (or did not build what the models need)."""
 
 
 @dataclass
@@ -115,39 +121,42 @@ def subprocess_run(cmd: Sequence[str], log_path: Path, env: dict[str, str], time
 
 
 # -- checking a point's output ----------------------------------------------------------------------
-def check_point_output(workdir: Path, tasks: Sequence[str]) -> tuple[list[Path], list[Path], str | None]:
+def check_point_output(workdir: Path, tasks: Sequence[str], need_sidecar: bool = False
+                       ) -> tuple[list[Path], list[Path], str | None]:
     """``(results files, side-cars, error)``: lmms-eval exits 0 even when a run failed, so a point counts
-    only if a ``*_results.json`` exists and holds a result for every task."""
-    results = sorted(workdir.rglob("*_results.json"))
-    sidecars = sorted(workdir.rglob(SIDECAR_GLOB))
-    if not results:
-        return results, sidecars, "lmms-eval wrote no *_results.json"
-    found: set[str] = set()
-    for path in results:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            return results, sidecars, f"{path.name} is not valid JSON: {exc}"
-        found |= set(data.get("results") or {}) | set(data.get("groups") or {})
-    missing = [t for t in tasks if t not in found]
-    if missing:
-        return results, sidecars, f"no results for task(s) {', '.join(missing)}"
-    return results, sidecars, None
+    only if its output passes :func:`v2drop_eval.pointcheck.check_point_files`."""
+    found = check_point_files(workdir, tasks, need_sidecar)
+    return found.results, found.sidecars, found.problem
 
 
-def is_done(point_dir: Path) -> bool:
-    """A finished point: ``point.json`` says ok and the results files it names exist."""
+def point_state(point_dir: Path, tasks: Sequence[str] | None = None) -> tuple[str, str | None]:
+    """``("todo", None)`` (never finished), ``("done", None)``, or ``("redo", why)``: a finished point
+    whose files no longer pass the check (``tasks``: the config's, else those in ``point.json``)."""
+    if not point_dir.exists():
+        return "todo", None
     try:
         meta = json.loads((point_dir / POINT_FILE).read_text())
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError) as exc:
+        return ("todo", None) if not (point_dir / POINT_FILE).exists() else ("redo", f"{POINT_FILE}: {exc}")
+    if not isinstance(meta, dict) or meta.get("status") != "ok":
+        return "redo", f"{POINT_FILE} does not say status ok"
     files = meta.get("results_files") or []
-    return meta.get("status") == "ok" and bool(files) and all((point_dir / f).is_file() for f in files)
+    gone = [f for f in files if not (point_dir / f).is_file()]
+    if not files or gone:
+        return "redo", f"results file(s) missing: {', '.join(gone) or '(none listed)'}"
+    need_sidecar = bool(meta.get("sidecars")) or writes_sidecar(str(meta.get("lmms_model")))
+    problem = check_point_files(point_dir, tasks if tasks is not None else meta.get("tasks"), need_sidecar).problem
+    return ("redo", problem) if problem else ("done", None)
+
+
+def is_done(point_dir: Path, tasks: Sequence[str] | None = None) -> bool:
+    """A finished point whose files pass the check (see :func:`point_state`)."""
+    return point_state(point_dir, tasks)[0] == "done"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
     try:
-        text = path.read_text(errors="replace").rstrip().splitlines()
+        text = _ANSI.sub("", path.read_text(errors="replace")).rstrip().splitlines()
     except OSError:
         return ""
     return "\n".join(text[-lines:])
@@ -193,12 +202,20 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _prepare(cfg: SweepConfig, log: TextIO) -> None:
-    if not cfg.prepare:
-        return
-    module, _, func = cfg.prepare["call"].partition(":")
-    print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log, flush=True)
-    getattr(importlib.import_module(module), func)(**cfg.prepare["args"])
+def _prepare(cfg: SweepConfig, points: Sequence[Point], log: TextIO) -> None:
+    """Run the config's ``prepare`` step; then every local model folder must exist."""
+    if cfg.prepare:
+        call = cfg.prepare["call"]
+        module, _, func = call.partition(":")
+        print(f"prepare: {call}({cfg.prepare['args']})", file=log, flush=True)
+        try:
+            getattr(importlib.import_module(module), func)(**cfg.prepare["args"])
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's step is reported as one
+            raise PrepareError(f"prepare step {call} failed: {type(exc).__name__}: {exc}") from exc
+    for model in {p.model.name: p.model for p in points}.values():
+        problem = local_model_problem(model.pretrained)
+        if problem:
+            raise PrepareError(f"model {model.name}: {problem}" + (" after the prepare step" if cfg.prepare else ""))
 
 
 # -- the sweep -------------------------------------------------------------------------------------
@@ -211,8 +228,8 @@ def dry_run(cfg: SweepConfig, points: Sequence[Point], out: Path, log: TextIO | 
     if cfg.prepare:
         print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log)
     for i, p in enumerate(points, 1):
-        state = "done" if is_done(out / p.id) else "todo"
-        print(f"[{i}/{len(points)}] {p.id} ({state})", file=log)
+        state, why = point_state(out / p.id, cfg.tasks)
+        print(f"[{i}/{len(points)}] {p.id} ({'to redo: ' + why if why else state})", file=log)
         print(f"    {cfg.shell_command(p, out / (TMP_PREFIX + p.id))}", file=log)
     log.flush()
 
@@ -228,6 +245,9 @@ def run_sweep(
     """Run every point not yet done, in order (``jobs`` at a time, default the config's ``jobs``);
     a failed point is recorded and the sweep goes on."""
     log = log or sys.stdout
+    jobs = cfg.jobs if jobs is None else jobs
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} is not allowed; give an integer >= 1 (points run at the same time)")
     out = Path(out if out is not None else cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
@@ -235,7 +255,7 @@ def run_sweep(
             print(f"removing {stale.name}, left by an interrupted run", file=log)
             _remove(stale)
         (out / "sweep.yaml").write_text(yaml.safe_dump(cfg.raw, sort_keys=False))
-        return _run_locked(cfg, list(points), out, runner, log, jobs or cfg.jobs)
+        return _run_locked(cfg, list(points), out, runner, log, jobs)
 
 
 _STATUS_LOCK = threading.Lock()
@@ -256,8 +276,14 @@ def _write_status_locked(cfg: SweepConfig, points: Sequence[Point], out: Path, s
         entries = {}
     for p in points:
         entry: dict[str, Any] = {"status": "pending"}
-        if is_done(out / p.id):
+        previous = entries.get(p.id) if isinstance(entries.get(p.id), dict) else {}
+        state, why = point_state(out / p.id, cfg.tasks)
+        if state == "done":
             entry = {"status": "done"}
+            if "seconds" in previous and previous.get("status") == "done":  # a run of an earlier sweep
+                entry["seconds"] = previous["seconds"]
+        elif state == "redo":
+            entry = {"status": "redo", "error": why}
         elif (out / FAILED_DIR / p.id / "error.json").is_file():
             try:
                 err = json.loads((out / FAILED_DIR / p.id / "error.json").read_text())
@@ -304,13 +330,18 @@ class _Progress:
 def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn, log: TextIO,
                 jobs: int) -> SweepReport:
     total = len(points)
-    todo = {p.id for p in points if not is_done(out / p.id)}
-    print(f"sweep {cfg.name}: {total} points, {total - len(todo)} done already, {len(todo)} to run -> {out}"
+    states = {p.id: point_state(out / p.id, cfg.tasks) for p in points}
+    todo = {pid for pid, (state, _) in states.items() if state != "done"}
+    redo = [pid for pid in todo if states[pid][0] == "redo"]
+    print(f"sweep {cfg.name}: {total} points, {total - len(todo)} done already, {len(todo)} to run"
+          + (f" ({len(redo)} to redo)" if redo else "") + f" -> {out}"
           + (f" ({jobs} at a time)" if jobs > 1 and todo else ""), file=log, flush=True)
     for note in cfg.notes:
         print(f"note: {note}", file=log)
+    for pid in redo:
+        print(f"redo {pid}: {states[pid][1]}", file=log, flush=True)
     if todo:
-        _prepare(cfg, log)
+        _prepare(cfg, [p for p in points if p.id in todo], log)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **cfg.env}
     progress = _Progress(total, len(todo), jobs, log)
     cancel = threading.Event()
@@ -378,7 +409,7 @@ def _run_point(cfg: SweepConfig, point: Point, out: Path, runner: RunFn, env: di
     if cancel is not None and cancel.is_set():
         _remove(tmp)
         return PointOutcome(point, "cancelled", seconds)
-    results, sidecars, error = check_point_output(tmp, cfg.tasks)
+    results, sidecars, error = check_point_output(tmp, cfg.tasks, writes_sidecar(point.model.model))
     if rc != 0:
         error = f"lmms-eval exited with status {rc}" + (f" ({error})" if error else "")
     meta = {
@@ -404,5 +435,5 @@ def _run_point(cfg: SweepConfig, point: Point, out: Path, runner: RunFn, env: di
     failed.parent.mkdir(exist_ok=True)
     _remove(failed)
     os.replace(tmp, failed)
-    last = tail.splitlines()[-1] if tail else ""
+    last = tail.splitlines()[-1].strip() if tail else ""
     return PointOutcome(point, "failed", seconds, error + (f"; last log line: {last[:200]}" if last else ""))

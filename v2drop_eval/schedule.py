@@ -13,14 +13,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-__all__ = ["DropSchedule", "Adaptive", "PRESETS", "kept_count"]
+__all__ = ["DropSchedule", "Adaptive", "PRESETS", "kept_count", "format_ratio", "parse_ratio"]
 
 
 def kept_count(alive: int, keep_ratio: float) -> int:
     """``floor(alive * keep_ratio)`` computed on the ratio's decimal form, free of float round-off."""
     return math.floor(alive * Fraction(repr(float(keep_ratio))))
+
+
+def format_ratio(value: float) -> str:
+    """The shortest text that reads back as ``value`` (``0.1736112``, ``0.5``, ``0``, ``1e-05``): every
+    digit the schedule was written with, never rounded (``:g`` kept 6 significant digits)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def parse_ratio(text: str) -> float:
+    """A number written as ``text``, refused unless the float holds exactly that decimal, so that the
+    schedule that runs is the one written (``1e-400`` would run as 0, ``0.12345678901234567891`` as
+    ``0.12345678901234568``)."""
+    value = float(text)  # ValueError for non-numbers: the caller names the stage
+    if not math.isfinite(value):
+        return value  # the range check refuses it, naming the allowed range
+    try:
+        written = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a decimal number") from None
+    if value == 0 and written != 0:
+        raise ValueError(f"{text!r} is too small to represent: it would run as 0 (write 0 to drop everything)")
+    if Decimal(repr(value)) != written:
+        raise ValueError(f"{text!r} cannot be represented exactly: it would run as {format_ratio(value)} "
+                         "(give at most 15 significant digits)")
+    return value
 
 
 # Published V2Drop schedules (docs/design.md §1) and the Qwen2-VL budgets derived from them.
@@ -77,7 +104,7 @@ class Adaptive:
             )
 
     def __str__(self) -> str:
-        return f"t{self.threshold:g}:{self.min_ratio:g}:{self.max_ratio:g}"
+        return f"t{format_ratio(self.threshold)}:{format_ratio(self.min_ratio)}:{format_ratio(self.max_ratio)}"
 
     def __format__(self, spec: str) -> str:
         return str(self)
@@ -136,13 +163,15 @@ class DropSchedule:
                 if not sep:
                     raise ValueError
                 if ratio_s.startswith("t"):
-                    threshold, lo, hi = (float(x) for x in ratio_s[1:].split(":"))
+                    threshold, lo, hi = (parse_ratio(x) for x in ratio_s[1:].split(":"))
                     stages.append((int(layer_s), Adaptive(threshold, lo, hi)))
                 else:
-                    stages.append((int(layer_s), float(ratio_s)))
+                    stages.append((int(layer_s), parse_ratio(ratio_s)))
             except ValueError as err:
                 if "adaptive" in str(err):
                     raise
+                if "represent" in str(err):
+                    raise ValueError(f"schedule stage {part!r} in {text!r}: {err}") from None
                 raise ValueError(
                     f"schedule stage {part!r} in {text!r} is not 'layer:keep_ratio' or 'layer:tTHRESHOLD:MIN:MAX'; "
                     "expected stages like '3:0.5/17:0.3/22:0' or '3:t1.0:0.1:0.6/22:0' (integer layer >= 1, "
@@ -191,7 +220,7 @@ class DropSchedule:
 
     def slug(self) -> str:
         """A file-name-safe form: ``3-0.5_17-0.3_22-0`` (adaptive: ``3-t1-0.1-0.6``)."""
-        return "_".join(f"{layer}-{str(r).replace(':', '-') if isinstance(r, Adaptive) else f'{r:g}'}"
+        return "_".join(f"{layer}-{str(r).replace(':', '-') if isinstance(r, Adaptive) else format_ratio(r)}"
                         for layer, r in self.stages) or "none"
 
     def check_depth(self, num_layers: int) -> None:
@@ -234,7 +263,8 @@ class DropSchedule:
         return sum(per_layer) / len(per_layer)
 
     def __str__(self) -> str:
-        return "/".join(f"{layer}:{ratio:g}" for layer, ratio in self.stages) or "none"
+        return "/".join(f"{layer}:{ratio if isinstance(ratio, Adaptive) else format_ratio(ratio)}"
+                        for layer, ratio in self.stages) or "none"
 
 
 def _budget_key(budget: int | str) -> int | str:

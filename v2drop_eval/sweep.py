@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from v2drop_eval.schedule import FAMILY_ALIASES, DropSchedule
+from v2drop_eval.validate import METHODS, METRICS, check_drop_method, local_model_problem
 
 __all__ = [
     "METHODS",
@@ -35,8 +36,6 @@ __all__ = [
     "schedule_slug",
 ]
 
-METHODS = ("none", "v2drop", "random", "fastv")
-METRICS = ("l2", "l1", "cosine")
 # lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
 FAMILY_MODELS = {
     "llava": "v2drop_llava",
@@ -325,6 +324,12 @@ def parse_config(
         num_processes=num_processes, jobs=jobs, include_path=include_path, lmms_eval_args=extra,
         env={str(k): str(v) for k, v in env.items()}, timeout=timeout, prepare=prepare, raw=raw,
     )
+    for i, model in enumerate(models):
+        problem = local_model_problem(model.pretrained)
+        if problem and prepare:  # the prepare step may build it; the runner checks again after it
+            cfg.notes.append(f"model {model.name}: {problem} yet (prepare {prepare['call']} is to build it)")
+        elif problem:
+            errors.append(f"models[{i}] ({model.name}): {problem}")
     for m in methods:
         if m != "none" and not cfg.grid(m)["budgets"] and not cfg.grid(m)["schedules"]:
             errors.append(f"budgets/schedules: method {m!r} needs at least one budget or schedule")
@@ -348,10 +353,12 @@ def _parse_metrics(value: Any, where: str, errors: list[str]) -> list[str]:
 def _parse_seeds(value: Any, where: str, errors: list[str]) -> list[int]:
     seeds = []
     for s in _as_list(value, where, errors):
-        if isinstance(s, bool) or not isinstance(s, int):
-            errors.append(f"{where}: {s!r} is not an integer")
+        try:
+            check_drop_method("random", seed=s)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
         else:
-            seeds.append(s)
+            seeds.append(int(s))
     return seeds
 
 
@@ -437,7 +444,10 @@ def _parse_models(value: Any, errors: list[str]) -> list[ModelSpec]:
             errors.append(f"{where}: model_args must be a mapping")
             margs = {}
         for k, v in margs.items():
-            if k in _OWN_MODEL_ARGS:
+            if k == "sidecar":
+                errors.append(f"{where}: model_args.sidecar: the sweep keeps each point's side-car beside its "
+                              "results, where it checks it")
+            elif k in _OWN_MODEL_ARGS:
                 errors.append(f"{where}: model_args.{k} is set by the sweep; use the config keys instead")
             if "," in str(v) or "=" in str(k) or "," in str(k):
                 errors.append(f"{where}: model_args.{k}={v!r}: lmms-eval splits model args on ',' and '='")

@@ -12,17 +12,20 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from v2drop_eval.results import PointResult, adaptive_points, complexity, load_sweep
+from v2drop_eval.results import PointResult, adaptive_points, complexity, load_sweep, not_included
 
 __all__ = [
     "HEADLINE",
     "TASK_LABELS",
     "build_tables",
+    "write_tables",
+    "TablesBuilt",
     "accuracy_table",
     "complexity_table",
     "efficiency_table",
@@ -325,12 +328,26 @@ def to_latex(df: pd.DataFrame, caption: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(df: pd.DataFrame, out: Path, stem: str, caption: str) -> list[Path]:
+def _write(df: pd.DataFrame, out: Path, stem: str, caption: str,
+           missing: Sequence[tuple[str, str]] = ()) -> list[Path]:
+    """``stem.md``, ``.csv``, ``.tex``; the points left out are listed under the Markdown table and as
+    LaTeX comments (the CSV holds rows only)."""
     paths = [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.tex"]
-    paths[0].write_text(f"<!-- {caption} -->\n" + to_markdown(df))
-    df.to_csv(paths[1], index=False)
-    paths[2].write_text(to_latex(df, caption))
+    md = f"<!-- {caption} -->\n" + to_markdown(df)
+    tex = to_latex(df, caption)
+    if missing:
+        md += f"\nNot included ({len(missing)}):\n\n" + "".join(f"- `{pid}`: {why}\n" for pid, why in missing)
+        tex += "".join(f"% not included: {pid}: {' '.join(why.split())}\n" for pid, why in missing)
+    _write_text(paths[0], md)
+    _write_text(paths[1], df.to_csv(index=False))
+    _write_text(paths[2], tex)
     return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: perception + cognition, of 2800); "
@@ -344,24 +361,37 @@ COMPLEXITY_CAPTION = ("Adaptive schedules: layer-averaged vision tokens kept per
                       "with N objects.")
 
 
-def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
-                 headline: Mapping[str, str] | None = None) -> list[Path]:
+@dataclass
+class TablesBuilt:
+    """What :func:`write_tables` wrote, the points it left out ``(id, reason)``, and the models whose
+    reference (``none``) point is among them or absent (their speed-up and Average are blank)."""
+
+    written: list[Path] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    no_reference: list[str] = field(default_factory=list)
+
+
+def write_tables(sweep_dir: str | Path, output: str | Path | None = None,
+                 headline: Mapping[str, str] | None = None) -> TablesBuilt:
     """Write accuracy/efficiency tables (md, csv, tex) and plots (png) under ``sweep_dir/tables``.
 
-    Missing or corrupt files are named in a warning (printed) and skipped; this never raises on them.
+    A point that failed, is not run yet, or whose files do not pass the sweep's check is left out and
+    listed under each table with the reason; other bad files are named in a printed warning.
     """
     from v2drop_eval import plots
 
     sweep_dir = Path(sweep_dir)
     out = Path(output) if output is not None else sweep_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)
+    built = TablesBuilt()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        points = load_sweep(sweep_dir)
+        points = load_sweep(sweep_dir, built.missing)
+        built.missing += not_included(sweep_dir, [p.point_id for p in points] + [m for m, _ in built.missing])
         acc = accuracy_table(points, headline)
         eff = efficiency_table(points)
-        written = _write(acc, out, "accuracy", ACCURACY_CAPTION)
-        written += _write(eff, out, "efficiency", EFFICIENCY_CAPTION)
+        written = _write(acc, out, "accuracy", ACCURACY_CAPTION, built.missing)
+        written += _write(eff, out, "efficiency", EFFICIENCY_CAPTION, built.missing)
         written += plots.tradeoff_plot(acc, eff, out / "tradeoff.png")
         written += plots.vision_tokens_plot(points, out / "vision_tokens.png")
         written += plots.complexity_plot(points, out / "tokens_vs_complexity.png")
@@ -371,4 +401,14 @@ def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
     for w in caught:
         if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
             print(f"warning: {w.message}")
-    return written
+    built.written = written
+    models = {_key(p)["model"] for p in points} | {pid.split("__")[0] for pid, _ in built.missing}
+    with_reference = {_key(p)["model"] for p in points if p.meta.get("method") == "none"}
+    built.no_reference = sorted(models - with_reference)
+    return built
+
+
+def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
+                 headline: Mapping[str, str] | None = None) -> list[Path]:
+    """:func:`write_tables`, returning only the files written."""
+    return write_tables(sweep_dir, output, headline).written

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from v2drop_eval.schedule import DropSchedule
+from v2drop_eval.validate import METHODS, METRICS, as_int, check_drop_method, local_model_problem
 
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
            "allowed_args"]
 
-METHODS = ("v2drop", "random", "fastv", "none")
-METRICS = ("l2", "l1", "cosine")
 OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup")
 
 # family -> (model_type values of checkpoints it accepts, lmms-eval model name, preset family)
@@ -95,25 +94,19 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
         raise _fail(model_name, f"unknown model argument(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
     method = str(kwargs.pop("method", "v2drop")).strip().lower()
-    if method not in METHODS:
-        raise _fail(model_name, f"method={method!r} is not allowed; allowed: {'|'.join(METHODS)}")
-
     metric = kwargs.pop("metric", None)
-    if metric is not None:
-        metric = str(metric).strip().lower()
-        if metric not in METRICS:
-            raise _fail(model_name, f"metric={metric!r} is not allowed; allowed: {'|'.join(METRICS)}")
-        if method != "v2drop":
-            raise _fail(model_name, f"metric={metric} applies to method=v2drop only, not method={method}")
-    elif method == "v2drop":
+    metric = None if metric is None else str(metric).strip().lower()
+    seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
+    try:
+        check_drop_method(method, metric, seed)
+    except ValueError as exc:
+        raise _fail(model_name, str(exc)) from None
+    if method == "v2drop" and metric is None:
         metric = "l2"
-
-    seed = kwargs.pop("seed", None)
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise _fail(model_name, f"seed={seed!r} is not an integer")
-        if method not in ("random",):
-            raise _fail(model_name, f"seed={seed} applies to method=random only, not method={method}")
+    if method != "v2drop":
+        metric = None  # the default metric, handed to a method that ranks without one
+    if method != "random" and seed is not None:
+        seed = None
 
     warmup = kwargs.pop("warmup", 1)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -167,6 +160,9 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
 
     model_name = FAMILIES[args.family][1]
     accepted = FAMILIES[args.family][0]
+    problem = local_model_problem(str(pretrained))
+    if problem:  # before transformers, which would report a missing folder as a bad repo id
+        raise _fail(model_name, problem)
     config = AutoConfig.from_pretrained(pretrained, **config_kwargs)
     model_type = getattr(config, "model_type", None)
     if model_type not in accepted:

@@ -22,7 +22,7 @@ from typing import Any
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
-from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
+from v2drop_eval.plugin.args import FAMILIES, DropArgs, check_checkpoint, pop_drop_args
 
 __all__ = ["V2DropMixin"]
 
@@ -41,8 +41,17 @@ class V2DropMixin:
     def _v2drop_pop_args(self, kwargs: dict[str, Any], pretrained: str, parent: type,
                          extra: Sequence[str] = (), **config_kwargs: Any) -> DropArgs:
         """Pop and check our model arguments, and the checkpoint's config, before any weights load."""
+        from v2drop_eval.measure import prepare_sidecar
+
         args = pop_drop_args(kwargs, self._v2drop_family, parent, extra)
         args = check_checkpoint(args, pretrained, **config_kwargs)
+        if args.sidecar:  # now, not after the last item: a path it cannot write would lose the run's records
+            try:
+                note = prepare_sidecar(args.sidecar)
+            except ValueError as exc:
+                raise ValueError(f"{FAMILIES[self._v2drop_family][1]}: {exc}") from None
+            if note:
+                eval_logger.info(f"V2Drop: {note}")
         _cpu_defaults(kwargs)
         return args
 
@@ -143,7 +152,12 @@ class V2DropMixin:
 
         from v2drop_eval.measure import summarize
 
-        path = self._v2drop_log.flush()
+        try:
+            path = self._v2drop_log.flush()
+        except OSError as exc:  # lmms-eval still writes the scores; the sweep sees the side-car missing
+            eval_logger.error(f"V2Drop: could not write the side-car {self._v2drop_log.path} "
+                              f"({self._v2drop_log.how}): {exc}")
+            path = None
         if path is not None:
             eval_logger.info(f"V2Drop: {len(self._v2drop_log.records)} sample records in {path} "
                              f"({self._v2drop_log.how})")
