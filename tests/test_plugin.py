@@ -165,8 +165,6 @@ def test_method_metric_rule_is_shared():
     check_drop_method("random", "l2", 0)  # attach's defaults, handed to any method
 
 
-@pytest.mark.xfail(reason="needs the one-line call to validate.check_drop_method in engine.DropHandle.__init__",
-                   strict=False)
 def test_attach_refuses_a_metric_its_method_ignores():
     from tiny import tiny_llava
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval import flops
+from v2drop_eval import flops, validate
 from v2drop_eval.adapters import forward_takes
 from v2drop_eval.engine import attach
 from v2drop_eval.schedule import PRESET_SHAPES, DropSchedule, kept_count
@@ -60,7 +60,7 @@ SHAPES: dict[str, Shape] = {
                   dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)),
 }
 VISION_TOKENS = 576
-METHODS = ("none", "v2drop", "random", "fastv")
+METHODS = ("none", *(m for m in validate.METHODS if m != "none"))  # the reference first
 
 
 def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int) -> DropSchedule:
@@ -446,7 +446,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--attn", default=None, help="comma list (default sdpa,eager; on cuda also flash_attention_2)")
     p.add_argument("--batch-sizes", default="1,8", help="comma list (default 1,8)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of none,v2drop,random,fastv")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--budgets", default=None, help="comma list (default: every preset of the family)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

@@ -27,11 +27,10 @@ from transformers.cache_utils import DynamicCache
 from v2drop_eval import contract
 from v2drop_eval.adapters import ModelAdapter, adapter_for
 from v2drop_eval.schedule import Adaptive, DropSchedule
-from v2drop_eval.scorers import METRICS, FastVRecorder, random_scores, variation
+from v2drop_eval.scorers import FastVRecorder, random_scores, variation
+from v2drop_eval.validate import METHODS, check_drop_method
 
 __all__ = ["attach", "DropHandle", "METHODS"]
-
-METHODS = ("v2drop", "random", "fastv", "none")
 
 
 def attach(
@@ -81,10 +80,7 @@ class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them."""
 
     def __init__(self, model: nn.Module, schedule: DropSchedule | str, method: str, metric: str, seed: int):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+        check_drop_method(method, metric, seed)
         schedule = DropSchedule.parse(schedule)
         self.adapter: ModelAdapter = adapter_for(model)
         if getattr(model, "_v2drop_handle", None) is not None:

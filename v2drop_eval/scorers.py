@@ -18,9 +18,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-__all__ = ["METRICS", "variation", "random_scores", "FastVRecorder"]
+from v2drop_eval.validate import METRICS
 
-METRICS = ("l2", "l1", "cosine")
+__all__ = ["METRICS", "variation", "random_scores", "FastVRecorder"]
 
 
 def variation(h_now: torch.Tensor, h_prev: torch.Tensor, metric: str = "l2") -> torch.Tensor:
