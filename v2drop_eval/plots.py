@@ -18,55 +18,85 @@ from v2drop_eval.results import PointResult, adaptive_points, complexity  # noqa
 __all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot"]
 
 _METHOD_STYLE = {"none": ("k", "*"), "v2drop": ("tab:red", "o"), "random": ("tab:gray", "s"), "fastv": ("tab:blue", "^")}
+_OTHER_STYLES = [("tab:green", "D"), ("tab:purple", "v"), ("tab:orange", "P"), ("tab:brown", "X")]
+
+
+def _style(method: str) -> tuple[str, str]:
+    """A fixed colour and marker per method; methods without one get the next free pair."""
+    if method not in _METHOD_STYLE:
+        _METHOD_STYLE[method] = _OTHER_STYLES[(len(_METHOD_STYLE) - 4) % len(_OTHER_STYLES)]
+    return _METHOD_STYLE[method]
 
 
 def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.6), squeeze=False)
     return fig, list(axes[0])
 
 
+def _legend_below(ax: plt.Axes, n: int) -> None:
+    """Outside the data area, so it never covers a point."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if n > 3 else 1,
+                  frameon=False)
+
+
+def _save(fig: plt.Figure, path: Path) -> list[Path]:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
+
+
 def tradeoff_plot(accuracy: pd.DataFrame, efficiency: pd.DataFrame, path: Path) -> list[Path]:
-    """Average accuracy (% of unpruned) vs prefill TFLOPs, one curve per method, one panel per model."""
+    """Average accuracy (% of unpruned) against prefill FLOPs (% of unpruned), one panel per model and
+    one line per method through its fixed schedules; adaptive schedules as separate markers; the
+    unpruned point starred at (100, 100). Without an unpruned point the x-axis is absolute TFLOPs."""
     if accuracy.empty or efficiency.empty:
         warnings.warn(f"no points to plot; {path.name} not written", stacklevel=2)
         return []
     df = accuracy[["point", "model", "method", "setting", "metric", "seed", "Average"]].merge(
         efficiency[["point", "prefill_tflops"]], on="point", how="left")
+    df["prefill_tflops"] = pd.to_numeric(df["prefill_tflops"], errors="coerce")
     models = list(dict.fromkeys(df["model"]))
     fig, axes = _grid(len(models))
     for ax, model in zip(axes, models, strict=True):
-        sub = df[df["model"] == model].assign(kind=lambda d: d["setting"].map(_kind))
-        groups = sub.groupby(["method", "metric", "seed", "kind"], sort=False, dropna=False)
-        for (method, metric, seed, kind), g in groups:
-            g = g.dropna(subset=["prefill_tflops", "Average"]).sort_values("prefill_tflops")
-            if g.empty:
-                continue
-            color, marker = _METHOD_STYLE.get(method, ("tab:green", "D"))
+        sub = df[df["model"] == model].dropna(subset=["prefill_tflops", "Average"])
+        ref = sub.loc[sub["method"] == "none", "prefill_tflops"]
+        relative = not ref.empty and float(ref.iloc[0]) > 0
+        sub = sub.assign(x=sub["prefill_tflops"] / float(ref.iloc[0]) * 100 if relative else sub["prefill_tflops"],
+                         kind=sub["setting"].map(_kind))
+        n_lines = 0
+        for (method, metric, seed, kind), g in sub.groupby(["method", "metric", "seed", "kind"], sort=False,
+                                                            dropna=False):
+            g = g.sort_values("x")
+            color, marker = _style(method)
             label = method + (f" ({metric})" if metric else "") + (f" seed {seed}" if seed != "" else "")
-            curve = kind == "budget" and len(g) > 1
-            ax.plot(g["prefill_tflops"], g["Average"], marker=marker if kind != "schedule" else "x", color=color,
-                    linestyle="-" if curve else "none", markersize=9 if method == "none" else 6,
-                    label=label + (" schedules" if kind == "schedule" else ""))
-            for _, r in g.iterrows():
-                if r["setting"] != "full":
-                    ax.annotate(str(r["setting"]), (r["prefill_tflops"], r["Average"]), fontsize=7,
-                                textcoords="offset points", xytext=(4, 4))
+            if method == "none":
+                ax.plot(g["x"], g["Average"], marker=marker, color=color, linestyle="none", markersize=12,
+                        label="unpruned", zorder=5)
+                ax.axhline(100.0, color=color, linewidth=0.8, linestyle=":", zorder=1)
+            elif kind == "adaptive":
+                ax.plot(g["x"], g["Average"], marker=marker, color=color, linestyle="none", markersize=8,
+                        markerfacecolor="none", label=label + ", adaptive")
+            else:
+                ax.plot(g["x"], g["Average"], marker=marker, color=color, linestyle="-", markersize=6, label=label)
+            n_lines += 1
         ax.set_title(str(model))
-        ax.set_xlabel("prefill TFLOPs per item (2 x MACs, LLM decoder)")
+        ax.set_xlabel("prefill FLOPs, % of unpruned (LLM decoder, 2 x MACs)" if relative
+                      else "prefill TFLOPs per item (LLM decoder, 2 x MACs)")
         ax.set_ylabel("average accuracy, % of unpruned")
+        if relative:
+            ax.set_xlim(0, 105)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _legend_below(ax, n_lines)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(fig, path)
 
 
 def _kind(setting: str) -> str:
+    """``full`` (unpruned), ``adaptive`` (a ``layer:tT:MIN:MAX`` stage) or ``fixed`` (a budget or ratios)."""
     if setting == "full":
         return "full"
-    return "budget" if str(setting).isalnum() else "schedule"
+    return "adaptive" if ":t" in str(setting) else "fixed"
 
 
 def _mean_profile(samples: pd.DataFrame) -> list[float] | None:
@@ -95,7 +125,7 @@ def vision_tokens_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
         setting = m.get("schedule") or (f"budget {m['budget']}" if m.get("budget") is not None else "unpruned")
         model = str(m.get("model_name") or p.point_id.split("__")[0])
         labels = curves.setdefault(model, {}).setdefault(tuple(round(v, 3) for v in profile), [])
-        labels.append(f"{m['method']} {setting}" if m["method"] != "none" else setting)
+        labels.append(f"{setting} ({m['method']})" if m["method"] != "none" else setting)
     if not curves:
         warnings.warn(f"no vision-token profiles found; {path.name} not written", stacklevel=2)
         return []
@@ -104,7 +134,10 @@ def vision_tokens_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
         ordered = sorted(lines.items(), key=lambda kv: -sum(kv[0]))
         for profile, labels in ordered:
             unique = list(dict.fromkeys(labels))
-            label = ", ".join(unique[:3]) + (f" (+{len(unique) - 3})" if len(unique) > 3 else "")
+            # Points with one profile share a line: "2:0.25 (fastv, random, v2drop)".
+            settings = list(dict.fromkeys(u.split(" (")[0] for u in unique))
+            methods = sorted({u.split(" (")[1].rstrip(")") for u in unique if " (" in u})
+            label = ", ".join(settings) + (f" ({', '.join(methods)})" if methods else "")
             style = "--" if "unpruned" in unique else "-"
             ax.stairs(profile, range(len(profile) + 1), baseline=None, linestyle=style, label=label, linewidth=1.6)
         ax.set_title(model)
@@ -113,11 +146,9 @@ def vision_tokens_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
         ax.set_ylim(bottom=0)
         ax.set_xlim(0, max(len(p) for p in lines))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=1 if len(lines) < 8 else 2)
+        _legend_below(ax, len(lines))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(fig, path)
 
 
 def complexity_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
@@ -154,9 +185,6 @@ def complexity_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
         ax.set_ylabel("vision tokens kept (layer average, per item)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        _legend_below(ax, len(ax.get_legend_handles_labels()[0]))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(fig, path)
