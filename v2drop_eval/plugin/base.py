@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,20 +88,14 @@ class V2DropMixin:
         ctx = args[0]
         return (-len(self.tokenizer.encode(ctx)), ctx) if isinstance(ctx, str) else (0, "")
 
-    def _v2drop_batches(self, requests: Sequence[Any]) -> list[list[int]]:
-        """Request indices in batches: grouped by generation kwargs (first appearance first), each
-        group sorted by ``_v2drop_sort_key`` (stable), cut into ``batch_size`` pieces."""
-        groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            gen = req.args[self._v2drop_gen_kwargs_index]
-            key = json.dumps(gen, sort_keys=True, default=repr)
-            groups.setdefault(key, []).append(i)
-        n = max(int(self.batch_size), 1)
-        batches = []
-        for idx in groups.values():
-            idx = sorted(idx, key=lambda i: self._v2drop_sort_key(requests[i].args))
-            batches += [idx[k:k + n] for k in range(0, len(idx), n)]
-        return batches
+    def _v2drop_batches(self, requests: Sequence[Any]) -> Any:
+        """lmms-eval's own ``Collator``, as the parents batch: grouped by generation kwargs (first
+        appearance first), each group sorted by ``_v2drop_sort_key`` (stable), cut into ``batch_size``
+        pieces. ``get_original`` puts the answers back in request order."""
+        from lmms_eval.utils import Collator
+
+        return Collator(list(requests), lambda req: self._v2drop_sort_key(req.args),
+                        group_fn=lambda req: req.args[self._v2drop_gen_kwargs_index], grouping=True)
 
     def _v2drop_generate_batch(self, requests: list[Any]) -> list[Any]:
         """Answers for one batch, in the order given (one ``model.generate`` call)."""
@@ -115,12 +108,11 @@ class V2DropMixin:
         from v2drop_eval.measure import doc_complexity, sample_records
 
         logged_before = len(get_logged_metrics_history())
-        answers: list[Any] = [None] * len(requests)
+        answers: list[Any] = []
         batches = self._v2drop_batches(requests)
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="V2Drop responding")
         start = len(self._v2drop_log.records)
-        for idx in batches:
-            batch = [requests[i] for i in idx]
+        for batch in batches.get_batched(n=max(int(self.batch_size), 1)):
             while self._v2drop_warmup_left > 0:
                 with self._v2drop_timer.paused():
                     self._v2drop_generate_batch([_fresh(r, self._v2drop_gen_kwargs_index) for r in batch])
@@ -138,13 +130,14 @@ class V2DropMixin:
                 # (e.g. the parent swallowed an error) is not attributable to samples: say so.
                 eval_logger.warning(f"V2Drop: batch of {len(batch)} made {len(calls)} generate call(s) "
                                     f"({[c.batch_size for c in calls]} rows); its samples are not measured")
-            for i, ans in zip(idx, out, strict=True):
-                answers[i] = ans
+            if len(out) != len(batch):
+                raise RuntimeError(f"V2Drop: a batch of {len(batch)} requests got {len(out)} answers")
+            answers += out
             pbar.update(len(batch))
         pbar.close()
         self._v2drop_report(self._v2drop_log.records[start:],
                             parent_logs=len(get_logged_metrics_history()) > logged_before)
-        return answers
+        return batches.get_original(answers)
 
     def _v2drop_report(self, records: list[dict[str, Any]], parent_logs: bool) -> None:
         """Means into lmms-eval's throughput summary; every record into the side-car."""
