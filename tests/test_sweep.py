@@ -58,7 +58,7 @@ def test_expand_ids_and_args():
     cmd = cfg.command(by_id["m7b__fastv__b128"], "/o")
     assert cmd[1:] == ["-m", "lmms_eval", "--model", "v2drop_llava", "--model_args",
                        "pretrained=llava-hf/llava-1.5-7b-hf,method=fastv,budget=128", "--tasks", "gqa,pope",
-                       "--batch_size", "1", "--output_path", "/o"]
+                       "--batch_size", "1", "--output_path", "/o", "--log_samples"]
 
 
 def test_expand_schedules_and_seeds():
@@ -78,7 +78,7 @@ def test_expand_schedules_and_seeds():
     assert p.model_args() == "pretrained=x,method=v2drop,schedule=3:0.5/17:0.3/22:0,metric=l2,device_map=cpu"
     cmd = cfg.command(p, "/o")
     assert cmd[1:7] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "-m", "lmms_eval"]
-    assert cmd[-3:] == ["--limit", "8", "--log_samples"]
+    assert cmd[-3:] == ["--log_samples", "--limit", "8"]  # given in lmms_eval_args too: once
 
 
 def test_shipped_configs_are_valid():

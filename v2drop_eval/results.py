@@ -44,6 +44,7 @@ class PointResult:
     throughput: dict[str, Any] = field(default_factory=dict)
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)
     results_files: list[Path] = field(default_factory=list)
+    items: dict[str, pd.DataFrame] = field(default_factory=dict)  # task -> lmms-eval's per-item log, by doc_id
 
 
 def adaptive_points(points: Sequence[PointResult]) -> list[PointResult]:
@@ -101,6 +102,31 @@ def _read_sidecar(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _read_items(point_dir: Path) -> dict[str, pd.DataFrame]:
+    """lmms-eval's ``--log_samples`` files (``<timestamp>_samples_<task>.jsonl``): per task, one row per
+    document (``doc_id`` index) with its per-item metric values. Later runs override earlier ones."""
+    items: dict[str, pd.DataFrame] = {}
+    for path in sorted(point_dir.rglob("*_samples_*.jsonl")):
+        if "_v2drop_samples" in path.name:  # our side-car, not lmms-eval's log
+            continue
+        task = path.stem.split("_samples_", 1)[1]
+        rows = []
+        try:
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "doc_id" in row:
+                    rows.append(row)
+        except OSError as exc:
+            _warn(f"skipping {path}: {exc}")
+            continue
+        if rows:
+            items[task] = pd.DataFrame(rows).drop_duplicates("doc_id", keep="last").set_index("doc_id")
+    return items
+
+
 def _normalise_meta(meta: dict[str, Any]) -> dict[str, Any]:
     out = {k: meta.get(k) for k in _META_KEYS}
     for key in ("budget", "seed"):
@@ -152,7 +178,8 @@ def _load_point(point_dir: Path, meta: dict[str, Any] | None) -> PointResult:
     samples = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if meta is None:
         meta = _meta_from_run(point_dir.name, config, samples)
-    return PointResult(point_dir.name, point_dir, _normalise_meta(meta), results, throughput, samples, good)
+    return PointResult(point_dir.name, point_dir, _normalise_meta(meta), results, throughput, samples, good,
+                       _read_items(point_dir))
 
 
 def _point_dirs(sweep_dir: Path) -> list[Path]:

@@ -189,12 +189,13 @@ class SweepConfig:
             "--tasks", ",".join(self.tasks),
             "--batch_size", str(self.batch_size),
             "--output_path", str(output_path),
+            "--log_samples",  # per-item scores: the tables' intervals and paired comparisons
         ]
         if self.limit is not None:
             cmd += ["--limit", str(self.limit)]
         if self.include_path:
             cmd += ["--include_path", self.include_path]
-        return cmd + list(self.lmms_eval_args)
+        return cmd + [a for a in self.lmms_eval_args if a != "--log_samples"]  # on already
 
     def shell_command(self, point: Point, output_path: str | Path) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())

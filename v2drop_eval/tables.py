@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from v2drop_eval import stats
 from v2drop_eval.results import PointResult, adaptive_points, complexity, load_sweep, not_included
 
 __all__ = [
@@ -57,6 +58,9 @@ TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "te
 METHOD_LABELS = {"none": "Vanilla", "v2drop": "V2Drop", "random": "Random", "fastv": "FastV"}
 METHOD_ORDER = {"none": 0, "v2drop": 1, "random": 2, "fastv": 3}
 KEY_COLS = ["model", "method", "setting", "metric", "seed"]
+# Companion columns of a benchmark's score: its 95% interval from the per-item log (CSV keeps them as
+# columns; Markdown and LaTeX show "score [low, high]" in one cell).
+CI_LO, CI_HI = " 95% low", " 95% high"
 
 
 def _metric_value(task_metrics: Mapping[str, Any], name: str) -> float | None:
@@ -121,12 +125,15 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
     for p in points:
         row = _key(p)
         for task, metrics in p.results.items():
-            score, _ = headline_score(task, metrics, headline)
+            score, name = headline_score(task, metrics, headline)
             if score is None:
                 continue
             if task not in tasks:
                 tasks.append(task)
             row[task] = score
+            scores = item_scores(p, task, name, score)
+            if scores is not None:
+                _, row[task + CI_LO], row[task + CI_HI] = stats.mean_interval(scores.to_numpy())
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=[*KEY_COLS, "Average"])
@@ -143,8 +150,71 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
                     rel.append(100.0 * r[t] / ref)
         averages.append(sum(rel) / len(rel) if rel else math.nan)
     df["Average"] = averages
-    df = _sort(df[["point", *KEY_COLS, *tasks, "Average"]])
-    return df.rename(columns={t: TASK_LABELS.get(t, t) for t in tasks})
+    ci = [c for t in tasks for c in (t + CI_LO, t + CI_HI) if c in df.columns]
+    df = _sort(df[["point", *KEY_COLS, *tasks, "Average", *ci]])
+    labels = {t: TASK_LABELS.get(t, t) for t in tasks}
+    return df.rename(columns={**labels, **{t + sfx: labels[t] + sfx for t in tasks for sfx in (CI_LO, CI_HI)}})
+
+
+def item_scores(p: PointResult, task: str, metric: str, score: float) -> pd.Series | None:
+    """Per-item values of ``metric`` (on the table's scale) from lmms-eval's sample log, by ``doc_id``;
+    None without a log, or when the metric is not a mean of per-item numbers (MME, POPE F1): then the
+    items' mean would not be the score in the table."""
+    frame = p.items.get(task)
+    if frame is None or metric not in frame.columns:
+        return None
+    values = pd.to_numeric(frame[metric], errors="coerce").dropna()
+    if values.empty or len(values) != frame[metric].notna().sum():
+        return None
+    values = values * (100.0 if metric in FRACTION_METRICS else 1.0)
+    if not math.isclose(float(values.mean()), score, rel_tol=1e-6, abs_tol=1e-6):
+        return None
+    return values
+
+
+def comparison_table(points: Sequence[PointResult], headline: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Paired comparisons of the pruned methods at the same model and setting, per benchmark, on the
+    items both answered: the difference in points with its 95% paired bootstrap interval, the exact
+    McNemar p-value for 0/1 scores, and a verdict ("tie" when the interval spans 0)."""
+    by_setting: dict[tuple[str, str], list[PointResult]] = {}
+    for p in points:
+        k = _key(p)
+        if k["method"] != "none":
+            by_setting.setdefault((k["model"], k["setting"]), []).append(p)
+    rows = []
+    for (model, setting), group in by_setting.items():
+        group = sorted(group, key=lambda p: (METHOD_ORDER.get(p.meta["method"], 9), p.point_id))
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                for task in a.results:
+                    if task not in b.results:
+                        continue
+                    sa, name = headline_score(task, a.results[task], headline)
+                    sb, _ = headline_score(task, b.results[task], headline)
+                    xa = item_scores(a, task, name, sa) if sa is not None else None
+                    xb = item_scores(b, task, name, sb) if sb is not None else None
+                    if xa is None or xb is None:
+                        continue
+                    common = xa.index.intersection(xb.index)
+                    if common.empty:
+                        continue
+                    diff, lo, hi = stats.paired_difference(xa[common].to_numpy(), xb[common].to_numpy())
+                    scale = 100.0 if name in FRACTION_METRICS else 1.0
+                    p_value = stats.mcnemar_p(xa[common].to_numpy() / scale, xb[common].to_numpy() / scale)
+                    la, lb = _label(a), _label(b)
+                    verdict = "tie" if lo <= 0 <= hi else (f"{la} better" if diff > 0 else f"{lb} better")
+                    rows.append({"model": model, "setting": setting, "task": TASK_LABELS.get(task, task),
+                                 "a": la, "b": lb, "items": len(common), "score_a": float(xa[common].mean()),
+                                 "score_b": float(xb[common].mean()), "diff": diff, "diff" + CI_LO: lo, "diff" + CI_HI: hi,
+                                 "p": math.nan if p_value is None else p_value, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def _label(p: PointResult) -> str:
+    """A method's name in a comparison: its label, with its metric or seed where it has one."""
+    k = _key(p)
+    extra = k["metric"] or (f"seed {k['seed']}" if k["seed"] != "" else "")
+    return METHOD_LABELS.get(k["method"], k["method"]) + (f" ({extra})" if extra else "")
 
 
 def _task_order(tasks: list[str]) -> list[str]:
@@ -197,6 +267,8 @@ def _first(d: Mapping[str, Any], *keys: str) -> float:
     return math.nan
 
 
+COMPARISON_COLUMNS = {"task": "Benchmark", "a": "Method A", "b": "Method B", "score_a": "A", "score_b": "B",
+                      "diff": "A - B [95%]", "p": "McNemar p", "verdict": "Verdict"}
 EFFICIENCY_COLUMNS = {
     "items": "Items",
     "prefill_ms": "Prefill (ms)",
@@ -264,7 +336,7 @@ def complexity_table(points: Sequence[PointResult]) -> pd.DataFrame:
 # -- writers ---------------------------------------------------------------------------------------
 _KEY_LABELS = {"model": "Model", "method": "Method", "setting": "Tokens / schedule", "metric": "Metric",
                "seed": "Seed"}
-_DIGITS = {"corr": 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
+_DIGITS = {"p": 3, "corr": 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
            "paper_tmacs": 3}
 
 
@@ -278,10 +350,10 @@ def _fmt(value: Any, digits: int) -> str:
 
 def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
     """Header, formatted rows and which columns are numeric (method labels, empty key columns dropped)."""
-    cols = [c for c in df.columns if c != "point"]
+    cols = [c for c in df.columns if c != "point" and not c.endswith((CI_LO, CI_HI))]
     cols = [c for c in cols if not (c in ("metric", "seed") and (df[c].astype(str) == "").all())]
     numeric = [c not in _KEY_LABELS and c != "device" and pd.api.types.is_numeric_dtype(df[c]) for c in cols]
-    header = [_KEY_LABELS.get(c) or EFFICIENCY_COLUMNS.get(c) or c for c in cols]
+    header = [_KEY_LABELS.get(c) or EFFICIENCY_COLUMNS.get(c) or COMPARISON_COLUMNS.get(c) or c for c in cols]
     rows = []
     for _, r in df.iterrows():
         row = []
@@ -290,7 +362,12 @@ def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
             if c == "method":
                 row.append(METHOD_LABELS.get(v, str(v)))
             elif is_num:
-                row.append(_fmt(None if pd.isna(v) else float(v), _DIGITS.get(c, 1)))
+                digits = _DIGITS.get(c, 1)
+                text = _fmt(None if pd.isna(v) else float(v), digits)
+                lo, hi = r.get(c + CI_LO), r.get(c + CI_HI)
+                if lo is not None and hi is not None and not pd.isna(lo) and not pd.isna(hi):
+                    text += f" [{_fmt(float(lo), digits)}, {_fmt(float(hi), digits)}]"
+                row.append(text)
             else:
                 row.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) or v == "" else str(v))
         rows.append(row)
@@ -351,11 +428,15 @@ def _write_text(path: Path, text: str) -> None:
 
 
 ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: perception + cognition, of 2800); "
-                    "Average: mean over benchmarks of the score relative to the unpruned model, in %.")
+                    "[low, high]: 95% bootstrap interval over the items, where lmms-eval logged per-item scores of a "
+                    "mean metric; Average: mean over benchmarks of the score relative to the unpruned model, in %.")
 EFFICIENCY_CAPTION = ("Efficiency per item (batch timings shared among the batch's items). Prefill TFLOPs: "
                       "2 x MACs of the LLM decoder layers at prefill, every token counted; Paper TFLOPs: "
                       "MACs of the decoder layers counting vision tokens only (the papers' convention).")
 
+COMPARISON_CAPTION = ("Paired comparisons at the same model and setting, on the items both methods answered "
+                      "(lmms-eval --log_samples): diff = A - B in points with its 95% paired bootstrap interval "
+                      f"({stats.RESAMPLES} resamples); p: exact McNemar test (0/1 scores); tie when the interval spans 0.")
 COMPLEXITY_CAPTION = ("Adaptive schedules: layer-averaged vision tokens kept per item against image complexity. "
                       "corr: Pearson correlation with the object count (or edge density); kept@N: mean over items "
                       "with N objects.")
@@ -392,6 +473,9 @@ def write_tables(sweep_dir: str | Path, output: str | Path | None = None,
         eff = efficiency_table(points)
         written = _write(acc, out, "accuracy", ACCURACY_CAPTION, built.missing)
         written += _write(eff, out, "efficiency", EFFICIENCY_CAPTION, built.missing)
+        cmp = comparison_table(points, headline)
+        if not cmp.empty:
+            written += _write(cmp, out, "comparisons", COMPARISON_CAPTION)
         written += plots.tradeoff_plot(acc, eff, out / "tradeoff.png")
         written += plots.vision_tokens_plot(points, out / "vision_tokens.png")
         written += plots.complexity_plot(points, out / "tokens_vs_complexity.png")
