@@ -267,3 +267,15 @@ def test_slurm_submission_refused_is_one_line(tmp_path, capsys, fake_slurm):
     last = err.strip().splitlines()[-1]  # sbatch's own words come first
     assert last.startswith("error: slurm: submitting 3 point(s) failed: sbatch: error: invalid partition")
     assert not list((tmp_path / "sw").glob(".tmp-*"))
+
+
+def test_readme_cluster_example_is_a_valid_slurm_config():
+    text = (REPO / "README.md").read_text().split("### On a cluster", 1)[1]
+    raw = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    from v2drop_eval.executors import slurm_parameters
+    from v2drop_eval.sweep import parse_config
+
+    cfg = parse_config(raw, read_layers=False)
+    assert cfg.executor == "slurm" and len(expand(cfg)) == 10
+    params = slurm_parameters(cfg)
+    assert params["gpus_per_node"] == 1 and params["partition"] == "gpu" and params["mem"] == "65536MB"

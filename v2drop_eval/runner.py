@@ -5,7 +5,9 @@ Layout under the sweep directory ``OUT``:
 - ``OUT/<point-id>/``: a finished point: lmms-eval's ``<model>/<timestamp>_results.json``, the plugin's
   side-car JSONL, ``lmms_eval.log`` and ``point.json``. The folder appears only by an atomic rename of
   ``OUT/.tmp-<point-id>/`` once the run has exited 0 *and* written results for every task, so a point
-  killed half-way is never counted as done; its temp folder is removed on the next run.
+  killed half-way is never counted as done; its temp folder is removed on the next run, unless it
+  holds a ``job.json`` whose job is still queued or running (executors ``local``/``slurm``, see
+  :mod:`v2drop_eval.dispatch`; their logs are under ``OUT/.submitit/<job id>/``).
 - ``OUT/_failed/<point-id>/``: the last failed attempt (its log and ``error.json``); retried next run.
 - ``OUT/sweep.json``: the status of every point, rewritten after each one; ``OUT/sweep.yaml``: the config.
 """
