@@ -172,6 +172,23 @@ def test_killed_sweep_leaves_its_jobs_running_and_the_rerun_waits_for_them(tmp_p
     assert all(is_done(out / p) for p in (NONE, V2DROP, FASTV))
 
 
+
+def test_sigterm_cancels_local_jobs_and_leaves_nothing_half_done(tmp_path):
+    pytest.importorskip("submitit")
+    path = write_cfg(tmp_path, executor="local", jobs=2, methods=["none", "v2drop"])
+    out = tmp_path / "sw"
+    proc = cli("sweep", str(path), env={"FAKE_LMMS_SLOW": "pretrained", "FAKE_LMMS_SLEEP": "60"})
+    wait_for(lambda: len(list(out.glob(".tmp-*/v2drop_llava/partial.txt"))) == 2
+             and len(list(out.glob(".tmp-*/job.json"))) == 2)
+    jobs = [json.loads(p.read_text()) for p in out.glob(".tmp-*/job.json")]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert not list(out.glob(".tmp-*")) and not (out / "_failed").exists()
+    from v2drop_eval.executors import JobRecord, job_state
+
+    assert [job_state(JobRecord(**j))[0] for j in jobs] == ["ended", "ended"]
+    assert len(calls(tmp_path)) == 2
+
 # -- SLURM: stand-in sbatch / sacct / srun; the submission script is checked, not run -------------------
 FAKE_SBATCH = textwrap.dedent("""\
     #!/bin/sh
