@@ -253,6 +253,9 @@ def test_slurm_submission_script_status_and_dead_jobs(tmp_path, capsys, fake_slu
     assert f"{V2DROP}  queued   slurm job 4241_1 (PENDING)" in text and "running  slurm job 4241_2 (RUNNING)" in text
     assert main(["sweep", str(path)]) == 0  # nothing is submitted twice
     assert "0 to submit" in capsys.readouterr().out and len(list(fake_slurm.glob("script*"))) == 1
+    assert main(["sweep", str(path), "--executor", "inline"]) == 0  # nor run here while its job is queued
+    text = capsys.readouterr().out
+    assert f"skip {V2DROP} (submitted: slurm job 4241_1)" in text and calls(tmp_path) == []
 
     # The first task runs (the job's own function, here in-process); the second times out; the third runs on.
     cfg = load_config(path)

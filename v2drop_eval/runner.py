@@ -368,7 +368,9 @@ def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn,
     states = {p.id: point_state(out / p.id, cfg.tasks) for p in points}
     todo = {pid for pid, (state, _) in states.items() if state != "done" and pid not in live}
     redo = [pid for pid in todo if states[pid][0] == "redo"]
-    print(f"sweep {cfg.name}: {total} points, {total - len(todo)} done already, {len(todo)} to run"
+    waiting = sum(p.id in live for p in points)
+    print(f"sweep {cfg.name}: {total} points, {total - len(todo) - waiting} done already, {len(todo)} to run"
+          + (f", {waiting} submitted as jobs (not run here)" if waiting else "")
           + (f" ({len(redo)} to redo)" if redo else "") + f" -> {out}"
           + (f" ({jobs} at a time)" if jobs > 1 and todo else ""), file=log, flush=True)
     for note in cfg.notes:
