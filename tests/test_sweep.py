@@ -77,7 +77,7 @@ def test_expand_schedules_and_seeds():
     p = expand(cfg)[0]
     assert p.model_args() == "pretrained=x,method=v2drop,schedule=3:0.5/17:0.3/22:0,metric=l2,device_map=cpu"
     cmd = cfg.command(p, "/o")
-    assert cmd[1:7] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "-m", "lmms_eval"]
+    assert cmd[1:8] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "lmms_eval"]
     assert cmd[-3:] == ["--log_samples", "--limit", "8"]  # given in lmms_eval_args too: once
 
 

@@ -1,4 +1,4 @@
-"""``v2drop-eval``: the command line (``sweep``, ``tables``, ``compare``, ``bench``, ``demo``).
+"""``v2drop-eval``: the command line (``sweep``, ``status``, ``tables``, ``compare``, ``bench``, ``demo``).
 
 A user error (a bad value, a missing file, a failed ``prepare`` step) is one line on stderr and exit
 status 2; ``--debug`` (anywhere on the line) shows the traceback instead. A closed stdout (``| head``)
@@ -15,6 +15,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+
+from v2drop_eval.executors import EXECUTORS
 
 __all__ = ["main", "build_parser", "select_points", "DELEGATED", "USER_ERRORS", "DEBUG_FLAG"]
 
@@ -48,7 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "give it its own --output)")
     sw.add_argument("--jobs", type=int, default=None, metavar="N",
                     help="run N points at the same time (default: the config's jobs, else 1)")
+    sw.add_argument("--executor", default=None, choices=list(EXECUTORS),
+                    help="where points run: inline (here, the default), local (submitit jobs on this machine, "
+                         "--jobs at a time) or slurm (a job array); overrides the config's executor")
+    sw.add_argument("--wait", action="store_true",
+                    help="slurm: wait for the submitted jobs and report them (default: submit and return)")
     sw.set_defaults(func=_cmd_sweep)
+
+    st = sub.add_parser("status", help="what every point of a sweep directory is doing (done, failed, "
+                                       "queued/running with job id, pending)")
+    st.add_argument("results", type=Path, help="sweep directory, e.g. results/llava15_7b")
+    st.add_argument("--json", action="store_true", help="the same as JSON, for scripts")
+    st.set_defaults(func=_cmd_status)
 
     tb = sub.add_parser("tables", help="build accuracy/efficiency tables and plots from a sweep directory")
     tb.add_argument("results", type=Path, help="sweep directory, e.g. results/smoke")
@@ -98,16 +111,37 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not points:
         print(f"error: no point of {args.config} matches {args.only}", file=sys.stderr)
         return 2
+    executor = args.executor or cfg.executor
+    if executor != "inline":
+        from v2drop_eval.executors import require_submitit
+
+        require_submitit(executor)  # before anything runs, dry run included
     if args.dry_run:
-        dry_run(cfg, points, cfg.output)
+        if executor == "inline":
+            dry_run(cfg, points, cfg.output)
+        else:
+            from v2drop_eval.dispatch import dry_run_jobs
+
+            dry_run_jobs(cfg, points, cfg.output, executor)
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the running point, then exit
     try:
-        report = run_sweep(cfg, points, cfg.output, jobs=args.jobs)
+        report = run_sweep(cfg, points, cfg.output, jobs=args.jobs, executor=executor, wait=args.wait)
     except KeyboardInterrupt:
         print("interrupted; finished points are kept, run the same command to resume", file=sys.stderr)
         return 130
     return 0 if report.ok else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from v2drop_eval.status import format_status, status_json, sweep_status
+
+    if not args.results.is_dir():
+        print(f"error: {args.results} is not a directory", file=sys.stderr)
+        return 2
+    points = sweep_status(args.results)
+    print(status_json(args.results, points) if args.json else format_status(args.results, points))
+    return 1 if any(p.state == "failed" for p in points) else 0
 
 
 def _cmd_tables(args: argparse.Namespace) -> int:

@@ -5,7 +5,9 @@ Layout under the sweep directory ``OUT``:
 - ``OUT/<point-id>/``: a finished point: lmms-eval's ``<model>/<timestamp>_results.json``, the plugin's
   side-car JSONL, ``lmms_eval.log`` and ``point.json``. The folder appears only by an atomic rename of
   ``OUT/.tmp-<point-id>/`` once the run has exited 0 *and* written results for every task, so a point
-  killed half-way is never counted as done; its temp folder is removed on the next run.
+  killed half-way is never counted as done; its temp folder is removed on the next run, unless it
+  holds a ``job.json`` whose job is still queued or running (executors ``local``/``slurm``, see
+  :mod:`v2drop_eval.dispatch`; their logs are under ``OUT/.submitit/<job id>/``).
 - ``OUT/_failed/<point-id>/``: the last failed attempt (its log and ``error.json``); retried next run.
 - ``OUT/sweep.json``: the status of every point, rewritten after each one; ``OUT/sweep.yaml``: the config.
 """
@@ -33,12 +35,14 @@ from typing import Any, TextIO
 
 import yaml
 
+from v2drop_eval.executors import JobRecord, read_job
 from v2drop_eval.pointcheck import POINT_FILE, SIDECAR_GLOB, check_point_files, writes_sidecar
 from v2drop_eval.sweep import Point, SweepConfig
 from v2drop_eval.validate import local_model_problem
 
 __all__ = ["RunFn", "PointOutcome", "SweepReport", "PrepareError", "run_sweep", "dry_run", "subprocess_run",
-           "check_point_output", "is_done", "point_state", "SIDECAR_GLOB", "LOG_NAME", "POINT_FILE"]
+           "check_point_output", "is_done", "point_state", "run_point_in", "SIDECAR_GLOB", "LOG_NAME",
+           "POINT_FILE", "FAILED_DIR", "TMP_PREFIX"]
 
 # cmd, log file, environment, timeout (s) -> exit status. Tests pass a fake; real runs use subprocess_run.
 RunFn = Callable[[Sequence[str], Path, dict[str, str], "float | None"], int]
@@ -55,7 +59,9 @@ class PrepareError(RuntimeError):
 @dataclass
 class PointOutcome:
     point: Point
-    status: str  # "done" (ran now), "skipped" (already done), "failed", "cancelled" (interrupted)
+    # "done" (ran now), "skipped" (already done), "failed", "cancelled" (interrupted),
+    # "submitted" (its job is queued or running)
+    status: str
     seconds: float = 0.0
     error: str | None = None
 
@@ -180,19 +186,33 @@ def _fmt_time(seconds: float) -> str:
 
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    fh = open(out / ".sweep.lock", "w")
+    fh = open(out / ".sweep.lock", "a")  # not "w": a refused second sweep must not erase the holder's pid
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fh.close()
         raise RuntimeError(f"another sweep is running in {out} (it holds {out / '.sweep.lock'})") from None
     try:
+        fh.truncate(0)
         fh.write(str(os.getpid()))
         fh.flush()
         yield
     finally:
+        fh.truncate(0)  # `status` reads the pid of a running sweep here
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
+
+
+def _lock_holder(out: Path) -> int | None:
+    """The pid of the sweep that runs in ``out`` now (it wrote it into ``.sweep.lock``), if alive."""
+    try:
+        pid = int((out / ".sweep.lock").read_text().strip() or 0)
+        if pid:
+            os.kill(pid, 0)
+            return pid
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _remove(path: Path) -> None:
@@ -241,21 +261,34 @@ def run_sweep(
     runner: RunFn = subprocess_run,
     log: TextIO | None = None,
     jobs: int | None = None,
+    executor: str | None = None,
+    wait: bool = False,
 ) -> SweepReport:
     """Run every point not yet done, in order (``jobs`` at a time, default the config's ``jobs``);
-    a failed point is recorded and the sweep goes on."""
+    a failed point is recorded and the sweep goes on. ``executor`` (default the config's): ``inline``
+    runs them here; ``local`` and ``slurm`` submit them as jobs (:mod:`v2drop_eval.dispatch`), and
+    wait for them (``local`` always, ``slurm`` with ``wait``). A point whose job is queued or running
+    is never started again."""
+    from v2drop_eval import dispatch
+    from v2drop_eval.executors import EXECUTORS, require_submitit
+
     log = log or sys.stdout
     jobs = cfg.jobs if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is not allowed; give an integer >= 1 (points run at the same time)")
+    executor = cfg.executor if executor is None else executor
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r} is not allowed; known executors: {', '.join(EXECUTORS)}")
+    if executor != "inline":
+        require_submitit(executor)
     out = Path(out if out is not None else cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
-        for stale in out.glob(TMP_PREFIX + "*"):
-            print(f"removing {stale.name}, left by an interrupted run", file=log)
-            _remove(stale)
+        live = dispatch.settle_jobs(out, log)
         (out / "sweep.yaml").write_text(yaml.safe_dump(cfg.raw, sort_keys=False))
-        return _run_locked(cfg, list(points), out, runner, log, jobs)
+        if executor == "inline":
+            return _run_locked(cfg, list(points), out, runner, log, jobs, live)
+        return dispatch.run_jobs(cfg, list(points), out, log, jobs, executor, wait, live)
 
 
 _STATUS_LOCK = threading.Lock()
@@ -284,6 +317,8 @@ def _write_status_locked(cfg: SweepConfig, points: Sequence[Point], out: Path, s
                 entry["seconds"] = previous["seconds"]
         elif state == "redo":
             entry = {"status": "redo", "error": why}
+        elif (job := read_job(out / (TMP_PREFIX + p.id))) is not None:
+            entry = {"status": "submitted", "executor": job.executor, "job_id": job.job_id}
         elif (out / FAILED_DIR / p.id / "error.json").is_file():
             try:
                 err = json.loads((out / FAILED_DIR / p.id / "error.json").read_text())
@@ -328,12 +363,14 @@ class _Progress:
 
 
 def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn, log: TextIO,
-                jobs: int) -> SweepReport:
+                jobs: int, live: dict[str, JobRecord]) -> SweepReport:
     total = len(points)
     states = {p.id: point_state(out / p.id, cfg.tasks) for p in points}
-    todo = {pid for pid, (state, _) in states.items() if state != "done"}
+    todo = {pid for pid, (state, _) in states.items() if state != "done" and pid not in live}
     redo = [pid for pid in todo if states[pid][0] == "redo"]
-    print(f"sweep {cfg.name}: {total} points, {total - len(todo)} done already, {len(todo)} to run"
+    waiting = sum(p.id in live for p in points)
+    print(f"sweep {cfg.name}: {total} points, {total - len(todo) - waiting} done already, {len(todo)} to run"
+          + (f", {waiting} submitted as jobs (not run here)" if waiting else "")
           + (f" ({len(redo)} to redo)" if redo else "") + f" -> {out}"
           + (f" ({jobs} at a time)" if jobs > 1 and todo else ""), file=log, flush=True)
     for note in cfg.notes:
@@ -361,6 +398,10 @@ def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn,
     for i, point in enumerate(points, 1):
         if point.id in todo:
             queue.append((i, point))
+        elif point.id in live:
+            job = live[point.id]
+            progress.say(f"[{i}/{total}] skip {point.id} (submitted: {job.executor} job {job.job_id})")
+            results[point.id] = PointOutcome(point, "submitted")
         else:
             progress.say(f"[{i}/{total}] skip {point.id} (done)")
             results[point.id] = PointOutcome(point, "skipped")
@@ -393,9 +434,17 @@ def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn,
 
 def _run_point(cfg: SweepConfig, point: Point, out: Path, runner: RunFn, env: dict[str, str],
                cancel: threading.Event | None = None) -> PointOutcome:
-    tmp, final = out / (TMP_PREFIX + point.id), out / point.id
+    tmp = out / (TMP_PREFIX + point.id)
     _remove(tmp)
     tmp.mkdir()
+    return run_point_in(cfg, point, out, runner, env, tmp, cancel)
+
+
+def run_point_in(cfg: SweepConfig, point: Point, out: Path, runner: RunFn, env: dict[str, str], tmp: Path,
+                 cancel: threading.Event | None = None) -> PointOutcome:
+    """Run ``point`` into the existing folder ``tmp``; then rename it to the point's folder (done) or to
+    ``_failed/<point-id>`` (failed). Interrupted: ``tmp`` is removed. Inline and submitted jobs alike."""
+    final = out / point.id
     cmd = cfg.command(point, tmp)
     started, t0 = _now(), time.monotonic()
     log_path = tmp / LOG_NAME

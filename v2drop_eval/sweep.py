@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from v2drop_eval.executors import EXECUTORS, SLURM_KEYS, parse_executor, parse_slurm
 from v2drop_eval.schedule import FAMILY_ALIASES, DropSchedule
 from v2drop_eval.validate import METHODS, METRICS, check_drop_method, local_model_problem
 
@@ -56,13 +57,15 @@ TOP_KEYS = {
     "tasks": "lmms-eval task names",
     "limit": "lmms-eval --limit (int, or a fraction < 1); default none",
     "batch_size": "lmms-eval --batch_size; default 1",
-    "num_processes": "processes per point; > 1 runs `accelerate launch --num_processes N`; default 1",
+    "num_processes": "processes per point; > 1 runs `accelerate launch --multi_gpu --num_processes N`; default 1",
     "jobs": "points run at the same time (CPU sweeps; mind GPU memory); default 1; --jobs overrides",
     "include_path": "lmms-eval --include_path (a folder of local task YAMLs)",
     "lmms_eval_args": "extra lmms-eval command-line arguments (list of strings)",
     "env": "extra environment variables for every point (mapping)",
     "timeout": "seconds one point may run before it is killed and failed; default none",
     "prepare": "{call: 'module:function', args: {...}}: called once before the sweep runs (not on --dry-run)",
+    "executor": f"where points run: {', '.join(EXECUTORS)}; default inline; --executor overrides",
+    "slurm": f"options of the slurm executor: {', '.join(SLURM_KEYS)}",
 }
 METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds")
 MODEL_KEYS = {
@@ -163,6 +166,8 @@ class SweepConfig:
     env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None
     prepare: dict[str, Any] | None = None
+    executor: str = "inline"
+    slurm: dict[str, Any] = field(default_factory=lambda: parse_slurm(None, []))
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -179,7 +184,9 @@ class SweepConfig:
     def command(self, point: Point, output_path: str | Path) -> list[str]:
         """The exact command that evaluates ``point`` and writes its results under ``output_path``."""
         if self.num_processes > 1:
-            head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+            # --multi_gpu: always torch.distributed's launcher (gloo on CPU, NCCL on GPUs). Without it,
+            # accelerate on a machine without GPUs starts one process and ignores --num_processes.
+            head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                     str(self.num_processes), "-m", "lmms_eval"]
         else:
             head = [sys.executable, "-m", "lmms_eval"]
@@ -319,11 +326,15 @@ def parse_config(
         else:
             prepare = {"call": str(prepare["call"]), "args": dict(prepare.get("args") or {})}
 
+    executor = parse_executor(raw.get("executor"), errors)
+    slurm = parse_slurm(raw.get("slurm"), errors)
+
     cfg = SweepConfig(
         name=name, output=out, models=models, methods=methods, overrides=overrides, tasks=tasks, budgets=budgets,
         schedules=schedules, metrics=metrics, seeds=seeds, limit=limit, batch_size=batch_size,
         num_processes=num_processes, jobs=jobs, include_path=include_path, lmms_eval_args=extra,
-        env={str(k): str(v) for k, v in env.items()}, timeout=timeout, prepare=prepare, raw=raw,
+        env={str(k): str(v) for k, v in env.items()}, timeout=timeout, prepare=prepare, executor=executor,
+        slurm=slurm, raw=raw,
     )
     for i, model in enumerate(models):
         problem = local_model_problem(model.pretrained)
