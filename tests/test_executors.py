@@ -290,7 +290,7 @@ def test_slurm_submission_refused_is_one_line(tmp_path, capsys, fake_slurm):
 
 
 def test_readme_cluster_example_is_a_valid_slurm_config():
-    text = (REPO / "README.md").read_text().split("### On a cluster", 1)[1]
+    text = (REPO / "README.md").read_text().split("## On a cluster", 1)[1]
     raw = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
     from v2drop_eval.executors import slurm_parameters
     from v2drop_eval.sweep import parse_config
