@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Tiny saved LLaVA / Qwen2-VL / Qwen2.5-VL checkpoints and the ``tiny_textvqa`` / ``tiny_mme``
-    tasks (see ``v2drop_eval.testing.build_tiny_assets``)."""
-    from v2drop_eval.testing import build_tiny_assets
+    tasks (see ``tools/smoke_assets.py``)."""
+    from tools.smoke_assets import build_tiny_assets
 
     return build_tiny_assets(Path(tmp_path_factory.mktemp("tiny_assets")))

@@ -37,7 +37,7 @@ from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
 from v2drop_eval.schedule import DropSchedule
 
 SCHEDULE = "1:0.5/2:0.25/3:0"  # fits the tiny models' 4 layers
-# tiny_textvqa doc i and tiny_mme doc j images (v2drop_eval.testing.IMAGE_SIZES) -> Qwen vision tokens
+# tiny_textvqa doc i and tiny_mme doc j images (tools/smoke_assets.py IMAGE_SIZES) -> Qwen vision tokens
 QWEN_VISION = {"tiny_textvqa": [49, 70, 70, 98], "tiny_mme": [70, 70, 70, 70, 98, 98]}
 LLAVA_VISION = 16
 SIDECAR_KEYS = {

@@ -560,3 +560,17 @@ def test_closed_stdout_ends_quietly(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", Closed())
     assert main(["sweep", str(path), "--dry-run"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_prepare_from_a_file_path(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a .py path is relative to the current folder, like pretrained paths
+    (tmp_path / "build_it.py").write_text(
+        "from pathlib import Path\n\ndef build(root):\n    Path(root).mkdir(parents=True, exist_ok=True)\n")
+    models = [{"name": "m", "family": "llava", "pretrained": "built", "num_layers": 32}]
+    missing = write_cfg(tmp_path, prepare={"call": "nowhere/build_it.py:build", "args": {"root": "built"}},
+                        models=models)
+    assert main(["sweep", str(missing), "--dry-run"]) == 2
+    assert "prepare: no such file nowhere/build_it.py" in capsys.readouterr().err
+    path = write_cfg(tmp_path, prepare={"call": "build_it.py:build", "args": {"root": "built"}}, models=models)
+    assert main(["sweep", str(path)]) == 0
+    assert (tmp_path / "built").is_dir() and len(calls(tmp_path)) == 3

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -222,14 +223,26 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _load_module(name: str) -> Any:
+    """A module by import name, or by file path (``tools/smoke_assets.py``, relative to the current folder)."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {name}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _prepare(cfg: SweepConfig, points: Sequence[Point], log: TextIO) -> None:
     """Run the config's ``prepare`` step; then every local model folder must exist."""
     if cfg.prepare:
         call = cfg.prepare["call"]
-        module, _, func = call.partition(":")
+        module, _, func = call.rpartition(":")
         print(f"prepare: {call}({cfg.prepare['args']})", file=log, flush=True)
         try:
-            getattr(importlib.import_module(module), func)(**cfg.prepare["args"])
+            getattr(_load_module(module), func)(**cfg.prepare["args"])
         except Exception as exc:  # noqa: BLE001 - any failure of the user's step is reported as one
             raise PrepareError(f"prepare step {call} failed: {type(exc).__name__}: {exc}") from exc
     for model in {p.model.name: p.model for p in points}.values():

@@ -63,7 +63,8 @@ TOP_KEYS = {
     "lmms_eval_args": "extra lmms-eval command-line arguments (list of strings)",
     "env": "extra environment variables for every point (mapping)",
     "timeout": "seconds one point may run before it is killed and failed; default none",
-    "prepare": "{call: 'module:function', args: {...}}: called once before the sweep runs (not on --dry-run)",
+    "prepare": "{call: 'module:function' or 'path/to/file.py:function', args: {...}}: called once before the "
+               "sweep runs (not on --dry-run)",
     "executor": f"where points run: {', '.join(EXECUTORS)}; default inline; --executor overrides",
     "slurm": f"options of the slurm executor: {', '.join(SLURM_KEYS)}",
 }
@@ -325,6 +326,9 @@ def parse_config(
             prepare = None
         else:
             prepare = {"call": str(prepare["call"]), "args": dict(prepare.get("args") or {})}
+            target = prepare["call"].rpartition(":")[0]
+            if target.endswith(".py") and not Path(target).is_file():
+                errors.append(f"prepare: no such file {target} (a .py path is relative to the current folder)")
 
     executor = parse_executor(raw.get("executor"), errors)
     slurm = parse_slurm(raw.get("slurm"), errors)
