@@ -28,6 +28,7 @@ from torch import nn
 
 from v2drop_eval import flops, validate
 from v2drop_eval.adapters import forward_takes
+from v2drop_eval.atomic import write_text_atomic
 from v2drop_eval.engine import attach
 from v2drop_eval.schedule import PRESET_SHAPES, DropSchedule, kept_count
 
@@ -434,10 +435,7 @@ def write_outputs(rows: list[dict], info: dict, shape: str, device: str, out_dir
     paths = []
     for path, text in ((stem.with_suffix(".json"), json.dumps(payload, indent=1)),
                        (stem.with_suffix(".md"), to_markdown(rows, info, shape, device))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(write_text_atomic(path, text))
     return paths[0], paths[1]
 
 

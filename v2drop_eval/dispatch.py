@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
+from v2drop_eval.atomic import write_json_atomic
 from v2drop_eval.executors import (
     JobRecord,
     job_log_tail,
@@ -44,7 +45,6 @@ from v2drop_eval.runner import (
     _prepare,
     _remove,
     _tail,
-    _write_json_atomic,
     _write_status,
     point_state,
 )
@@ -84,7 +84,7 @@ def record_dead_job(out: Path, point_id: str, record: JobRecord, detail: str) ->
     tmp = out / (TMP_PREFIX + point_id)
     error = f"{record.executor} job {record.job_id} ended ({detail}) before its point finished"
     tail = _tail(tmp / LOG_NAME) or job_log_tail(record)
-    _write_json_atomic(tmp / "error.json", {
+    write_json_atomic(tmp / "error.json", {
         "id": point_id, "status": "failed", "error": error, "job": asdict(record), "finished": _now(),
         "log_tail": tail, "job_logs": record.logs})
     failed = out / FAILED_DIR / point_id

@@ -188,9 +188,9 @@ def read_job(folder: Path) -> JobRecord | None:
 
 
 def write_job(folder: Path, record: JobRecord) -> None:
-    from v2drop_eval.runner import _write_json_atomic
+    from v2drop_eval.atomic import write_json_atomic
 
-    _write_json_atomic(folder / JOB_FILE, asdict(record))
+    write_json_atomic(folder / JOB_FILE, asdict(record))
 
 
 def _proc_alive(pid: int | None, marker: str) -> bool:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from v2drop_eval import flops
+from v2drop_eval.atomic import write_text_atomic
 
 __all__ = ["GenerateCall", "GenerateTimer", "SampleLog", "versions", "summarize", "write_jsonl_atomic",
            "find_lmms_eval_run", "sidecar_path", "prepare_sidecar", "SIDECAR_SUFFIX", "doc_complexity"]
@@ -417,17 +418,7 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write ``rows`` as JSON lines to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows))
 
 
 def _json_default(obj: Any) -> Any:

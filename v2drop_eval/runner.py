@@ -15,7 +15,6 @@ Layout under the sweep directory ``OUT``:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import importlib.util
 import json
@@ -35,7 +34,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from filelock import FileLock, Timeout
 
+from v2drop_eval.atomic import write_json_atomic, write_text_atomic
 from v2drop_eval.executors import JobRecord, read_job
 from v2drop_eval.pointcheck import POINT_FILE, SIDECAR_GLOB, check_point_files, writes_sidecar
 from v2drop_eval.sweep import Point, SweepConfig
@@ -174,40 +175,34 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+LOCK_FILE, PID_FILE = ".sweep.lock", ".sweep.pid"
+
+
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    fh = open(out / ".sweep.lock", "a")  # not "w": a refused second sweep must not erase the holder's pid
+    """One sweep per results folder (filelock); its pid in ``.sweep.pid`` for `status`."""
+    lock = FileLock(out / LOCK_FILE, timeout=0)
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise RuntimeError(f"another sweep is running in {out} (it holds {out / '.sweep.lock'})") from None
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(f"another sweep is running in {out} (it holds {out / LOCK_FILE})") from None
     try:
-        fh.truncate(0)
-        fh.write(str(os.getpid()))
-        fh.flush()
+        write_text_atomic(out / PID_FILE, str(os.getpid()))
         yield
     finally:
-        fh.truncate(0)  # `status` reads the pid of a running sweep here
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        (out / PID_FILE).unlink(missing_ok=True)
+        lock.release()
 
 
 def _lock_holder(out: Path) -> int | None:
-    """The pid of the sweep that runs in ``out`` now (it wrote it into ``.sweep.lock``), if alive."""
+    """The pid of the sweep that runs in ``out`` now (it wrote it into ``.sweep.pid``), if alive."""
     try:
-        pid = int((out / ".sweep.lock").read_text().strip() or 0)
+        pid = int((out / PID_FILE).read_text().strip() or 0)
         if pid:
             os.kill(pid, 0)
             return pid
@@ -341,7 +336,7 @@ def _write_status_locked(cfg: SweepConfig, points: Sequence[Point], out: Path, s
         if p.id in seconds:
             entry["seconds"] = round(seconds[p.id], 2)
         entries[p.id] = entry
-    _write_json_atomic(path, {"name": cfg.name, "updated": _now(), "points": entries})
+    write_json_atomic(path, {"name": cfg.name, "updated": _now(), "points": entries})
 
 
 class _Progress:
@@ -484,7 +479,7 @@ def run_point_in(cfg: SweepConfig, point: Point, out: Path, runner: RunFn, env: 
         "status": "ok" if error is None else "failed", "error": error,
     }
     if error is None:
-        _write_json_atomic(tmp / POINT_FILE, meta)
+        write_json_atomic(tmp / POINT_FILE, meta)
         if final.exists():  # an unfinished or tampered folder; replace it
             _remove(final)
         os.replace(tmp, final)
@@ -492,7 +487,7 @@ def run_point_in(cfg: SweepConfig, point: Point, out: Path, runner: RunFn, env: 
         return PointOutcome(point, "done", seconds)
     tail = _tail(log_path)
     meta["log_tail"] = tail
-    _write_json_atomic(tmp / "error.json", meta)
+    write_json_atomic(tmp / "error.json", meta)
     failed = out / FAILED_DIR / point.id
     failed.parent.mkdir(exist_ok=True)
     _remove(failed)

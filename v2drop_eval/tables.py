@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from v2drop_eval import stats
+from v2drop_eval.atomic import write_text_atomic
 from v2drop_eval.results import PointResult, adaptive_points, complexity, load_sweep, not_included
 
 __all__ = [
@@ -422,9 +423,7 @@ def _write(df: pd.DataFrame, out: Path, stem: str, caption: str,
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
 
 
 ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: perception + cognition, of 2800); "
