@@ -18,7 +18,7 @@ from v2drop_eval.plugin.manifest import MODELS as PLUGIN_MODELS
 
 __all__ = ["SIDECAR_GLOB", "POINT_FILE", "PointFiles", "check_point_files", "read_sidecar_lines", "writes_sidecar"]
 
-SIDECAR_GLOB = "*v2drop*.jsonl"
+SIDECAR_GLOB = "*_v2drop_samples*.jsonl"  # not lmms-eval's own samples_<task>.jsonl (a task may be named v2drop_*)
 POINT_FILE = "point.json"  # the sweep's record of a finished point
 
 # (path, mtime_ns, size) -> parsed lines: the runner re-checks every point after each one finishes.
