@@ -107,7 +107,10 @@ def test_args_budget_schedule_method():
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"budget": 128, "schedule": "3:0.5"}, ["not both"]),
     ({"budget": 100}, ["budget=100", "known budgets: 192, 128, 64"]),
-    ({"method": "pdrop", "budget": 128}, ["unknown method 'pdrop'", "allowed: v2drop, random, fastv, none"]),
+    ({"method": "sparsevlm", "budget": 128}, ["unknown method 'sparsevlm'", "allowed: v2drop, random, fastv, pdrop, dart, none"]),
+    ({"method": "dart", "schedule": "2:0.5/4:0"}, ["dart drops once"]),
+    ({"method": "pdrop", "schedule": "2:t1:0.1:0.5"}, ["adaptive stages need method v2drop, not 'pdrop'"]),
+    ({"method": "pdrop", "budget": "default"}, ["budget=default", "known budgets: paper, 192, 128, 64"]),
     ({"metric": "l3", "budget": 128}, ["unknown metric 'l3'", "allowed: l2, l1, cosine"]),
     ({"metric": "l1", "method": "random", "budget": 128}, ["method=v2drop only"]),
     ({"seed": 1, "budget": 128}, ["method=random only"]),
@@ -156,7 +159,8 @@ def test_method_metric_rule_is_shared():
     for method, metric, seed, match in (("random", "cosine", None, "metric=cosine applies to method=v2drop only"),
                                         ("fastv", None, 2, "seed=2 applies to method=random only"),
                                         ("random", None, -1, "seed=-1 is not allowed"),
-                                        ("pdrop", None, None, "unknown method 'pdrop'")):
+                                        ("dart", "l1", None, "metric=l1 applies to method=v2drop only"),
+                                        ("sparsevlm", None, None, "unknown method 'sparsevlm'")):
         with pytest.raises(ValueError, match=match):
             check_drop_method(method, metric, seed)
         with pytest.raises(ValueError, match=match):

@@ -331,9 +331,9 @@ def test_cli_dry_run(tmp_path, capsys):
 
 
 def test_cli_bad_config_runs_nothing(tmp_path, capsys):
-    path = write_cfg(tmp_path, methods=["none", "pdrop"])
+    path = write_cfg(tmp_path, methods=["none", "sparsevlm"])
     assert main(["sweep", str(path)]) == 2
-    assert "unknown method 'pdrop'" in capsys.readouterr().err
+    assert "unknown method 'sparsevlm'" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
 
 

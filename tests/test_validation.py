@@ -24,7 +24,7 @@ def test_unsupported_model_class():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "sparsevlm"}, "unknown method 'sparsevlm'; allowed: v2drop, random, fastv, none"),
+        ({"method": "sparsevlm"}, "unknown method 'sparsevlm'; allowed: v2drop, random, fastv, pdrop, dart, none"),
         ({"metric": "l3"}, "unknown metric 'l3'; allowed: l2, l1, cosine"),
     ],
 )
@@ -39,7 +39,7 @@ def test_layer_past_depth(llava):
 
 
 def test_fastv_needs_one_stage(llava):
-    with pytest.raises(ValueError, match="method 'fastv' drops once"):
+    with pytest.raises(ValueError, match="method fastv drops once"):
         attach(llava, "2:0.5/4:0", method="fastv")
 
 

@@ -17,7 +17,8 @@ from v2drop_eval.results import PointResult, adaptive_points, complexity  # noqa
 
 __all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot"]
 
-_METHOD_STYLE = {"none": ("k", "*"), "v2drop": ("tab:red", "o"), "random": ("tab:gray", "s"), "fastv": ("tab:blue", "^")}
+_METHOD_STYLE = {"none": ("k", "*"), "v2drop": ("tab:red", "o"), "random": ("tab:gray", "s"), "fastv": ("tab:blue", "^"),
+                 "pdrop": ("tab:purple", "v"), "dart": ("tab:orange", "P")}
 
 
 def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:

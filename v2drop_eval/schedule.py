@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-__all__ = ["DropSchedule", "Adaptive", "PRESETS", "kept_count", "format_ratio", "parse_ratio"]
+from v2drop_eval.families import preset_family
+
+__all__ = ["DropSchedule", "Adaptive", "kept_count", "format_ratio", "parse_ratio", "preset_table"]
 
 
 def kept_count(alive: int, keep_ratio: float) -> int:
@@ -48,36 +50,6 @@ def parse_ratio(text: str) -> float:
         raise ValueError(f"{text!r} cannot be represented exactly: it would run as {format_ratio(value)} "
                          "(give at most 15 significant digits)")
     return value
-
-
-# Published V2Drop schedules (docs/design.md §1) and the Qwen2-VL budgets derived from them.
-# Qwen2-VL budgets are named after the LLaVA budget with the same vision-token reduction
-# (192/576 = -66.7%, 128/576 = -77.8%): layers 3/16/22 as published, the second-stage ratio of the
-# LLaVA preset of that budget, the first-stage ratio solved (to 0.01) so that the mean fraction of
-# vision tokens over Qwen2-VL-7B's 28 layers is closest to 1/3 and 2/9 (33.4% and 22.1%).
-PRESETS: dict[str, dict[str | int, str]] = {
-    "llava": {
-        192: "3:0.5/17:0.3/22:0",
-        128: "3:0.28/17:0.25/22:0",
-        64: "3:0.05/17:0.05/22:0",
-    },
-    "qwen2_vl": {
-        "default": "3:0.25/16:0.05/22:0",
-        192: "3:0.43/16:0.3/22:0",
-        128: "3:0.22/16:0.25/22:0",
-    },
-}
-# FastV drops once, at layer K=2, keeping the share that gives the same layer-averaged vision-token
-# count as the V2Drop preset of that budget (576 tokens / 32 layers for LLaVA, 28 layers for Qwen2-VL).
-FASTV_LAYER = 2
-FASTV_PRESETS: dict[str, dict[str | int, str]] = {
-    "llava": {192: "2:0.2882", 128: "2:0.1702", 64: "2:0.0521"},
-    "qwen2_vl": {"default": "2:0.1667", 192: "2:0.2813", 128: "2:0.1632"},
-}
-# Reference shapes the presets were matched on.
-PRESET_SHAPES = {"llava": (576, 32), "qwen2_vl": (576, 28)}
-# Family aliases accepted by ``preset``.
-FAMILY_ALIASES = {"llava": "llava", "llava_hf": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
 
 
 @dataclass(frozen=True)
@@ -191,19 +163,15 @@ class DropSchedule:
 
     @classmethod
     def preset(cls, family: str, budget: int | str, method: str = "v2drop") -> DropSchedule:
-        """The published schedule for ``family`` (``llava``, ``qwen2_vl``) at ``budget``.
-
-        ``method="fastv"`` gives FastV's single stage at layer 2 matched to the same average count.
-        """
-        fam = FAMILY_ALIASES.get(str(family))
-        if fam is None:
-            raise ValueError(f"unknown model family {family!r}; known families: {sorted(PRESETS)}")
-        table = FASTV_PRESETS if method == "fastv" else PRESETS
+        """``method``'s preset schedule for ``family`` (``llava``, ``qwen2_vl``, ...) at ``budget``
+        (each method's presets live in its file under ``v2drop_eval/methods``)."""
+        table = preset_table(family, method)
         key = _budget_key(budget)
-        if key not in table[fam]:
-            known = ", ".join(str(k) for k in table[fam])
-            raise ValueError(f"no preset for budget {budget!r} in family {fam!r}; known budgets: {known}")
-        return cls.parse(table[fam][key])
+        if key not in table:
+            known = ", ".join(str(k) for k in table) or "none"
+            raise ValueError(f"no preset for budget {budget!r} in family {preset_family(family)!r} for method "
+                             f"{method}; known budgets: {known}")
+        return cls.parse(table[key])
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -265,6 +233,13 @@ class DropSchedule:
     def __str__(self) -> str:
         return "/".join(f"{layer}:{ratio if isinstance(ratio, Adaptive) else format_ratio(ratio)}"
                         for layer, ratio in self.stages) or "none"
+
+
+def preset_table(family: str, method: str = "v2drop") -> dict[str | int, str]:
+    """Budget -> schedule text of ``method``'s presets for ``family`` (ValueError for unknown names)."""
+    from v2drop_eval.methods import get_method
+
+    return dict(get_method(method).presets.get(preset_family(family), {}))
 
 
 def _budget_key(budget: int | str) -> int | str:

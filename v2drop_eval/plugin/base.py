@@ -49,7 +49,7 @@ class V2DropMixin:
             try:
                 note = prepare_sidecar(args.sidecar)
             except ValueError as exc:
-                raise ValueError(f"{FAMILIES[self._v2drop_family][1]}: {exc}") from None
+                raise ValueError(f"{FAMILIES[self._v2drop_family].lmms_model}: {exc}") from None
             if note:
                 eval_logger.info(f"V2Drop: {note}")
         _cpu_defaults(kwargs)
