@@ -139,7 +139,14 @@ def test_checkpoint_depth_and_family(tiny_assets):
     ok = check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["llava"]))
     assert ok.num_layers == 4
     with pytest.raises(ValueError, match=r"layers must be in 1\.\.3"):
-        check_checkpoint(_pop(budget=128), str(tiny_assets["llava"]))  # preset layers 3/17/22 > 4 layers
+        check_checkpoint(_pop(schedule="3:0.5/17:0"), str(tiny_assets["llava"]))
+    # A budget's preset names layers of a 32-layer model: scaled to the 4 layers, same average for every method
+    scaled = check_checkpoint(_pop(budget=128), str(tiny_assets["llava"]))
+    assert scaled.preset_scaled and str(scaled.schedule) == "1:0.28/2:0.25/3:0"
+    for method in ("pdrop", "dart"):
+        other = check_checkpoint(_pop(budget=128, method=method), str(tiny_assets["llava"]))
+        assert other.preset_scaled and abs(other.schedule.average_tokens(576, 4)
+                                           - scaled.schedule.average_tokens(576, 4)) < 1.5
     with pytest.raises(ValueError, match="'qwen2_vl' checkpoint.*use --model v2drop_qwen2_vl"):
         check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen2_vl"]))
 
