@@ -29,9 +29,7 @@ from torch import nn
 from v2drop_eval import flops, validate
 from v2drop_eval.adapters import forward_takes
 from v2drop_eval.engine import attach
-from v2drop_eval.families import PRESET_SHAPES
-from v2drop_eval.methods import get_method
-from v2drop_eval.schedule import DropSchedule, kept_count, preset_table
+from v2drop_eval.schedule import DropSchedule, preset_table, scaled_schedule
 
 __all__ = ["SHAPES", "scaled_schedule", "run_bench", "main"]
 
@@ -63,36 +61,6 @@ SHAPES: dict[str, Shape] = {
 }
 VISION_TOKENS = 576
 METHODS = ("none", *(m for m in validate.METHODS if m != "none"))  # the reference first
-
-
-def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int) -> DropSchedule:
-    """The preset for ``budget``, with its layers scaled to ``num_layers`` when the model is shallower.
-
-    Multi-stage methods scale their own preset's layers. Single-stage methods (FastV, DART) keep one
-    stage (layer 2 of 32, scaled) with the share that matches the scaled V2Drop schedule's
-    layer-averaged vision-token count, so they spend the same budget.
-    """
-    ref_tokens, ref_layers = PRESET_SHAPES[family]
-    if num_layers == ref_layers:
-        return DropSchedule.preset(family, budget, method=method)
-    single = not get_method(method).multi_stage
-    base = DropSchedule.preset(family, budget, method="v2drop" if single else method)
-    stages, prev = [], 0
-    for layer, ratio in base.stages:
-        scaled = min(max(round(layer * num_layers / ref_layers), prev + 1), num_layers - 1)
-        if scaled > prev:
-            stages.append((scaled, ratio))
-            prev = scaled
-    v2 = DropSchedule(tuple(stages))
-    if not single:
-        return v2
-    k_layer = max(1, round(2 * num_layers / ref_layers))
-    target = v2.average_tokens(ref_tokens, num_layers) * num_layers
-    keep = round((target - k_layer * ref_tokens) / (num_layers - k_layer))
-    ratio = round(keep / ref_tokens + 5e-5, 4)
-    while kept_count(ref_tokens, ratio) > keep:
-        ratio = round(ratio - 1e-4, 4)
-    return DropSchedule(((k_layer, ratio),))
 
 
 def build_model(shape: Shape, attn: str, device: str, dtype: torch.dtype) -> nn.Module:

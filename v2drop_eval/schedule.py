@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from v2drop_eval.families import preset_family
+from v2drop_eval.families import PRESET_SHAPES, preset_family
 
-__all__ = ["DropSchedule", "Adaptive", "kept_count", "format_ratio", "parse_ratio", "preset_table"]
+__all__ = ["DropSchedule", "Adaptive", "kept_count", "format_ratio", "parse_ratio", "preset_table", "scaled_schedule",
+           "fitted_preset"]
 
 
 def kept_count(alive: int, keep_ratio: float) -> int:
@@ -233,6 +234,57 @@ class DropSchedule:
     def __str__(self) -> str:
         return "/".join(f"{layer}:{ratio if isinstance(ratio, Adaptive) else format_ratio(ratio)}"
                         for layer, ratio in self.stages) or "none"
+
+
+def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int) -> DropSchedule:
+    """The preset for ``budget``, with its layers scaled to ``num_layers`` when the model is shallower.
+
+    V2Drop (and random, which shares its presets) scale the preset's layers. Every other method then
+    spends the same layer-averaged vision-token count as that scaled V2Drop schedule: single-stage
+    methods (FastV, DART) keep one stage (layer 2 of 32, scaled) with the matching share; multi-stage
+    ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01).
+    """
+    ref_tokens, ref_layers = PRESET_SHAPES[family]
+    if num_layers == ref_layers:
+        return DropSchedule.preset(family, budget, method=method)
+    v2 = _scale_layers(DropSchedule.preset(family, budget), num_layers, ref_layers)
+    from v2drop_eval.methods import get_method
+
+    spec = get_method(method)
+    if spec.presets is get_method("v2drop").presets:
+        return v2
+    target = v2.average_tokens(ref_tokens, num_layers)
+    if spec.multi_stage:
+        layers = _scale_layers(DropSchedule.preset(family, budget, method=method), num_layers, ref_layers).layers
+        fits = [DropSchedule(tuple((layer, r / 100) for layer in layers)) for r in range(1, 100)]
+        return min(fits, key=lambda s: abs(s.average_tokens(ref_tokens, num_layers) - target))
+    k_layer = max(1, round(2 * num_layers / ref_layers))
+    keep = round((target * num_layers - k_layer * ref_tokens) / (num_layers - k_layer))
+    ratio = round(keep / ref_tokens + 5e-5, 4)
+    while kept_count(ref_tokens, ratio) > keep:
+        ratio = round(ratio - 1e-4, 4)
+    return DropSchedule(((k_layer, ratio),))
+
+
+def _scale_layers(schedule: DropSchedule, num_layers: int, ref_layers: int) -> DropSchedule:
+    stages, prev = [], 0
+    for layer, ratio in schedule.stages:
+        scaled = min(max(round(layer * num_layers / ref_layers), prev + 1), num_layers - 1)
+        if scaled > prev:
+            stages.append((scaled, ratio))
+            prev = scaled
+    return DropSchedule(tuple(stages))
+
+
+def fitted_preset(family: str, budget: int | str, method: str, num_layers: int | None) -> tuple[DropSchedule, bool]:
+    """``method``'s preset for ``budget``; on a model shallower than the one the presets were made for
+    (32 layers for LLaVA, 28 for Qwen2-VL), the preset scaled to ``num_layers`` by
+    :func:`scaled_schedule`, so that every method still spends the same layer-averaged count.
+    Returns (schedule, scaled)."""
+    schedule = DropSchedule.preset(family, budget, method=method)
+    if num_layers is None or num_layers >= PRESET_SHAPES[preset_family(family)][1]:
+        return schedule, False
+    return scaled_schedule(preset_family(family), budget, method, num_layers), True
 
 
 def preset_table(family: str, method: str = "v2drop") -> dict[str | int, str]:

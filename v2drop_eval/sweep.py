@@ -21,7 +21,7 @@ import yaml
 
 from v2drop_eval.families import FAMILY_NAMES, get_family
 from v2drop_eval.methods import get_method
-from v2drop_eval.schedule import DropSchedule
+from v2drop_eval.schedule import DropSchedule, fitted_preset
 from v2drop_eval.validate import METHODS, METRICS, check_drop_method, local_model_problem, validate
 
 __all__ = [
@@ -527,7 +527,8 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
             grid = cfg.grid(method)
             for budget in grid["budgets"]:
                 try:
-                    validate(method, DropSchedule.preset(model.family, budget, method=method), num_layers=depth)
+                    # a preset too deep for the model is scaled to its depth, as the plugin does
+                    validate(method, fitted_preset(model.family, budget, method, depth)[0], num_layers=depth)
                 except ValueError as exc:
                     errors.append(f"model {model.name}, method {method}, budget {budget}: {exc}")
             for text in grid["schedules"]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from v2drop_eval.families import FAMILIES
 from v2drop_eval.methods import get_method
-from v2drop_eval.schedule import DropSchedule
+from v2drop_eval.schedule import DropSchedule, fitted_preset
 from v2drop_eval.validate import (
     DEFAULT_METRIC,
     DEFAULT_SEED,
@@ -48,6 +48,7 @@ class DropArgs:
     sidecar: str | None
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
+    preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
 
     @property
     def engine_metric(self) -> str:
@@ -173,8 +174,11 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
                                 f"model_type {' or '.join(accepted)}{hint}")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = int(text_config.num_hidden_layers)
+    schedule, scaled = args.schedule, False
+    if args.budget is not None and not args.schedule.is_empty:
+        schedule, scaled = fitted_preset(args.family, args.budget, args.method, num_layers)
     try:
-        args.schedule.check_depth(num_layers)
+        schedule.check_depth(num_layers)
     except ValueError as exc:
-        raise _fail(model_name, f"schedule {args.schedule} does not fit {pretrained}: {exc}") from None
-    return DropArgs(**{**args.__dict__, "num_layers": num_layers})
+        raise _fail(model_name, f"schedule {schedule} does not fit {pretrained}: {exc}") from None
+    return DropArgs(**{**args.__dict__, "schedule": schedule, "num_layers": num_layers, "preset_scaled": scaled})
