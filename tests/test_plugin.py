@@ -379,7 +379,8 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
                    Run("qwen25_none_b2", "v2drop_qwen2_5_vl", f"{qwen25},method=none", batch_size=2),
                    Run("qwen25_random_b2_simple", "v2drop_qwen2_5_vl", f"{qwen25},method=random,seed=1,"
                        f"schedule={SCHEDULE}", batch_size=2, force_simple=True)],
-        "bad": [Run("bad_depth", "v2drop_llava", f"{llava},budget=128"),
+        # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
+        "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
                 Run("bad_conflict", "v2drop_qwen2_vl", f"{qwen},budget=128,schedule={SCHEDULE}"),
                 Run("bad_unknown", "v2drop_llava", f"{llava},method=none,budgett=128")],
     }
