@@ -83,5 +83,5 @@ def test_adaptive_schedule_api_and_errors(llava):
         Adaptive(1.0, 0.7, 0.6)
     with pytest.raises(ValueError, match=r"threshold -0.5 is not allowed: it must be in \[0, 100\]"):
         DropSchedule.parse("2:t-0.5:0.1:0.6")
-    with pytest.raises(ValueError, match="need method 'v2drop', not 'random'"):
+    with pytest.raises(ValueError, match="need method v2drop, not 'random'"):
         attach(llava, "2:t1:0.1:0.6", method="random")

@@ -20,17 +20,20 @@ def test_scaled_schedules():
     fastv = scaled_schedule("llava", 128, "fastv", 16)
     assert len(fastv.stages) == 1
     assert abs(fastv.average_tokens(576, 16) - v2.average_tokens(576, 16)) < 1
+    dart = scaled_schedule("llava", 128, "dart", 16)
+    assert dart == fastv
+    assert scaled_schedule("llava", 64, "pdrop", 32) == DropSchedule.parse("2:0.32/4:0.32/6:0.32")
 
 
 def test_bench_tiny_writes_outputs(tmp_path, capsys):
-    rc = main(["--shape", "tiny", "--attn", "sdpa", "--batch-sizes", "1,2", "--methods", "none,v2drop,random,fastv",
+    rc = main(["--shape", "tiny", "--attn", "sdpa", "--batch-sizes", "1,2", "--methods", "none,v2drop,random,fastv,pdrop,dart",
                "--budgets", "128", "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--output", str(tmp_path)])
     assert rc == 0
     payload = json.loads((tmp_path / "cpu-tiny.json").read_text())
     assert payload["machine"]["torch"] and payload["machine"]["transformers"]
     rows = payload["rows"]
-    # plain, none, v2drop, random, fastv, v2drop at fastv's schedule, v2drop keep1.0 for each batch size
-    assert len(rows) == 14
+    # plain, none, v2drop, random, fastv, pdrop, dart, v2drop at fastv's schedule, v2drop keep1.0 per batch size
+    assert len(rows) == 18
     for row in rows:
         assert REQUIRED <= row.keys()
         assert row["prefill_ms"] > 0 and row["kv_cache_bytes"] > 0
@@ -45,7 +48,10 @@ def test_bench_tiny_writes_outputs(tmp_path, capsys):
     assert same["schedule"] == by[(1, "fastv", "128")]["schedule"] and by[(1, "fastv", "128")]["fastv_over_v2drop"] is not None
     md = (tmp_path / "cpu-tiny.md").read_text()
     assert "| attn | batch_size | method |" in md and "transformers" in md
-    assert md.count("\n| sdpa |") == 14
+    assert md.count("\n| sdpa |") == 18
+    # every method spends the same budget: layer-averaged vision tokens within one token of v2drop's
+    for method in ("pdrop", "dart", "fastv", "random"):
+        assert abs(by[(1, method, "128")]["avg_vision_tokens"] - v2["avg_vision_tokens"]) < 1.5, method
     # the target summary: one line per (attn, batch size), each target with a verdict
     summary = [line for line in md.splitlines() if line.startswith("- sdpa, batch ")]
     assert len(summary) == 2

@@ -10,6 +10,7 @@ from reference import allowed_keys, masking_reference
 from tiny import LAYERS, llava_inputs, qwen_inputs, row_inputs, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 from v2drop_eval import DropSchedule, attach
+from v2drop_eval.methods import METHODS, get_method
 
 FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl}
 
@@ -45,34 +46,42 @@ def test_keep_all_is_bit_identical(family, attn):
     with torch.no_grad():
         plain = m(**inputs).logits
         plain_gen = _generate(m, inputs)
-        for method in ("v2drop", "random", "none"):
-            with attach(m, "2:1.0/4:1.0", method=method):
+        for method in METHODS:
+            schedule = "2:1.0/4:1.0" if get_method(method).multi_stage else "2:1.0"
+            with attach(m, schedule, method=method):
                 assert torch.equal(m(**inputs).logits, plain)
                 gen = _generate(m, inputs)
             assert torch.equal(gen.sequences, plain_gen.sequences)
             assert all(torch.equal(a, b) for a, b in zip(gen.logits, plain_gen.logits, strict=True))
-        with attach(m, "2:1.0", method="fastv"):
-            assert torch.equal(m(**inputs).logits, plain)
+
+
+# Every method that drops, at a schedule it takes (V2Drop at two).
+DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0.5/4:0"), ("fastv", "2:0.4"),
+            ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4")]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("schedule", ["2:0.5/4:0.3", "1:0.25/3:0"])
-def test_dropping_equals_masking_reference(case, attn, schedule):
+@pytest.mark.parametrize(("method", "schedule"), DROPPING)
+def test_dropping_equals_masking_reference(case, attn, method, schedule):
     family, _ = case
     m = model(family, attn)
     inputs = CASES[case]()
-    with attach(m, schedule) as h, torch.no_grad():
+    with attach(m, schedule, method=method) as h, torch.no_grad():
         out = m(**inputs)
+        prefill_layouts = dict(h.last_layouts)
         dropped = _generate(m, inputs)
+        # generate's prefill may keep other tokens: it gives padded rows other rotary positions (DART's
+        # key norms see them), so each run is checked against the reference of its own kept sets
         layouts = dict(h.last_layouts)
-    allowed = allowed_keys(layouts, inputs["attention_mask"], LAYERS)
     layers = m.model.language_model.layers
-    with masking_reference(m, layers, allowed, attn), torch.no_grad():
+    with masking_reference(m, layers, allowed_keys(prefill_layouts, inputs["attention_mask"], LAYERS), attn), \
+            torch.no_grad():
         ref = m(**inputs)
+    with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), attn), torch.no_grad():
         ref_gen = _generate(m, inputs)
     # Prefill: every real slot of the last layout against its original position.
-    idx, valid = layouts[max(layouts)]
+    idx, valid = prefill_layouts[max(prefill_layouts)]
     assert out.logits.shape[1] == idx.shape[1] < inputs["input_ids"].shape[1]
     for b in range(idx.shape[0]):
         pos = idx[b][valid[b]]
@@ -84,12 +93,12 @@ def test_dropping_equals_masking_reference(case, attn, schedule):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", ["v2drop", "random", "fastv"])
+@pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).drops])
 @pytest.mark.parametrize("family", ["llava", "qwen", "qwen25"])
 def test_batch_rows_equal_rows_alone(family, method, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()
-    schedule = "2:0.4" if method == "fastv" else "2:0.5/4:0.3"
+    schedule = "2:0.5/4:0.3" if get_method(method).multi_stage else "2:0.4"
     with attach(m, schedule, method=method) as h, torch.no_grad():
         batch = _generate(m, inputs)
         batch_stats = h.last_stats
@@ -204,7 +213,8 @@ def test_detach_restores_model_exactly():
     with torch.no_grad():
         plain = m(**inputs).logits
     hooks_before = hooks()
-    for method, schedule in [("v2drop", "2:0.5"), ("fastv", "2:0.5"), ("random", "1:0.1/3:0")]:
+    for method, schedule in [("v2drop", "2:0.5"), ("fastv", "2:0.5"), ("random", "1:0.1/3:0"), ("pdrop", "2:0.5/4:0.5"),
+                             ("dart", "3:0.5")]:
         h = attach(m, schedule, method=method)
         with torch.no_grad():
             m(**inputs)
@@ -231,3 +241,64 @@ def test_text_only_and_keep_zero():
     with attach(m, "1:0") as h, torch.no_grad():
         m(**inputs)
         assert h.last_stats[0]["vision_per_layer"] == [32] + [0] * (LAYERS - 1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pdrop_uses_the_stage_layers_own_attention(attn):
+    m = model("llava", attn)
+    inputs = CASES[("llava", "batch1")]()
+    k = 3
+    with torch.no_grad():  # the last query row of layer k's own attention, on its (undropped) input
+        att = model("llava", "eager")(**inputs, output_attentions=True).attentions[k]
+    scores = att[0, :, -1, :].mean(0)
+    vision = (inputs["input_ids"][0] == m.config.image_token_id).nonzero()[:, 0]
+    expected = set(vision[scores[vision].topk(len(vision) // 4).indices].tolist())
+    with attach(m, f"{k}:0.25", method="pdrop") as h, torch.no_grad():
+        m(**inputs)
+        idx, valid = h.last_layouts[k]
+    assert set(idx[0][valid[0]].tolist()) & set(vision.tolist()) == expected
+
+
+def _dart_reference(keys, normed, cand, text, keep):
+    """DART's greedy for one row with Python sets, the way its reference code reads (pivots by key L1
+    norm, then per pivot the least cosine-similar image tokens), with this project's budget split."""
+    l1 = keys.float().abs().sum(dim=(0, 2))  # [n]
+    image = cand.nonzero()[:, 0].tolist()
+    last = max(image)
+    after = [i for i in text.nonzero()[:, 0].tolist() if i > last]
+    image_pivots = sorted(image, key=lambda i: (-l1[i].item(), i))[: min(4, keep)]
+    text_pivots = sorted(after, key=lambda i: (-l1[i].item(), i))[:4]
+    pivots = sorted(image_pivots + text_pivots)
+    rest = keep - len(image_pivots)
+    kept, left = set(image_pivots), [i for i in image if i not in image_pivots]
+    for j, p in enumerate(pivots):
+        count = rest // len(pivots) + (j < rest % len(pivots))
+        sim = torch.nn.functional.cosine_similarity(normed[p][None].float(), normed[left].float(), dim=-1)
+        chosen = [left[i] for i in (-sim).topk(count).indices.tolist()]
+        kept |= set(chosen)
+        left = [i for i in left if i not in chosen]
+    return kept
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
+    from v2drop_eval.methods import dart
+    from v2drop_eval.methods.base import NORMED_HIDDEN, PREV_KEYS
+
+    m = model(family, "eager")
+    inputs = CASES[(family, "mixed")]()
+    seen = []
+    score = dart.DART.score
+    monkeypatch.setattr(dart.DART, "score", lambda self, ctx: seen.append(ctx) or score(self, ctx))
+    with attach(m, "2:0.5", method="dart") as h, torch.no_grad():
+        m(**inputs)
+        idx, valid = h.last_layouts[2]
+    ctx = seen[0]
+    for b in range(idx.shape[0]):
+        if not ctx.candidates[b].any():
+            continue
+        expected = _dart_reference(ctx.signals[PREV_KEYS][b], ctx.signals[NORMED_HIDDEN][b], ctx.candidates[b],
+                                   ctx.text[b], int(ctx.keep[b]))
+        kept = set(idx[b][valid[b]].tolist()) & set(ctx.idx[b][ctx.candidates[b]].tolist())
+        assert kept == {int(ctx.idx[b, i]) for i in expected}
+        assert len(kept) == int(ctx.candidates[b].sum()) // 2

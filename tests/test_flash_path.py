@@ -19,26 +19,33 @@ CASES = {
 }
 
 
-def _run(model, inputs, schedule):
-    with attach(model, schedule) as h, torch.no_grad():
+def _run(model, inputs, schedule, method):
+    with attach(model, schedule, method=method) as h, torch.no_grad():
         out = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
         return out, gen, dict(h.last_layouts)
 
 
+# Every method that drops; single-stage ones at one stage (the last layout checked is then layer 2's).
+METHOD_SCHEDULES = {"v2drop": "2:0.5/4:0.3", "random": "2:0.5/4:0.3", "fastv": "2:0.4", "pdrop": "2:0.5/4:0.3",
+                    "dart": "2:0.4"}
+
+
+@pytest.mark.parametrize("method", list(METHOD_SCHEDULES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_flash_path_matches_sdpa(case):
+def test_flash_path_matches_sdpa(case, method):
     build, make_inputs = CASES[case]
     inputs = make_inputs()
     model = build("sdpa")
-    ref_out, ref_gen, ref_layouts = _run(model, inputs, "2:0.5/4:0.3")
+    schedule = METHOD_SCHEDULES[method]
+    ref_out, ref_gen, ref_layouts = _run(model, inputs, schedule, method)
     model.set_attn_implementation(flash_emulation.NAME)
-    out, gen, layouts = _run(model, inputs, "2:0.5/4:0.3")
+    out, gen, layouts = _run(model, inputs, schedule, method)
     assert out.shape == ref_out.shape
     for layer, (idx, valid) in ref_layouts.items():
         assert torch.equal(layouts[layer][0][valid], idx[valid])
-    valid = layouts[4][1]
+    valid = layouts[max(layouts)][1]
     torch.testing.assert_close(out[valid], ref_out[valid], atol=1e-4, rtol=0)
     assert torch.equal(gen.sequences, ref_gen.sequences)
     for a, b in zip(gen.logits, ref_gen.logits, strict=True):

@@ -107,7 +107,10 @@ def test_args_budget_schedule_method():
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"budget": 128, "schedule": "3:0.5"}, ["not both"]),
     ({"budget": 100}, ["budget=100", "known budgets: 192, 128, 64"]),
-    ({"method": "pdrop", "budget": 128}, ["unknown method 'pdrop'", "allowed: v2drop, random, fastv, none"]),
+    ({"method": "sparsevlm", "budget": 128}, ["unknown method 'sparsevlm'", "allowed: v2drop, random, fastv, pdrop, dart, none"]),
+    ({"method": "dart", "schedule": "2:0.5/4:0"}, ["dart drops once"]),
+    ({"method": "pdrop", "schedule": "2:t1:0.1:0.5"}, ["adaptive stages need method v2drop, not 'pdrop'"]),
+    ({"method": "pdrop", "budget": "default"}, ["budget=default", "known budgets: paper, 192, 128, 64"]),
     ({"metric": "l3", "budget": 128}, ["unknown metric 'l3'", "allowed: l2, l1, cosine"]),
     ({"metric": "l1", "method": "random", "budget": 128}, ["method=v2drop only"]),
     ({"seed": 1, "budget": 128}, ["method=random only"]),
@@ -136,7 +139,14 @@ def test_checkpoint_depth_and_family(tiny_assets):
     ok = check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["llava"]))
     assert ok.num_layers == 4
     with pytest.raises(ValueError, match=r"layers must be in 1\.\.3"):
-        check_checkpoint(_pop(budget=128), str(tiny_assets["llava"]))  # preset layers 3/17/22 > 4 layers
+        check_checkpoint(_pop(schedule="3:0.5/17:0"), str(tiny_assets["llava"]))
+    # A budget's preset names layers of a 32-layer model: scaled to the 4 layers, same average for every method
+    scaled = check_checkpoint(_pop(budget=128), str(tiny_assets["llava"]))
+    assert scaled.preset_scaled and str(scaled.schedule) == "1:0.28/2:0.25/3:0"
+    for method in ("pdrop", "dart"):
+        other = check_checkpoint(_pop(budget=128, method=method), str(tiny_assets["llava"]))
+        assert other.preset_scaled and abs(other.schedule.average_tokens(576, 4)
+                                           - scaled.schedule.average_tokens(576, 4)) < 1.5
     with pytest.raises(ValueError, match="'qwen2_vl' checkpoint.*use --model v2drop_qwen2_vl"):
         check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen2_vl"]))
 
@@ -156,7 +166,8 @@ def test_method_metric_rule_is_shared():
     for method, metric, seed, match in (("random", "cosine", None, "metric=cosine applies to method=v2drop only"),
                                         ("fastv", None, 2, "seed=2 applies to method=random only"),
                                         ("random", None, -1, "seed=-1 is not allowed"),
-                                        ("pdrop", None, None, "unknown method 'pdrop'")):
+                                        ("dart", "l1", None, "metric=l1 applies to method=v2drop only"),
+                                        ("sparsevlm", None, None, "unknown method 'sparsevlm'")):
         with pytest.raises(ValueError, match=match):
             check_drop_method(method, metric, seed)
         with pytest.raises(ValueError, match=match):
@@ -368,7 +379,8 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
                    Run("qwen25_none_b2", "v2drop_qwen2_5_vl", f"{qwen25},method=none", batch_size=2),
                    Run("qwen25_random_b2_simple", "v2drop_qwen2_5_vl", f"{qwen25},method=random,seed=1,"
                        f"schedule={SCHEDULE}", batch_size=2, force_simple=True)],
-        "bad": [Run("bad_depth", "v2drop_llava", f"{llava},budget=128"),
+        # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
+        "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
                 Run("bad_conflict", "v2drop_qwen2_vl", f"{qwen},budget=128,schedule={SCHEDULE}"),
                 Run("bad_unknown", "v2drop_llava", f"{llava},method=none,budgett=128")],
     }

@@ -40,8 +40,9 @@ def test_smoke_sweep_runs_resumes_and_tabulates(smoke):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     status = json.loads((out / "sweep.json").read_text())
     points = status["points"] if isinstance(status, dict) and "points" in status else status
-    assert len(points) == 12
-    for pid in ("tiny_llava__none", "tiny_llava__v2drop__s2-t1-0.1-0.9__l2", "tiny_qwen2_vl__fastv__b192"):
+    assert len(points) == 16
+    for pid in ("tiny_llava__none", "tiny_llava__v2drop__s2-t1-0.1-0.9__l2", "tiny_qwen2_vl__fastv__b192",
+                "tiny_llava__pdrop__b128", "tiny_qwen2_vl__dart__b128"):
         assert (out / pid / "point.json").is_file()
         _one(out / pid, "*_results.json")
         _one(out / pid, "*_v2drop_samples.jsonl")
@@ -49,7 +50,7 @@ def test_smoke_sweep_runs_resumes_and_tabulates(smoke):
     second = _sweep(out.parent)
     assert second.returncode == 0
     log = second.stdout + second.stderr
-    assert log.count("skip ") == 12 and "12 skipped" in log, log[-2000:]
+    assert log.count("skip ") == 16 and "16 skipped" in log, log[-2000:]
 
     from v2drop_eval.cli import main
 

@@ -82,7 +82,7 @@ def test_expand_schedules_and_seeds():
 
 
 def test_shipped_configs_are_valid():
-    expected = {"llava15_7b": 10, "qwen2vl_7b": 5, "ablation_layers": 7, "ablation_metric": 4}
+    expected = {"llava15_7b": 16, "qwen2vl_7b": 9, "ablation_layers": 7, "ablation_metric": 4}
     for name, n in expected.items():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         points = expand(cfg)
@@ -96,7 +96,10 @@ def test_shipped_configs_are_valid():
     assert {p.metric for p in metric if p.metric} == {"l1", "l2", "cosine"}
     qwen = expand(load_config(CONFIGS / "qwen2vl_7b.yaml"))
     assert [p.id for p in qwen] == ["qwen2vl_7b__none", "qwen2vl_7b__v2drop__b192__l2", "qwen2vl_7b__v2drop__b128__l2",
-                                    "qwen2vl_7b__fastv__b192", "qwen2vl_7b__fastv__b128"]
+                                    "qwen2vl_7b__fastv__b192", "qwen2vl_7b__fastv__b128",
+                                    "qwen2vl_7b__pdrop__b192", "qwen2vl_7b__pdrop__b128",
+                                    "qwen2vl_7b__dart__b192", "qwen2vl_7b__dart__b128"]
+    assert "method=pdrop,budget=128" in qwen[-3].model_args() and "method=dart,budget=192" in qwen[-2].model_args()
     smoke = load_config(CONFIGS / "smoke.yaml")
     assert len(expand(smoke)) >= 4
 
@@ -151,6 +154,8 @@ def test_depth_from_local_config_and_skip_note(tmp_path):
 
     LlavaConfig(text_config=LlamaConfig(num_hidden_layers=6).to_dict()).save_pretrained(tmp_path / "tiny")
     raw = base_config(models=[{"name": "t", "family": "llava", "pretrained": str(tmp_path / "tiny")}], budgets=[192])
+    parse_config(raw)  # a budget's preset too deep for the model is scaled to its depth (as the plugin does)
+    raw["budgets"], raw["schedules"] = [], ["17:0.3"]
     with pytest.raises(ConfigError, match="drop layer 17 is past the model's depth: it has 6 decoder layers"):
         parse_config(raw)
     raw["models"][0]["pretrained"] = "org/not-in-the-cache"  # a hub id: left to the hub, noted
@@ -331,9 +336,9 @@ def test_cli_dry_run(tmp_path, capsys):
 
 
 def test_cli_bad_config_runs_nothing(tmp_path, capsys):
-    path = write_cfg(tmp_path, methods=["none", "pdrop"])
+    path = write_cfg(tmp_path, methods=["none", "sparsevlm"])
     assert main(["sweep", str(path)]) == 2
-    assert "unknown method 'pdrop'" in capsys.readouterr().err
+    assert "unknown method 'sparsevlm'" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
 
 

@@ -24,7 +24,7 @@ def test_unsupported_model_class():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "sparsevlm"}, "unknown method 'sparsevlm'; allowed: v2drop, random, fastv, none"),
+        ({"method": "sparsevlm"}, "unknown method 'sparsevlm'; allowed: v2drop, random, fastv, pdrop, dart, none"),
         ({"metric": "l3"}, "unknown metric 'l3'; allowed: l2, l1, cosine"),
     ],
 )
@@ -39,7 +39,7 @@ def test_layer_past_depth(llava):
 
 
 def test_fastv_needs_one_stage(llava):
-    with pytest.raises(ValueError, match="method 'fastv' drops once"):
+    with pytest.raises(ValueError, match="method fastv drops once"):
         attach(llava, "2:0.5/4:0", method="fastv")
 
 
@@ -97,3 +97,30 @@ def test_flex_attention_refused():
     m.config.text_config._attn_implementation_internal = "flex_attention"
     with pytest.raises(ValueError, match="'flex_attention' is not supported"):
         attach(m, "2:0.5")
+
+
+@pytest.mark.parametrize(
+    "method,schedule,match",
+    [
+        ("dart", "2:0.5/4:0", "method dart drops once, at one layer: schedule 2:0.5/4:0 has 2 stages"),
+        ("fastv", "2:0.5/4:0", "method fastv drops once"),
+        ("pdrop", "2:t1:0.1:0.6", "adaptive stages need method v2drop, not 'pdrop'"),
+        ("dart", "2:t1:0.1:0.6", "adaptive stages need method v2drop, not 'dart'"),
+        ("pdrop", "none", "method pdrop needs a budget or a schedule that drops something"),
+        ("pdrop", "2:0.5/6:0", "drop layer 6 is past the model's depth"),
+    ],
+)
+def test_schedules_a_method_cannot_take(llava, method, schedule, match):
+    with pytest.raises(ValueError, match=match):
+        attach(llava, schedule, method=method)
+
+
+def test_every_entry_point_refuses_with_the_same_words():
+    from v2drop_eval.plugin.args import pop_drop_args
+    from v2drop_eval.validate import validate
+
+    with pytest.raises(ValueError) as direct:
+        validate("dart", "2:0.5/4:0")
+    with pytest.raises(ValueError) as via_args:
+        pop_drop_args({"method": "dart", "schedule": "2:0.5/4:0"}, "llava", object)
+    assert str(direct.value) in str(via_args.value)

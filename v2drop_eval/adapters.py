@@ -12,15 +12,12 @@ from typing import Any
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
+from v2drop_eval.families import FAMILIES, family_of_class
+
 __all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class", "forward_takes"]
 
-# class name -> family; `tested` marks the classes the test-suite runs on.
-SUPPORTED_CLASSES: dict[str, str] = {
-    "LlavaForConditionalGeneration": "llava",
-    "LlavaNextForConditionalGeneration": "llava",
-    "Qwen2VLForConditionalGeneration": "qwen2_vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
-}
+# class name -> the adapter's family (``llava`` or ``qwen2_vl``), from the one family table.
+SUPPORTED_CLASSES: dict[str, str] = {c: f.presets for f in FAMILIES.values() for c in f.classes}
 
 
 @dataclass
@@ -55,14 +52,6 @@ def forward_takes(model: nn.Module | type, name: str) -> bool:
     ``mm_token_type_ids`` in recent transformers releases and refuse it in older ones (5.0)."""
     cls = model if isinstance(model, type) else type(model)
     return name in inspect.signature(cls.forward).parameters
-
-
-def family_of_class(name: str) -> str:
-    if name not in SUPPORTED_CLASSES:
-        raise TypeError(
-            f"{name} is not supported; supported model classes: {', '.join(SUPPORTED_CLASSES)}"
-        )
-    return SUPPORTED_CLASSES[name]
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

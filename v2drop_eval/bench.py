@@ -30,7 +30,7 @@ from v2drop_eval import flops, validate
 from v2drop_eval.adapters import forward_takes
 from v2drop_eval.atomic import write_text_atomic
 from v2drop_eval.engine import attach
-from v2drop_eval.schedule import PRESET_SHAPES, DropSchedule, kept_count
+from v2drop_eval.schedule import DropSchedule, preset_table, scaled_schedule
 
 __all__ = ["SHAPES", "scaled_schedule", "run_bench", "main"]
 
@@ -62,34 +62,6 @@ SHAPES: dict[str, Shape] = {
 }
 VISION_TOKENS = 576
 METHODS = ("none", *(m for m in validate.METHODS if m != "none"))  # the reference first
-
-
-def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int) -> DropSchedule:
-    """The preset for ``budget``, with its layers scaled to ``num_layers`` when the model is shallower.
-
-    FastV keeps its single stage (layer 2 of 32, scaled) with the share that matches the scaled
-    V2Drop schedule's layer-averaged vision-token count, so both spend the same budget.
-    """
-    ref_tokens, ref_layers = PRESET_SHAPES[family]
-    if num_layers == ref_layers:
-        return DropSchedule.preset(family, budget, method=method)
-    base = DropSchedule.preset(family, budget)
-    stages, prev = [], 0
-    for layer, ratio in base.stages:
-        scaled = min(max(round(layer * num_layers / ref_layers), prev + 1), num_layers - 1)
-        if scaled > prev:
-            stages.append((scaled, ratio))
-            prev = scaled
-    v2 = DropSchedule(tuple(stages))
-    if method != "fastv":
-        return v2
-    k_layer = max(1, round(2 * num_layers / ref_layers))
-    target = v2.average_tokens(ref_tokens, num_layers) * num_layers
-    keep = round((target - k_layer * ref_tokens) / (num_layers - k_layer))
-    ratio = round(keep / ref_tokens + 5e-5, 4)
-    while kept_count(ref_tokens, ratio) > keep:
-        ratio = round(ratio - 1e-4, 4)
-    return DropSchedule(((k_layer, ratio),))
 
 
 def build_model(shape: Shape, attn: str, device: str, dtype: torch.dtype) -> nn.Module:
@@ -261,8 +233,7 @@ def run_bench(
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
+        validate.validate(m)
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -300,9 +271,7 @@ def _iqr(values: Any) -> float:
 
 
 def _family_budgets(family: str) -> list[str | int]:
-    from v2drop_eval.schedule import PRESETS
-
-    return list(PRESETS[family])
+    return list(preset_table(family))
 
 
 def _rows(shape_name: str, device: str, attn: str, bs: int, configs: list[_Config], samples: dict,

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-__all__ = ["DropSchedule", "Adaptive", "PRESETS", "kept_count", "format_ratio", "parse_ratio"]
+from v2drop_eval.families import PRESET_SHAPES, preset_family
+
+__all__ = ["DropSchedule", "Adaptive", "kept_count", "format_ratio", "parse_ratio", "preset_table", "scaled_schedule",
+           "fitted_preset"]
 
 
 def kept_count(alive: int, keep_ratio: float) -> int:
@@ -48,36 +51,6 @@ def parse_ratio(text: str) -> float:
         raise ValueError(f"{text!r} cannot be represented exactly: it would run as {format_ratio(value)} "
                          "(give at most 15 significant digits)")
     return value
-
-
-# Published V2Drop schedules (docs/design.md §1) and the Qwen2-VL budgets derived from them.
-# Qwen2-VL budgets are named after the LLaVA budget with the same vision-token reduction
-# (192/576 = -66.7%, 128/576 = -77.8%): layers 3/16/22 as published, the second-stage ratio of the
-# LLaVA preset of that budget, the first-stage ratio solved (to 0.01) so that the mean fraction of
-# vision tokens over Qwen2-VL-7B's 28 layers is closest to 1/3 and 2/9 (33.4% and 22.1%).
-PRESETS: dict[str, dict[str | int, str]] = {
-    "llava": {
-        192: "3:0.5/17:0.3/22:0",
-        128: "3:0.28/17:0.25/22:0",
-        64: "3:0.05/17:0.05/22:0",
-    },
-    "qwen2_vl": {
-        "default": "3:0.25/16:0.05/22:0",
-        192: "3:0.43/16:0.3/22:0",
-        128: "3:0.22/16:0.25/22:0",
-    },
-}
-# FastV drops once, at layer K=2, keeping the share that gives the same layer-averaged vision-token
-# count as the V2Drop preset of that budget (576 tokens / 32 layers for LLaVA, 28 layers for Qwen2-VL).
-FASTV_LAYER = 2
-FASTV_PRESETS: dict[str, dict[str | int, str]] = {
-    "llava": {192: "2:0.2882", 128: "2:0.1702", 64: "2:0.0521"},
-    "qwen2_vl": {"default": "2:0.1667", 192: "2:0.2813", 128: "2:0.1632"},
-}
-# Reference shapes the presets were matched on.
-PRESET_SHAPES = {"llava": (576, 32), "qwen2_vl": (576, 28)}
-# Family aliases accepted by ``preset``.
-FAMILY_ALIASES = {"llava": "llava", "llava_hf": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
 
 
 @dataclass(frozen=True)
@@ -191,19 +164,15 @@ class DropSchedule:
 
     @classmethod
     def preset(cls, family: str, budget: int | str, method: str = "v2drop") -> DropSchedule:
-        """The published schedule for ``family`` (``llava``, ``qwen2_vl``) at ``budget``.
-
-        ``method="fastv"`` gives FastV's single stage at layer 2 matched to the same average count.
-        """
-        fam = FAMILY_ALIASES.get(str(family))
-        if fam is None:
-            raise ValueError(f"unknown model family {family!r}; known families: {sorted(PRESETS)}")
-        table = FASTV_PRESETS if method == "fastv" else PRESETS
+        """``method``'s preset schedule for ``family`` (``llava``, ``qwen2_vl``, ...) at ``budget``
+        (each method's presets live in its file under ``v2drop_eval/methods``)."""
+        table = preset_table(family, method)
         key = _budget_key(budget)
-        if key not in table[fam]:
-            known = ", ".join(str(k) for k in table[fam])
-            raise ValueError(f"no preset for budget {budget!r} in family {fam!r}; known budgets: {known}")
-        return cls.parse(table[fam][key])
+        if key not in table:
+            known = ", ".join(str(k) for k in table) or "none"
+            raise ValueError(f"no preset for budget {budget!r} in family {preset_family(family)!r} for method "
+                             f"{method}; known budgets: {known}")
+        return cls.parse(table[key])
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -265,6 +234,64 @@ class DropSchedule:
     def __str__(self) -> str:
         return "/".join(f"{layer}:{ratio if isinstance(ratio, Adaptive) else format_ratio(ratio)}"
                         for layer, ratio in self.stages) or "none"
+
+
+def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int) -> DropSchedule:
+    """The preset for ``budget``, with its layers scaled to ``num_layers`` when the model is shallower.
+
+    V2Drop (and random, which shares its presets) scale the preset's layers. Every other method then
+    spends the same layer-averaged vision-token count as that scaled V2Drop schedule: single-stage
+    methods (FastV, DART) keep one stage (layer 2 of 32, scaled) with the matching share; multi-stage
+    ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01).
+    """
+    ref_tokens, ref_layers = PRESET_SHAPES[family]
+    if num_layers == ref_layers:
+        return DropSchedule.preset(family, budget, method=method)
+    v2 = _scale_layers(DropSchedule.preset(family, budget), num_layers, ref_layers)
+    from v2drop_eval.methods import get_method
+
+    spec = get_method(method)
+    if spec.presets is get_method("v2drop").presets:
+        return v2
+    target = v2.average_tokens(ref_tokens, num_layers)
+    if spec.multi_stage:
+        layers = _scale_layers(DropSchedule.preset(family, budget, method=method), num_layers, ref_layers).layers
+        fits = [DropSchedule(tuple((layer, r / 100) for layer in layers)) for r in range(1, 100)]
+        return min(fits, key=lambda s: abs(s.average_tokens(ref_tokens, num_layers) - target))
+    k_layer = max(1, round(2 * num_layers / ref_layers))
+    keep = round((target * num_layers - k_layer * ref_tokens) / (num_layers - k_layer))
+    ratio = round(keep / ref_tokens + 5e-5, 4)
+    while kept_count(ref_tokens, ratio) > keep:
+        ratio = round(ratio - 1e-4, 4)
+    return DropSchedule(((k_layer, ratio),))
+
+
+def _scale_layers(schedule: DropSchedule, num_layers: int, ref_layers: int) -> DropSchedule:
+    stages, prev = [], 0
+    for layer, ratio in schedule.stages:
+        scaled = min(max(round(layer * num_layers / ref_layers), prev + 1), num_layers - 1)
+        if scaled > prev:
+            stages.append((scaled, ratio))
+            prev = scaled
+    return DropSchedule(tuple(stages))
+
+
+def fitted_preset(family: str, budget: int | str, method: str, num_layers: int | None) -> tuple[DropSchedule, bool]:
+    """``method``'s preset for ``budget``; on a model shallower than the one the presets were made for
+    (32 layers for LLaVA, 28 for Qwen2-VL), the preset scaled to ``num_layers`` by
+    :func:`scaled_schedule`, so that every method still spends the same layer-averaged count.
+    Returns (schedule, scaled)."""
+    schedule = DropSchedule.preset(family, budget, method=method)
+    if num_layers is None or num_layers >= PRESET_SHAPES[preset_family(family)][1]:
+        return schedule, False
+    return scaled_schedule(preset_family(family), budget, method, num_layers), True
+
+
+def preset_table(family: str, method: str = "v2drop") -> dict[str | int, str]:
+    """Budget -> schedule text of ``method``'s presets for ``family`` (ValueError for unknown names)."""
+    from v2drop_eval.methods import get_method
+
+    return dict(get_method(method).presets.get(preset_family(family), {}))
 
 
 def _budget_key(budget: int | str) -> int | str:

@@ -20,8 +20,10 @@ from typing import Any
 import yaml
 
 from v2drop_eval.executors import EXECUTORS, SLURM_KEYS, parse_executor, parse_slurm
-from v2drop_eval.schedule import FAMILY_ALIASES, DropSchedule
-from v2drop_eval.validate import METHODS, METRICS, check_drop_method, local_model_problem
+from v2drop_eval.families import FAMILY_NAMES, get_family
+from v2drop_eval.methods import get_method
+from v2drop_eval.schedule import DropSchedule, fitted_preset
+from v2drop_eval.validate import METHODS, METRICS, check_drop_method, local_model_problem, validate
 
 __all__ = [
     "METHODS",
@@ -38,19 +40,14 @@ __all__ = [
 ]
 
 # lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
-FAMILY_MODELS = {
-    "llava": "v2drop_llava",
-    "llava_hf": "v2drop_llava",
-    "qwen2_vl": "v2drop_qwen2_vl",
-    "qwen2_5_vl": "v2drop_qwen2_5_vl",
-}
+FAMILY_MODELS = {name: get_family(name).lmms_model for name in FAMILY_NAMES}
 TOP_KEYS = {
     "name": "sweep name; default: the config file's stem",
     "description": "free text, ignored",
     "output": "sweep output directory; default results/<name>",
     "models": "list of models (keys below)",
     "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds: [...]}}",
-    "budgets": "published-preset budgets (192, 128, 64, or 'default' for qwen2_vl)",
+    "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; 'paper' for pdrop and dart)",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
     "metrics": f"variation metrics for v2drop, any of {', '.join(METRICS)}; default [l2]",
     "seeds": "seeds for the random method; default [0]",
@@ -347,7 +344,7 @@ def parse_config(
         elif problem:
             errors.append(f"models[{i}] ({model.name}): {problem}")
     for m in methods:
-        if m != "none" and not cfg.grid(m)["budgets"] and not cfg.grid(m)["schedules"]:
+        if m in METHODS and get_method(m).drops and not cfg.grid(m)["budgets"] and not cfg.grid(m)["schedules"]:
             errors.append(f"budgets/schedules: method {m!r} needs at least one budget or schedule")
     if not errors:
         _check_grid(cfg, errors, read_layers)
@@ -446,7 +443,7 @@ def _parse_models(value: Any, errors: list[str]) -> list[ModelSpec]:
         if name in names:
             errors.append(f"{where}: model name {name!r} is used twice")
         names.add(name)
-        if family not in FAMILY_MODELS or family not in FAMILY_ALIASES:
+        if family not in FAMILY_MODELS:
             errors.append(f"{where}: unknown family {family!r}; known families: {', '.join(sorted(FAMILY_MODELS))}")
             continue
         if not isinstance(pretrained, str) or not pretrained:
@@ -541,28 +538,20 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
         elif depth is None:
             cfg.notes.append(f"model {model.name}: depth check skipped (no num_layers)")
         for method in cfg.methods:
-            if method == "none":
+            if not get_method(method).drops:
                 continue
             grid = cfg.grid(method)
             for budget in grid["budgets"]:
                 try:
-                    sched = DropSchedule.preset(model.family, budget, method="fastv" if method == "fastv" else "v2drop")
-                    if depth is not None:
-                        sched.check_depth(depth)
+                    # a preset too deep for the model is scaled to its depth, as the plugin does
+                    validate(method, fitted_preset(model.family, budget, method, depth)[0], num_layers=depth)
                 except ValueError as exc:
                     errors.append(f"model {model.name}, method {method}, budget {budget}: {exc}")
             for text in grid["schedules"]:
-                sched = DropSchedule.parse(text)
-                if method != "v2drop" and sched.is_adaptive:
-                    errors.append(f"schedule {text}: adaptive stages need method v2drop, not {method!r}")
-                if method == "fastv" and len(sched.stages) != 1:
-                    errors.append(f"schedule {text}: method fastv drops once, at one layer; give a one-stage "
-                                  "schedule such as 2:0.3 (per-method grids: {method: fastv, schedules: [...]})")
-                if depth is not None:
-                    try:
-                        sched.check_depth(depth)
-                    except ValueError as exc:
-                        errors.append(f"model {model.name}, schedule {text}: impossible schedule: {exc}")
+                try:
+                    validate(method, text, num_layers=depth)
+                except ValueError as exc:
+                    errors.append(f"model {model.name}, method {method}, schedule {text}: {exc}")
     if not errors:
         ids = [p.id for p in expand(cfg)]
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -576,8 +565,9 @@ def expand(cfg: SweepConfig) -> list[Point]:
     points: list[Point] = []
     for model in cfg.models:
         for method in cfg.methods:
-            if method == "none":
-                points.append(Point(id=f"{model.name}__none", model=model, method="none"))
+            spec = get_method(method)
+            if not spec.drops:
+                points.append(Point(id=f"{model.name}__{method}", model=model, method=method))
                 continue
             grid = cfg.grid(method)
             settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
@@ -585,10 +575,10 @@ def expand(cfg: SweepConfig) -> list[Point]:
             for budget, schedule in settings:
                 base = Point(id="", model=model, method=method, budget=budget, schedule=schedule)
                 stem = f"{model.name}__{method}__{base.label}"
-                if method == "v2drop":
+                if spec.takes_metric:
                     for metric in grid["metrics"]:
                         points.append(_with(base, id=f"{stem}__{metric}", metric=metric))
-                elif method == "random":
+                elif spec.takes_seed:
                     for seed in grid["seeds"]:
                         suffix = f"__seed{seed}" if seed != 0 else ""
                         points.append(_with(base, id=stem + suffix, seed=seed))

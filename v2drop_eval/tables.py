@@ -20,6 +20,7 @@ import pandas as pd
 
 from v2drop_eval import stats
 from v2drop_eval.atomic import write_text_atomic
+from v2drop_eval.methods import REGISTRY
 from v2drop_eval.results import PointResult, adaptive_points, complexity, load_sweep, not_included
 
 __all__ = [
@@ -56,8 +57,9 @@ FRACTION_METRICS = {"exact_match", "pope_accuracy", "pope_f1_score", "pope_preci
 TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "textvqa_val": "TextVQA",
                "pope": "POPE", "mme": "MME", "mmbench_en_dev": "MMB", "mmbench_en_dev_static": "MMB",
                "ai2d": "AI2D", "mmstar": "MMStar", "v2drop_demo_vqa": "DemoVQA"}
-METHOD_LABELS = {"none": "Vanilla", "v2drop": "V2Drop", "random": "Random", "fastv": "FastV"}
-METHOD_ORDER = {"none": 0, "v2drop": 1, "random": 2, "fastv": 3}
+# From the method registry: the baseline first, then the methods in registry order.
+METHOD_LABELS = {name: m.label for name, m in REGISTRY.items()}
+METHOD_ORDER = {name: i for i, name in enumerate(["none", *(n for n in REGISTRY if n != "none")])}
 KEY_COLS = ["model", "method", "setting", "metric", "seed"]
 # Companion columns of a benchmark's score: its 95% interval from the per-item log (CSV keeps them as
 # columns; Markdown and LaTeX show "score [low, high]" in one cell).

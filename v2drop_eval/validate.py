@@ -1,6 +1,6 @@
 """The rules every entry point shares (``attach``, the plugin's model args, sweep configs, the CLI).
 
-Light on purpose (no torch): sweep configs and ``--dry-run`` check with these before anything loads,
+Light on purpose (no torch; the method registry is light too): sweep configs and ``--dry-run`` check with these before anything loads,
 and the plugin and the engine call the same functions, so a value is refused with the same words
 wherever it is given.
 """
@@ -10,16 +10,19 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "check_drop_method", "as_int",
+__all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "as_int",
            "local_model_problem"]
 
-METHODS = ("v2drop", "random", "fastv", "none")
-METRICS = ("l2", "l1", "cosine")
-# ``attach``'s defaults: a method that does not use them may still be handed them.
-DEFAULT_METRIC = "l2"
+from v2drop_eval.methods import METHODS, get_method
+from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
+
+# ``attach``'s default seed: a method that does not use it may still be handed it.
 DEFAULT_SEED = 0
+
+if TYPE_CHECKING:
+    from v2drop_eval.schedule import DropSchedule
 
 
 def as_int(value: Any) -> Any:
@@ -31,21 +34,42 @@ def as_int(value: Any) -> Any:
 
 
 def check_drop_method(method: Any, metric: Any = None, seed: Any = None) -> None:
-    """Raise ``ValueError`` unless ``method`` is known, ``metric`` (None: not given) is known and only
-    given to ``v2drop``, and ``seed`` (None: not given) is an integer >= 0 given only to ``random``.
-    ``attach``'s defaults (metric ``l2``, seed 0) count as not given."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    """Raise ``ValueError`` unless ``method`` is registered, ``metric`` (None: not given) is known and
+    only given to a method that takes one, and ``seed`` (None: not given) is an integer >= 0 given only
+    to a method that takes one. ``attach``'s defaults (metric ``l2``, seed 0) count as not given."""
+    spec = get_method(method)
     if metric is not None:
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-        if method != "v2drop" and metric != DEFAULT_METRIC:
-            raise ValueError(f"metric={metric} applies to method=v2drop only, not method={method}")
+        if not spec.takes_metric and metric != DEFAULT_METRIC:
+            takers = ", ".join(f"method={m}" for m in METHODS if get_method(m).takes_metric)
+            raise ValueError(f"metric={metric} applies to {takers} only, not method={method}")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(as_int(seed), int) or as_int(seed) < 0:
             raise ValueError(f"seed={seed!r} is not allowed; a seed is an integer >= 0")
-        if method != "random" and as_int(seed) != DEFAULT_SEED:
-            raise ValueError(f"seed={as_int(seed)} applies to method=random only, not method={method}")
+        if not spec.takes_seed and as_int(seed) != DEFAULT_SEED:
+            takers = ", ".join(f"method={m}" for m in METHODS if get_method(m).takes_seed)
+            raise ValueError(f"seed={as_int(seed)} applies to {takers} only, not method={method}")
+
+
+def validate(method: Any, schedule: DropSchedule | str | None = None, metric: Any = None, seed: Any = None,
+             num_layers: int | None = None) -> DropSchedule | None:
+    """The one rule every entry point applies (``attach``, model args, sweep configs, the bench):
+    ``method``, ``metric`` and ``seed`` as :func:`check_drop_method`; ``schedule`` (None: not given)
+    parsed, taken by the method (stage count, adaptive stages) and, with ``num_layers``, within the
+    model's depth. Returns the parsed schedule. Raises ``ValueError`` naming the bad value."""
+    check_drop_method(method, metric, seed)
+    if schedule is None:
+        return None
+    from v2drop_eval.schedule import DropSchedule
+
+    parsed = DropSchedule.parse(schedule)
+    problem = get_method(method).schedule_problem(parsed)
+    if problem:
+        raise ValueError(problem)
+    if num_layers is not None:
+        parsed.check_depth(num_layers)
+    return parsed
 
 
 def _looks_local(pretrained: str) -> bool:

@@ -17,21 +17,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from v2drop_eval.schedule import DropSchedule
-from v2drop_eval.validate import METHODS, METRICS, as_int, check_drop_method, local_model_problem
+from v2drop_eval.families import FAMILIES
+from v2drop_eval.methods import get_method
+from v2drop_eval.schedule import DropSchedule, fitted_preset
+from v2drop_eval.validate import (
+    DEFAULT_METRIC,
+    DEFAULT_SEED,
+    METHODS,
+    METRICS,
+    as_int,
+    local_model_problem,
+    validate,
+)
 
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
            "allowed_args"]
 
 OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup")
-
-# family -> (model_type values of checkpoints it accepts, lmms-eval model name, preset family)
-FAMILIES: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "llava": (("llava", "llava_next"), "v2drop_llava", "llava"),
-    "qwen2_vl": (("qwen2_vl",), "v2drop_qwen2_vl", "qwen2_vl"),
-    "qwen2_5_vl": (("qwen2_5_vl",), "v2drop_qwen2_5_vl", "qwen2_5_vl"),
-}
-
 
 @dataclass(frozen=True)
 class DropArgs:
@@ -41,19 +43,20 @@ class DropArgs:
     method: str
     schedule: DropSchedule
     budget: int | str | None
-    metric: str | None  # v2drop only
-    seed: int | None  # random only (None: not given; random then uses 0)
+    metric: str | None  # methods that take one only (v2drop)
+    seed: int | None  # methods that take one only (random; None: not given, then 0)
     sidecar: str | None
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
+    preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
 
     @property
     def engine_metric(self) -> str:
-        return self.metric or "l2"
+        return self.metric or DEFAULT_METRIC
 
     @property
     def engine_seed(self) -> int:
-        return 0 if self.seed is None else int(self.seed)
+        return DEFAULT_SEED if self.seed is None else int(self.seed)
 
     def describe(self) -> dict[str, Any]:
         """The side-car's description of the run."""
@@ -86,8 +89,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     ``extra``: names the subclass handles itself (e.g. ``attn_implementation`` for Qwen2-VL).
     Raises ``ValueError`` naming the bad value and what is allowed.
     """
-    model_name = FAMILIES[family][1]
-    preset_family = FAMILIES[family][2]
+    model_name = FAMILIES[family].lmms_model
     allowed = allowed_args(parent, extra)
     unknown = sorted(k for k in kwargs if k not in allowed)
     if unknown:
@@ -98,14 +100,15 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     metric = None if metric is None else str(metric).strip().lower()
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
     try:
-        check_drop_method(method, metric, seed)
+        validate(method, metric=metric, seed=seed)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
-    if method == "v2drop" and metric is None:
-        metric = "l2"
-    if method != "v2drop":
+    spec = get_method(method)
+    if spec.takes_metric and metric is None:
+        metric = DEFAULT_METRIC
+    if not spec.takes_metric:
         metric = None  # the default metric, handed to a method that ranks without one
-    if method != "random" and seed is not None:
+    if not spec.takes_seed and seed is not None:
         seed = None
 
     warmup = kwargs.pop("warmup", 1)
@@ -120,7 +123,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if budget is not None and schedule_text is not None:
         raise _fail(model_name, f"give budget= or schedule=, not both (got budget={budget}, schedule={schedule_text})")
 
-    if method == "none":
+    if not spec.drops:
         if budget is not None:
             raise _fail(model_name, f"method=none runs the unpruned model; drop budget={budget}")
         if schedule_text is not None and DropSchedule.parse(str(schedule_text)).stages:
@@ -128,7 +131,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
         schedule = DropSchedule(())
     elif budget is not None:
         try:
-            schedule = DropSchedule.preset(preset_family, budget, method="fastv" if method == "fastv" else "v2drop")
+            schedule = DropSchedule.preset(family, budget, method=method)
         except ValueError as exc:
             raise _fail(model_name, f"budget={budget}: {exc}") from None
     elif schedule_text is not None:
@@ -142,11 +145,10 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
         raise _fail(model_name, f"method={method} needs budget= (a published preset, e.g. budget=128) or "
                                 "schedule= (e.g. schedule=3:0.5/17:0.3/22:0); for the unpruned baseline use method=none")
 
-    if method == "fastv" and len(schedule.stages) != 1:
-        raise _fail(model_name, f"method=fastv drops once, at one layer: schedule {schedule} has "
-                                f"{len(schedule.stages)} stages; give one stage such as schedule=2:0.3, or budget=")
-    if schedule.is_adaptive and method != "v2drop":
-        raise _fail(model_name, f"adaptive schedule {schedule} ranks tokens by variation: it needs method=v2drop")
+    try:
+        validate(method, schedule)
+    except ValueError as exc:
+        raise _fail(model_name, str(exc)) from None
 
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
@@ -158,22 +160,25 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
     """Read the checkpoint's config (no weights): right family, and every drop layer within its depth."""
     from transformers import AutoConfig
 
-    model_name = FAMILIES[args.family][1]
-    accepted = FAMILIES[args.family][0]
+    model_name = FAMILIES[args.family].lmms_model
+    accepted = FAMILIES[args.family].model_types
     problem = local_model_problem(str(pretrained))
     if problem:  # before transformers, which would report a missing folder as a bad repo id
         raise _fail(model_name, problem)
     config = AutoConfig.from_pretrained(pretrained, **config_kwargs)
     model_type = getattr(config, "model_type", None)
     if model_type not in accepted:
-        others = [name for fam, (types, name, _) in FAMILIES.items() if model_type in types]
+        others = [f.lmms_model for f in FAMILIES.values() if model_type in f.model_types]
         hint = f"; use --model {others[0]}" if others else ""
         raise _fail(model_name, f"{pretrained} is a {model_type!r} checkpoint; this model takes "
                                 f"model_type {' or '.join(accepted)}{hint}")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = int(text_config.num_hidden_layers)
+    schedule, scaled = args.schedule, False
+    if args.budget is not None and not args.schedule.is_empty:
+        schedule, scaled = fitted_preset(args.family, args.budget, args.method, num_layers)
     try:
-        args.schedule.check_depth(num_layers)
+        schedule.check_depth(num_layers)
     except ValueError as exc:
-        raise _fail(model_name, f"schedule {args.schedule} does not fit {pretrained}: {exc}") from None
-    return DropArgs(**{**args.__dict__, "num_layers": num_layers})
+        raise _fail(model_name, f"schedule {schedule} does not fit {pretrained}: {exc}") from None
+    return DropArgs(**{**args.__dict__, "schedule": schedule, "num_layers": num_layers, "preset_scaled": scaled})

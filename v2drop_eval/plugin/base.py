@@ -44,11 +44,14 @@ class V2DropMixin:
 
         args = pop_drop_args(kwargs, self._v2drop_family, parent, extra)
         args = check_checkpoint(args, pretrained, **config_kwargs)
+        if args.preset_scaled:
+            eval_logger.info(f"V2Drop: budget={args.budget} names layers of a deeper model; scaled to this "
+                             f"model's {args.num_layers} layers: {args.method} schedule {args.schedule}")
         if args.sidecar:  # now, not after the last item: a path it cannot write would lose the run's records
             try:
                 note = prepare_sidecar(args.sidecar)
             except ValueError as exc:
-                raise ValueError(f"{FAMILIES[self._v2drop_family][1]}: {exc}") from None
+                raise ValueError(f"{FAMILIES[self._v2drop_family].lmms_model}: {exc}") from None
             if note:
                 eval_logger.info(f"V2Drop: {note}")
         _cpu_defaults(kwargs)

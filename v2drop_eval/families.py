@@ -1,0 +1,53 @@
+"""Model families, declared once: which checkpoints and classes each takes, its lmms-eval model name,
+and which preset table it uses. Light on purpose (no torch): sweep configs and model args check
+against it before anything loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Family", "FAMILIES", "FAMILY_NAMES", "PRESET_SHAPES", "get_family", "preset_family", "family_of_class"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    lmms_model: str  # the plugin's lmms-eval model name
+    model_types: tuple[str, ...]  # config.model_type values of checkpoints it takes
+    classes: tuple[str, ...]  # transformers classes the engine's adapter supports
+    presets: str  # preset table: presets were matched on this family's published shape
+    aliases: tuple[str, ...] = ()  # other names accepted in sweep configs and DropSchedule.preset
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llava", "v2drop_llava", ("llava", "llava_next"),
+           ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"), "llava", ("llava_hf",)),
+    Family("qwen2_vl", "v2drop_qwen2_vl", ("qwen2_vl",), ("Qwen2VLForConditionalGeneration",), "qwen2_vl"),
+    Family("qwen2_5_vl", "v2drop_qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLForConditionalGeneration",), "qwen2_vl"),
+)}
+# Every name a config may give (aliases included) -> its family.
+_BY_NAME = {n: f for f in FAMILIES.values() for n in (f.name, *f.aliases)}
+FAMILY_NAMES = tuple(sorted(_BY_NAME))
+# The shapes presets were matched on: (vision tokens, decoder layers) of LLaVA-1.5-7B and Qwen2-VL-7B.
+PRESET_SHAPES = {"llava": (576, 32), "qwen2_vl": (576, 28)}
+
+
+def get_family(name: str) -> Family:
+    """The family named ``name`` (or one of its aliases); ValueError naming the known ones."""
+    if str(name) not in _BY_NAME:
+        raise ValueError(f"unknown model family {name!r}; known families: {', '.join(FAMILY_NAMES)}")
+    return _BY_NAME[str(name)]
+
+
+def preset_family(name: str) -> str:
+    """The preset table of family ``name`` (``llava`` or ``qwen2_vl``)."""
+    return get_family(name).presets
+
+
+def family_of_class(class_name: str) -> str:
+    """The family whose adapter handles transformers class ``class_name``; TypeError if none."""
+    for fam in FAMILIES.values():
+        if class_name in fam.classes:
+            return fam.presets  # the adapter's family: Qwen2.5-VL runs through the qwen2_vl adapter
+    supported = [c for f in FAMILIES.values() for c in f.classes]
+    raise TypeError(f"{class_name} is not supported; supported model classes: {', '.join(supported)}")

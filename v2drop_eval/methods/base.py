@@ -1,0 +1,86 @@
+"""What a dropping method is: the signal it needs, its schedule rules, its presets, and its scorer.
+
+A method never touches the model. The engine (``v2drop_eval.engine``) gathers, masks and accounts; at
+each drop layer it hands the method a :class:`ScoreContext` holding the signals the method asked for,
+and the method returns per-row scores for the alive vision tokens (higher = more worth keeping). The
+engine keeps each row's top ``keep`` by score, ties to the earlier slot.
+
+Light on purpose: nothing here imports torch, so the registry can be read before anything loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from v2drop_eval.schedule import DropSchedule
+
+__all__ = ["Method", "ScoreContext", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_KEYS", "PROBE_ATTENTION",
+           "NORMED_HIDDEN", "ROW_IDENTITY"]
+
+# The signals the engine can provide at a drop layer l (all aligned with the alive slots ``[B, n]``).
+PREV_HIDDEN = "prev_hidden"  # [B, n, D] hidden states entering layer l-1
+PREV_ATTENTION = "prev_attention"  # [B, n] last query row's attention at layer l-1, head-averaged
+PREV_KEYS = "prev_keys"  # [B, Hkv, n, hd] layer l-1's keys after rotary, as its attention kernel gets them
+PROBE_ATTENTION = "probe_attention"  # [B, n] last query row's attention with layer l's own q/k on its input
+NORMED_HIDDEN = "normed_hidden"  # [B, n, D] the hidden states entering l, through the decoder's final norm
+ROW_IDENTITY = "row_identity"  # (each row's real tokens as bytes, [B, n] ordinal among its vision tokens, table size)
+SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_KEYS, PROBE_ATTENTION, NORMED_HIDDEN, ROW_IDENTITY)
+
+
+@dataclass
+class ScoreContext:
+    """One drop layer of one prefill, as a method sees it."""
+
+    layer: int
+    hidden: torch.Tensor  # [B, n, D] entering the drop layer
+    candidates: torch.Tensor  # [B, n] alive vision tokens (the droppable ones)
+    text: torch.Tensor  # [B, n] real non-vision tokens
+    idx: torch.Tensor  # [B, n] original positions of the slots
+    keep: torch.Tensor | None  # [B] vision tokens each row keeps (None while an adaptive stage counts)
+    metric: str
+    seed: int
+    signals: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """A dropping method. Subclass, set the class attributes, implement :meth:`score`, and register
+    an instance in ``v2drop_eval/methods/__init__.py``."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]  # how tables and plots name it
+    summary: ClassVar[str]  # one line: what it keeps
+    source: ClassVar[str] = ""  # where its rule comes from
+    needs: ClassVar[frozenset[str]] = frozenset()  # signals from SIGNALS
+    drops: ClassVar[bool] = True  # False: the unpruned baseline
+    multi_stage: ClassVar[bool] = True  # False: exactly one drop stage
+    adaptive: ClassVar[bool] = False  # takes adaptive stages (layer:tT:MIN:MAX)
+    takes_metric: ClassVar[bool] = False
+    takes_seed: ClassVar[bool] = False
+    # family preset table ('llava', 'qwen2_vl') -> budget -> schedule text
+    presets: ClassVar[dict[str, dict[str | int, str]]] = {}
+
+    def schedule_problem(self, schedule: DropSchedule) -> str | None:
+        """Why this method cannot take ``schedule`` (None if it can). The same words everywhere."""
+        if not self.drops:
+            return None  # attach() takes any schedule with it: hooks on, nothing dropped
+        if schedule.is_empty:
+            return (f"method {self.name} needs a budget or a schedule that drops something; for the unpruned "
+                    "baseline use method none")
+        if not self.multi_stage and len(schedule.stages) != 1:
+            return (f"method {self.name} drops once, at one layer: schedule {schedule} has {len(schedule.stages)} "
+                    "stages; give a one-stage schedule such as 2:0.3, or a budget")
+        if schedule.is_adaptive and not self.adaptive:
+            return (f"adaptive stages need method v2drop, not {self.name!r}: they rank tokens by variation "
+                    f"({schedule})")
+        return None
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """``[B, n]`` scores for the slots of ``ctx`` (only ``ctx.candidates`` matter)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"

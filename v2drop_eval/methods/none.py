@@ -1,0 +1,15 @@
+"""``none``: the unpruned baseline, with the same hooks and accounting as every other method."""
+
+from __future__ import annotations
+
+from v2drop_eval.methods.base import Method
+
+
+class NoDrop(Method):
+    name = "none"
+    label = "Vanilla"
+    summary = "drops nothing: the unpruned model, measured the same way"
+    drops = False
+
+
+METHOD = NoDrop()
