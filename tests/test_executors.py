@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sweep_fakes import install_fake_lmms_eval
-from test_sweep import FakeRunner, base_config, small_cfg
+from test_sweep import FakeRunner, calls, small_cfg, write_cfg
 
 from v2drop_eval.cli import main
 from v2drop_eval.runner import is_done, run_sweep
@@ -25,21 +24,6 @@ from v2drop_eval.sweep import expand, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 NONE, V2DROP, FASTV = "m7b__none", "m7b__v2drop__b128__l2", "m7b__fastv__b128"
-
-
-def write_cfg(tmp_path: Path, **over) -> Path:
-    fake = install_fake_lmms_eval(tmp_path)
-    raw = base_config(methods=["none", "v2drop", "fastv"], budgets=[128], output=str(tmp_path / "sw"),
-                      env={"PYTHONPATH": str(fake), "FAKE_LMMS_LOG": str(tmp_path / "calls.log")})
-    raw.update(over)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def calls(tmp_path: Path) -> list[str]:
-    log = tmp_path / "calls.log"
-    return log.read_text().splitlines() if log.exists() else []
 
 
 def cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
