@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from v2drop_eval.results import load_sweep
-from v2drop_eval.tables import KEY_COLS, accuracy_table
+from v2drop_eval.tables import CI_HI, CI_LO, KEY_COLS, accuracy_table
 
 __all__ = ["compare_sweeps", "format_comparison", "SAME_TOLERANCE"]
 
@@ -26,7 +26,7 @@ def _scores(sweep_dir: Path) -> dict[tuple[str, str], float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tables command names bad files; here only scores matter
         acc = accuracy_table(load_sweep(sweep_dir, excluded=[]))
-    tasks = [c for c in acc.columns if c not in ("point", *KEY_COLS, "Average")]
+    tasks = [c for c in acc.columns if c not in ("point", *KEY_COLS, "Average") and not c.endswith((CI_LO, CI_HI))]
     return {(r["point"], t): float(r[t]) for _, r in acc.iterrows() for t in tasks if not pd.isna(r[t])}
 
 
