@@ -243,6 +243,24 @@ def test_run_resume_and_layout(tmp_path):
     assert "3 done already, 0 to run" in log2.getvalue()
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_in_a_terminal_plain_lines_in_a_log(tmp_path):
+    """A terminal gets tqdm's bar (carriage returns) beside the same lines; a log file only the lines."""
+    cfg = small_cfg(tmp_path)
+    term = _Terminal()
+    assert run_sweep(cfg, expand(cfg), runner=FakeRunner(), log=term).ok
+    shown = term.getvalue()
+    assert "sweep: 100%" in shown and "3/3" in shown and "\r" in shown and "[3/3] run" in shown
+    cfg2 = small_cfg(tmp_path / "b")
+    log = io.StringIO()
+    assert run_sweep(cfg2, expand(cfg2), runner=FakeRunner(), log=log).ok
+    assert "\r" not in log.getvalue() and "sweep:" not in log.getvalue()
+
+
 def test_failed_points_recorded_and_retried(tmp_path):
     cfg = small_cfg(tmp_path)
     points = expand(cfg)

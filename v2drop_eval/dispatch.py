@@ -40,7 +40,6 @@ from v2drop_eval.runner import (
     TMP_PREFIX,
     PointOutcome,
     SweepReport,
-    _fmt_time,
     _now,
     _prepare,
     _remove,
@@ -204,12 +203,7 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
     for p in points:
         results.setdefault(p.id, PointOutcome(p, "cancelled"))
     report = SweepReport([results[p.id] for p in points])
-    skipped = sum(o.status == "skipped" for o in report.outcomes)
-    ran = sum(o.status == "done" for o in report.outcomes)
-    print(f"sweep {cfg.name}: {total} points: {skipped} skipped, {ran} ran ok, {len(report.failed)} failed, "
-          f"in {_fmt_time(time.monotonic() - started)}", file=log, flush=True)
-    for o in report.failed:
-        print(f"  failed: {o.point.id}: {o.error} (see {out / FAILED_DIR / o.point.id})", file=log)
+    print(report.summary(cfg.name, out, time.monotonic() - started), file=log, flush=True)
     log.flush()
     return report
 

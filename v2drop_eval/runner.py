@@ -35,6 +35,7 @@ from typing import Any, TextIO
 
 import yaml
 from filelock import FileLock, Timeout
+from tqdm import tqdm
 
 from v2drop_eval.atomic import write_json_atomic, write_text_atomic
 from v2drop_eval.executors import JobRecord, read_job
@@ -79,6 +80,16 @@ class SweepReport:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def summary(self, name: str, out: Path, seconds: float) -> str:
+        """The sweep's closing lines: counts by outcome, then each failure and where its log is."""
+        counts = {s: sum(o.status == s for o in self.outcomes) for s in ("skipped", "done", "failed")}
+        rest = len(self.outcomes) - sum(counts.values())  # submitted as jobs, or cancelled
+        lines = [f"sweep {name}: {len(self.outcomes)} points: {counts['skipped']} skipped, {counts['done']} ran ok, "
+                 f"{counts['failed']} failed" + (f", {rest} not finished here" if rest else "")
+                 + f", in {_fmt_time(seconds)}"]
+        lines += [f"  failed: {o.point.id}: {o.error} (see {out / FAILED_DIR / o.point.id})" for o in self.failed]
+        return "\n".join(lines)
 
 
 # -- the process ------------------------------------------------------------------------------------
@@ -340,17 +351,25 @@ def _write_status_locked(cfg: SweepConfig, points: Sequence[Point], out: Path, s
 
 
 class _Progress:
-    """Progress lines (``[k/N] run <id>  elapsed ..  ETA ..``), safe to call from worker threads."""
+    """Sweep progress, safe to call from worker threads. In a terminal a tqdm bar (points done, rate,
+    ETA) sits under the lines; in a log file (not a tty) only the lines are written
+    (``[k/N] run <id>  elapsed ..  ETA ..``), since a bar's carriage returns would garble the file."""
 
     def __init__(self, total: int, todo: int, jobs: int, log: TextIO):
         self.total, self.left, self.jobs, self.log = total, todo, max(jobs, 1), log
         self.start = time.monotonic()
         self.seconds: dict[str, float] = {}
         self.lock = threading.Lock()
+        tty = bool(getattr(log, "isatty", lambda: False)())
+        self.bar = tqdm(total=todo, file=log, unit="point", desc="sweep", dynamic_ncols=True,
+                        disable=not tty or todo == 0, leave=False)
 
     def say(self, text: str) -> None:
         with self.lock:
-            print(text, file=self.log, flush=True)
+            if self.bar.disable:
+                print(text, file=self.log, flush=True)
+            else:
+                self.bar.write(text, file=self.log)  # above the bar, which is redrawn below
 
     def started(self, i: int, point: Point) -> None:
         with self.lock:
@@ -363,11 +382,15 @@ class _Progress:
         with self.lock:
             self.seconds[outcome.point.id] = outcome.seconds
             self.left -= 1
+            self.bar.update(1)
         tag = f"[{i}/{self.total}] " if self.jobs > 1 else "      "
         if outcome.status == "done":
             self.say(f"{tag}ok in {outcome.seconds:.1f}s -> {out / outcome.point.id}")
         elif outcome.status == "failed":
             self.say(f"{tag}FAILED {outcome.point.id} in {outcome.seconds:.1f}s: {outcome.error}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn, log: TextIO,
@@ -429,13 +452,10 @@ def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn,
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+    progress.close()
     _write_status(cfg, points, out, progress.seconds)
     report = SweepReport([results[p.id] for p in points])
-    skipped = sum(o.status == "skipped" for o in report.outcomes)
-    print(f"sweep {cfg.name}: {total} points: {skipped} skipped, {total - skipped - len(report.failed)} ran ok, "
-          f"{len(report.failed)} failed, in {_fmt_time(time.monotonic() - progress.start)}", file=log, flush=True)
-    for o in report.failed:
-        print(f"  failed: {o.point.id}: {o.error} (see {out / FAILED_DIR / o.point.id})", file=log)
+    print(report.summary(cfg.name, out, time.monotonic() - progress.start), file=log, flush=True)
     log.flush()
     return report
 
