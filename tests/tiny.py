@@ -176,8 +176,8 @@ def internvl_inputs(rows_spec: list[list[tuple[str, int]]], seed: int = 0) -> di
         row = _text(gen, 3 + b)
         for kind, k in spec:
             runs = [k] if kind == "image" else [1] * k
-            for i, n in enumerate(runs):
-                frame = _text(gen, 2) if kind == "video" else []  # "Frame{i+1}:"
+            for n in runs:
+                frame = _text(gen, 2) if kind == "video" else []  # the "FrameN:" text
                 row += frame + [INTERNVL_START] + [INTERNVL_IMAGE_ID] * (INTERNVL_TOKENS_PER_TILE * n) + [INTERNVL_END]
             row += _text(gen, 2)
             tiles += k
