@@ -6,10 +6,16 @@ data parallelism, the processor and every model argument stay the parent's. Only
 is replaced, because the parent runs one sample per ``generate`` call (it asserts ``batch_size == 1``,
 and its loop would build the prompt of a batch's first request only) and swallows generation errors
 into empty answers. Each row's prompt is built as the parent builds it (the processor's chat template
-over the request's messages; ``min_patches`` / ``max_patches`` for image tiles, ``num_frames`` / ``fps``
-for video frames), the rows of a batch go through the processor together (it pads on the left) and
-run as one ``generate`` call; answers are decoded as the parent decodes them. So at ``method=none``
-and batch size 1 the answers equal the built-in ``internvl_hf``'s.
+over the request's messages, ``min_patches`` / ``max_patches`` for image tiles), the rows of a batch go
+through the processor together (it pads on the left) and run as one ``generate`` call; answers are
+decoded as the parent decodes them. So at ``method=none`` and batch size 1 the answers on image tasks
+equal the built-in ``internvl_hf``'s.
+
+Videos: the parent hands video paths to the processor, and transformers 5 decodes them only with
+``torchcodec`` installed. Here each video is read by lmms-eval's own reader
+(``lmms_eval.models.model_utils.load_video.read_video``: PyAV unless ``LMMS_VIDEO_DECODE_BACKEND`` says
+otherwise), ``num_frames`` frames (the parent's argument, default 32; ``fps`` caps them) sampled
+uniformly, and the frames go to the processor as they are.
 
 InternVL has no video token: the processor writes each sampled frame as its own run of image tokens
 (``Frame1: <img><IMG_CONTEXT>...</img>``), so video tokens are found, dropped and counted as image
@@ -48,19 +54,21 @@ class V2DropInternVL(V2DropMixin, InternVLHf):
         self._v2drop_attach(args, pretrained)
 
     def _processor_kwargs(self) -> dict[str, Any]:
-        """Tile and frame settings, as the parent hands them to the processor."""
-        out: dict[str, Any] = {}
+        """Tile settings, as the parent hands them to the processor; frames arrive sampled already."""
+        out: dict[str, Any] = {"do_sample_frames": False}
         if self.min_patches is not None:
             out["min_patches"] = self.min_patches
         if self.max_patches is not None:
             out["max_patches"] = self.max_patches
-        if self.num_frames is not None or self.fps is not None:
-            out["do_sample_frames"] = True  # InternVL applies num_frames / fps only with frame sampling on
-        if self.num_frames is not None:
-            out["num_frames"] = self.num_frames
-        if self.fps is not None:
-            out["fps"] = self.fps
         return out
+
+    def _frames(self, video: Any) -> Any:
+        """A video path read into sampled frames ``[T, H, W, 3]`` (anything else is passed on as given)."""
+        if not isinstance(video, str):
+            return video
+        from lmms_eval.models.model_utils.load_video import read_video
+
+        return read_video(video, num_frm=self.num_frames if self.num_frames is not None else 32, fps=self.fps)
 
     def _v2drop_generate_batch(self, requests: list[Any]) -> list[Any]:
         texts, images, videos = [], [], []
@@ -69,7 +77,7 @@ class V2DropInternVL(V2DropMixin, InternVLHf):
             messages = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
             row_images, row_videos, _ = messages.extract_media()
             images += row_images  # the processor takes each kind flat, in order of appearance
-            videos += row_videos
+            videos += [self._frames(v) for v in row_videos]
             texts.append(self.processor.apply_chat_template(messages.model_dump()["messages"], tokenize=False,
                                                             add_generation_prompt=True))
         inputs = self.processor(images=images or None, videos=videos or None, text=texts, return_tensors="pt",
