@@ -46,7 +46,7 @@ class V2DropInternVL(V2DropMixin, InternVLHf):
                  **kwargs: Any) -> None:
         config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
         args = self._v2drop_pop_args(kwargs, pretrained, InternVLHf, **config_kwargs)
-        requested = int(batch_size)
+        requested = int(batch_size) if str(batch_size).strip().isdigit() else 0
         if requested < 1:
             raise ValueError(f"v2drop_internvl: batch_size={batch_size} is not allowed; give an integer >= 1")
         super().__init__(pretrained=pretrained, batch_size=1, **kwargs)  # the parent asserts batch size 1
