@@ -317,3 +317,23 @@ def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
         kept = set(idx[b][valid[b]].tolist()) & set(ctx.idx[b][ctx.candidates[b]].tolist())
         assert kept == {int(ctx.idx[b, i]) for i in expected}
         assert len(kept) == int(ctx.candidates[b].sum()) // 2
+
+
+def test_long_video_row_beside_an_image_row():
+    """An InternVL video row of 2,048 vision tokens (128 frames) in one batch with a 2-tile image row:
+    prefill and every decode step equal the masking reference, and the video row equals itself alone."""
+    m = model("internvl", "sdpa")
+    inputs = internvl_inputs([[("video", 128)], [("image", 2)]], seed=2)
+    with attach(m, "1:0.5/3:0.25/5:0") as h, torch.no_grad():
+        dropped = _generate(m, inputs)
+        layouts, stats = dict(h.last_layouts), h.last_stats
+        alone = _generate(m, row_inputs(inputs, 0, "internvl"))
+        assert h.last_stats[0]["vision_per_layer"] == stats[0]["vision_per_layer"]
+    assert stats[0]["vision_per_layer"] == [2048, 1024, 1024, 256, 256, 0]
+    with masking_reference(m, m.model.language_model.layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS),
+                           "sdpa"), torch.no_grad():
+        ref = _generate(m, inputs)
+    assert torch.equal(dropped.sequences, ref.sequences)
+    for step_d, step_r, step_a in zip(dropped.logits, ref.logits, alone.logits, strict=True):
+        torch.testing.assert_close(step_d, step_r, atol=1e-4, rtol=0)
+        torch.testing.assert_close(step_d[0], step_a[0], atol=1e-4, rtol=0)
