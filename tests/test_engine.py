@@ -1,4 +1,4 @@
-"""The dropping engine against the plain model and the masking reference, on tiny LLaVA and Qwen2-VL."""
+"""The dropping engine against the plain model and the masking reference, on tiny LLaVA, Qwen2-VL and InternVL."""
 
 from __future__ import annotations
 
@@ -7,14 +7,25 @@ import functools
 import pytest
 import torch
 from reference import allowed_keys, masking_reference
-from tiny import LAYERS, llava_inputs, qwen_inputs, row_inputs, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
+from tiny import (
+    LAYERS,
+    internvl_inputs,
+    llava_inputs,
+    qwen_inputs,
+    row_inputs,
+    tiny_internvl,
+    tiny_llava,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+)
 
 from v2drop_eval import DropSchedule, attach
 from v2drop_eval.methods import METHODS, get_method
 
-FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl}
+FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "internvl": tiny_internvl}
 
 # Each case: (family, inputs builder). Batch 1, padded batch, different vision counts, two images, text-only.
+# InternVL "mixed": images of 3 and 1 tiles, a 4-frame video beside an image, a text-only row.
 CASES = {
     ("llava", "batch1"): lambda: llava_inputs([1]),
     ("llava", "padded"): lambda: llava_inputs([1, 1], text_lens=[2, 9]),
@@ -23,6 +34,10 @@ CASES = {
     ("qwen", "padded"): lambda: qwen_inputs([[(4, 4)], [(4, 4)]]),
     ("qwen", "mixed"): lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []], seed=1),
     ("qwen25", "mixed"): lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []], seed=1),
+    ("internvl", "batch1"): lambda: internvl_inputs([[("image", 2)]]),
+    ("internvl", "padded"): lambda: internvl_inputs([[("image", 1)], [("video", 2)]]),
+    ("internvl", "mixed"): lambda: internvl_inputs([[("image", 3), ("image", 1)], [("video", 4), ("image", 1)], []],
+                                                   seed=1),
 }
 
 
@@ -39,7 +54,7 @@ def _generate(m, inputs, **kw):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "internvl"])
 def test_keep_all_is_bit_identical(family, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()
@@ -61,7 +76,7 @@ DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES), ids=[f"{f}-{c}" for f, c in CASES])
 @pytest.mark.parametrize(("method", "schedule"), DROPPING)
 def test_dropping_equals_masking_reference(case, attn, method, schedule):
     family, _ = case
@@ -94,7 +109,7 @@ def test_dropping_equals_masking_reference(case, attn, method, schedule):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).drops])
-@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "internvl"])
 def test_batch_rows_equal_rows_alone(family, method, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()
@@ -111,7 +126,7 @@ def test_batch_rows_equal_rows_alone(family, method, attn):
                 torch.testing.assert_close(step_b[b], step_a[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "internvl"])
 def test_kv_cache_lengths_follow_schedule(family):
     m = model(family, "sdpa")
     inputs = CASES[(family, "batch1")]()
@@ -280,7 +295,7 @@ def _dart_reference(keys, normed, cand, text, keep):
     return kept
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "internvl"])
 def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
     from v2drop_eval.methods import dart
     from v2drop_eval.methods.base import NORMED_HIDDEN, PREV_KEYS
@@ -302,3 +317,23 @@ def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
         kept = set(idx[b][valid[b]].tolist()) & set(ctx.idx[b][ctx.candidates[b]].tolist())
         assert kept == {int(ctx.idx[b, i]) for i in expected}
         assert len(kept) == int(ctx.candidates[b].sum()) // 2
+
+
+def test_long_video_row_beside_an_image_row():
+    """An InternVL video row of 2,048 vision tokens (128 frames) in one batch with a 2-tile image row:
+    prefill and every decode step equal the masking reference, and the video row equals itself alone."""
+    m = model("internvl", "sdpa")
+    inputs = internvl_inputs([[("video", 128)], [("image", 2)]], seed=2)
+    with attach(m, "1:0.5/3:0.25/5:0") as h, torch.no_grad():
+        dropped = _generate(m, inputs)
+        layouts, stats = dict(h.last_layouts), h.last_stats
+        alone = _generate(m, row_inputs(inputs, 0, "internvl"))
+        assert h.last_stats[0]["vision_per_layer"] == stats[0]["vision_per_layer"]
+    assert stats[0]["vision_per_layer"] == [2048, 1024, 1024, 256, 256, 0]
+    with masking_reference(m, m.model.language_model.layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS),
+                           "sdpa"), torch.no_grad():
+        ref = _generate(m, inputs)
+    assert torch.equal(dropped.sequences, ref.sequences)
+    for step_d, step_r, step_a in zip(dropped.logits, ref.logits, alone.logits, strict=True):
+        torch.testing.assert_close(step_d, step_r, atol=1e-4, rtol=0)
+        torch.testing.assert_close(step_d[0], step_a[0], atol=1e-4, rtol=0)

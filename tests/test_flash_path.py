@@ -7,7 +7,7 @@ gives it; dropping under it must match dropping under sdpa. The real kernel runs
 import flash_emulation
 import pytest
 import torch
-from tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen2_vl
+from tiny import internvl_inputs, llava_inputs, qwen_inputs, tiny_internvl, tiny_llava, tiny_qwen2_vl
 
 from v2drop_eval import attach
 
@@ -16,6 +16,8 @@ CASES = {
     "llava-mixed": (tiny_llava, lambda: llava_inputs([1, 2, 0])),
     "qwen-batch1": (tiny_qwen2_vl, lambda: qwen_inputs([[(4, 4)]])),
     "qwen-mixed": (tiny_qwen2_vl, lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []])),
+    "internvl-batch1": (tiny_internvl, lambda: internvl_inputs([[("image", 2)]])),
+    "internvl-mixed": (tiny_internvl, lambda: internvl_inputs([[("image", 3)], [("video", 4), ("image", 1)], []])),
 }
 
 

@@ -40,6 +40,8 @@ SCHEDULE = "1:0.5/2:0.25/3:0"  # fits the tiny models' 4 layers
 # tiny_textvqa doc i and tiny_mme doc j images (tools/smoke_assets.py IMAGE_SIZES) -> Qwen vision tokens
 QWEN_VISION = {"tiny_textvqa": [49, 70, 70, 98], "tiny_mme": [70, 70, 70, 70, 98, 98]}
 LLAVA_VISION = 16
+# InternVL: 16 tokens per 64 px tile; 56x56 is one tile, 112x56 two tiles and a thumbnail, 84x56 six and a thumbnail
+INTERNVL_VISION = {"tiny_textvqa": [16, 112, 112, 48], "tiny_mme": [112, 112, 112, 112, 48, 48]}
 SIDECAR_KEYS = {
     "task", "doc_id", "model", "family", "method", "schedule", "budget", "metric", "seed",
     "attn_implementation", "batch_size", "prefill_ms", "decode_ms", "generated_tokens", "total_ms",
@@ -55,6 +57,7 @@ THROUGHPUT_KEYS = {"avg_prefill_ms", "avg_decode_ms_per_token", "avg_total_ms", 
 def test_models_registered_through_entry_point():
     import lmms_eval.models as models
 
+    from v2drop_eval.plugin.internvl import V2DropInternVL
     from v2drop_eval.plugin.llava import V2DropLlava, V2DropLlavaChat
     from v2drop_eval.plugin.qwen2_vl import V2DropQwen2_5_VL, V2DropQwen2_5_VLChat, V2DropQwen2VL
 
@@ -63,6 +66,10 @@ def test_models_registered_through_entry_point():
     assert models.get_model("v2drop_qwen2_vl") is V2DropQwen2VL
     assert models.get_model("v2drop_qwen2_5_vl") is V2DropQwen2_5_VLChat
     assert models.get_model("v2drop_qwen2_5_vl", force_simple=True) is V2DropQwen2_5_VL
+    assert models.get_model("v2drop_internvl") is V2DropInternVL  # internvl_hf has no simple class
+    from lmms_eval.models.chat.internvl_hf import InternVLHf
+
+    assert issubclass(V2DropInternVL, InternVLHf) and not V2DropInternVL.is_simple
     from lmms_eval.models.chat.llava_hf import LlavaHf as Chat
     from lmms_eval.models.simple.llava_hf import LlavaHf as Simple
     from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
@@ -77,7 +84,7 @@ def test_manifest_import_is_light():
     code = ("import sys; import v2drop_eval.plugin.manifest as m; "
             "print('torch' in sys.modules, 'transformers' in sys.modules, len(m.manifests()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "False", "3"]
+    assert out == ["False", "False", "4"]
 
 
 # -- model arguments ----------------------------------------------------------------------------------
@@ -149,6 +156,8 @@ def test_checkpoint_depth_and_family(tiny_assets):
                                            - scaled.schedule.average_tokens(576, 4)) < 1.5
     with pytest.raises(ValueError, match="'qwen2_vl' checkpoint.*use --model v2drop_qwen2_vl"):
         check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen2_vl"]))
+    with pytest.raises(ValueError, match="'internvl' checkpoint.*use --model v2drop_internvl"):
+        check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["internvl"]))
 
 
 def test_seed_as_lmms_eval_passes_it():
@@ -363,6 +372,7 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
     qwen = f"pretrained={a['qwen2_vl']},device_map=cpu"
     # The qwen2_5_vl parent's default min_pixels (256 x 28 x 28) would blow tiny images up to 3,000+ tokens.
     qwen25 = f"pretrained={a['qwen2_5_vl']},device_map=cpu,min_pixels=3136,max_pixels=602112"
+    internvl = f"pretrained={a['internvl']},device_map=cpu"
     groups = {
         "llava": [Run("llava_builtin", "llava_hf", llava),
                   Run("llava_none", "v2drop_llava", f"{llava},method=none"),
@@ -379,6 +389,12 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
                    Run("qwen25_none_b2", "v2drop_qwen2_5_vl", f"{qwen25},method=none", batch_size=2),
                    Run("qwen25_random_b2_simple", "v2drop_qwen2_5_vl", f"{qwen25},method=random,seed=1,"
                        f"schedule={SCHEDULE}", batch_size=2, force_simple=True)],
+        # InternVL at batch size 8 (each task's rows in one batch; rows carry 16 to 112 tokens)
+        "internvl": [Run("internvl_builtin", "internvl_hf", internvl),
+                     Run("internvl_none", "v2drop_internvl", f"{internvl},method=none"),
+                     Run("internvl_sched_b1", "v2drop_internvl", f"{internvl},schedule={SCHEDULE}"),
+                     Run("internvl_sched_b8", "v2drop_internvl", f"{internvl},schedule={SCHEDULE},warmup=0",
+                         batch_size=8)],
         # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
         "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
                 Run("bad_conflict", "v2drop_qwen2_vl", f"{qwen},budget=128,schedule={SCHEDULE}"),
@@ -443,7 +459,8 @@ def _check_run(run: Run, assets: dict[str, Any], family: str, method: str, sched
         assert r["device"] == "cpu" and r["peak_memory_bytes"] is None
         assert r["prefill_ms"] > 0 and r["decode_ms"] >= 0 and r["total_ms"] >= r["prefill_ms"]
         assert 1 <= r["generated_tokens"] <= 6
-        expected_vision = LLAVA_VISION if family == "llava" else QWEN_VISION[r["task"]][r["doc_id"]]
+        expected_vision = (LLAVA_VISION if family == "llava" else
+                           (INTERNVL_VISION if family == "internvl" else QWEN_VISION)[r["task"]][r["doc_id"]])
         assert r["vision_tokens"] == expected_vision  # rows attributed to the right samples
         assert r["vision_per_layer"] == sched.tokens_per_layer(expected_vision, 4)
         assert r["avg_vision_tokens"] == sum(r["vision_per_layer"]) / 4
@@ -490,6 +507,20 @@ def test_lmms_eval_qwen2_5_vl_end_to_end(lmms, tiny_assets):
     rows = _check_run(runs["qwen25_random_b2_simple"], tiny_assets, "qwen2_5_vl", "random", SCHEDULE)
     assert {r["seed"] for r in rows} == {1} and {r["metric"] for r in rows} == {None}
     assert _answers(runs["qwen25_none_b2"]) == _answers(runs["qwen25_builtin"])
+
+
+@pytest.mark.slow
+def test_lmms_eval_internvl_end_to_end(lmms, tiny_assets):
+    runs = lmms["runs"]
+    assert lmms["procs"]["internvl"].returncode == 0, lmms["procs"]["internvl"].output[-3000:]
+    _check_run(runs["internvl_none"], tiny_assets, "internvl", "none", None)
+    _check_run(runs["internvl_sched_b1"], tiny_assets, "internvl", "v2drop", SCHEDULE)
+    b8 = _check_run(runs["internvl_sched_b8"], tiny_assets, "internvl", "v2drop", SCHEDULE)
+    # Every task's rows in one batch (4 and 6 docs), rows with different token counts padded together.
+    assert {(r["task"], r["batch_size"]) for r in b8} == {("tiny_textvqa", 4), ("tiny_mme", 6)}
+    assert _answers(runs["internvl_none"]) == _answers(runs["internvl_builtin"])
+    assert len(_answers(runs["internvl_builtin"])) == 10
+    assert _answers(runs["internvl_sched_b8"]) == _answers(runs["internvl_sched_b1"])
 
 
 @pytest.mark.slow

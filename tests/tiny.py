@@ -1,10 +1,12 @@
-"""Tiny random-weight LLaVA and Qwen2-VL models built from configs, and their raw inputs (no tokenizer)."""
+"""Tiny random-weight LLaVA, Qwen2-VL and InternVL models built from configs, and their raw inputs (no tokenizer)."""
 
 from __future__ import annotations
 
 import torch
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -20,6 +22,9 @@ LAYERS = 6
 LLAVA_IMAGE_ID = 100
 LLAVA_TOKENS_PER_IMAGE = 16  # 32x32 image, patch 8
 QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START, QWEN_END = 150, 151, 152, 153
+# InternVL: 64x64 px tiles, patch 8, pixel shuffle 0.5 -> 16 tokens per tile, each image <img> tiles </img>.
+INTERNVL_IMAGE_ID, INTERNVL_START, INTERNVL_END = 150, 152, 153
+INTERNVL_TOKENS_PER_TILE = 16
 PAD = 0
 
 
@@ -85,6 +90,26 @@ def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForCondition
     return model
 
 
+def tiny_internvl(attn: str = "sdpa", seed: int = 0) -> InternVLForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = InternVLConfig(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+            patch_size=8,
+        ),
+        text_config=dict(
+            model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=160, max_position_embeddings=512,
+            pad_token_id=PAD,
+        ),
+        image_token_id=INTERNVL_IMAGE_ID, image_seq_length=INTERNVL_TOKENS_PER_TILE,
+    )
+    model = InternVLForConditionalGeneration(cfg).float().eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
 def _text(gen: torch.Generator, n: int, vocab: int = 90) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=gen).tolist()
 
@@ -138,14 +163,42 @@ def qwen_inputs(grids_per_row: list[list[tuple[int, int]]], seed: int = 0) -> di
     return out
 
 
+def internvl_inputs(rows_spec: list[list[tuple[str, int]]], seed: int = 0) -> dict:
+    """Rows of images and videos, e.g. [[("image", 3)], [("video", 4), ("image", 1)]], left-padded.
+
+    ``("image", k)``: one image cut into k tiles, one <img>...</img> run of 16 x k tokens, as the
+    processor writes it; ``("video", k)``: k frames, each its own <img> run of 16 tokens after a
+    "FrameN:" text (the processor writes video frames with the image token; InternVL has no video id).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows, tiles = [], 0
+    for b, spec in enumerate(rows_spec):
+        row = _text(gen, 3 + b)
+        for kind, k in spec:
+            runs = [k] if kind == "image" else [1] * k
+            for n in runs:
+                frame = _text(gen, 2) if kind == "video" else []  # the "FrameN:" text
+                row += frame + [INTERNVL_START] + [INTERNVL_IMAGE_ID] * (INTERNVL_TOKENS_PER_TILE * n) + [INTERNVL_END]
+            row += _text(gen, 2)
+            tiles += k
+        rows.append(row + _text(gen, 3))
+    ids, mask = _left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if tiles:
+        out["pixel_values"] = torch.randn(tiles, 3, 64, 64, generator=gen)
+    return out
+
+
 def row_inputs(inputs: dict, b: int, family: str) -> dict:
     """Row ``b`` of a batch as its own unpadded batch of one."""
     keep = inputs["attention_mask"][b].bool()
     out = {k: inputs[k][b][keep][None] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
     if "pixel_values" not in inputs:
         return out
-    if family == "llava":
-        counts = [int((r == LLAVA_IMAGE_ID).sum()) // LLAVA_TOKENS_PER_IMAGE for r in inputs["input_ids"]]
+    if family in ("llava", "internvl"):  # one pixel_values entry per image (LLaVA) or per tile (InternVL)
+        image_id, per = (LLAVA_IMAGE_ID, LLAVA_TOKENS_PER_IMAGE) if family == "llava" else (
+            INTERNVL_IMAGE_ID, INTERNVL_TOKENS_PER_TILE)
+        counts = [int((r == image_id).sum()) // per for r in inputs["input_ids"]]
         start = sum(counts[:b])
         if counts[b]:
             out["pixel_values"] = inputs["pixel_values"][start:start + counts[b]]

@@ -9,6 +9,10 @@
   56x56 px image gives 49 vision tokens; decoder hidden 64, 4 layers) with its processor and the
   Qwen2-VL-Instruct chat template;
 - ``root/qwen2_5_vl``: the same for ``Qwen2_5_VLForConditionalGeneration``;
+- ``root/internvl``: a random-weight ``InternVLForConditionalGeneration`` (64x64 px tiles, patch 8, pixel
+  shuffle 0.5, so 16 vision tokens per tile; an image is cut into tiles plus a thumbnail, so images of
+  other shapes carry other counts; video frames are one tile each; Qwen2 decoder hidden 64, 4 layers)
+  with its processor (tiles, video frames) and the InternVL3-hf chat template;
 - ``root/tasks``: a folder for lmms-eval's ``--include_path`` with ``tiny_textvqa`` and ``tiny_mme``,
   parquet data beside their YAMLs, reusing the official TextVQA and MME prompt and metric functions
   (``!function lmms_eval.tasks.<task>.utils...``). MME keeps its yes/no question pairs intact.
@@ -59,6 +63,19 @@ QWEN_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# OpenGVLab/InternVL3-*-hf chat template (its default system prompt left out): an image is "<IMG_CONTEXT>\n",
+# a video "<video>\n"; the processor expands both into <img>...</img> runs of image tokens.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+INTERNVL_TILE, INTERNVL_TOKENS_PER_TILE = 64, 16
 
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 QWEN_SPECIALS = [
@@ -280,6 +297,45 @@ def build_qwen(out: Path, variant: str = "qwen2_vl") -> Path:
     return out
 
 
+def build_internvl(out: Path) -> Path:
+    """A tiny InternVL3-like checkpoint (Qwen2 decoder) with tokenizer, processor and chat template in ``out``."""
+    import torch
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    # The processor finds its marker tokens by these tokenizer attributes, as in InternVL3-*-hf.
+    markers = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+               "video_token": "<video>"}
+    tok = _fast_tokenizer(_train_tokenizer(INTERNVL_SPECIALS, 400, bos=None), eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", padding_side="left", extra_special_tokens=markers)
+    torch.manual_seed(_SEED + 2)
+    cfg = InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=INTERNVL_TILE, patch_size=8),
+        text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=_round_up(len(tok)),
+                         max_position_embeddings=2048, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=INTERNVL_TOKENS_PER_TILE,
+    )
+    model = InternVLForConditionalGeneration(cfg).float().eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    size = {"height": INTERNVL_TILE, "width": INTERNVL_TILE}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=12),
+        tokenizer=tok, video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=INTERNVL_TOKENS_PER_TILE, chat_template=INTERNVL_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    return out
+
+
 def _image(i: int, size: tuple[int, int]):
     """A deterministic picture: coloured rectangles on a plain background."""
     from PIL import Image, ImageDraw
@@ -329,7 +385,7 @@ def build_tasks(out: Path) -> Path:
 def build_tiny_assets(root: Path | str, qwen2_5: bool = True) -> dict[str, Any]:
     """Build every tiny asset under ``root`` (skipping parts already built) and describe them.
 
-    Returns ``{"llava": Path, "qwen2_vl": Path, "qwen2_5_vl": Path | None, "include_path": Path,
+    Returns ``{"llava": Path, "qwen2_vl": Path, "qwen2_5_vl": Path | None, "internvl": Path, "include_path": Path,
     "tasks": ["tiny_textvqa", "tiny_mme"], "num_layers": 4, "docs": {task: count}}``.
     """
     root = Path(root)
@@ -337,13 +393,14 @@ def build_tiny_assets(root: Path | str, qwen2_5: bool = True) -> dict[str, Any]:
     done = root / "assets.json"
     info: dict[str, Any] = {
         "llava": root / "llava", "qwen2_vl": root / "qwen2_vl",
-        "qwen2_5_vl": root / "qwen2_5_vl" if qwen2_5 else None, "include_path": root / "tasks",
+        "qwen2_5_vl": root / "qwen2_5_vl" if qwen2_5 else None, "internvl": root / "internvl",
+        "include_path": root / "tasks",
         "tasks": list(TINY_TASKS), "num_layers": NUM_LAYERS,
         "docs": {"tiny_textvqa": len(TEXTVQA_DOCS), "tiny_mme": 2 * len(MME_DOCS)},
     }
     built = json.loads(done.read_text()) if done.is_file() else {}
     steps = {"llava": lambda: build_llava(info["llava"]), "qwen2_vl": lambda: build_qwen(info["qwen2_vl"]),
-             "tasks": lambda: build_tasks(info["include_path"])}
+             "internvl": lambda: build_internvl(info["internvl"]), "tasks": lambda: build_tasks(info["include_path"])}
     if qwen2_5:
         steps["qwen2_5_vl"] = lambda: build_qwen(info["qwen2_5_vl"], "qwen2_5_vl")
     for name, step in steps.items():

@@ -66,7 +66,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
             image_id = config.image_token_index
         ids: tuple[int, ...] = (int(image_id),)
     else:
-        ids = tuple(int(i) for i in (config.image_token_id, config.video_token_id) if i is not None)
+        # InternVL has no video id: its processor writes each video frame as a run of image tokens.
+        video_id = getattr(config, "video_token_id", None)
+        ids = tuple(int(i) for i in (config.image_token_id, video_id) if i is not None)
     return ModelAdapter(
         family=family,
         top=model,

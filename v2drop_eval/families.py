@@ -24,6 +24,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"), "llava", ("llava_hf",)),
     Family("qwen2_vl", "v2drop_qwen2_vl", ("qwen2_vl",), ("Qwen2VLForConditionalGeneration",), "qwen2_vl"),
     Family("qwen2_5_vl", "v2drop_qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLForConditionalGeneration",), "qwen2_vl"),
+    # InternVL3-8B's decoder is 28 layers deep like Qwen2-VL-7B's: the derivation gives the same table
+    # (docs/methods.md, "InternVL presets").
+    Family("internvl", "v2drop_internvl", ("internvl",), ("InternVLForConditionalGeneration",), "qwen2_vl",
+           ("internvl_hf",)),
 )}
 # Every name a config may give (aliases included) -> its family.
 _BY_NAME = {n: f for f in FAMILIES.values() for n in (f.name, *f.aliases)}
