@@ -1,4 +1,4 @@
-"""The dropping engine against the plain model and the masking reference, on tiny LLaVA and Qwen2-VL."""
+"""The dropping engine against the plain model and the masking reference, on tiny LLaVA, Qwen2-VL and Qwen3-VL."""
 
 from __future__ import annotations
 
@@ -7,12 +7,26 @@ import functools
 import pytest
 import torch
 from reference import allowed_keys, masking_reference
-from tiny import LAYERS, llava_inputs, qwen_inputs, row_inputs, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
+from tiny import (
+    LAYERS,
+    QWEN3_DEEPSTACK,
+    llava_inputs,
+    qwen3_inputs,
+    qwen_inputs,
+    row_inputs,
+    tiny_llava,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+    tiny_qwen3_vl,
+)
 
 from v2drop_eval import DropSchedule, attach
 from v2drop_eval.methods import METHODS, get_method
 
-FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl}
+FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "qwen3": tiny_qwen3_vl,
+            "qwen3moe": functools.partial(tiny_qwen3_vl, moe=True)}
+# Qwen3-VL rows: several images, videos (one run per temporal patch) and text-only rows in one batch.
+QWEN3_MIXED = [[("image", 4, 6), ("image", 2, 4)], [("video", 2, 4, 4)], [("image", 4, 4), ("video", 3, 2, 4)], []]
 
 # Each case: (family, inputs builder). Batch 1, padded batch, different vision counts, two images, text-only.
 CASES = {
@@ -23,6 +37,11 @@ CASES = {
     ("qwen", "padded"): lambda: qwen_inputs([[(4, 4)], [(4, 4)]]),
     ("qwen", "mixed"): lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []], seed=1),
     ("qwen25", "mixed"): lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []], seed=1),
+    ("qwen3", "batch1"): lambda: qwen3_inputs([[("image", 4, 4)]]),
+    ("qwen3", "padded"): lambda: qwen3_inputs([[("image", 4, 4)], [("image", 4, 4)]]),
+    ("qwen3", "video"): lambda: qwen3_inputs([[("video", 2, 4, 6)], [("video", 4, 2, 4)]], seed=2),
+    ("qwen3", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
+    ("qwen3moe", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
 }
 
 
@@ -39,7 +58,7 @@ def _generate(m, inputs, **kw):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "qwen3", "qwen3moe"])
 def test_keep_all_is_bit_identical(family, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()
@@ -94,7 +113,7 @@ def test_dropping_equals_masking_reference(case, attn, method, schedule):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).drops])
-@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "qwen3", "qwen3moe"])
 def test_batch_rows_equal_rows_alone(family, method, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()
@@ -111,7 +130,7 @@ def test_batch_rows_equal_rows_alone(family, method, attn):
                 torch.testing.assert_close(step_b[b], step_a[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen3"])
 def test_kv_cache_lengths_follow_schedule(family):
     m = model(family, "sdpa")
     inputs = CASES[(family, "batch1")]()
@@ -227,6 +246,36 @@ def test_detach_restores_model_exactly():
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
     with torch.no_grad():
         assert torch.equal(m(**inputs).logits, plain)
+
+
+def test_deepstack_gathered_inside_its_layers_and_removed_on_detach():
+    """A stage before Qwen3-VL's last DeepStack addition wraps the decoder's _deepstack_process (the
+    equivalence tests above check what it adds); one from layer k on needs none; detach restores."""
+    m = tiny_qwen3_vl("sdpa")
+    lm = m.model.language_model
+    inputs = CASES[("qwen3", "mixed")]()
+    k = len(QWEN3_DEEPSTACK)
+    with torch.no_grad():
+        plain = m(**inputs).logits
+    for schedule, wrapped in (("1:0.5/4:0", True), (f"{k - 1}:0.3", True), (f"{k}:0.3", False)):
+        with attach(m, schedule), torch.no_grad():
+            assert ("_deepstack_process" in lm.__dict__) is wrapped
+            m(**inputs)
+        assert "_deepstack_process" not in lm.__dict__
+    with torch.no_grad():
+        assert torch.equal(m(**inputs).logits, plain)
+
+
+def test_deepstack_without_its_hook_is_refused_by_name(monkeypatch):
+    from v2drop_eval.contract import TransformersContractError
+
+    m = tiny_qwen3_vl("sdpa")
+    monkeypatch.delattr(type(m.model.language_model), "_deepstack_process")
+    with pytest.raises(TransformersContractError, match=r"after decoder layers 0, 1, 2; a drop stage at layer 2 needs "
+                                                        r"it \(the first drop layer that does not is 3\)"):
+        attach(m, "2:0.5")
+    assert not hasattr(m, "_v2drop_handle") and not m.model.language_model._forward_pre_hooks
+    attach(m, "3:0.5").detach()  # from layer 3 on every DeepStack addition is in the hidden states
 
 
 def test_text_only_and_keep_zero():
