@@ -40,6 +40,8 @@ SCHEDULE = "1:0.5/2:0.25/3:0"  # fits the tiny models' 4 layers
 # tiny_textvqa doc i and tiny_mme doc j images (tools/smoke_assets.py IMAGE_SIZES) -> Qwen vision tokens
 QWEN_VISION = {"tiny_textvqa": [49, 70, 70, 98], "tiny_mme": [70, 70, 70, 70, 98, 98]}
 LLAVA_VISION = 16
+# Qwen3-VL sizes images for patch 16 x merge 2 (multiples of 32 px): 56x56 -> 64x64 -> 4 tokens, ...
+QWEN3_VISION = {"tiny_textvqa": [4, 6, 6, 8], "tiny_mme": [6, 6, 6, 6, 8, 8]}
 SIDECAR_KEYS = {
     "task", "doc_id", "model", "family", "method", "schedule", "budget", "metric", "seed",
     "attn_implementation", "batch_size", "prefill_ms", "decode_ms", "generated_tokens", "total_ms",
@@ -63,6 +65,14 @@ def test_models_registered_through_entry_point():
     assert models.get_model("v2drop_qwen2_vl") is V2DropQwen2VL
     assert models.get_model("v2drop_qwen2_5_vl") is V2DropQwen2_5_VLChat
     assert models.get_model("v2drop_qwen2_5_vl", force_simple=True) is V2DropQwen2_5_VL
+    from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as Qwen3Chat
+    from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as Qwen3Simple
+
+    from v2drop_eval.plugin.qwen3_vl import V2DropQwen3VL, V2DropQwen3VLChat
+
+    assert models.get_model("v2drop_qwen3_vl") is V2DropQwen3VLChat
+    assert models.get_model("v2drop_qwen3_vl", force_simple=True) is V2DropQwen3VL
+    assert issubclass(V2DropQwen3VLChat, Qwen3Chat) and issubclass(V2DropQwen3VL, Qwen3Simple)
     from lmms_eval.models.chat.llava_hf import LlavaHf as Chat
     from lmms_eval.models.simple.llava_hf import LlavaHf as Simple
     from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
@@ -77,7 +87,7 @@ def test_manifest_import_is_light():
     code = ("import sys; import v2drop_eval.plugin.manifest as m; "
             "print('torch' in sys.modules, 'transformers' in sys.modules, len(m.manifests()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "False", "3"]
+    assert out == ["False", "False", "4"]
 
 
 # -- model arguments ----------------------------------------------------------------------------------
@@ -149,6 +159,17 @@ def test_checkpoint_depth_and_family(tiny_assets):
                                            - scaled.schedule.average_tokens(576, 4)) < 1.5
     with pytest.raises(ValueError, match="'qwen2_vl' checkpoint.*use --model v2drop_qwen2_vl"):
         check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen2_vl"]))
+
+
+def test_qwen3_vl_args_and_checkpoint(tiny_assets):
+    from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
+
+    args = pop_drop_args({"budget": 128, "max_pixels": 602112}, "qwen3_vl", Qwen3_VL)
+    assert str(args.schedule) == "4:0.21/21:0.25/28:0"
+    fitted = check_checkpoint(args, str(tiny_assets["qwen3_vl"]))
+    assert fitted.num_layers == 4 and fitted.preset_scaled and fitted.schedule.layers[-1] <= 3
+    with pytest.raises(ValueError, match="'qwen3_vl' checkpoint.*use --model v2drop_qwen3_vl"):
+        check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen3_vl"]))
 
 
 def test_seed_as_lmms_eval_passes_it():
@@ -363,6 +384,7 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
     qwen = f"pretrained={a['qwen2_vl']},device_map=cpu"
     # The qwen2_5_vl parent's default min_pixels (256 x 28 x 28) would blow tiny images up to 3,000+ tokens.
     qwen25 = f"pretrained={a['qwen2_5_vl']},device_map=cpu,min_pixels=3136,max_pixels=602112"
+    qwen3 = f"pretrained={a['qwen3_vl']},device_map=cpu,min_pixels=3136,max_pixels=602112"
     groups = {
         "llava": [Run("llava_builtin", "llava_hf", llava),
                   Run("llava_none", "v2drop_llava", f"{llava},method=none"),
@@ -379,6 +401,10 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
                    Run("qwen25_none_b2", "v2drop_qwen2_5_vl", f"{qwen25},method=none", batch_size=2),
                    Run("qwen25_random_b2_simple", "v2drop_qwen2_5_vl", f"{qwen25},method=random,seed=1,"
                        f"schedule={SCHEDULE}", batch_size=2, force_simple=True)],
+        # Batch size 8 (the tasks' generation kwargs split the docs into batches of 4 and 6).
+        "qwen3": [Run("qwen3_builtin_b8", "qwen3_vl", qwen3, batch_size=8),
+                  Run("qwen3_none_b8", "v2drop_qwen3_vl", f"{qwen3},method=none", batch_size=8),
+                  Run("qwen3_sched_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE}", batch_size=8)],
         # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
         "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
                 Run("bad_conflict", "v2drop_qwen2_vl", f"{qwen},budget=128,schedule={SCHEDULE}"),
@@ -443,7 +469,8 @@ def _check_run(run: Run, assets: dict[str, Any], family: str, method: str, sched
         assert r["device"] == "cpu" and r["peak_memory_bytes"] is None
         assert r["prefill_ms"] > 0 and r["decode_ms"] >= 0 and r["total_ms"] >= r["prefill_ms"]
         assert 1 <= r["generated_tokens"] <= 6
-        expected_vision = LLAVA_VISION if family == "llava" else QWEN_VISION[r["task"]][r["doc_id"]]
+        expected_vision = LLAVA_VISION if family == "llava" else \
+            (QWEN3_VISION if family == "qwen3_vl" else QWEN_VISION)[r["task"]][r["doc_id"]]
         assert r["vision_tokens"] == expected_vision  # rows attributed to the right samples
         assert r["vision_per_layer"] == sched.tokens_per_layer(expected_vision, 4)
         assert r["avg_vision_tokens"] == sum(r["vision_per_layer"]) / 4
@@ -490,6 +517,16 @@ def test_lmms_eval_qwen2_5_vl_end_to_end(lmms, tiny_assets):
     rows = _check_run(runs["qwen25_random_b2_simple"], tiny_assets, "qwen2_5_vl", "random", SCHEDULE)
     assert {r["seed"] for r in rows} == {1} and {r["metric"] for r in rows} == {None}
     assert _answers(runs["qwen25_none_b2"]) == _answers(runs["qwen25_builtin"])
+
+
+@pytest.mark.slow
+def test_lmms_eval_qwen3_vl_end_to_end(lmms, tiny_assets):
+    runs = lmms["runs"]
+    assert lmms["procs"]["qwen3"].returncode == 0, lmms["procs"]["qwen3"].output[-3000:]
+    _check_run(runs["qwen3_none_b8"], tiny_assets, "qwen3_vl", "none", None)
+    rows = _check_run(runs["qwen3_sched_b8"], tiny_assets, "qwen3_vl", "v2drop", SCHEDULE)
+    assert sorted(r["batch_size"] for r in rows) == [4] * 4 + [6] * 6
+    assert _answers(runs["qwen3_none_b8"]) == _answers(runs["qwen3_builtin_b8"])
 
 
 @pytest.mark.slow

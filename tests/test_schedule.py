@@ -3,7 +3,8 @@
 import pytest
 
 from v2drop_eval import DropSchedule
-from v2drop_eval.schedule import kept_count
+from v2drop_eval.methods import get_method
+from v2drop_eval.schedule import depth_scaled_presets, kept_count
 
 
 def test_parse_and_str_roundtrip():
@@ -36,6 +37,27 @@ def test_qwen_presets_and_fastv_presets():
         assert fastv.average_tokens(576, 32) == pytest.approx(budget, abs=1)
 
 
+@pytest.mark.parametrize(("family", "layers"), [("qwen2_vl", 28), ("qwen3_vl", 36)])
+def test_depth_scaled_presets_are_the_committed_tables(family, layers):
+    """The derivation reproduces the Qwen2-VL tables on their own 28 layers, and gives Qwen3-VL-8B's (36)."""
+    derived = depth_scaled_presets("qwen2_vl", layers)
+    for method in ("v2drop", "fastv", "pdrop"):
+        assert {str(k): v for k, v in get_method(method).presets[family].items()} == \
+            {str(k): v for k, v in derived[method].items()}, method
+    dart = get_method("dart").presets[family]
+    assert {k: v for k, v in dart.items() if k != "paper"} == get_method("fastv").presets[family]
+
+
+def test_qwen3_vl_presets_fractions_and_deepstack():
+    for budget, fraction in ((192, 1 / 3), (128, 2 / 9)):
+        for method in ("v2drop", "fastv", "pdrop"):
+            s = DropSchedule.preset("qwen3_vl", budget, method=method)
+            assert s.average_tokens(576, 36) / 576 == pytest.approx(fraction, abs=0.005), (method, budget)
+    # V2Drop's stages start after Qwen3-VL-8B's DeepStack layers (0..2); FastV/DART at layer 2 is inside them.
+    assert DropSchedule.preset("qwen3_vl", "default").layers == (4, 21, 28)
+    assert DropSchedule.preset("qwen3_vl", 128, method="fastv").layers == (2,)
+
+
 def test_kept_count_is_exact_decimal_floor():
     assert kept_count(100, 0.29) == 29  # 100 * 0.29 == 28.999999999999996 in floats
     assert kept_count(576, 0.28) == 161 and kept_count(161, 0.25) == 40 and kept_count(5, 0) == 0
@@ -63,7 +85,7 @@ def test_bad_schedules_name_the_value(text, match):
 def test_depth_and_preset_errors():
     with pytest.raises(ValueError, match=r"drop layer 40 is past the model's depth: it has 32 .* 1\.\.31"):
         DropSchedule.parse("3:0.5/40:0").tokens_per_layer(576, 32)
-    with pytest.raises(ValueError, match=r"unknown model family 'blip'; known families: llava, llava_hf, qwen2_5_vl, qwen2_vl"):
+    with pytest.raises(ValueError, match=r"unknown model family 'blip'; known families: llava, llava_hf, qwen2_5_vl, qwen2_vl, qwen3_vl"):
         DropSchedule.preset("blip", 128)
     with pytest.raises(ValueError, match="known budgets: 192, 128, 64"):
         DropSchedule.preset("llava", 100)
