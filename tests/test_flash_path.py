@@ -7,7 +7,7 @@ gives it; dropping under it must match dropping under sdpa. The real kernel runs
 import flash_emulation
 import pytest
 import torch
-from tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen2_vl
+from tiny import llava_inputs, qwen3_inputs, qwen_inputs, tiny_llava, tiny_qwen2_vl, tiny_qwen3_vl
 
 from v2drop_eval import attach
 
@@ -16,6 +16,7 @@ CASES = {
     "llava-mixed": (tiny_llava, lambda: llava_inputs([1, 2, 0])),
     "qwen-batch1": (tiny_qwen2_vl, lambda: qwen_inputs([[(4, 4)]])),
     "qwen-mixed": (tiny_qwen2_vl, lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []])),
+    "qwen3-mixed": (tiny_qwen3_vl, lambda: qwen3_inputs([[("image", 4, 6)], [("video", 2, 4, 4)], []])),
 }
 
 
