@@ -319,7 +319,7 @@ def _scale_layers(schedule: DropSchedule, num_layers: int, ref_layers: int) -> D
 
 def fitted_preset(family: str, budget: int | str, method: str, num_layers: int | None) -> tuple[DropSchedule, bool]:
     """``method``'s preset for ``budget``; on a model shallower than the one the presets were made for
-    (32 layers for LLaVA, 28 for Qwen2-VL), the preset scaled to ``num_layers`` by
+    (32 layers for LLaVA, 28 for Qwen2-VL, 36 for Qwen3-VL), the preset scaled to ``num_layers`` by
     :func:`scaled_schedule`, so that every method still spends the same layer-averaged count.
     Returns (schedule, scaled)."""
     schedule = DropSchedule.preset(family, budget, method=method)
