@@ -95,7 +95,7 @@ def tiny_qwen3_vl(attn: str = "sdpa", seed: int = 0, moe: bool = False) -> Qwen3
     """Qwen3-VL (``moe=True``: Qwen3-VL-MoE) with interleaved M-RoPE and DeepStack after layers 0..2."""
     torch.manual_seed(seed)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=160, max_position_embeddings=512,
+                num_key_value_heads=2, head_dim=16, vocab_size=160, max_position_embeddings=512, pad_token_id=PAD,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                  "mrope_interleaved": True})
     if moe:
