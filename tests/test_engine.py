@@ -266,6 +266,24 @@ def test_deepstack_gathered_inside_its_layers_and_removed_on_detach():
         assert torch.equal(m(**inputs).logits, plain)
 
 
+def test_long_video_row_beside_an_image_row():
+    """Several thousand video tokens (16 temporal patches x 256) in a batch with an image row: the stage
+    inside the DeepStack layers equals the masking reference at prefill."""
+    m = model("qwen3", "sdpa")
+    inputs = qwen3_inputs([[("video", 16, 32, 32)], [("image", 8, 8)]])
+    with attach(m, "1:0.5/3:0") as h, torch.no_grad():
+        out = m(**inputs).logits
+        layouts, stats = dict(h.last_layouts), h.last_stats
+    assert [s["vision_per_layer"][:4] for s in stats] == [[4096, 2048, 2048, 0], [16, 8, 8, 0]]
+    layers = m.model.language_model.layers
+    with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), "sdpa"), \
+            torch.no_grad():
+        ref = m(**inputs).logits
+    idx, valid = layouts[3]
+    for b in range(2):
+        torch.testing.assert_close(out[b][valid[b]], ref[b, idx[b][valid[b]]], atol=1e-4, rtol=0)
+
+
 def test_deepstack_without_its_hook_is_refused_by_name(monkeypatch):
     from v2drop_eval.contract import TransformersContractError
 
