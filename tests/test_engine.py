@@ -1,4 +1,5 @@
-"""The dropping engine against the plain model and the masking reference, on tiny LLaVA, Qwen2-VL and InternVL."""
+"""The dropping engine against the plain model and the masking reference, on tiny LLaVA, Qwen2-VL, Qwen3-VL and
+InternVL."""
 
 from __future__ import annotations
 
@@ -9,20 +10,26 @@ import torch
 from reference import allowed_keys, masking_reference
 from tiny import (
     LAYERS,
+    QWEN3_DEEPSTACK,
     internvl_inputs,
     llava_inputs,
+    qwen3_inputs,
     qwen_inputs,
     row_inputs,
     tiny_internvl,
     tiny_llava,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
+    tiny_qwen3_vl,
 )
 
 from v2drop_eval import DropSchedule, attach
 from v2drop_eval.methods import METHODS, get_method
 
-FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "internvl": tiny_internvl}
+FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "qwen3": tiny_qwen3_vl,
+            "qwen3moe": functools.partial(tiny_qwen3_vl, moe=True), "internvl": tiny_internvl}
+# Qwen3-VL rows: several images, videos (one run per temporal patch) and text-only rows in one batch.
+QWEN3_MIXED = [[("image", 4, 6), ("image", 2, 4)], [("video", 2, 4, 4)], [("image", 4, 4), ("video", 3, 2, 4)], []]
 
 # Each case: (family, inputs builder). Batch 1, padded batch, different vision counts, two images, text-only.
 # InternVL "mixed": images of 3 and 1 tiles, a 4-frame video beside an image, a text-only row.
@@ -38,6 +45,11 @@ CASES = {
     ("internvl", "padded"): lambda: internvl_inputs([[("image", 1)], [("video", 2)]]),
     ("internvl", "mixed"): lambda: internvl_inputs([[("image", 3), ("image", 1)], [("video", 4), ("image", 1)], []],
                                                    seed=1),
+    ("qwen3", "batch1"): lambda: qwen3_inputs([[("image", 4, 4)]]),
+    ("qwen3", "padded"): lambda: qwen3_inputs([[("image", 4, 4)], [("image", 4, 4)]]),
+    ("qwen3", "video"): lambda: qwen3_inputs([[("video", 2, 4, 6)], [("video", 4, 2, 4)]], seed=2),
+    ("qwen3", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
+    ("qwen3moe", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
 }
 
 
@@ -54,7 +66,7 @@ def _generate(m, inputs, **kw):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "qwen3", "qwen3moe", "internvl"])
 def test_keep_all_is_bit_identical(family, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()
@@ -109,7 +121,7 @@ def test_dropping_equals_masking_reference(case, attn, method, schedule):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).drops])
-@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "qwen3", "qwen3moe", "internvl"])
 def test_batch_rows_equal_rows_alone(family, method, attn):
     m = model(family, attn)
     inputs = CASES[(family, "mixed")]()
@@ -126,7 +138,7 @@ def test_batch_rows_equal_rows_alone(family, method, attn):
                 torch.testing.assert_close(step_b[b], step_a[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen3", "internvl"])
 def test_kv_cache_lengths_follow_schedule(family):
     m = model(family, "sdpa")
     inputs = CASES[(family, "batch1")]()
@@ -244,6 +256,54 @@ def test_detach_restores_model_exactly():
         assert torch.equal(m(**inputs).logits, plain)
 
 
+def test_deepstack_gathered_inside_its_layers_and_removed_on_detach():
+    """A stage before Qwen3-VL's last DeepStack addition wraps the decoder's _deepstack_process (the
+    equivalence tests above check what it adds); one from layer k on needs none; detach restores."""
+    m = tiny_qwen3_vl("sdpa")
+    lm = m.model.language_model
+    inputs = CASES[("qwen3", "mixed")]()
+    k = len(QWEN3_DEEPSTACK)
+    with torch.no_grad():
+        plain = m(**inputs).logits
+    for schedule, wrapped in (("1:0.5/4:0", True), (f"{k - 1}:0.3", True), (f"{k}:0.3", False)):
+        with attach(m, schedule), torch.no_grad():
+            assert ("_deepstack_process" in lm.__dict__) is wrapped
+            m(**inputs)
+        assert "_deepstack_process" not in lm.__dict__
+    with torch.no_grad():
+        assert torch.equal(m(**inputs).logits, plain)
+
+
+def test_long_qwen3_video_row_beside_an_image_row():
+    """Several thousand video tokens (16 temporal patches x 256) in a batch with an image row: the stage
+    inside the DeepStack layers equals the masking reference at prefill."""
+    m = model("qwen3", "sdpa")
+    inputs = qwen3_inputs([[("video", 16, 32, 32)], [("image", 8, 8)]])
+    with attach(m, "1:0.5/3:0") as h, torch.no_grad():
+        out = m(**inputs).logits
+        layouts, stats = dict(h.last_layouts), h.last_stats
+    assert [s["vision_per_layer"][:4] for s in stats] == [[4096, 2048, 2048, 0], [16, 8, 8, 0]]
+    layers = m.model.language_model.layers
+    with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), "sdpa"), \
+            torch.no_grad():
+        ref = m(**inputs).logits
+    idx, valid = layouts[3]
+    for b in range(2):
+        torch.testing.assert_close(out[b][valid[b]], ref[b, idx[b][valid[b]]], atol=1e-4, rtol=0)
+
+
+def test_deepstack_without_its_hook_is_refused_by_name(monkeypatch):
+    from v2drop_eval.contract import TransformersContractError
+
+    m = tiny_qwen3_vl("sdpa")
+    monkeypatch.delattr(type(m.model.language_model), "_deepstack_process")
+    with pytest.raises(TransformersContractError, match=r"after decoder layers 0, 1, 2; a drop stage at layer 2 needs "
+                                                        r"it \(the first drop layer that does not is 3\)"):
+        attach(m, "2:0.5")
+    assert not hasattr(m, "_v2drop_handle") and not m.model.language_model._forward_pre_hooks
+    attach(m, "3:0.5").detach()  # from layer 3 on every DeepStack addition is in the hidden states
+
+
 def test_text_only_and_keep_zero():
     m = model("llava", "sdpa")
     inputs = llava_inputs([0, 0], text_lens=[3, 7])
@@ -319,7 +379,7 @@ def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
         assert len(kept) == int(ctx.candidates[b].sum()) // 2
 
 
-def test_long_video_row_beside_an_image_row():
+def test_long_internvl_video_row_beside_an_image_row():
     """An InternVL video row of 2,048 vision tokens (128 frames) in one batch with a 2-tile image row:
     prefill and every decode step equal the masking reference, and the video row equals itself alone."""
     m = model("internvl", "sdpa")

@@ -7,7 +7,16 @@ gives it; dropping under it must match dropping under sdpa. The real kernel runs
 import flash_emulation
 import pytest
 import torch
-from tiny import internvl_inputs, llava_inputs, qwen_inputs, tiny_internvl, tiny_llava, tiny_qwen2_vl
+from tiny import (
+    internvl_inputs,
+    llava_inputs,
+    qwen3_inputs,
+    qwen_inputs,
+    tiny_internvl,
+    tiny_llava,
+    tiny_qwen2_vl,
+    tiny_qwen3_vl,
+)
 
 from v2drop_eval import attach
 
@@ -18,6 +27,7 @@ CASES = {
     "qwen-mixed": (tiny_qwen2_vl, lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []])),
     "internvl-batch1": (tiny_internvl, lambda: internvl_inputs([[("image", 2)]])),
     "internvl-mixed": (tiny_internvl, lambda: internvl_inputs([[("image", 3)], [("video", 4), ("image", 1)], []])),
+    "qwen3-mixed": (tiny_qwen3_vl, lambda: qwen3_inputs([[("image", 4, 6)], [("video", 2, 4, 4)], []])),
 }
 
 

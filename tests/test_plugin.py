@@ -42,6 +42,8 @@ QWEN_VISION = {"tiny_textvqa": [49, 70, 70, 98], "tiny_mme": [70, 70, 70, 70, 98
 LLAVA_VISION = 16
 # InternVL: 16 tokens per 64 px tile; 56x56 is one tile, 112x56 two tiles and a thumbnail, 84x56 six and a thumbnail
 INTERNVL_VISION = {"tiny_textvqa": [16, 112, 112, 48], "tiny_mme": [112, 112, 112, 112, 48, 48]}
+# Qwen3-VL sizes images for patch 16 x merge 2 (multiples of 32 px): 56x56 -> 64x64 -> 4 tokens, ...
+QWEN3_VISION = {"tiny_textvqa": [4, 6, 6, 8], "tiny_mme": [6, 6, 6, 6, 8, 8]}
 SIDECAR_KEYS = {
     "task", "doc_id", "model", "family", "method", "schedule", "budget", "metric", "seed",
     "attn_implementation", "batch_size", "prefill_ms", "decode_ms", "generated_tokens", "total_ms",
@@ -70,6 +72,14 @@ def test_models_registered_through_entry_point():
     from lmms_eval.models.chat.internvl_hf import InternVLHf
 
     assert issubclass(V2DropInternVL, InternVLHf) and not V2DropInternVL.is_simple
+    from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as Qwen3Chat
+    from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as Qwen3Simple
+
+    from v2drop_eval.plugin.qwen3_vl import V2DropQwen3VL, V2DropQwen3VLChat
+
+    assert models.get_model("v2drop_qwen3_vl") is V2DropQwen3VLChat
+    assert models.get_model("v2drop_qwen3_vl", force_simple=True) is V2DropQwen3VL
+    assert issubclass(V2DropQwen3VLChat, Qwen3Chat) and issubclass(V2DropQwen3VL, Qwen3Simple)
     from lmms_eval.models.chat.llava_hf import LlavaHf as Chat
     from lmms_eval.models.simple.llava_hf import LlavaHf as Simple
     from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
@@ -158,6 +168,17 @@ def test_checkpoint_depth_and_family(tiny_assets):
         check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen2_vl"]))
     with pytest.raises(ValueError, match="'internvl' checkpoint.*use --model v2drop_internvl"):
         check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["internvl"]))
+
+
+def test_qwen3_vl_args_and_checkpoint(tiny_assets):
+    from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
+
+    args = pop_drop_args({"budget": 128, "max_pixels": 602112}, "qwen3_vl", Qwen3_VL)
+    assert str(args.schedule) == "4:0.21/21:0.25/28:0"
+    fitted = check_checkpoint(args, str(tiny_assets["qwen3_vl"]))
+    assert fitted.num_layers == 4 and fitted.preset_scaled and fitted.schedule.layers[-1] <= 3
+    with pytest.raises(ValueError, match="'qwen3_vl' checkpoint.*use --model v2drop_qwen3_vl"):
+        check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen3_vl"]))
 
 
 def test_seed_as_lmms_eval_passes_it():
@@ -373,6 +394,7 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
     # The qwen2_5_vl parent's default min_pixels (256 x 28 x 28) would blow tiny images up to 3,000+ tokens.
     qwen25 = f"pretrained={a['qwen2_5_vl']},device_map=cpu,min_pixels=3136,max_pixels=602112"
     internvl = f"pretrained={a['internvl']},device_map=cpu"
+    qwen3 = f"pretrained={a['qwen3_vl']},device_map=cpu,min_pixels=3136,max_pixels=602112"
     groups = {
         "llava": [Run("llava_builtin", "llava_hf", llava),
                   Run("llava_none", "v2drop_llava", f"{llava},method=none"),
@@ -395,6 +417,10 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
                      Run("internvl_sched_b1", "v2drop_internvl", f"{internvl},schedule={SCHEDULE}"),
                      Run("internvl_sched_b8", "v2drop_internvl", f"{internvl},schedule={SCHEDULE},warmup=0",
                          batch_size=8)],
+        # Batch size 8 (the tasks' generation kwargs split the docs into batches of 4 and 6).
+        "qwen3": [Run("qwen3_builtin_b8", "qwen3_vl", qwen3, batch_size=8),
+                  Run("qwen3_none_b8", "v2drop_qwen3_vl", f"{qwen3},method=none", batch_size=8),
+                  Run("qwen3_sched_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE}", batch_size=8)],
         # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
         "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
                 Run("bad_conflict", "v2drop_qwen2_vl", f"{qwen},budget=128,schedule={SCHEDULE}"),
@@ -459,8 +485,8 @@ def _check_run(run: Run, assets: dict[str, Any], family: str, method: str, sched
         assert r["device"] == "cpu" and r["peak_memory_bytes"] is None
         assert r["prefill_ms"] > 0 and r["decode_ms"] >= 0 and r["total_ms"] >= r["prefill_ms"]
         assert 1 <= r["generated_tokens"] <= 6
-        expected_vision = (LLAVA_VISION if family == "llava" else
-                           (INTERNVL_VISION if family == "internvl" else QWEN_VISION)[r["task"]][r["doc_id"]])
+        expected_vision = LLAVA_VISION if family == "llava" else {"qwen3_vl": QWEN3_VISION, "internvl": INTERNVL_VISION}.get(
+            family, QWEN_VISION)[r["task"]][r["doc_id"]]
         assert r["vision_tokens"] == expected_vision  # rows attributed to the right samples
         assert r["vision_per_layer"] == sched.tokens_per_layer(expected_vision, 4)
         assert r["avg_vision_tokens"] == sum(r["vision_per_layer"]) / 4
@@ -521,6 +547,16 @@ def test_lmms_eval_internvl_end_to_end(lmms, tiny_assets):
     assert _answers(runs["internvl_none"]) == _answers(runs["internvl_builtin"])
     assert len(_answers(runs["internvl_builtin"])) == 10
     assert _answers(runs["internvl_sched_b8"]) == _answers(runs["internvl_sched_b1"])
+
+
+@pytest.mark.slow
+def test_lmms_eval_qwen3_vl_end_to_end(lmms, tiny_assets):
+    runs = lmms["runs"]
+    assert lmms["procs"]["qwen3"].returncode == 0, lmms["procs"]["qwen3"].output[-3000:]
+    _check_run(runs["qwen3_none_b8"], tiny_assets, "qwen3_vl", "none", None)
+    rows = _check_run(runs["qwen3_sched_b8"], tiny_assets, "qwen3_vl", "v2drop", SCHEDULE)
+    assert sorted(r["batch_size"] for r in rows) == [4] * 4 + [6] * 6
+    assert _answers(runs["qwen3_none_b8"]) == _answers(runs["qwen3_builtin_b8"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 import pytest
 
 from v2drop_eval import DropSchedule
-from v2drop_eval.schedule import kept_count
+from v2drop_eval.schedule import depth_scaled_presets, kept_count, preset_table
 
 
 def test_parse_and_str_roundtrip():
@@ -36,36 +36,32 @@ def test_qwen_presets_and_fastv_presets():
         assert fastv.average_tokens(576, 32) == pytest.approx(budget, abs=1)
 
 
-def _derived_presets(depth: int, layers: tuple[int, int, int] = (3, 16, 22)) -> dict[int, str]:
-    """The derivation written above ``PRESETS`` in methods/v2drop.py, for a decoder ``depth`` layers deep:
-    the given layers, the LLaVA preset's second-stage ratio, and the first-stage ratio (to 0.01) whose
-    mean kept fraction over the layers is closest to 1/3 (budget 192) and 2/9 (budget 128)."""
-    from fractions import Fraction
-
-    l1, l2, l3 = layers
-    out = {}
-    for budget, target in ((192, Fraction(1, 3)), (128, Fraction(2, 9))):
-        r2 = DropSchedule.preset("llava", budget).stages[1][1]
-        second = Fraction(repr(r2))
-        means = {Fraction(k, 100): (l1 + (l2 - l1) * Fraction(k, 100) * (1 + (l3 - l2) * second / (l2 - l1))) / depth
-                 for k in range(1, 101)}
-        r1 = min(means, key=lambda r: abs(means[r] - target))
-        out[budget] = str(DropSchedule(((l1, float(r1)), (l2, r2), (l3, 0.0))))
-    return out
-
-
-# Decoder depths read from the checkpoints' configs: Qwen2-VL-7B 28; InternVL3-8B-hf text_config (Qwen2.5-7B) 28.
-@pytest.mark.parametrize(("family", "depth"), [("qwen2_vl", 28), ("qwen2_5_vl", 28), ("internvl", 28)])
-def test_presets_are_the_depth_derivation(family, depth):
-    for budget, text in _derived_presets(depth).items():
-        assert str(DropSchedule.preset(family, budget)) == text
-    assert str(DropSchedule.preset(family, "default")) == "3:0.25/16:0.05/22:0"
+# Decoder depths read from the checkpoints' configs: Qwen2-VL-7B 28; InternVL3-8B-hf text_config (Qwen2.5-7B) 28;
+# Qwen3-VL-8B 36. InternVL's 28 layers give the Qwen2-VL table, which it therefore shares.
+@pytest.mark.parametrize(("family", "layers"), [("qwen2_vl", 28), ("qwen2_5_vl", 28), ("internvl", 28), ("qwen3_vl", 36)])
+def test_depth_scaled_presets_are_the_committed_tables(family, layers):
+    """The derivation reproduces the Qwen2-VL tables on their own 28 layers, and gives each family's own."""
+    derived = depth_scaled_presets("qwen2_vl", layers)
+    for method in ("v2drop", "fastv", "pdrop"):
+        assert {str(k): v for k, v in preset_table(family, method).items()} == \
+            {str(k): v for k, v in derived[method].items()}, method
+    dart = preset_table(family, "dart")
+    assert {k: v for k, v in dart.items() if k != "paper"} == preset_table(family, "fastv")
 
 
 def test_derivation_depends_on_depth():
-    # A deeper decoder (e.g. 36 layers) gets other first-stage ratios: the shared table holds for 28 only.
-    assert _derived_presets(36) != _derived_presets(28)
-    assert _derived_presets(28) == {192: "3:0.43/16:0.3/22:0", 128: "3:0.22/16:0.25/22:0"}
+    # A deeper decoder (e.g. 36 layers) gets other ratios: a shared table holds for its own depth only.
+    assert depth_scaled_presets("qwen2_vl", 36)["v2drop"] != depth_scaled_presets("qwen2_vl", 28)["v2drop"]
+
+
+def test_qwen3_vl_presets_fractions_and_deepstack():
+    for budget, fraction in ((192, 1 / 3), (128, 2 / 9)):
+        for method in ("v2drop", "fastv", "pdrop"):
+            s = DropSchedule.preset("qwen3_vl", budget, method=method)
+            assert s.average_tokens(576, 36) / 576 == pytest.approx(fraction, abs=0.005), (method, budget)
+    # V2Drop's stages start after Qwen3-VL-8B's DeepStack layers (0..2); FastV/DART at layer 2 is inside them.
+    assert DropSchedule.preset("qwen3_vl", "default").layers == (4, 21, 28)
+    assert DropSchedule.preset("qwen3_vl", 128, method="fastv").layers == (2,)
 
 
 def test_kept_count_is_exact_decimal_floor():
@@ -97,7 +93,7 @@ def test_depth_and_preset_errors():
         DropSchedule.parse("3:0.5/40:0").tokens_per_layer(576, 32)
     from v2drop_eval.families import FAMILY_NAMES
 
-    assert {"llava", "llava_hf", "qwen2_5_vl", "qwen2_vl", "internvl", "internvl_hf"} <= set(FAMILY_NAMES)
+    assert {"llava", "llava_hf", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "internvl", "internvl_hf"} <= set(FAMILY_NAMES)
     with pytest.raises(ValueError, match=f"unknown model family 'blip'; known families: {', '.join(FAMILY_NAMES)}$"):
         DropSchedule.preset("blip", 128)
     with pytest.raises(ValueError, match="known budgets: 192, 128, 64"):

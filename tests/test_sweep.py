@@ -82,7 +82,7 @@ def test_expand_schedules_and_seeds():
 
 
 def test_shipped_configs_are_valid():
-    expected = {"llava15_7b": 16, "qwen2vl_7b": 9, "ablation_layers": 7, "ablation_metric": 4}
+    expected = {"llava15_7b": 16, "qwen2vl_7b": 9, "qwen3vl_8b": 9, "ablation_layers": 7, "ablation_metric": 4}
     for name, n in expected.items():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         points = expand(cfg)

@@ -1,4 +1,4 @@
-"""Tiny random-weight LLaVA, Qwen2-VL and InternVL models built from configs, and their raw inputs (no tokenizer)."""
+"""Tiny random-weight LLaVA, Qwen2-VL, Qwen3-VL and InternVL models built from configs, and their raw inputs (no tokenizer)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 from v2drop_eval.adapters import forward_takes
@@ -26,6 +30,8 @@ QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START, QWEN_END = 150, 151, 152, 153
 INTERNVL_IMAGE_ID, INTERNVL_START, INTERNVL_END = 150, 152, 153
 INTERNVL_TOKENS_PER_TILE = 16
 PAD = 0
+# Qwen3-VL: DeepStack features are added after decoder layers 0..2 (one per listed vision block).
+QWEN3_DEEPSTACK = [0, 1, 2]
 
 
 def tiny_llava(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
@@ -110,6 +116,29 @@ def tiny_internvl(attn: str = "sdpa", seed: int = 0) -> InternVLForConditionalGe
     return model
 
 
+def tiny_qwen3_vl(attn: str = "sdpa", seed: int = 0, moe: bool = False) -> Qwen3VLForConditionalGeneration:
+    """Qwen3-VL (``moe=True``: Qwen3-VL-MoE) with interleaved M-RoPE and DeepStack after layers 0..2."""
+    torch.manual_seed(seed)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=160, max_position_embeddings=512, pad_token_id=PAD,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True})
+    if moe:
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                  deepstack_visual_indexes=QWEN3_DEEPSTACK)
+    config_cls, model_cls = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else (
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE_ID,
+                     video_token_id=QWEN_VIDEO_ID, vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END,
+                     pad_token_id=PAD)
+    model = model_cls(cfg).float().eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
 def _text(gen: torch.Generator, n: int, vocab: int = 90) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=gen).tolist()
 
@@ -189,27 +218,65 @@ def internvl_inputs(rows_spec: list[list[tuple[str, int]]], seed: int = 0) -> di
     return out
 
 
+def qwen3_inputs(rows: list[list[tuple]], seed: int = 0) -> dict:
+    """Rows of images ``("image", h, w)`` and videos ``("video", t, h, w)`` (patch grids), left-padded.
+    A video is one run of vision tokens per temporal patch, each after its own timestamp text, as
+    Qwen3-VL's processor writes it."""
+    gen = torch.Generator().manual_seed(seed)
+    token_rows: list[list[int]] = []
+    grids: dict[str, list[list[int]]] = {"image": [], "video": []}
+    for b, items in enumerate(rows):
+        row = _text(gen, 3 + b)
+        for kind, *grid in items:
+            t, h, w = grid if kind == "video" else (1, *grid)
+            token = QWEN_VIDEO_ID if kind == "video" else QWEN_IMAGE_ID
+            for _ in range(t):
+                row += (_text(gen, 2) if kind == "video" else []) + [QWEN_START] + [token] * (h * w // 4) + [QWEN_END]
+            row += _text(gen, 2)
+            grids[kind].append([t, h, w])
+        token_rows.append(row + _text(gen, 3))
+    ids, mask = _left_pad(token_rows)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if forward_takes(Qwen3VLForConditionalGeneration, "mm_token_type_ids"):
+        out["mm_token_type_ids"] = (ids == QWEN_IMAGE_ID).long() + 2 * (ids == QWEN_VIDEO_ID).long()
+    for kind, grid_key, pixel_key in (("image", "image_grid_thw", "pixel_values"),
+                                      ("video", "video_grid_thw", "pixel_values_videos")):
+        if grids[kind]:
+            grid = torch.tensor(grids[kind])
+            out[grid_key] = grid
+            out[pixel_key] = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=gen)
+    return out
+
+
 def row_inputs(inputs: dict, b: int, family: str) -> dict:
     """Row ``b`` of a batch as its own unpadded batch of one."""
     keep = inputs["attention_mask"][b].bool()
     out = {k: inputs[k][b][keep][None] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
-    if "pixel_values" not in inputs:
-        return out
-    if family in ("llava", "internvl"):  # one pixel_values entry per image (LLaVA) or per tile (InternVL)
+    if family in ("llava", "internvl") and "pixel_values" in inputs:
+        # one pixel_values entry per image (LLaVA) or per tile (InternVL)
         image_id, per = (LLAVA_IMAGE_ID, LLAVA_TOKENS_PER_IMAGE) if family == "llava" else (
             INTERNVL_IMAGE_ID, INTERNVL_TOKENS_PER_TILE)
         counts = [int((r == image_id).sum()) // per for r in inputs["input_ids"]]
         start = sum(counts[:b])
         if counts[b]:
             out["pixel_values"] = inputs["pixel_values"][start:start + counts[b]]
-    else:
-        counts = [int((r == QWEN_START).sum()) for r in inputs["input_ids"]]
-        start = sum(counts[:b])
-        grid = inputs["image_grid_thw"]
-        if counts[b]:
-            patches = grid.prod(-1)
-            p0 = int(patches[:start].sum())
-            p1 = p0 + int(patches[start:start + counts[b]].sum())
-            out["image_grid_thw"] = grid[start:start + counts[b]]
-            out["pixel_values"] = inputs["pixel_values"][p0:p1]
+    return {**out, **_qwen_row_media(inputs, b)}
+
+
+def _qwen_row_media(inputs: dict, b: int) -> dict:
+    """Row ``b``'s grids and patches of images and videos, found by its vision-token counts."""
+    out = {}
+    for token, grid_key, pixel_key in ((QWEN_IMAGE_ID, "image_grid_thw", "pixel_values"),
+                                       (QWEN_VIDEO_ID, "video_grid_thw", "pixel_values_videos")):
+        if grid_key not in inputs:
+            continue
+        grid = inputs[grid_key]
+        ends = (grid.prod(-1) // 4).cumsum(0)  # vision tokens up to the end of each image / video
+        counts = [int((r == token).sum()) for r in inputs["input_ids"]]
+        first, last = sum(counts[:b]), sum(counts[:b + 1])
+        g0, g1 = int((ends <= first).sum()), int((ends <= last).sum())
+        if g1 > g0:
+            patches = torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1).cumsum(0)])
+            out[grid_key] = grid[g0:g1]
+            out[pixel_key] = inputs[pixel_key][int(patches[g0]):int(patches[g1])]
     return out

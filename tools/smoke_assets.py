@@ -13,6 +13,9 @@
   shuffle 0.5, so 16 vision tokens per tile; an image is cut into tiles plus a thumbnail, so images of
   other shapes carry other counts; video frames are one tile each; Qwen2 decoder hidden 64, 4 layers)
   with its processor (tiles, video frames) and the InternVL3-hf chat template;
+- ``root/qwen3_vl``: a random-weight ``Qwen3VLForConditionalGeneration`` (patch 16, merge 2, as
+  lmms-eval's Qwen3-VL classes resize for; DeepStack after decoder layers 0 and 1; decoder hidden 64,
+  4 layers) with its processor;
 - ``root/tasks``: a folder for lmms-eval's ``--include_path`` with ``tiny_textvqa`` and ``tiny_mme``,
   parquet data beside their YAMLs, reusing the official TextVQA and MME prompt and metric functions
   (``!function lmms_eval.tasks.<task>.utils...``). MME keeps its yes/no question pairs intact.
@@ -336,6 +339,48 @@ def build_internvl(out: Path) -> Path:
     return out
 
 
+def build_qwen3_vl(out: Path) -> Path:
+    """A tiny Qwen3-VL checkpoint in ``out``. lmms-eval's Qwen3-VL classes size images for patch 16 and
+    merge 2 (``process_vision_info(image_patch_size=16)``, then ``do_resize=False``), so the tiny tower
+    keeps those: a 64x64 px image gives 4 vision tokens."""
+    import torch
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tok = _fast_tokenizer(_train_tokenizer(QWEN_SPECIALS, 400, bos=None), eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", padding_side="left")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=_round_up(len(tok)), max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    torch.manual_seed(_SEED + 2)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None)).float().eval()
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(out)
+    pixels = dict(patch_size=16, merge_size=2, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessor(**pixels, min_pixels=32 * 32, max_pixels=256 * 256)
+    video_processor = Qwen3VLVideoProcessor(**pixels, size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256})
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                                 chat_template=QWEN_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    return out
+
+
 def _image(i: int, size: tuple[int, int]):
     """A deterministic picture: coloured rectangles on a plain background."""
     from PIL import Image, ImageDraw
@@ -385,7 +430,8 @@ def build_tasks(out: Path) -> Path:
 def build_tiny_assets(root: Path | str, qwen2_5: bool = True) -> dict[str, Any]:
     """Build every tiny asset under ``root`` (skipping parts already built) and describe them.
 
-    Returns ``{"llava": Path, "qwen2_vl": Path, "qwen2_5_vl": Path | None, "internvl": Path, "include_path": Path,
+    Returns ``{"llava": Path, "qwen2_vl": Path, "qwen2_5_vl": Path | None, "qwen3_vl": Path, "internvl": Path,
+    "include_path": Path,
     "tasks": ["tiny_textvqa", "tiny_mme"], "num_layers": 4, "docs": {task: count}}``.
     """
     root = Path(root)
@@ -393,14 +439,16 @@ def build_tiny_assets(root: Path | str, qwen2_5: bool = True) -> dict[str, Any]:
     done = root / "assets.json"
     info: dict[str, Any] = {
         "llava": root / "llava", "qwen2_vl": root / "qwen2_vl",
-        "qwen2_5_vl": root / "qwen2_5_vl" if qwen2_5 else None, "internvl": root / "internvl",
+        "qwen2_5_vl": root / "qwen2_5_vl" if qwen2_5 else None, "qwen3_vl": root / "qwen3_vl",
+        "internvl": root / "internvl",
         "include_path": root / "tasks",
         "tasks": list(TINY_TASKS), "num_layers": NUM_LAYERS,
         "docs": {"tiny_textvqa": len(TEXTVQA_DOCS), "tiny_mme": 2 * len(MME_DOCS)},
     }
     built = json.loads(done.read_text()) if done.is_file() else {}
     steps = {"llava": lambda: build_llava(info["llava"]), "qwen2_vl": lambda: build_qwen(info["qwen2_vl"]),
-             "internvl": lambda: build_internvl(info["internvl"]), "tasks": lambda: build_tasks(info["include_path"])}
+             "qwen3_vl": lambda: build_qwen3_vl(info["qwen3_vl"]), "internvl": lambda: build_internvl(info["internvl"]),
+             "tasks": lambda: build_tasks(info["include_path"])}
     if qwen2_5:
         steps["qwen2_5_vl"] = lambda: build_qwen(info["qwen2_5_vl"], "qwen2_5_vl")
     for name, step in steps.items():

@@ -1,22 +1,26 @@
 """Model adapters: the only place that knows where each model family keeps its decoder and vision ids.
 
-The engine sees a :class:`ModelAdapter` and nothing of LLaVA or Qwen.
+The engine sees a :class:`ModelAdapter` and nothing of LLaVA or Qwen. Where a family's decoder does
+more between layers than pass the hidden states on (Qwen3-VL's DeepStack additions), the adapter
+installs what follows the dropped sequence there (:meth:`ModelAdapter.install_extras`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
+from v2drop_eval.deepstack import Positions, install_deepstack
 from v2drop_eval.families import FAMILIES, family_of_class
 
 __all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class", "forward_takes"]
 
-# class name -> the adapter's family (``llava`` or ``qwen2_vl``), from the one family table.
+# class name -> the adapter's family (``llava``, ``qwen2_vl``, ``qwen3_vl``), from the one family table.
 SUPPORTED_CLASSES: dict[str, str] = {c: f.presets for f in FAMILIES.values() for c in f.classes}
 
 
@@ -28,6 +32,8 @@ class ModelAdapter:
     layers: nn.ModuleList
     text_config: Any
     vision_token_ids: tuple[int, ...]
+    # Family-specific wrappers: (decoder, model config, positions, drop layers) -> objects with remove().
+    extras: tuple[Callable[[nn.Module, Any, Positions, tuple[int, ...]], list[Any]], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -45,6 +51,13 @@ class ModelAdapter:
         if "flash" in impl or ALL_MASK_ATTENTION_FUNCTIONS.get(impl) is flash_attention_mask:
             return "padding2d"
         return "additive" if impl == "eager" else "bool"
+
+    def install_extras(self, positions: Positions, drop_layers: tuple[int, ...]) -> list[Any]:
+        """Install the family's wrappers for a dropper with stages at ``drop_layers``. ``positions()`` gives
+        the original positions of the hidden states now between decoder layers (None: the whole sequence).
+        Returns objects with ``remove()``."""
+        return [obj for install in self.extras
+                for obj in install(self.decoder, self.top.config, positions, drop_layers)]
 
 
 def forward_takes(model: nn.Module | type, name: str) -> bool:
@@ -69,6 +82,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         # InternVL has no video id: its processor writes each video frame as a run of image tokens.
         video_id = getattr(config, "video_token_id", None)
         ids = tuple(int(i) for i in (config.image_token_id, video_id) if i is not None)
+    extras = (install_deepstack,) if family == "qwen3_vl" else ()
     return ModelAdapter(
         family=family,
         top=model,
@@ -76,4 +90,5 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         layers=decoder.layers,
         text_config=decoder.config,
         vision_token_ids=ids,
+        extras=extras,
     )

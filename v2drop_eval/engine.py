@@ -91,6 +91,8 @@ class DropHandle:
         self._hooks: list[Any] = []
         self._signals: Signals | None = None
 
+        if self._dropping:  # first: it may refuse, and then nothing is installed yet
+            self._hooks += self.adapter.install_extras(self._positions, schedule.layers)
         top = self.adapter.top
         self._hooks.append(top.register_forward_pre_hook(self._on_top_call, with_kwargs=True))
         self._hooks.append(top.register_forward_hook(self._on_top_return, always_call=True))
@@ -167,6 +169,13 @@ class DropHandle:
                 self._call = None  # the forward raised before the last drop layer: nothing to count or decode
                 return
             self._finish_stats(call)
+
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Original positions of the hidden states now between decoder layers (None: the whole sequence)."""
+        call = self._call
+        if self._mode != "prefill" or call is None or call.layout is None or call.layout is call.initial:
+            return None
+        return call.layout.idx, call.layout.valid
 
     def _vision_ids(self, ref: torch.Tensor) -> torch.Tensor:
         return torch.tensor(self.adapter.vision_token_ids, device=ref.device)

@@ -28,12 +28,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # (docs/methods.md, "InternVL presets").
     Family("internvl", "v2drop_internvl", ("internvl",), ("InternVLForConditionalGeneration",), "qwen2_vl",
            ("internvl_hf",)),
+    Family("qwen3_vl", "v2drop_qwen3_vl", ("qwen3_vl", "qwen3_vl_moe"),
+           ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), "qwen3_vl"),
 )}
 # Every name a config may give (aliases included) -> its family.
 _BY_NAME = {n: f for f in FAMILIES.values() for n in (f.name, *f.aliases)}
 FAMILY_NAMES = tuple(sorted(_BY_NAME))
-# The shapes presets were matched on: (vision tokens, decoder layers) of LLaVA-1.5-7B and Qwen2-VL-7B.
-PRESET_SHAPES = {"llava": (576, 32), "qwen2_vl": (576, 28)}
+# The shapes presets were matched on: (vision tokens, decoder layers) of LLaVA-1.5-7B, Qwen2-VL-7B and
+# Qwen3-VL-8B (36 layers; the Qwen counts are nominal: their images have any number of tokens).
+PRESET_SHAPES = {"llava": (576, 32), "qwen2_vl": (576, 28), "qwen3_vl": (576, 36)}
 
 
 def get_family(name: str) -> Family:
@@ -44,7 +47,7 @@ def get_family(name: str) -> Family:
 
 
 def preset_family(name: str) -> str:
-    """The preset table of family ``name`` (``llava`` or ``qwen2_vl``)."""
+    """The preset table of family ``name`` (``llava``, ``qwen2_vl``, ``qwen3_vl``)."""
     return get_family(name).presets
 
 

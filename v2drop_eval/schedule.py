@@ -19,7 +19,7 @@ from fractions import Fraction
 from v2drop_eval.families import PRESET_SHAPES, preset_family
 
 __all__ = ["DropSchedule", "Adaptive", "kept_count", "format_ratio", "parse_ratio", "preset_table", "scaled_schedule",
-           "fitted_preset"]
+           "fitted_preset", "single_stage_for", "pdrop_for", "depth_scaled_presets"]
 
 
 def kept_count(alive: int, keep_ratio: float) -> int:
@@ -258,12 +258,53 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
         layers = _scale_layers(DropSchedule.preset(family, budget, method=method), num_layers, ref_layers).layers
         fits = [DropSchedule(tuple((layer, r / 100) for layer in layers)) for r in range(1, 100)]
         return min(fits, key=lambda s: abs(s.average_tokens(ref_tokens, num_layers) - target))
-    k_layer = max(1, round(2 * num_layers / ref_layers))
-    keep = round((target * num_layers - k_layer * ref_tokens) / (num_layers - k_layer))
-    ratio = round(keep / ref_tokens + 5e-5, 4)
-    while kept_count(ref_tokens, ratio) > keep:
+    return single_stage_for(target, ref_tokens, num_layers, layer=max(1, round(2 * num_layers / ref_layers)))
+
+
+def single_stage_for(target: float, tokens: int, num_layers: int, layer: int = 2) -> DropSchedule:
+    """One stage at ``layer`` whose layer-averaged count over ``num_layers`` layers is closest to ``target``
+    (``tokens`` vision tokens): the kept count rounded, then the shortest 4-decimal ratio that keeps it."""
+    keep = round((target * num_layers - layer * tokens) / (num_layers - layer))
+    ratio = round(keep / tokens + 5e-5, 4)
+    while kept_count(tokens, ratio) > keep:
         ratio = round(ratio - 1e-4, 4)
-    return DropSchedule(((k_layer, ratio),))
+    return DropSchedule(((layer, ratio),))
+
+
+def pdrop_for(target: float, tokens: int, num_layers: int) -> DropSchedule:
+    """PyramidDrop's shape, stages at s, 2s, 3s (s >= 2) with one ratio lambda (to 0.01), within one token
+    of ``target`` layer-averaged; of those, lambda closest to the paper's 0.5 (then the closer average)."""
+    fits = [DropSchedule(tuple((k * step, r / 100) for k in (1, 2, 3)))
+            for step in range(2, (num_layers - 1) // 3 + 1) for r in range(1, 100)]
+    fits = [f for f in fits if abs(f.average_tokens(tokens, num_layers) - target) <= 1]
+    return min(fits, key=lambda f: (abs(f.stages[0][1] - 0.5), abs(f.average_tokens(tokens, num_layers) - target)))
+
+
+def depth_scaled_presets(base: str, num_layers: int) -> dict[str, dict[str | int, str]]:
+    """Every method's presets for a model of ``num_layers`` decoder layers, derived from the presets of
+    family ``base`` (``qwen2_vl``) as those were derived (docs/methods.md, "Presets for a new depth"):
+
+    - v2drop (and random): ``base``'s layers scaled to the depth, its later ratios kept, the first-stage
+      ratio solved (to 0.01) so that the layer-averaged vision fraction is closest to the budget's
+      (192 -> 1/3, 128 -> 2/9 of 576; ``default`` -> what ``base``'s default keeps on its own depth);
+    - fastv and dart: one stage at layer 2 matched to that target count;
+    - pdrop: three stages s, 2s, 3s matched to the new V2Drop schedule's count.
+    """
+    from v2drop_eval.methods import get_method
+
+    tokens, base_layers = PRESET_SHAPES[base]
+    out: dict[str, dict[str | int, str]] = {"v2drop": {}, "fastv": {}, "pdrop": {}}
+    for budget, text in get_method("v2drop").presets[base].items():
+        ref = DropSchedule.parse(text)
+        target = budget if isinstance(budget, int) else ref.average_tokens(tokens, base_layers)
+        layers = _scale_layers(ref, num_layers, base_layers)
+        rest = layers.stages[1:]
+        fits = [DropSchedule(((layers.layers[0], r / 100), *rest)) for r in range(1, 101)]
+        v2 = min(fits, key=lambda f: abs(f.average_tokens(tokens, num_layers) - target))
+        out["v2drop"][budget] = str(v2)
+        out["fastv"][budget] = str(single_stage_for(target, tokens, num_layers))
+        out["pdrop"][budget] = str(pdrop_for(v2.average_tokens(tokens, num_layers), tokens, num_layers))
+    return out
 
 
 def _scale_layers(schedule: DropSchedule, num_layers: int, ref_layers: int) -> DropSchedule:
@@ -278,7 +319,7 @@ def _scale_layers(schedule: DropSchedule, num_layers: int, ref_layers: int) -> D
 
 def fitted_preset(family: str, budget: int | str, method: str, num_layers: int | None) -> tuple[DropSchedule, bool]:
     """``method``'s preset for ``budget``; on a model shallower than the one the presets were made for
-    (32 layers for LLaVA, 28 for Qwen2-VL), the preset scaled to ``num_layers`` by
+    (32 layers for LLaVA, 28 for Qwen2-VL, 36 for Qwen3-VL), the preset scaled to ``num_layers`` by
     :func:`scaled_schedule`, so that every method still spends the same layer-averaged count.
     Returns (schedule, scaled)."""
     schedule = DropSchedule.preset(family, budget, method=method)

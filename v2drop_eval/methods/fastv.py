@@ -11,10 +11,11 @@ if TYPE_CHECKING:
     import torch
 
 # One stage at layer K=2, keeping the share that gives the same layer-averaged vision-token count as
-# the V2Drop preset of that budget (576 tokens over 32 layers for LLaVA, 28 for Qwen2-VL).
+# the V2Drop preset of that budget (576 tokens over 32 layers for LLaVA, 28 for Qwen2-VL, 36 for Qwen3-VL).
 SINGLE_STAGE_PRESETS: dict[str, dict[str | int, str]] = {
     "llava": {192: "2:0.2882", 128: "2:0.1702", 64: "2:0.0521"},
     "qwen2_vl": {"default": "2:0.1667", 192: "2:0.2813", 128: "2:0.1632"},
+    "qwen3_vl": {"default": "2:0.1806", 192: "2:0.2935", 128: "2:0.1771"},  # 36 layers (depth_scaled_presets)
 }
 
 

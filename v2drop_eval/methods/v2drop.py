@@ -31,6 +31,13 @@ PRESETS: dict[str, dict[str | int, str]] = {
         192: "3:0.43/16:0.3/22:0",
         128: "3:0.22/16:0.25/22:0",
     },
+    # Qwen3-VL-8B (36 decoder layers): the Qwen2-VL presets' layers scaled to 36, the same later ratios, the
+    # first ratio solved again to the same vision fraction (schedule.depth_scaled_presets; tests check it).
+    "qwen3_vl": {
+        "default": "4:0.24/21:0.05/28:0",
+        192: "4:0.42/21:0.3/28:0",
+        128: "4:0.21/21:0.25/28:0",
+    },
 }
 
 

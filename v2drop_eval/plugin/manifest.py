@@ -16,11 +16,13 @@ __all__ = ["manifests", "MODELS"]
 _PKG = "v2drop_eval.plugin"
 
 # model id -> (chat class path or None, simple class path or None, aliases). A class exists wherever
-# lmms-eval 0.7.3 has one for the parent (chat: llava_hf, qwen2_5_vl, internvl_hf; simple: all but internvl_hf).
+# lmms-eval 0.7.3 has one for the parent (chat: llava_hf, qwen2_5_vl, qwen3_vl, internvl_hf; simple: all but
+# internvl_hf).
 MODELS: dict[str, tuple[str | None, str | None, tuple[str, ...]]] = {
     "v2drop_llava": (f"{_PKG}.llava.V2DropLlavaChat", f"{_PKG}.llava.V2DropLlava", ("v2drop_llava_hf",)),
     "v2drop_qwen2_vl": (None, f"{_PKG}.qwen2_vl.V2DropQwen2VL", ()),
     "v2drop_qwen2_5_vl": (f"{_PKG}.qwen2_vl.V2DropQwen2_5_VLChat", f"{_PKG}.qwen2_vl.V2DropQwen2_5_VL", ()),
+    "v2drop_qwen3_vl": (f"{_PKG}.qwen3_vl.V2DropQwen3VLChat", f"{_PKG}.qwen3_vl.V2DropQwen3VL", ()),
     "v2drop_internvl": (f"{_PKG}.internvl.V2DropInternVL", None, ("v2drop_internvl_hf",)),  # internvl_hf: chat only
 }
 
