@@ -12,12 +12,13 @@ from typing import Any
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
+from v2drop_eval.contract import contract_error
 from v2drop_eval.families import FAMILIES, family_of_class
 
 __all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class", "forward_takes"]
 
 # class name -> the adapter's family (``llava`` or ``qwen2_vl``), from the one family table.
-SUPPORTED_CLASSES: dict[str, str] = {c: f.presets for f in FAMILIES.values() for c in f.classes}
+SUPPORTED_CLASSES: dict[str, str] = {c: f.adapter_family for f in FAMILIES.values() for c in f.classes}
 
 
 @dataclass
@@ -27,7 +28,8 @@ class ModelAdapter:
     decoder: nn.Module  # the LLM decoder (LlamaModel, Qwen2VLTextModel, ...)
     layers: nn.ModuleList
     text_config: Any
-    vision_token_ids: tuple[int, ...]
+    vision_token_ids: tuple[int, ...]  # every droppable id: images and videos
+    video_token_ids: tuple[int, ...] = ()  # the subset that marks video (counted apart in the stats)
 
     @property
     def num_layers(self) -> int:
@@ -59,19 +61,28 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     family = family_of_class(type(model).__name__)
     config = model.config
     decoder = model.model.language_model
-    if family == "llava":
-        # llava-hf configs call it image_token_index in older releases, image_token_id in newer.
-        image_id = getattr(config, "image_token_id", None)
-        if image_id is None:
-            image_id = config.image_token_index
-        ids: tuple[int, ...] = (int(image_id),)
-    else:
-        ids = tuple(int(i) for i in (config.image_token_id, config.video_token_id) if i is not None)
+    # Images and videos are both vision tokens (dropped alike). llava-hf configs call the ids
+    # image_token_index / video_token_index in older releases, *_id in newer; LLaVA-1.5 and LLaVA-NeXT
+    # have no video id, LLaVA-OneVision and LLaVA-NeXT-Video do, as do Qwen2-VL and Qwen2.5-VL.
+    image_id = _token_id(config, "image")
+    if image_id is None:
+        raise contract_error(f"{type(model).__name__}'s config has no image_token_id (nor image_token_index)")
+    video_id = _token_id(config, "video")
+    videos = () if video_id is None else (video_id,)
     return ModelAdapter(
         family=family,
         top=model,
         decoder=decoder,
         layers=decoder.layers,
         text_config=decoder.config,
-        vision_token_ids=ids,
+        vision_token_ids=(image_id, *videos),
+        video_token_ids=videos,
     )
+
+
+def _token_id(config: Any, kind: str) -> int | None:
+    for name in (f"{kind}_token_id", f"{kind}_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
