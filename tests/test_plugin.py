@@ -461,7 +461,7 @@ def _check_run(run: Run, assets: dict[str, Any], family: str, method: str, sched
     assert not missing, f"{run.name}: throughput lacks {missing}"
     assert results["throughput"]["total_gen_tokens"] > 0
     rows = _sidecar(run)
-    docs = assets["docs"]
+    docs = {t: assets["docs"][t] for t in run.tasks.split(",")}
     assert sorted((r["task"], r["doc_id"]) for r in rows) == sorted(
         (t, i) for t, n in docs.items() for i in range(n))
     sched = DropSchedule.parse(schedule or "")
