@@ -1,5 +1,5 @@
-"""The dropping engine against the plain model and the masking reference, on tiny LLaVA, Qwen2-VL, Qwen3-VL and
-InternVL."""
+"""The dropping engine against the plain model and the masking reference, on tiny LLaVA (1.5, NeXT, OneVision,
+NeXT-Video), Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and MoE) and InternVL, with images and videos."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from reference import allowed_keys, masking_reference
 from tiny import (
     LAYERS,
     QWEN3_DEEPSTACK,
+    anyres_inputs,
     internvl_inputs,
     llava_inputs,
     qwen3_inputs,
@@ -18,6 +19,9 @@ from tiny import (
     row_inputs,
     tiny_internvl,
     tiny_llava,
+    tiny_llava_next,
+    tiny_llava_next_video,
+    tiny_llava_onevision,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
     tiny_qwen3_vl,
@@ -26,13 +30,36 @@ from tiny import (
 from v2drop_eval import DropSchedule, attach
 from v2drop_eval.methods import METHODS, get_method
 
-FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "qwen3": tiny_qwen3_vl,
+FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "next": tiny_llava_next,
+            "onevision": tiny_llava_onevision, "next_video": tiny_llava_next_video, "qwen3": tiny_qwen3_vl,
             "qwen3moe": functools.partial(tiny_qwen3_vl, moe=True), "internvl": tiny_internvl}
 # Qwen3-VL rows: several images, videos (one run per temporal patch) and text-only rows in one batch.
 QWEN3_MIXED = [[("image", 4, 6), ("image", 2, 4)], [("video", 2, 4, 4)], [("image", 4, 4), ("video", 3, 2, 4)], []]
+# The any-resolution LLaVA families: inputs through their real processors (tests/tiny.py), rows alone by
+# rebuilding the same spec for one row.
+ANYRES = {"next": "llava_next", "onevision": "llava_onevision", "next_video": "llava_next_video"}
 
-# Each case: (family, inputs builder). Batch 1, padded batch, different vision counts, two images, text-only.
-# InternVL "mixed": images of 3 and 1 tiles, a 4-frame video beside an image, a text-only row.
+
+def image(w: int, h: int) -> tuple:
+    return ("image", (w, h))
+
+
+def video(frames: int) -> tuple:
+    return ("video", frames)
+
+
+# Each case: (family, inputs builder). Batch 1, padded batch, different vision counts, two images, text-only;
+# any-resolution images of different sizes (so different token counts per image and per row); videos,
+# alone and beside image rows in one batch. InternVL "mixed": images of 3 and 1 tiles, a 4-frame
+# video beside an image, a text-only row.
+SPECS = {
+    ("next", "padded"): [[image(40, 30)], [image(70, 30)]],
+    ("next", "mixed"): [[image(70, 30), image(30, 90)], [image(50, 50)], []],
+    ("onevision", "padded"): [[image(40, 30)], [image(90, 40)]],
+    ("onevision", "mixed"): [[image(70, 30), image(30, 40)], [video(6)], [image(50, 90)], []],
+    ("onevision", "video"): [[video(8), image(40, 40)], [video(8)]],  # videos of one batch: same frame count
+    ("next_video", "mixed"): [[video(4)], [image(70, 30)], [video(4), image(30, 30)]],
+}
 CASES = {
     ("llava", "batch1"): lambda: llava_inputs([1]),
     ("llava", "padded"): lambda: llava_inputs([1, 1], text_lens=[2, 9]),
@@ -40,7 +67,10 @@ CASES = {
     ("qwen", "batch1"): lambda: qwen_inputs([[(4, 4)]]),
     ("qwen", "padded"): lambda: qwen_inputs([[(4, 4)], [(4, 4)]]),
     ("qwen", "mixed"): lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []], seed=1),
+    ("qwen", "video"): lambda: qwen_inputs([[(2, 4, 4)], [(4, 6), (1, 2, 4)], [(4, 4)]], seed=2),
     ("qwen25", "mixed"): lambda: qwen_inputs([[(4, 6), (2, 4)], [(4, 4)], []], seed=1),
+    ("qwen25", "video"): lambda: qwen_inputs([[(2, 4, 4)], [(4, 6), (1, 2, 4)], [(4, 4)]], seed=2),
+    **{case: functools.partial(anyres_inputs, ANYRES[case[0]], spec, 1) for case, spec in SPECS.items()},
     ("internvl", "batch1"): lambda: internvl_inputs([[("image", 2)]]),
     ("internvl", "padded"): lambda: internvl_inputs([[("image", 1)], [("video", 2)]]),
     ("internvl", "mixed"): lambda: internvl_inputs([[("image", 3), ("image", 1)], [("video", 4), ("image", 1)], []],
@@ -51,6 +81,18 @@ CASES = {
     ("qwen3", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
     ("qwen3moe", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
 }
+# The batch-row test runs these cases of each family.
+ROW_CASES = [("llava", "mixed"), ("qwen", "mixed"), ("qwen", "video"), ("qwen25", "mixed"), ("qwen25", "video"),
+             ("next", "mixed"), ("onevision", "mixed"), ("onevision", "video"), ("next_video", "mixed"),
+             ("qwen3", "mixed"), ("qwen3moe", "mixed"), ("internvl", "mixed")]
+
+
+def alone(case: tuple[str, str], inputs: dict, b: int) -> dict:
+    """Row ``b`` of the case's batch, run as a batch of one."""
+    family = case[0]
+    if family in ANYRES:
+        return anyres_inputs(ANYRES[family], SPECS[case], 1, only=b)
+    return row_inputs(inputs, b, family if family in ("llava", "internvl") else "qwen")
 
 
 @functools.cache
@@ -66,10 +108,10 @@ def _generate(m, inputs, **kw):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "qwen3", "qwen3moe", "internvl"])
-def test_keep_all_is_bit_identical(family, attn):
-    m = model(family, attn)
-    inputs = CASES[(family, "mixed")]()
+@pytest.mark.parametrize("case", ROW_CASES, ids="-".join)
+def test_keep_all_is_bit_identical(case, attn):
+    m = model(case[0], attn)
+    inputs = CASES[case]()
     with torch.no_grad():
         plain = m(**inputs).logits
         plain_gen = _generate(m, inputs)
@@ -88,7 +130,7 @@ DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("case", list(CASES), ids=[f"{f}-{c}" for f, c in CASES])
+@pytest.mark.parametrize("case", list(CASES), ids="-".join)
 @pytest.mark.parametrize(("method", "schedule"), DROPPING)
 def test_dropping_equals_masking_reference(case, attn, method, schedule):
     family, _ = case
@@ -121,20 +163,22 @@ def test_dropping_equals_masking_reference(case, attn, method, schedule):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).drops])
-@pytest.mark.parametrize("family", ["llava", "qwen", "qwen25", "qwen3", "qwen3moe", "internvl"])
-def test_batch_rows_equal_rows_alone(family, method, attn):
-    m = model(family, attn)
-    inputs = CASES[(family, "mixed")]()
+@pytest.mark.parametrize("case", ROW_CASES, ids="-".join)
+def test_batch_rows_equal_rows_alone(case, method, attn):
+    m = model(case[0], attn)
+    inputs = CASES[case]()
     schedule = "2:0.5/4:0.3" if get_method(method).multi_stage else "2:0.4"
+    # min_new_tokens: a row that meets EOS early would otherwise be padded in the batch and stop alone.
     with attach(m, schedule, method=method) as h, torch.no_grad():
-        batch = _generate(m, inputs)
+        batch = _generate(m, inputs, min_new_tokens=4)
         batch_stats = h.last_stats
         for b in range(inputs["input_ids"].shape[0]):
-            alone = _generate(m, row_inputs(inputs, b, family))
+            single = _generate(m, alone(case, inputs, b), min_new_tokens=4)
             assert h.last_stats[0]["vision_per_layer"] == batch_stats[b]["vision_per_layer"]
+            assert h.last_stats[0]["video_tokens"] == batch_stats[b]["video_tokens"]
             new = batch.sequences.shape[1] - inputs["input_ids"].shape[1]
-            assert torch.equal(alone.sequences[0, -new:], batch.sequences[b, -new:])
-            for step_b, step_a in zip(batch.logits, alone.logits, strict=True):
+            assert torch.equal(single.sequences[0, -new:], batch.sequences[b, -new:])
+            for step_b, step_a in zip(batch.logits, single.logits, strict=True):
                 torch.testing.assert_close(step_b[b], step_a[0], atol=1e-4, rtol=0)
 
 

@@ -127,7 +127,8 @@ def test_args_budget_schedule_method():
     ({"method": "sparsevlm", "budget": 128}, ["unknown method 'sparsevlm'", "allowed: v2drop, random, fastv, pdrop, dart, none"]),
     ({"method": "dart", "schedule": "2:0.5/4:0"}, ["dart drops once"]),
     ({"method": "pdrop", "schedule": "2:t1:0.1:0.5"}, ["adaptive stages need method v2drop, not 'pdrop'"]),
-    ({"method": "pdrop", "budget": "default"}, ["budget=default", "known budgets: paper, 192, 128, 64"]),
+    # ("default" is a budget of the qwen2_vl table, which LLaVA-OneVision checkpoints take: check_checkpoint decides)
+    ({"method": "pdrop", "budget": "huge"}, ["budget=huge", "known budgets: paper, 192, 128, 64"]),
     ({"metric": "l3", "budget": 128}, ["unknown metric 'l3'", "allowed: l2, l1, cosine"]),
     ({"metric": "l1", "method": "random", "budget": 128}, ["method=v2drop only"]),
     ({"seed": 1, "budget": 128}, ["method=random only"]),
@@ -179,6 +180,22 @@ def test_qwen3_vl_args_and_checkpoint(tiny_assets):
     assert fitted.num_layers == 4 and fitted.preset_scaled and fitted.schedule.layers[-1] <= 3
     with pytest.raises(ValueError, match="'qwen3_vl' checkpoint.*use --model v2drop_qwen3_vl"):
         check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen3_vl"]))
+
+
+def test_onevision_checkpoint_takes_its_family_presets(tiny_assets):
+    """v2drop_llava serves llava and llava_onevision: the checkpoint's model_type picks the preset table."""
+    ov = str(tiny_assets["llava_onevision"])
+    args = check_checkpoint(_pop(budget=128), ov)
+    assert args.family == "llava_onevision" and args.describe()["family"] == "llava_onevision"
+    # qwen2_vl's 128 preset (3:0.22/16:0.25/22:0), scaled from 28 to 4 layers
+    assert args.preset_scaled and str(args.schedule) == "1:0.22/2:0.25/3:0"
+    assert check_checkpoint(_pop(budget="default"), ov).family == "llava_onevision"  # a qwen2_vl-table budget
+    with pytest.raises(ValueError, match=r"^v2drop_llava: budget=64 for .*\(llava_onevision\): no preset for budget 64 "
+                                         r"in family 'qwen2_vl'.*known budgets: default, 192, 128"):
+        check_checkpoint(_pop(budget=64), ov)
+    with pytest.raises(ValueError, match="budget=default"):
+        check_checkpoint(_pop(budget="default"), str(tiny_assets["llava"]))
+    assert check_checkpoint(_pop(budget=128), str(tiny_assets["llava"])).family == "llava"
 
 
 def test_seed_as_lmms_eval_passes_it():
@@ -340,6 +357,7 @@ class Run:
     batch_size: int = 1
     force_simple: bool = False
     out: Path | None = None
+    tasks: str | None = None  # default: the image tasks (tiny_textvqa, tiny_mme)
 
 
 @dataclass
@@ -359,17 +377,17 @@ def _lmms_eval_cmd() -> list[str]:
 
 def _start(root: Path, key: str, runs: list[Run], assets: dict[str, Any], plain: bool = False) -> Process:
     """One lmms-eval process for ``runs``: plain flags for a single run, else ``--config`` with a list."""
-    tasks = ",".join(assets["tasks"])
     for run in runs:
         run.out = root / run.name
+        run.tasks = run.tasks or ",".join(assets["tasks"])
     if plain:
         (run,) = runs
-        cmd = _lmms_eval_cmd() + ["--model", run.model, "--model_args", run.model_args, "--tasks", tasks,
+        cmd = _lmms_eval_cmd() + ["--model", run.model, "--model_args", run.model_args, "--tasks", run.tasks,
                                   "--include_path", str(assets["include_path"]), "--device", "cpu",
                                   "--batch_size", str(run.batch_size), "--output_path", str(run.out), "--log_samples"]
         cmd += ["--force_simple"] if run.force_simple else []
     else:
-        config = [{"model": r.model, "model_args": r.model_args, "tasks": tasks, "batch_size": r.batch_size,
+        config = [{"model": r.model, "model_args": r.model_args, "tasks": r.tasks, "batch_size": r.batch_size,
                    "include_path": str(assets["include_path"]), "device": "cpu", "output_path": str(r.out),
                    "log_samples": True, "force_simple": r.force_simple} for r in runs]
         cfg = root / f"{key}.yaml"
@@ -395,6 +413,8 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
     qwen25 = f"pretrained={a['qwen2_5_vl']},device_map=cpu,min_pixels=3136,max_pixels=602112"
     internvl = f"pretrained={a['internvl']},device_map=cpu"
     qwen3 = f"pretrained={a['qwen3_vl']},device_map=cpu,min_pixels=3136,max_pixels=602112"
+    onevision = f"pretrained={a['llava_onevision']},device_map=cpu,max_frames_num=8"
+    video_and_image = "tiny_video,tiny_textvqa"
     groups = {
         "llava": [Run("llava_builtin", "llava_hf", llava),
                   Run("llava_none", "v2drop_llava", f"{llava},method=none"),
@@ -421,6 +441,16 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
         "qwen3": [Run("qwen3_builtin_b8", "qwen3_vl", qwen3, batch_size=8),
                   Run("qwen3_none_b8", "v2drop_qwen3_vl", f"{qwen3},method=none", batch_size=8),
                   Run("qwen3_sched_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE}", batch_size=8)],
+        # LLaVA-OneVision through v2drop_llava: videos (6 clips and 2 images in one batch of 8) and images
+        # at the family's budget preset; batch 8 against batch 1; method=none against the built-in llava_hf.
+        "onevision": [Run("ov_budget_b8", "v2drop_llava", f"{onevision},budget=128", batch_size=8,
+                          tasks=video_and_image),
+                      Run("ov_budget_b8_simple", "v2drop_llava", f"{onevision},budget=128", batch_size=8,
+                          force_simple=True, tasks=video_and_image),
+                      Run("ov_budget_b1_simple", "v2drop_llava", f"{onevision},budget=128,warmup=0",
+                          force_simple=True, tasks=video_and_image),
+                      Run("ov_builtin", "llava_hf", onevision, tasks="tiny_textvqa"),
+                      Run("ov_none", "v2drop_llava", f"{onevision},method=none", tasks="tiny_textvqa")],
         # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
         "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
                 Run("bad_conflict", "v2drop_qwen2_vl", f"{qwen},budget=128,schedule={SCHEDULE}"),
@@ -473,7 +503,7 @@ def _check_run(run: Run, assets: dict[str, Any], family: str, method: str, sched
     assert not missing, f"{run.name}: throughput lacks {missing}"
     assert results["throughput"]["total_gen_tokens"] > 0
     rows = _sidecar(run)
-    docs = assets["docs"]
+    docs = {t: assets["docs"][t] for t in run.tasks.split(",")}
     assert sorted((r["task"], r["doc_id"]) for r in rows) == sorted(
         (t, i) for t, n in docs.items() for i in range(n))
     sched = DropSchedule.parse(schedule or "")
@@ -533,6 +563,38 @@ def test_lmms_eval_qwen2_5_vl_end_to_end(lmms, tiny_assets):
     rows = _check_run(runs["qwen25_random_b2_simple"], tiny_assets, "qwen2_5_vl", "random", SCHEDULE)
     assert {r["seed"] for r in rows} == {1} and {r["metric"] for r in rows} == {None}
     assert _answers(runs["qwen25_none_b2"]) == _answers(runs["qwen25_builtin"])
+
+
+# tiny_video clips: 8 frames sampled (max_frames_num=8) x 4 tokens (2x2-pooled 4x4 patches) + 1 newline token.
+OV_VIDEO_TOKENS = 8 * 4 + 1
+
+
+@pytest.mark.slow
+def test_lmms_eval_llava_onevision_video_end_to_end(lmms, tiny_assets):
+    runs = lmms["runs"]
+    assert lmms["procs"]["onevision"].returncode == 0, lmms["procs"]["onevision"].output[-3000:]
+    # budget=128 takes the qwen2_vl table (LLaVA-OneVision-7B has Qwen2-VL-7B's depth), scaled to 4 layers.
+    schedule = "1:0.22/2:0.25/3:0"
+    for name, batch in (("ov_budget_b8", 8), ("ov_budget_b8_simple", 8), ("ov_budget_b1_simple", 1)):
+        results, _ = _results(runs[name])
+        assert set(results["results"]) == {"tiny_video", "tiny_textvqa"}
+        assert "mvbench_accuracy,none" in results["results"]["tiny_video"]
+        rows = _sidecar(runs[name])
+        assert sorted((r["task"], r["doc_id"]) for r in rows) == sorted(
+            (t, i) for t in ("tiny_video", "tiny_textvqa") for i in range(tiny_assets["docs"][t]))
+        for r in rows:
+            assert (r["family"], r["schedule"], r["budget"]) == ("llava_onevision", schedule, 128)
+            is_video = r["task"] == "tiny_video" and r["doc_id"] < 6  # docs 6 and 7 are still images
+            assert r["video_tokens"] == (OV_VIDEO_TOKENS if is_video else 0)
+            if is_video:
+                assert r["vision_tokens"] == OV_VIDEO_TOKENS
+            assert r["vision_per_layer"] == DropSchedule.parse(schedule).tokens_per_layer(r["vision_tokens"], 4)
+        video_batch = {r["batch_size"] for r in rows if r["task"] == "tiny_video"}
+        assert video_batch == {batch}  # videos and images in one batch of 8
+        # any-resolution tiling: images of different sizes carry different token counts
+        assert len({r["vision_tokens"] for r in rows if r["task"] == "tiny_textvqa"}) > 1
+    assert _answers(runs["ov_budget_b8_simple"]) == _answers(runs["ov_budget_b1_simple"])
+    assert _answers(runs["ov_none"]) == _answers(runs["ov_builtin"])
 
 
 @pytest.mark.slow

@@ -120,3 +120,17 @@ def test_ratios_keep_every_digit():
 def test_ratios_that_would_change_are_refused(text, match):
     with pytest.raises(ValueError, match=match):
         DropSchedule.parse(text)
+
+
+def test_onevision_takes_the_qwen2_vl_derivation():
+    """LLaVA-OneVision-7B's decoder has Qwen2-VL-7B's 28 layers; the derivation (layers 3/16/22, the LLaVA
+    second-stage ratio, the first solved so the mean vision share over 28 layers is closest to the LLaVA
+    budget's share of 576) depends on the depth alone, so it gives the same table (docs/methods.md)."""
+    from v2drop_eval.families import get_family
+
+    assert get_family("llava_onevision").presets == "qwen2_vl"
+    for budget, second in ((192, 0.3), (128, 0.25)):
+        best = min((r / 100 for r in range(1, 100)),
+                   key=lambda r1, r2=second, b=budget: abs((3 + 13 * r1 + 6 * r1 * r2) / 28 - b / 576))
+        assert str(DropSchedule.preset("llava_onevision", budget)) == f"3:{best:g}/16:{second:g}/22:0"
+        assert DropSchedule.preset("llava_onevision", budget) == DropSchedule.preset("qwen2_vl", budget)

@@ -14,7 +14,15 @@ import pytest
 import torch
 import transformers
 from packaging.specifiers import SpecifierSet
-from tiny import LAYERS, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen2_vl
+from tiny import (
+    LAYERS,
+    anyres_inputs,
+    llava_inputs,
+    qwen_inputs,
+    tiny_llava,
+    tiny_llava_onevision,
+    tiny_qwen2_vl,
+)
 from transformers.cache_utils import DynamicCache
 
 from v2drop_eval import attach, contract
@@ -30,6 +38,8 @@ from v2drop_eval.contract import (
 CASES = {
     "llava": (tiny_llava, lambda: llava_inputs([1, 2], text_lens=[2, 7])),
     "qwen": (tiny_qwen2_vl, lambda: qwen_inputs([[(4, 4)], [(4, 6), (2, 2)]])),
+    "onevision": (tiny_llava_onevision,
+                  lambda: anyres_inputs("llava_onevision", [[("image", (70, 30))], [("video", 4)]])),
 }
 
 

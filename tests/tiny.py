@@ -171,24 +171,29 @@ def llava_inputs(images_per_row: list[int], text_lens: list[int] | None = None, 
     return out
 
 
-def qwen_inputs(grids_per_row: list[list[tuple[int, int]]], seed: int = 0) -> dict:
-    """Rows with images of the given patch grids (h, w), e.g. [[(4, 4)], [(4, 6), (2, 2)]], left-padded."""
+def qwen_inputs(grids_per_row: list[list[tuple[int, ...]]], seed: int = 0) -> dict:
+    """Rows with images of the given patch grids (h, w) and videos of grids (t, h, w) (t in temporal
+    patches of 2 frames), e.g. [[(4, 4)], [(4, 6), (2, 2, 2)]], left-padded."""
     gen = torch.Generator().manual_seed(seed)
-    rows, grids = [], []
+    rows, grids, vgrids = [], [], []
     for b, row_grids in enumerate(grids_per_row):
         row = _text(gen, 3 + b)
-        for h, w in row_grids:
-            row += [QWEN_START] + [QWEN_IMAGE_ID] * (h * w // 4) + [QWEN_END] + _text(gen, 2)
-            grids.append([1, h, w])
+        for grid in row_grids:
+            t, h, w = grid if len(grid) == 3 else (1, *grid)
+            token = QWEN_VIDEO_ID if len(grid) == 3 else QWEN_IMAGE_ID
+            row += [QWEN_START] + [token] * (t * h * w // 4) + [QWEN_END] + _text(gen, 2)
+            (vgrids if len(grid) == 3 else grids).append([t, h, w])
         rows.append(row + _text(gen, 3))
     ids, mask = _left_pad(rows)
     out = {"input_ids": ids, "attention_mask": mask}
     if forward_takes(Qwen2VLForConditionalGeneration, "mm_token_type_ids"):
-        out["mm_token_type_ids"] = (ids == QWEN_IMAGE_ID).long()
-    if grids:
-        grid = torch.tensor(grids)
-        out["image_grid_thw"] = grid
-        out["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=gen)
+        out["mm_token_type_ids"] = (ids == QWEN_IMAGE_ID).long() + 2 * (ids == QWEN_VIDEO_ID).long()
+    for key, g in (("image", grids), ("video", vgrids)):
+        if g:
+            grid = torch.tensor(g)
+            out[f"{key}_grid_thw"] = grid
+            pixels = "pixel_values" if key == "image" else "pixel_values_videos"
+            out[pixels] = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=gen)
     return out
 
 
@@ -279,4 +284,158 @@ def _qwen_row_media(inputs: dict, b: int) -> dict:
             patches = torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1).cumsum(0)])
             out[grid_key] = grid[g0:g1]
             out[pixel_key] = inputs[pixel_key][int(patches[g0]):int(patches[g1])]
+    return out
+
+
+# -- any-resolution LLaVA (LLaVA-NeXT, LLaVA-OneVision, LLaVA-NeXT-Video), through their real processors --
+# A word-level tokenizer (no training) so that the processors expand <image> / <video> exactly as for a
+# real checkpoint: per-image token counts follow each image's size (any-resolution tiles and newline
+# tokens), per-video counts its frames.
+ANYRES_TILE = 32  # vision tower input: 32x32 px, patch 8 -> 16 patches per tile
+ANYRES_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+_WORDS = [f"w{i}" for i in range(80)]
+_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>"]
+
+
+def word_tokenizer():
+    """A tiny word-level tokenizer: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<image>`` 4, ``<video>`` 5, words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(_SPECIALS + _WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", padding_side="left",
+                                  extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    return out
+
+
+ANYRES_VOCAB = 96  # >= len(_SPECIALS + _WORDS), a multiple of 8
+ANYRES_IMAGE_ID, ANYRES_VIDEO_ID = 4, 5
+
+
+def _anyres_text(hidden: int = 64, kind: str = "llama") -> dict:
+    return dict(model_type="qwen2" if kind == "qwen2" else "llama", hidden_size=hidden, intermediate_size=128,
+                num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, vocab_size=ANYRES_VOCAB,
+                pad_token_id=PAD, max_position_embeddings=8192)
+
+
+def _finish(model, attn: str):
+    model = model.float().eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def tiny_llava_next(attn: str = "sdpa", seed: int = 0):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=ANYRES_TILE, patch_size=8, projection_dim=32).to_dict(),
+        text_config=_anyres_text(), image_token_index=ANYRES_IMAGE_ID, image_grid_pinpoints=ANYRES_PINPOINTS,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    return _finish(LlavaNextForConditionalGeneration(cfg), attn)
+
+
+def tiny_llava_onevision(attn: str = "sdpa", seed: int = 0):
+    """SigLIP-like tower (no CLS token), Qwen2 decoder: 16 tokens per tile, 4 per video frame (2x2 pooling)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=ANYRES_TILE, patch_size=8),
+        text_config=_anyres_text(kind="qwen2"), image_token_index=ANYRES_IMAGE_ID, video_token_index=ANYRES_VIDEO_ID,
+        image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    return _finish(LlavaOnevisionForConditionalGeneration(cfg), attn)
+
+
+def tiny_llava_next_video(attn: str = "sdpa", seed: int = 0):
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextVideoConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=ANYRES_TILE, patch_size=8, projection_dim=32).to_dict(),
+        text_config=_anyres_text(), image_token_index=ANYRES_IMAGE_ID, video_token_index=ANYRES_VIDEO_ID,
+        image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        spatial_pool_stride=2,
+    )
+    return _finish(LlavaNextVideoForConditionalGeneration(cfg), attn)
+
+
+def anyres_processor(kind: str):
+    """The real processor of ``kind`` (``llava_next``, ``llava_onevision``, ``llava_next_video``) for the tiny models."""
+    import transformers as tf
+
+    tok = word_tokenizer()
+    if kind == "llava_next":
+        image = tf.LlavaNextImageProcessor(size={"shortest_edge": ANYRES_TILE}, image_grid_pinpoints=ANYRES_PINPOINTS,
+                                           crop_size={"height": ANYRES_TILE, "width": ANYRES_TILE})
+        return tf.LlavaNextProcessor(image_processor=image, tokenizer=tok, patch_size=8,
+                                     vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if kind == "llava_onevision":
+        image = tf.LlavaOnevisionImageProcessor(size={"height": ANYRES_TILE, "width": ANYRES_TILE},
+                                                image_grid_pinpoints=ANYRES_PINPOINTS)
+        video = tf.LlavaOnevisionVideoProcessor(size={"height": ANYRES_TILE, "width": ANYRES_TILE})
+        return tf.LlavaOnevisionProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                          num_image_tokens=16, vision_feature_select_strategy="full",
+                                          vision_aspect_ratio="anyres_max_9")
+    if kind == "llava_next_video":
+        image = tf.LlavaNextImageProcessor(size={"shortest_edge": ANYRES_TILE}, image_grid_pinpoints=ANYRES_PINPOINTS,
+                                           crop_size={"height": ANYRES_TILE, "width": ANYRES_TILE})
+        video = tf.LlavaNextVideoVideoProcessor(size={"shortest_edge": ANYRES_TILE},
+                                                crop_size={"height": ANYRES_TILE, "width": ANYRES_TILE})
+        return tf.LlavaNextVideoProcessor(image_processor=image, video_processor=video, tokenizer=tok, patch_size=8,
+                                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    raise ValueError(f"unknown kind {kind!r}; allowed: llava_next, llava_onevision, llava_next_video")
+
+
+def _picture(gen: torch.Generator, w: int, h: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy().astype(np.uint8))
+
+
+def anyres_inputs(kind: str, rows: list[list[tuple]], seed: int = 0, only: int | None = None) -> dict:
+    """Rows of text around ``("image", (w, h))`` and ``("video", frames)`` items, through the processor of
+    ``kind``, left-padded. The same spec always gives the same pixels and words, so ``only=b`` builds
+    row ``b`` alone, unpadded, exactly as it sits in the batch."""
+    gen = torch.Generator().manual_seed(seed)
+    texts, images, videos = [], [], []
+    for b, items in enumerate(rows):
+        words = [_WORDS[int(i)] for i in torch.randint(0, len(_WORDS), (16,), generator=gen)]
+        parts, row_images, row_videos = [" ".join(words[:2 + b % 3])], [], []
+        for k, (what, size) in enumerate(items):
+            if what == "image":
+                row_images.append(_picture(gen, *size))
+                parts.append("<image>")
+            elif what == "video":
+                frames = torch.randint(0, 256, (size, 40, 48, 3), generator=gen, dtype=torch.uint8).numpy()
+                row_videos.append(frames)
+                parts.append("<video>")
+            else:
+                raise ValueError(f"unknown item {what!r}; allowed: image, video")
+            parts.append(words[4 + k])
+        parts.append(" ".join(words[10:13]))
+        if only is None or only == b:
+            texts.append(" ".join(parts))
+            images.append(row_images)
+            videos += row_videos
+    proc = anyres_processor(kind)
+    kwargs: dict = {"text": texts, "return_tensors": "pt", "padding": True}
+    if any(images):
+        # One list per text row: LLaVA-OneVision tiles a row's single image, and not a row's several.
+        kwargs["images"] = images if kind == "llava_onevision" else [im for row in images for im in row]
+    if videos:
+        kwargs["videos"] = videos
+    out = dict(proc(**kwargs))
+    out.pop("batch_num_images", None) if kind != "llava_onevision" else None
     return out

@@ -16,9 +16,16 @@
 - ``root/qwen3_vl``: a random-weight ``Qwen3VLForConditionalGeneration`` (patch 16, merge 2, as
   lmms-eval's Qwen3-VL classes resize for; DeepStack after decoder layers 0 and 1; decoder hidden 64,
   4 layers) with its processor;
+- ``root/llava_onevision``: a random-weight ``LlavaOnevisionForConditionalGeneration`` (SigLIP-like tower
+  32x32 px tiles, patch 8: 16 tokens per tile, any-resolution tiling up to 3x3 tiles, 4 tokens per video
+  frame; Qwen2 decoder hidden 64, 4 layers) with its processor (images and videos) and chat template;
 - ``root/tasks``: a folder for lmms-eval's ``--include_path`` with ``tiny_textvqa`` and ``tiny_mme``,
   parquet data beside their YAMLs, reusing the official TextVQA and MME prompt and metric functions
   (``!function lmms_eval.tasks.<task>.utils...``). MME keeps its yes/no question pairs intact.
+  Also ``tiny_video``: short mp4 clips written with PyAV (a coloured square moving over a plain
+  background, 64x48 to 96x64 px, 8 to 16 frames, about 1.5 KB each) and two still images among them, so
+  that one batch mixes videos and images; MVBench's official prompt and metric; the clips are read by
+  the model class's own video loader (lmms-eval ``llava_hf``: decord).
 
 Images have different sizes, so Qwen rows carry different numbers of vision tokens.
 Used by ``tests/`` and by the sweep's smoke config; everything is deterministic (fixed seeds).
@@ -31,10 +38,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_tiny_assets", "TINY_TASKS", "NUM_LAYERS"]
+__all__ = ["build_tiny_assets", "TINY_TASKS", "VIDEO_TASKS", "NUM_LAYERS"]
 
 NUM_LAYERS = 4
 TINY_TASKS = ("tiny_textvqa", "tiny_mme")
+VIDEO_TASKS = ("tiny_video",)
 _SEED = 1234
 
 # llava-hf/llava-1.5-*-hf processor chat template (images first, then text, "ASSISTANT:" prompt),
@@ -79,8 +87,20 @@ INTERNVL_CHAT_TEMPLATE = (
 )
 INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 INTERNVL_TILE, INTERNVL_TOKENS_PER_TILE = 64, 16
+# llava-hf/llava-onevision-qwen2-*-ov-hf chat template (images, then videos, then text, Qwen turns), plus
+# plain-string contents for lmms-eval's simple llava_hf ("<video>\nquestion").
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% if message['content'] is string %}{{ '\n' + message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 QWEN_SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|image_pad|>", "<|video_pad|>",
@@ -101,6 +121,61 @@ MME_DOCS = [
     ("commonsense_reasoning", [("Should I stop here? Please answer yes or no.", "Yes"),
                                ("Should I drive on here? Please answer yes or no.", "No")]),
 ]
+# tiny_video: (question, candidates, answer, clip) with clip = (frames, width, height, square colour) or
+# an image size (w, h) for the two still images among the clips. Widths are multiples of 32 (decord).
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+VIDEO_DOCS = [
+    ("What color is the moving square?", ["red", "blue", "green"], "red", (8, 64, 48, "red")),
+    ("What color is the moving square?", ["green", "yellow", "red"], "green", (12, 96, 64, "green")),
+    ("What color is the moving square?", ["blue", "red", "yellow"], "blue", (16, 64, 64, "blue")),
+    ("Which way does the square move?", ["left to right", "right to left"], "left to right", (10, 64, 48, "yellow")),
+    ("What color is the moving square?", ["yellow", "green", "blue"], "yellow", (8, 96, 64, "yellow")),
+    ("How many squares are there?", ["one", "two", "three"], "one", (9, 64, 48, "red")),
+    ("What color is the shape?", ["red", "blue"], "red", (56, 84)),
+    ("Is there a circle?", ["yes", "no"], "yes", (84, 56)),
+]
+
+VIDEO_YAML = """\
+task: tiny_video
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: tiny_video.parquet
+test_split: test
+output_type: generate_until
+doc_to_visual: !function tiny_video_utils.doc_to_visual
+doc_to_text: !function lmms_eval.tasks.mvbench.utils.mvbench_doc_to_text
+doc_to_target: "answer"
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+  top_p: 1.0
+  num_beams: 1
+  do_sample: false
+process_results: !function lmms_eval.tasks.mvbench.utils.mvbench_process_results
+metric_list:
+  - metric: mvbench_accuracy
+    aggregation: !function lmms_eval.tasks.mvbench.utils.mvbench_aggregate_results
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    post_prompt: "Answer with the option's letter from the given choices directly."
+metadata:
+  - version: 0.0
+"""
+
+# The task's one local function: the clip's path beside the YAML (lmms-eval's video tasks hand the model a
+# path), or the still image.
+VIDEO_UTILS = '''"""tiny_video: the clip's path (clips live beside this file), or the document's still image."""
+import os
+
+
+def doc_to_visual(doc):
+    if doc.get("video"):
+        return [os.path.join(os.path.dirname(os.path.abspath(__file__)), doc["video"])]
+    return [doc["image"].convert("RGB")]
+'''
+
 # Image sizes (w, h), multiples of 28 so qwen_vl_utils keeps them; LLaVA resizes them all to 32x32.
 IMAGE_SIZES = [(56, 56), (84, 56), (56, 84), (112, 56)]
 
@@ -173,6 +248,8 @@ def _corpus() -> list[str]:
     """Text the tokenizers are trained on: the task prompts, answers and chat-template words."""
     lines = [q for q, _ in TEXTVQA_DOCS] + [a for _, ans in TEXTVQA_DOCS for a in ans]
     lines += [q for _, pair in MME_DOCS for q, _ in pair] + ["Yes", "No", "yes", "no"]
+    lines += [f"Question:{q}\nOption:\n(A) {' (B) '.join(c)}" for q, c, _, _ in VIDEO_DOCS]
+    lines += ["Answer with the option's letter from the given choices directly.", "A B C"]
     lines += ["Answer the question using a single word or phrase.", "USER: ASSISTANT:", "system user assistant",
               "You are a helpful assistant.", "A chat between a curious user and an artificial intelligence "
               "assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."]
@@ -381,6 +458,91 @@ def build_qwen3_vl(out: Path) -> Path:
     return out
 
 
+def build_llava_onevision(out: Path) -> Path:
+    """A tiny LLaVA-OneVision checkpoint (images with any-resolution tiles, and videos) in ``out``."""
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tok = _fast_tokenizer(_train_tokenizer(ONEVISION_SPECIALS, 400, bos=None), eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", padding_side="left")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ONEVISION_SPECIALS}
+    tile, pinpoints = 32, [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64], [96, 96]]
+    torch.manual_seed(_SEED + 2)
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=tile, patch_size=8),
+        text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=_round_up(len(tok)),
+                         max_position_embeddings=4096, eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"], image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+    )
+    model = LlavaOnevisionForConditionalGeneration(cfg).float().eval()
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(out)
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": tile, "width": tile}),
+        tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        chat_template=ONEVISION_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    return out
+
+
+def write_clip(path: Path, frames: int, width: int, height: int, colour: tuple[int, int, int]) -> Path:
+    """An mp4 (MPEG-4 part 2, PyAV) of a square moving left to right over a grey background."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        side = height // 3
+        for i in range(frames):
+            frame = np.full((height, width, 3), 128, dtype=np.uint8)
+            x = (width - side) * i // max(frames - 1, 1)
+            frame[side:2 * side, x:x + side] = colour
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def build_video_task(out: Path) -> Path:
+    """``tiny_video`` (YAML, utils, parquet, mp4 clips) in ``out``, for ``--include_path out``."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[Any]] = {"question_id": [], "question": [], "candidates": [], "answer": [], "video": [],
+                                  "image": []}
+    for i, (question, candidates, answer, clip) in enumerate(VIDEO_DOCS):
+        video, image = None, None
+        if len(clip) == 4:
+            frames, width, height, colour = clip
+            video = f"tiny_video_{i}.mp4"
+            write_clip(out / video, frames, width, height, COLOURS[colour])
+        else:
+            image = _image(20 + i, clip)
+        for key, value in (("question_id", i), ("question", question), ("candidates", candidates),
+                           ("answer", answer), ("video", video), ("image", image)):
+            rows[key].append(value)
+    Dataset.from_dict(rows, features=Features({
+        "question_id": Value("int64"), "question": Value("string"), "candidates": Sequence(Value("string")),
+        "answer": Value("string"), "video": Value("string"), "image": Image()})).to_parquet(str(out / "tiny_video.parquet"))
+    (out / "tiny_video.yaml").write_text(VIDEO_YAML)
+    (out / "tiny_video_utils.py").write_text(VIDEO_UTILS)
+    return out
+
+
 def _image(i: int, size: tuple[int, int]):
     """A deterministic picture: coloured rectangles on a plain background."""
     from PIL import Image, ImageDraw
@@ -431,8 +593,8 @@ def build_tiny_assets(root: Path | str, qwen2_5: bool = True) -> dict[str, Any]:
     """Build every tiny asset under ``root`` (skipping parts already built) and describe them.
 
     Returns ``{"llava": Path, "qwen2_vl": Path, "qwen2_5_vl": Path | None, "qwen3_vl": Path, "internvl": Path,
-    "include_path": Path,
-    "tasks": ["tiny_textvqa", "tiny_mme"], "num_layers": 4, "docs": {task: count}}``.
+    "llava_onevision": Path, "include_path": Path, "tasks": ["tiny_textvqa", "tiny_mme"], "video_tasks": ["tiny_video"],
+    "num_layers": 4, "docs": {task: count}}``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -440,15 +602,17 @@ def build_tiny_assets(root: Path | str, qwen2_5: bool = True) -> dict[str, Any]:
     info: dict[str, Any] = {
         "llava": root / "llava", "qwen2_vl": root / "qwen2_vl",
         "qwen2_5_vl": root / "qwen2_5_vl" if qwen2_5 else None, "qwen3_vl": root / "qwen3_vl",
-        "internvl": root / "internvl",
-        "include_path": root / "tasks",
-        "tasks": list(TINY_TASKS), "num_layers": NUM_LAYERS,
-        "docs": {"tiny_textvqa": len(TEXTVQA_DOCS), "tiny_mme": 2 * len(MME_DOCS)},
+        "internvl": root / "internvl", "llava_onevision": root / "llava_onevision",
+        "include_path": root / "tasks", "tasks": list(TINY_TASKS), "video_tasks": list(VIDEO_TASKS),
+        "num_layers": NUM_LAYERS,
+        "docs": {"tiny_textvqa": len(TEXTVQA_DOCS), "tiny_mme": 2 * len(MME_DOCS), "tiny_video": len(VIDEO_DOCS)},
     }
     built = json.loads(done.read_text()) if done.is_file() else {}
     steps = {"llava": lambda: build_llava(info["llava"]), "qwen2_vl": lambda: build_qwen(info["qwen2_vl"]),
              "qwen3_vl": lambda: build_qwen3_vl(info["qwen3_vl"]), "internvl": lambda: build_internvl(info["internvl"]),
-             "tasks": lambda: build_tasks(info["include_path"])}
+             "tasks": lambda: build_tasks(info["include_path"]),
+             "llava_onevision": lambda: build_llava_onevision(info["llava_onevision"]),
+             "video_tasks": lambda: build_video_task(info["include_path"])}
     if qwen2_5:
         steps["qwen2_5_vl"] = lambda: build_qwen(info["qwen2_5_vl"], "qwen2_5_vl")
     for name, step in steps.items():

@@ -8,9 +8,11 @@ __all__ = ["row_stats"]
 
 
 def row_stats(text_config: Any, elem_bytes: int, num_layers: int, drop_layers: list[int],
-              vision_alive: list[list[int]], text_real: list[int], score_s: float, gather_s: float) -> list[dict[str, Any]]:
+              vision_alive: list[list[int]], text_real: list[int], score_s: float, gather_s: float,
+              video_found: list[int] | None = None) -> list[dict[str, Any]]:
     """One dict per row. ``vision_alive[0]`` holds each row's vision tokens found, ``vision_alive[k]``
-    the count alive after the k-th drop layer of ``drop_layers``."""
+    the count alive after the k-th drop layer of ``drop_layers``; ``video_found`` how many of the
+    vision tokens found are video tokens (the rest are image tokens)."""
     heads = int(text_config.num_attention_heads)
     kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
@@ -28,6 +30,7 @@ def row_stats(text_config: Any, elem_bytes: int, num_layers: int, drop_layers: l
         tokens = [text + v for v in per_layer]
         stats.append({
             "vision_tokens": int(found),
+            "video_tokens": int(video_found[b]) if video_found else 0,
             "text_tokens": text,
             "vision_per_layer": per_layer,
             "tokens_per_layer": tokens,

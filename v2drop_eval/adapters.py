@@ -15,13 +15,14 @@ from typing import Any
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
+from v2drop_eval.contract import contract_error
 from v2drop_eval.deepstack import Positions, install_deepstack
 from v2drop_eval.families import FAMILIES, family_of_class
 
 __all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class", "forward_takes"]
 
 # class name -> the adapter's family (``llava``, ``qwen2_vl``, ``qwen3_vl``), from the one family table.
-SUPPORTED_CLASSES: dict[str, str] = {c: f.presets for f in FAMILIES.values() for c in f.classes}
+SUPPORTED_CLASSES: dict[str, str] = {c: f.adapter_family for f in FAMILIES.values() for c in f.classes}
 
 
 @dataclass
@@ -31,7 +32,8 @@ class ModelAdapter:
     decoder: nn.Module  # the LLM decoder (LlamaModel, Qwen2VLTextModel, ...)
     layers: nn.ModuleList
     text_config: Any
-    vision_token_ids: tuple[int, ...]
+    vision_token_ids: tuple[int, ...]  # every droppable id: images and videos
+    video_token_ids: tuple[int, ...] = ()  # the subset that marks video (counted apart in the stats)
     # Family-specific wrappers: (decoder, model config, positions, drop layers) -> objects with remove().
     extras: tuple[Callable[[nn.Module, Any, Positions, tuple[int, ...]], list[Any]], ...] = ()
 
@@ -72,16 +74,15 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     family = family_of_class(type(model).__name__)
     config = model.config
     decoder = model.model.language_model
-    if family == "llava":
-        # llava-hf configs call it image_token_index in older releases, image_token_id in newer.
-        image_id = getattr(config, "image_token_id", None)
-        if image_id is None:
-            image_id = config.image_token_index
-        ids: tuple[int, ...] = (int(image_id),)
-    else:
-        # InternVL has no video id: its processor writes each video frame as a run of image tokens.
-        video_id = getattr(config, "video_token_id", None)
-        ids = tuple(int(i) for i in (config.image_token_id, video_id) if i is not None)
+    # Images and videos are both vision tokens (dropped alike). llava-hf configs call the ids
+    # image_token_index / video_token_index in older releases, *_id in newer; LLaVA-1.5 and LLaVA-NeXT
+    # have no video id, LLaVA-OneVision and LLaVA-NeXT-Video do, as do the Qwen-VLs. InternVL has none: its
+    # processor writes each video frame as a run of image tokens.
+    image_id = _token_id(config, "image")
+    if image_id is None:
+        raise contract_error(f"{type(model).__name__}'s config has no image_token_id (nor image_token_index)")
+    video_id = _token_id(config, "video")
+    videos = () if video_id is None else (video_id,)
     extras = (install_deepstack,) if family == "qwen3_vl" else ()
     return ModelAdapter(
         family=family,
@@ -89,6 +90,15 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         decoder=decoder,
         layers=decoder.layers,
         text_config=decoder.config,
-        vision_token_ids=ids,
+        vision_token_ids=(image_id, *videos),
+        video_token_ids=videos,
         extras=extras,
     )
+
+
+def _token_id(config: Any, kind: str) -> int | None:
+    for name in (f"{kind}_token_id", f"{kind}_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None

@@ -61,6 +61,7 @@ class _Call:
     layouts: dict[int, Layout] = field(default_factory=dict)  # drop layer -> layout from there on
     text_real: list[int] = field(default_factory=list)  # real (non-pad) text tokens per row
     vision_alive: list[list[int]] = field(default_factory=list)  # per stage, per row
+    video_found: list[int] = field(default_factory=list)  # per row: how many of the vision tokens are video
     gathered: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage layer, id(obj)) -> copy
     score_s: float = 0.0
     gather_s: float = 0.0
@@ -192,6 +193,9 @@ class DropHandle:
         layout = Layout(idx=idx, valid=valid, vision=vision & valid)
         call = _Call(seq_len=S, layout=layout, initial=layout)
         call.vision_alive.append(vision.sum(1).tolist())
+        video_ids = self.adapter.video_token_ids
+        call.video_found = ((vision & torch.isin(input_ids, torch.tensor(video_ids, device=device))).sum(1).tolist()
+                            if video_ids else [0] * B)
         call.text_real = ((~vision) & real).sum(1).tolist() if real is not None else (S - vision.sum(1)).tolist()
         if self._signals is not None:
             ordinal = (vision.long().cumsum(1) - 1).clamp(min=0)
@@ -320,7 +324,7 @@ class DropHandle:
         layers = list(self._ratios) if self._dropping else []
         elem = torch.finfo(self.adapter.top.dtype).bits // 8
         self.last_stats = row_stats(self.text_config, elem, self.adapter.num_layers, layers, call.vision_alive,
-                                    call.text_real, call.score_s, call.gather_s)
+                                    call.text_real, call.score_s, call.gather_s, video_found=call.video_found)
         self.last_layouts = {layer: (lay.idx, lay.valid) for layer, lay in call.layouts.items()}
 
 

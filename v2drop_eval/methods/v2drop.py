@@ -19,7 +19,9 @@ DEFAULT_METRIC = "l2"
 # (192/576 = -66.7%, 128/576 = -77.8%): layers 3/16/22 as published, the second-stage ratio of the
 # LLaVA preset of that budget, the first-stage ratio solved (to 0.01) so that the mean fraction of
 # vision tokens over Qwen2-VL-7B's 28 layers is closest to 1/3 and 2/9 (33.4% and 22.1%).
-# Only the depth enters: InternVL3-8B (28 layers) gets this same table (families.py, docs/methods.md).
+# That fraction depends on the depth alone, so LLaVA-OneVision-7B (Qwen2-7B, 28 layers) and InternVL3-8B
+# (Qwen2.5-7B, 28 layers) get this very table: their families name ``qwen2_vl`` as their presets
+# (families.py; docs/methods.md, "Presets per family").
 PRESETS: dict[str, dict[str | int, str]] = {
     "llava": {
         192: "3:0.5/17:0.3/22:0",

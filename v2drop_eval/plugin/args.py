@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from v2drop_eval.families import FAMILIES
+from v2drop_eval.families import FAMILIES, lmms_siblings
 from v2drop_eval.methods import get_method
 from v2drop_eval.schedule import DropSchedule, fitted_preset
 from v2drop_eval.validate import (
@@ -130,8 +130,11 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
             raise _fail(model_name, f"method=none runs the unpruned model; drop schedule={schedule_text}")
         schedule = DropSchedule(())
     elif budget is not None:
+        # v2drop_llava serves families with different preset tables (llava, llava_onevision): a budget any
+        # of them has is taken here; check_checkpoint resolves it for the checkpoint's own family.
+        tables = [f.name for f in lmms_siblings(family) if _has_preset(f.name, budget, method)]
         try:
-            schedule = DropSchedule.preset(family, budget, method=method)
+            schedule = DropSchedule.preset(tables[0] if tables else family, budget, method=method)
         except ValueError as exc:
             raise _fail(model_name, f"budget={budget}: {exc}") from None
     elif schedule_text is not None:
@@ -156,12 +159,25 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
                     sidecar=sidecar, warmup=warmup)
 
 
+def _has_preset(family: str, budget: Any, method: str) -> bool:
+    try:
+        DropSchedule.preset(family, budget, method=method)
+    except ValueError:
+        return False
+    return True
+
+
 def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> DropArgs:
-    """Read the checkpoint's config (no weights): right family, and every drop layer within its depth."""
+    """Read the checkpoint's config (no weights): right family, and every drop layer within its depth.
+
+    The family becomes the checkpoint's own among those served by the same lmms-eval model
+    (``v2drop_llava``: ``llava`` for LLaVA-1.5 / NeXT, ``llava_onevision``), and ``budget=`` takes
+    that family's preset table."""
     from transformers import AutoConfig
 
     model_name = FAMILIES[args.family].lmms_model
-    accepted = FAMILIES[args.family].model_types
+    siblings = lmms_siblings(args.family)
+    accepted = tuple(t for f in siblings for t in f.model_types)
     problem = local_model_problem(str(pretrained))
     if problem:  # before transformers, which would report a missing folder as a bad repo id
         raise _fail(model_name, problem)
@@ -172,13 +188,18 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
         hint = f"; use --model {others[0]}" if others else ""
         raise _fail(model_name, f"{pretrained} is a {model_type!r} checkpoint; this model takes "
                                 f"model_type {' or '.join(accepted)}{hint}")
+    family = next(f.name for f in siblings if model_type in f.model_types)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = int(text_config.num_hidden_layers)
     schedule, scaled = args.schedule, False
     if args.budget is not None and not args.schedule.is_empty:
-        schedule, scaled = fitted_preset(args.family, args.budget, args.method, num_layers)
+        try:
+            schedule, scaled = fitted_preset(family, args.budget, args.method, num_layers)
+        except ValueError as exc:
+            raise _fail(model_name, f"budget={args.budget} for {pretrained} ({model_type}): {exc}") from None
     try:
         schedule.check_depth(num_layers)
     except ValueError as exc:
         raise _fail(model_name, f"schedule {schedule} does not fit {pretrained}: {exc}") from None
-    return DropArgs(**{**args.__dict__, "schedule": schedule, "num_layers": num_layers, "preset_scaled": scaled})
+    return DropArgs(**{**args.__dict__, "family": family, "schedule": schedule, "num_layers": num_layers,
+                       "preset_scaled": scaled})
