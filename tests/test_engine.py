@@ -57,7 +57,7 @@ def test_keep_all_is_bit_identical(family, attn):
 
 # Every method that drops, at a schedule it takes (V2Drop at two).
 DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0.5/4:0"), ("fastv", "2:0.4"),
-            ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4")]
+            ("fastv_attn", "2:0.4"), ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4")]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -302,3 +302,27 @@ def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
         kept = set(idx[b][valid[b]].tolist()) & set(ctx.idx[b][ctx.candidates[b]].tolist())
         assert kept == {int(ctx.idx[b, i]) for i in expected}
         assert len(kept) == int(ctx.candidates[b].sum()) // 2
+
+
+@pytest.mark.parametrize("case", [("llava", "padded"), ("qwen", "padded")])
+def test_fastv_attn_keeps_what_fastv_keeps(case, monkeypatch):
+    """Published FastV (eager weights of layer K-1, as output_attentions returns them) and the in-kernel
+    FastV keep the same tokens; its score is the head average of output_attentions' map, last row."""
+    from v2drop_eval.methods import fastv_attn
+
+    family, _ = case
+    m = model(family, "eager")
+    inputs = CASES[case]()
+    seen = []
+    original = fastv_attn.FastVAttn.score
+    monkeypatch.setattr(fastv_attn.FastVAttn, "score", lambda self, ctx: seen.append(original(self, ctx)) or seen[-1])
+    kept = {}
+    for method in ("fastv", "fastv_attn"):
+        with attach(m, "2:0.4", method=method) as h, torch.no_grad():
+            m(**inputs)
+            kept[method] = h.last_layouts[2]
+    assert torch.equal(kept["fastv"][0], kept["fastv_attn"][0]) and torch.equal(kept["fastv"][1], kept["fastv_attn"][1])
+    with torch.no_grad():
+        weights = m(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1
+    torch.testing.assert_close(seen[0], weights.mean(dim=1)[:, -1, :], atol=0, rtol=0)
+    assert kept["fastv"][1].sum() < inputs["attention_mask"].sum()  # something was dropped
