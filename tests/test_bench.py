@@ -136,6 +136,8 @@ def test_gpu_suite_dry_run(tmp_path):
             for key in ("prefill_ms", "llm_prefill_ms", "decode_ms_per_token", "generate_ms", "dropper_share",
                         "kv_cache_bytes", "peak_memory_bytes", "generate_change"):
                 assert key in r, key
+        # one repeat: every verdict must be undecided, never met or missed
+        assert payload["targets"] and {t["verdict"] for t in payload["targets"]} == {"undecided"}
         md = (tmp_path / f"cpu-{shape}.md").read_text()
         assert "## Targets at budget 128" in md and "## The paper's Table 5" in md
     assert payload["paper_table5"] is None

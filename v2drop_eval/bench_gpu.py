@@ -27,7 +27,7 @@ __all__ = ["SUITE", "DRY_RUN", "GPU", "PAPER_TABLE5", "flash_available", "run_su
 # (shape, the shape the dry run stands in with)
 SUITE = {"llava-1.5-7b": "tiny", "qwen2-vl-7b": "tiny-qwen"}
 # The dry run keeps every step and shrinks the counts (CI: seconds, not minutes).
-DRY_RUN = dict(device="cpu", dtype="float32", new_tokens=2, repeats=2, warmup=0, batch_sizes=(1, 2))
+DRY_RUN = dict(device="cpu", dtype="float32", new_tokens=2, repeats=1, warmup=0, batch_sizes=(1, 2))
 GPU = dict(device="cuda", dtype="bfloat16", new_tokens=32, repeats=8, warmup=1, batch_sizes=(1, 8))
 BUDGET = "128"
 

@@ -70,8 +70,3 @@ class DropperClock:
                 start.elapsed_time(end) if self._cuda else (end - start) * 1e3
             )
         return out
-
-    def prefill_ms(self) -> float:
-        """The dropper's prefill cost: every prefill category added up."""
-        totals = self.totals()
-        return sum(totals[c] for c in PREFILL_CATEGORIES)
