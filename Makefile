@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-oldest test-latest lock lint sweep tables demo train-demo bench
+.PHONY: install test test-oldest test-latest lock lint sweep tables demo train-demo bench bench-gpu
 
 # Everything installs from the lock, so a machine next month gets what CI tested. torch and torchvision
 # are pinned together (an unpinned torch pulls a CUDA build, and a torchvision of another release does
@@ -96,9 +96,19 @@ train-demo: install
 		--gather-layer 1 --freeze-vision --vision-target 0.99 --vision-steps 1500; \
 	qwen=$$?; wait $$llava && exit $$qwen
 
-# Prefill / decode speed vs the FLOPs limit. On a GPU: make bench SHAPE=llava-1.5-7b DEVICE=cuda
+# Prefill / decode speed vs the FLOPs limit and the dropper's own cost, paired repeats with intervals
+# (docs/bench.md). `make bench SHAPE=7b-slice` writes results/bench/cpu-7b-slice.{json,md} (~10 min, 2 cores).
+# Threads are pinned (BENCH_THREADS=N, else the shape's default: the CPU count, 1 for 7b-slice).
 SHAPE ?= small
 DEVICE ?= cpu
+BENCH_THREADS ?=
 BENCH_ARGS ?=
 bench: install
-	$(VENV)/bin/v2drop-eval bench --shape $(SHAPE) --device $(DEVICE) $(BENCH_ARGS)
+	$(if $(BENCH_THREADS),OMP_NUM_THREADS=$(BENCH_THREADS) MKL_NUM_THREADS=$(BENCH_THREADS)) $(VENV)/bin/v2drop-eval \
+		bench --shape $(SHAPE) --device $(DEVICE) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) $(BENCH_ARGS)
+
+# Every GPU figure in one call, at most 6 minutes on one H200; needs only torch, transformers (>= the
+# oldest pyproject.toml admits) and this source (no venv, no lmms-eval, no downloads). BENCH_ARGS=--dry-run:
+# the same code path on a CPU at tiny shapes.
+bench-gpu:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m v2drop_eval.bench_gpu $(BENCH_ARGS)

@@ -1,15 +1,20 @@
-"""`v2drop-eval bench` in a tiny configuration: well-formed rows and files (no timing assertions)."""
+"""`v2drop-eval bench` and the GPU suite's dry run in tiny configurations: well-formed rows, paired
+figures with intervals, verdicts and files (no timing assertions)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from v2drop_eval import DropSchedule
-from v2drop_eval.bench import main, scaled_schedule
+from v2drop_eval.bench import main, rotated, scaled_schedule
+from v2drop_eval.bench_report import targets, verdict
+from v2drop_eval.methods import METHODS
 
 REQUIRED = {"method", "budget", "attn", "batch_size", "prefill_ms", "decode_ms_per_token", "speedup",
             "flops_speedup", "efficiency", "kv_cache_bytes", "llm_prefill_ms", "generate_ms", "peak_memory_bytes",
-            "overhead_vs_random", "schedule", "avg_vision_tokens"}
+            "schedule", "avg_vision_tokens", "repeats", "samples", "llm_speedup_ci", "generate_change"}
 
 
 def test_scaled_schedules():
@@ -20,65 +25,128 @@ def test_scaled_schedules():
     fastv = scaled_schedule("llava", 128, "fastv", 16)
     assert len(fastv.stages) == 1
     assert abs(fastv.average_tokens(576, 16) - v2.average_tokens(576, 16)) < 1
-    dart = scaled_schedule("llava", 128, "dart", 16)
-    assert dart == fastv
+    assert scaled_schedule("llava", 128, "dart", 16) == fastv == scaled_schedule("llava", 128, "fastv_attn", 16)
     assert scaled_schedule("llava", 64, "pdrop", 32) == DropSchedule.parse("2:0.32/4:0.32/6:0.32")
 
 
-def test_bench_tiny_writes_outputs(tmp_path, capsys):
-    rc = main(["--shape", "tiny", "--attn", "sdpa", "--batch-sizes", "1,2", "--methods", "none,v2drop,random,fastv,pdrop,dart",
-               "--budgets", "128", "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--output", str(tmp_path)])
+def test_rotated_order_shifts_each_repeat():
+    assert [rotated("abcd", r) for r in range(5)] == [list("abcd"), list("bcda"), list("cdab"), list("dabc"),
+                                                       list("abcd")]
+
+
+def test_bench_tiny_writes_outputs(tmp_path):
+    rc = main(["--shape", "tiny", "--attn", "sdpa", "--batch-sizes", "1,2", "--methods",
+               "none,v2drop,random,fastv,fastv_attn", "--budgets", "128", "--repeats", "3", "--warmup", "0",
+               "--new-tokens", "2", "--threads", "1", "--output", str(tmp_path)])
     assert rc == 0
     payload = json.loads((tmp_path / "cpu-tiny.json").read_text())
-    assert payload["machine"]["torch"] and payload["machine"]["transformers"]
+    info = payload["machine"]
+    assert info["torch"] and info["transformers"] and info["threads_pinned"] == 1 and info["torch_threads"] == 1
+    assert info["OMP_NUM_THREADS"] == "1" and len(info["loadavg"]) == 3 and len(info["loadavg_end"]) == 3
     rows = payload["rows"]
-    # plain, none, v2drop, random, fastv, pdrop, dart, v2drop at fastv's schedule, v2drop keep1.0 per batch size
-    assert len(rows) == 18
+    # plain, none, v2drop, random, fastv, fastv_attn, v2drop at fastv's schedule, v2drop keep1.0 per batch size
+    assert len(rows) == 16
     for row in rows:
-        assert REQUIRED <= row.keys()
-        assert row["prefill_ms"] > 0 and row["kv_cache_bytes"] > 0
+        assert REQUIRED <= row.keys(), REQUIRED - row.keys()
+        assert row["prefill_ms"] > 0 and row["kv_cache_bytes"] > 0 and row["repeats"] == 3
+        assert len(row["samples"]["llm_prefill_ms"]) == 3
+        lo, hi = row["llm_speedup_ci"]
+        assert lo <= row["llm_speedup"] <= hi
+        if row["method"] != "plain":  # the dropper's own time, measured inside its hooks
+            assert row["dropper_ms"] > 0 and 0 < row["dropper_share"] < 1
+            assert row["dropper_share_ci"][0] <= row["dropper_share"] <= row["dropper_share_ci"][1]
     by = {(r["batch_size"], r["method"], r["budget"]): r for r in rows}
     none, v2 = by[(1, "none", "-")], by[(1, "v2drop", "128")]
-    assert none["speedup"] == 1.0 and none["flops_speedup"] == 1.0
+    assert none["llm_speedup"] == 1.0 and none["flops_speedup"] == 1.0 and none["generate_change"] == 0.0
     assert v2["flops_speedup"] > 1 and v2["kv_cache_bytes"] < none["kv_cache_bytes"]
-    assert v2["overhead_vs_random"] is not None
+    assert v2["dropper_score_ms"] > 0 and v2["dropper_gather_ms"] > 0
+    assert v2["overhead_vs_random"] is not None and none["over_plain"] is not None
     assert by[(2, "none", "-")]["kv_cache_bytes"] == 2 * none["kv_cache_bytes"]
     assert by[(1, "v2drop", "keep1.0")]["flops_speedup"] == 1.0
     same = by[(1, "v2drop", "128@fastv")]
-    assert same["schedule"] == by[(1, "fastv", "128")]["schedule"] and by[(1, "fastv", "128")]["fastv_over_v2drop"] is not None
+    for method in ("fastv", "fastv_attn"):
+        assert same["schedule"] == by[(1, method, "128")]["schedule"]
+        assert by[(1, method, "128")]["over_v2drop"] is not None
+    got = {(t["group"], t["target"].split(",")[0], t["rule"]) for t in payload["targets"]}
+    for bs in (1, 2):
+        assert (f"sdpa, batch {bs}", "dropper share of the LLM prefill", "<=") in got
+        assert (f"sdpa, batch {bs}", "prefill efficiency (LLM speed-up / FLOPs speed-up)", ">=") in got
+    assert len(payload["targets"]) == 8 and {t["verdict"] for t in payload["targets"]} <= {"met", "missed", "undecided"}
     md = (tmp_path / "cpu-tiny.md").read_text()
-    assert "| attn | batch_size | method |" in md and "transformers" in md
-    assert md.count("\n| sdpa |") == 18
-    # every method spends the same budget: layer-averaged vision tokens within one token of v2drop's
-    for method in ("pdrop", "dart", "fastv", "random"):
-        assert abs(by[(1, method, "128")]["avg_vision_tokens"] - v2["avg_vision_tokens"]) < 1.5, method
-    # the target summary: one line per (attn, batch size), each target with a verdict
-    summary = [line for line in md.splitlines() if line.startswith("- sdpa, batch ")]
-    assert len(summary) == 2
-    for line in summary:
-        assert "efficiency at 128" in line and "v2drop over random" in line and "keep1.0 over plain" in line
-        assert "FastV over v2drop" in line and "n/a" not in line
+    assert "| attn | batch_size | method |" in md and "transformers" in md and "loadavg" in md
+    assert md.count("\n| sdpa |") == 16
+    assert md.count("\n- sdpa, batch ") >= 8 and "## Cross-checks" in md
 
 
-def test_bench_targets_verdicts():
-    from v2drop_eval.bench import targets
+def test_bench_other_methods_spend_the_same_budget(tmp_path):
+    main(["--shape", "tiny", "--attn", "sdpa", "--batch-sizes", "1", "--methods", ",".join(METHODS), "--budgets",
+          "128", "--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--extras", "no", "--output", str(tmp_path)])
+    rows = json.loads((tmp_path / "cpu-tiny.json").read_text())["rows"]
+    by = {(r["method"], r["budget"]): r for r in rows}
+    assert ("plain", "-") not in by and ("v2drop", "keep1.0") not in by
+    v2 = by[("v2drop", "128")]
+    for method in METHODS:
+        if method != "none":  # layer-averaged vision tokens within 1.5 of v2drop's
+            assert abs(by[(method, "128")]["avg_vision_tokens"] - v2["avg_vision_tokens"]) < 1.5, method
 
-    base = {"attn": "sdpa", "batch_size": 1, "overhead_vs_random": None, "fastv_over_v2drop": None}
-    rows = [
-        {**base, "method": "plain", "budget": "-", "llm_prefill_ms": 100.0},
-        {**base, "method": "v2drop", "budget": "keep1.0", "llm_prefill_ms": 100.5},
-        {**base, "method": "v2drop", "budget": "128", "efficiency": 0.8, "overhead_vs_random": 0.05},
-        {**base, "method": "fastv", "budget": "128", "fastv_over_v2drop": 0.03},
-    ]
-    (line,) = targets(rows)
-    assert "efficiency at 128 0.800 (>= 0.9: **missed**)" in line
-    assert "v2drop over random +5.0% (<= 2%: **missed**)" in line
-    assert "keep1.0 over plain +0.5% (<= 1%: met)" in line
-    assert "FastV over v2drop +3.0% (> 0: met)" in line
+
+def test_verdicts_read_the_interval():
+    assert verdict([0.001, 0.004], 0.005, "<=", 10) == "met"
+    assert verdict([0.006, 0.009], 0.005, "<=", 10) == "missed"
+    assert verdict([0.004, 0.006], 0.005, "<=", 10) == "undecided"  # spans the bound: the data cannot tell
+    assert verdict([0.96, 0.99], 0.95, ">=", 10) == "met"
+    assert verdict([0.90, 0.94], 0.95, ">=", 10) == "missed"
+    assert verdict([0.03, 0.2], 0.0, ">", 10) == "met"
+    assert verdict([-0.03, 0.2], 0.0, ">", 10) == "undecided"
+    assert verdict([-0.2, -0.03], 0.0, ">", 10) == "missed"
+    assert verdict([0.006, 0.009], 0.005, "<=", 2) == "undecided"  # too few repeats
+    with pytest.raises(ValueError, match="unknown rule '<'; allowed: <=, >=, >"):
+        verdict([0, 1], 0, "<", 10)
+    row = {"attn": "sdpa", "batch_size": 1, "device": "cpu", "method": "v2drop", "budget": "128", "repeats": 5,
+           "dropper_share": 0.001, "dropper_share_ci": [0.0008, 0.0012], "efficiency": 0.93,
+           "efficiency_ci": [0.91, 0.97]}
+    (share, eff) = targets([row])
+    assert share["verdict"] == "met" and share["bound"] == 0.005
+    assert eff["verdict"] == "undecided"
 
 
 def test_bench_rejects_bad_input():
-    with pytest.raises(ValueError, match="unknown shape 'gpt'; allowed: llava-1.5-7b, qwen2-vl-7b, small, tiny"):
+    with pytest.raises(ValueError, match="unknown shape 'gpt'; allowed: llava-1.5-7b, qwen2-vl-7b, 7b-slice, small"):
         main(["--shape", "gpt"])
     with pytest.raises(ValueError, match="unknown method 'sparse'"):
         main(["--shape", "tiny", "--methods", "none,sparse"])
+    with pytest.raises(ValueError, match="threads=0 is not allowed"):
+        main(["--shape", "tiny", "--threads", "0"])
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """`make bench-gpu`'s code path on the CPU at tiny shapes: both shapes' files, every method at budget
+    128, every figure the GPU run reports, and the paper's Table 5 beside them."""
+    from v2drop_eval.bench_gpu import main as gpu_main
+
+    assert gpu_main(["--dry-run", "--output", str(tmp_path)]) == 0
+    for shape in ("tiny", "tiny-qwen"):
+        payload = json.loads((tmp_path / f"cpu-{shape}.json").read_text())
+        assert payload["machine"]["dry_run"] is True
+        rows = payload["rows"]
+        assert {(r["method"], r["budget"]) for r in rows} == {("none", "-"), ("v2drop", "128@fastv")} | {
+            (m, "128") for m in METHODS if m != "none"}
+        assert {r["batch_size"] for r in rows} == {1, 2} and {r["attn"] for r in rows} == {"sdpa"}
+        for r in rows:
+            for key in ("prefill_ms", "llm_prefill_ms", "decode_ms_per_token", "generate_ms", "dropper_share",
+                        "kv_cache_bytes", "peak_memory_bytes", "generate_change"):
+                assert key in r, key
+        # one repeat: every verdict must be undecided, never met or missed
+        assert payload["targets"] and {t["verdict"] for t in payload["targets"]} == {"undecided"}
+        md = (tmp_path / f"cpu-{shape}.md").read_text()
+        assert "## Targets at budget 128" in md and "## The paper's Table 5" in md
+    assert payload["paper_table5"] is None
+    llava = (tmp_path / "cpu-tiny.md").read_text()
+    assert "| LLM generation latency, V2Drop vs vanilla | -30.5% (400 s -> 274 s) |" in llava
+
+
+def test_gpu_suite_needs_no_lmms_eval():
+    code = ("import sys, v2drop_eval.bench_gpu, v2drop_eval.bench, v2drop_eval.engine; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'lmms_eval']; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

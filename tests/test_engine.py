@@ -126,7 +126,7 @@ def test_keep_all_is_bit_identical(case, attn):
 
 # Every method that drops, at a schedule it takes (V2Drop at two).
 DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0.5/4:0"), ("fastv", "2:0.4"),
-            ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4")]
+            ("fastv_attn", "2:0.4"), ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4")]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -441,3 +441,27 @@ def test_long_internvl_video_row_beside_an_image_row():
     for step_d, step_r, step_a in zip(dropped.logits, ref.logits, alone.logits, strict=True):
         torch.testing.assert_close(step_d, step_r, atol=1e-4, rtol=0)
         torch.testing.assert_close(step_d[0], step_a[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", [("llava", "padded"), ("qwen", "padded")])
+def test_fastv_attn_keeps_what_fastv_keeps(case, monkeypatch):
+    """Published FastV (eager weights of layer K-1, as output_attentions returns them) and the in-kernel
+    FastV keep the same tokens; its score is the head average of output_attentions' map, last row."""
+    from v2drop_eval.methods import fastv_attn
+
+    family, _ = case
+    m = model(family, "eager")
+    inputs = CASES[case]()
+    seen = []
+    original = fastv_attn.FastVAttn.score
+    monkeypatch.setattr(fastv_attn.FastVAttn, "score", lambda self, ctx: seen.append(original(self, ctx)) or seen[-1])
+    kept = {}
+    for method in ("fastv", "fastv_attn"):
+        with attach(m, "2:0.4", method=method) as h, torch.no_grad():
+            m(**inputs)
+            kept[method] = h.last_layouts[2]
+    assert torch.equal(kept["fastv"][0], kept["fastv_attn"][0]) and torch.equal(kept["fastv"][1], kept["fastv_attn"][1])
+    with torch.no_grad():
+        weights = m(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1
+    torch.testing.assert_close(seen[0], weights.mean(dim=1)[:, -1, :], atol=0, rtol=0)
+    assert kept["fastv"][1].sum() < inputs["attention_mask"].sum()  # something was dropped

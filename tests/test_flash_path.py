@@ -40,8 +40,8 @@ def _run(model, inputs, schedule, method):
 
 
 # Every method that drops; single-stage ones at one stage (the last layout checked is then layer 2's).
-METHOD_SCHEDULES = {"v2drop": "2:0.5/4:0.3", "random": "2:0.5/4:0.3", "fastv": "2:0.4", "pdrop": "2:0.5/4:0.3",
-                    "dart": "2:0.4"}
+METHOD_SCHEDULES = {"v2drop": "2:0.5/4:0.3", "random": "2:0.5/4:0.3", "fastv": "2:0.4", "fastv_attn": "2:0.4",
+                    "pdrop": "2:0.5/4:0.3", "dart": "2:0.4"}
 
 
 @pytest.mark.parametrize("method", list(METHOD_SCHEDULES))

@@ -24,6 +24,15 @@ def test_mean_interval_matches_the_binomial_error():
     assert all(math.isnan(v) for v in stats.mean_interval(np.array([])))
 
 
+def test_median_interval_resists_an_outlier():
+    x = np.array([1.00, 1.01, 0.99, 1.02, 0.98, 1.00, 1.01, 5.0])  # one repeat hit by the machine
+    med, lo, hi = stats.median_interval(x)
+    assert med == pytest.approx(1.005)
+    assert 0.98 <= lo <= med <= hi <= 1.02
+    assert stats.mean_interval(x)[2] > 1.5  # the mean would be dragged off
+    assert all(math.isnan(v) for v in stats.median_interval(np.array([])))
+
+
 def test_paired_difference_cancels_shared_item_difficulty():
     rng = np.random.default_rng(1)
     hard = rng.random(300) < 0.3

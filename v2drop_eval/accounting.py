@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from v2drop_eval.clock import PREFILL_CATEGORIES
+
 __all__ = ["row_stats"]
 
 
 def row_stats(text_config: Any, elem_bytes: int, num_layers: int, drop_layers: list[int],
-              vision_alive: list[list[int]], text_real: list[int], score_s: float, gather_s: float,
+              vision_alive: list[list[int]], text_real: list[int], times_ms: dict[str, float],
               video_found: list[int] | None = None) -> list[dict[str, Any]]:
     """One dict per row. ``vision_alive[0]`` holds each row's vision tokens found, ``vision_alive[k]``
-    the count alive after the k-th drop layer of ``drop_layers``; ``video_found`` how many of the
-    vision tokens found are video tokens (the rest are image tokens)."""
+    the count alive after the k-th drop layer of ``drop_layers``; ``times_ms`` the dropper's own time
+    per category of the batch (``DropperClock.totals``); ``video_found`` how many of the vision tokens
+    found are video tokens (the rest are image tokens)."""
     heads = int(text_config.num_attention_heads)
     kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
@@ -35,7 +38,7 @@ def row_stats(text_config: Any, elem_bytes: int, num_layers: int, drop_layers: l
             "vision_per_layer": per_layer,
             "tokens_per_layer": tokens,
             "kv_cache_bytes": sum(tokens) * per_token,
-            "score_ms": score_s * 1e3,
-            "gather_ms": gather_s * 1e3,
+            **{f"{c}_ms": times_ms[c] for c in times_ms},
+            "dropper_ms": sum(times_ms[c] for c in PREFILL_CATEGORIES),
         })
     return stats

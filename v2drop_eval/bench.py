@@ -1,38 +1,43 @@
-"""`v2drop-eval bench`: prefill and generation speed against the FLOPs limit, side by side.
+"""`v2drop-eval bench`: prefill and generation speed against the FLOPs limit, and the dropper's own cost.
 
-Random-weight models with real shapes (full 7B shapes on a GPU; a scaled-down shape with 576 vision
-tokens on a CPU). Every configuration is timed in one process, round-robin after warm-up (so slow
-drifts of the machine hit all of them alike), and the median of the repeats is reported.
+Random-weight models with real shapes (full 7B shapes on a GPU; ``7b-slice``: LLaVA-1.5-7B's layer
+width on a CPU; ``small`` for quick checks). Everything runs in one process with pinned threads.
+
+- The dropper's cost is measured inside its hooks (``v2drop_eval.clock``: CUDA events on a GPU,
+  ``perf_counter`` on a CPU) and reported as a share of the LLM prefill of the same run.
+- Repeats are paired and interleaved: each repeat runs every configuration once, in an order rotated
+  by one each repeat, so drift of the machine hits all of them alike; a method is compared with its
+  reference in the same repeat (``v2drop_eval.bench_report``: medians of paired ratios, 95% bootstrap
+  intervals, verdicts met / missed / undecided).
 
 Timing: forward pre/post hooks on the top model time each forward call of ``generate``; the first
 is the prefill (time to first token), the rest are decode steps. Hooks on the LLM decoder time the
-decoder alone (``llm_prefill_ms``), which is what the analytic FLOPs describe. On CUDA every time
-stamp follows ``torch.cuda.synchronize()``.
+decoder alone (``llm_prefill_ms``), which is what the analytic FLOPs describe. On CUDA these outer
+stamps follow ``torch.cuda.synchronize()`` (the dropper's own hooks never synchronize).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from v2drop_eval import flops, validate
+from v2drop_eval import validate
 from v2drop_eval.adapters import forward_takes
-from v2drop_eval.atomic import write_text_atomic
+from v2drop_eval.bench_report import summarize, write_outputs
 from v2drop_eval.engine import attach
 from v2drop_eval.schedule import DropSchedule, preset_table, scaled_schedule
 
-__all__ = ["SHAPES", "scaled_schedule", "run_bench", "main"]
+__all__ = ["SHAPES", "SHAPE_DEFAULTS", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
 
 
 @dataclass(frozen=True)
@@ -50,18 +55,39 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     "llava-1.5-7b": Shape("llava", 4096, 11008, 32, 32, 32, 32064,
-                          dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)),
+                          dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+                          text_tokens=60),
     "qwen2-vl-7b": Shape("qwen2_vl", 3584, 18944, 28, 28, 4, 152064,
-                         dict(depth=32, embed_dim=1280, num_heads=16)),
-    # CPU: the LLaVA layout (576 vision tokens) at a width a 2-core machine times in minutes.
+                         dict(depth=32, embed_dim=1280, num_heads=16), text_tokens=60),
+    # CPU, 7B economics: LLaVA-1.5-7B's width, heads and MLP, 576 vision tokens and a real prompt
+    # (60 text tokens), as many layers as a run of about 10 minutes on 2 cores allows; the schedule's
+    # layers are scaled to the depth (scaled_schedule). The vision tower is a stub: not what is timed.
+    "7b-slice": Shape("llava", 4096, 11008, 4, 32, 32, 32064,
+                      dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2),
+                      text_tokens=60),
+    # CPU quick checks: the LLaVA layout (576 vision tokens) at a width a 2-core machine times in minutes.
     "small": Shape("llava", 512, 1376, 8, 8, 8, 32064,
                    dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)),
-    # CI smoke: checks the plumbing, not speed.
+    # CI smoke (and the GPU suite's dry run): the plumbing, not speed.
     "tiny": Shape("llava", 64, 128, 4, 4, 2, 1024,
                   dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)),
+    "tiny-qwen": Shape("qwen2_vl", 64, 128, 4, 4, 2, 1024, dict(depth=1, embed_dim=32, num_heads=2)),
 }
 VISION_TOKENS = 576
 METHODS = ("none", *(m for m in validate.METHODS if m != "none"))  # the reference first
+
+# Per-shape defaults of the command line (any flag given wins). ``extras``: also time ``plain`` (no
+# hooks) and V2Drop with hooks on and nothing dropped (``keep1.0``), cross-checks of the hooks' cost.
+COMMON_DEFAULTS: dict[str, Any] = dict(attn="sdpa,eager", batch_sizes="1,8", methods=",".join(METHODS), budgets=None,
+                                       repeats=5, warmup=1, new_tokens=32, extras=True, threads=None, time_budget=None)
+SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # About 10 minutes on 2 quiet cores (one 636-token LLM prefill at width 4096 takes ~2.5 s a layer);
+    # the time guard ends it after 25 minutes on a busy machine. One thread: on a shared machine an
+    # OpenMP barrier waits for a descheduled peer thread, which inflates short ops (the dropper's)
+    # many-fold and would bias the dropper share (docs/bench.md). The targets' configurations only.
+    "7b-slice": dict(attn="sdpa", batch_sizes="1", methods="none,v2drop,random,fastv_attn", budgets="128",
+                     repeats=10, warmup=1, new_tokens=2, extras=False, threads=1, time_budget=1500),
+}
 
 
 def build_model(shape: Shape, attn: str, device: str, dtype: torch.dtype) -> nn.Module:
@@ -89,7 +115,7 @@ def build_model(shape: Shape, attn: str, device: str, dtype: torch.dtype) -> nn.
         else:
             cfg = Qwen2VLConfig(
                 text_config=dict(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                          "mrope_section": [16, 24, 24]}),
+                                                          "mrope_section": _mrope_section(shape)}),
                 vision_config=dict(hidden_size=shape.hidden, patch_size=14, spatial_merge_size=2,
                                    temporal_patch_size=2, **shape.vision),
                 image_token_id=shape.vocab - 64, video_token_id=shape.vocab - 63,
@@ -101,6 +127,12 @@ def build_model(shape: Shape, attn: str, device: str, dtype: torch.dtype) -> nn.
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # random weights: never stop early
     return model
+
+
+def _mrope_section(shape: Shape) -> list[int]:
+    """Qwen2-VL's split of the rotary half-dim over (time, height, width): [16, 24, 24] at head dim 128."""
+    half = shape.hidden // shape.heads // 2
+    return [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
 
 
 def make_inputs(model: nn.Module, shape: Shape, batch_size: int, device: str, dtype: torch.dtype) -> dict:
@@ -158,47 +190,77 @@ class _Config:
     method: str
     budget: str
     schedule: DropSchedule
-    label: str  # "plain" (no hooks), "none", or the method
+    label: str = field(init=False)  # one name per configuration: "plain", "none", "v2drop@128", ...
+
+    def __post_init__(self) -> None:
+        self.label = self.method if self.budget == "-" else f"{self.method}@{self.budget}"
 
 
-def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str]) -> list[_Config]:
-    out = [_Config("plain", "-", DropSchedule(()), "plain")]
+def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool) -> list[_Config]:
+    out = [_Config("plain", "-", DropSchedule(()))] if extras else []
     if "none" in methods:
-        out.append(_Config("none", "-", DropSchedule(()), "none"))
+        out.append(_Config("none", "-", DropSchedule(())))
     for budget in budgets:
         for method in methods:
-            if method == "none":
-                continue
-            out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers), method))
-    if "v2drop" in methods and "fastv" in methods:
-        # V2Drop at FastV's own one-stage schedule: the two scorers compared at the same token counts.
+            if method != "none":
+                out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers)))
+    if "v2drop" in methods and ({"fastv", "fastv_attn"} & set(methods)):
+        # V2Drop at FastV's own one-stage schedule: the scorers compared at the same token counts.
         for budget in budgets:
             sched = scaled_schedule(shape.family, budget, "fastv", shape.layers)
-            out.append(_Config("v2drop", f"{budget}@fastv", sched, "v2drop"))
+            out.append(_Config("v2drop", f"{budget}@fastv", sched))
     v2 = [c for c in out if c.method == "v2drop"]
-    if v2:
+    if extras and v2:
         # hooks on every layer, nothing dropped: the cost of the machinery alone
         keep_all = DropSchedule(tuple((layer, 1.0) for layer, _ in v2[0].schedule.stages))
-        out.append(_Config("v2drop", "keep1.0", keep_all, "v2drop"))
+        out.append(_Config("v2drop", "keep1.0", keep_all))
     return out
 
 
+class _Timer:
+    """Times every forward call of a module (synchronizing on CUDA: the bench's outer stamps only)."""
+
+    def __init__(self, module: nn.Module, cuda: bool) -> None:
+        self.cuda = cuda
+        self.times: list[float] = []
+        self._t0 = 0.0
+        self._hooks = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _start(self, *_: Any) -> None:
+        self._t0 = self.now()
+
+    def _stop(self, *_: Any) -> None:
+        self.times.append(self.now() - self._t0)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
 def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda: bool) -> dict:
+    """One ``generate`` of ``new_tokens`` under ``cfg``: the figures of one repeat."""
     handle = None if cfg.method == "plain" else attach(model, cfg.schedule, method=cfg.method)
     top = _Timer(model, cuda)
     llm = _Timer(model.model.language_model, cuda)
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        t0 = top._now()
+        t0 = top.now()
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                  return_dict_in_generate=True)
-        total = top._now() - t0
+        total = top.now() - t0
         cache = out.past_key_values
         kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         kv -= (new_tokens - 1) * sum(layer.keys[:, :, :1].numel() * 2 * layer.keys.element_size() for layer in cache.layers)
+        # read after generate: on CUDA the dropper's events are resolved here, outside its hot path
         stats = handle.last_stats if handle is not None else None
+        dropper = handle.dropper_times() if handle is not None else None
     finally:
         top.remove()
         llm.remove()
@@ -212,8 +274,45 @@ def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda
         "generate_ms": total * 1e3,
         "kv_cache_bytes": int(kv),
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
-        "stats": stats,
+        "dropper": dropper,
+        "vision_per_layer": stats[0]["vision_per_layer"] if stats else None,
     }
+
+
+def rotated(items: Sequence[Any], shift: int) -> list[Any]:
+    """``items`` started at ``shift`` (mod its length): repeat r runs the configurations in this order."""
+    k = shift % len(items) if items else 0
+    return [*items[k:], *items[:k]]
+
+
+def pin_threads(threads: int | None) -> int:
+    """Fix torch's intra-op threads (and OMP / MKL for anything started from here); returns the count."""
+    n = int(threads) if threads is not None else int(os.cpu_count() or 1)
+    if n < 1:
+        raise ValueError(f"threads={threads!r} is not allowed; give a count >= 1")
+    torch.set_num_threads(n)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    return n
+
+
+@dataclass
+class TimeGuard:
+    """Stops repeats early so a run ends by its deadline: each (attn, batch size) group gets an equal
+    share of the time left, and a repeat starts only if the last one still fits in that share (at
+    least one recorded repeat per group). One guard can span several shapes (the GPU suite)."""
+
+    budget_s: float | None
+    groups: int
+    done: int = 0
+    start: float = field(default_factory=time.monotonic)
+    stopped_early: list[str] = field(default_factory=list)
+
+    def group_deadline(self) -> float:
+        if self.budget_s is None:
+            return float("inf")
+        now = time.monotonic()
+        return now + (self.start + self.budget_s - now) / max(1, self.groups - self.done)
 
 
 def run_bench(
@@ -227,7 +326,9 @@ def run_bench(
     warmup: int = 1,
     new_tokens: int = 32,
     dtype: str | None = None,
-    log: Any = print,
+    extras: bool = True,
+    guard: TimeGuard | None = None,
+    log: Callable[[str], Any] = print,
 ) -> list[dict]:
     """Time every (attn, batch size, method, budget) in one process; returns the result rows."""
     if shape_name not in SHAPES:
@@ -238,198 +339,112 @@ def run_bench(
         raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}: repeats must be >= 1 and warmup >= 0")
     shape = SHAPES[shape_name]
-    budgets = list(budgets) if budgets is not None else [str(b) for b in _family_budgets(shape.family)]
+    budgets = list(budgets) if budgets is not None else [str(b) for b in preset_table(shape.family)]
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device == "cuda" else torch.float32)
     cuda = device == "cuda"
-    text_cfg = None
+    guard = guard or TimeGuard(None, len(attns) * len(batch_sizes))
     rows: list[dict] = []
     for attn in attns:
         model = build_model(shape, attn, device, torch_dtype)
         text_cfg = model.model.language_model.config
         for bs in batch_sizes:
+            deadline = guard.group_deadline()
             inputs = make_inputs(model, shape, bs, device, torch_dtype)
-            configs = _configs(shape, methods, budgets)
-            samples: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
-            for rep in range(warmup + repeats):
-                for i, cfg in enumerate(configs):  # round-robin: drift hits every config alike
+            configs = _configs(shape, methods, budgets, extras)
+            samples: dict[str, list[dict]] = {c.label: [] for c in configs}
+            rep, last = 0, 0.0
+            while rep < warmup + repeats:
+                if rep > warmup and time.monotonic() + last > deadline:
+                    guard.stopped_early.append(f"{shape_name} {attn} batch {bs}: {rep - warmup} of {repeats} repeats")
+                    break
+                t0 = time.monotonic()
+                for cfg in rotated(configs, rep):  # a new order each repeat: drift hits every config alike
                     result = _measure(model, inputs, cfg, new_tokens, cuda)
                     if rep >= warmup:
-                        samples[i].append(result)
-                log(f"[bench] {shape_name} {attn} bs={bs} repeat {rep + 1}/{warmup + repeats} done")
-            rows.extend(_rows(shape_name, device, attn, bs, configs, samples, text_cfg, shape))
+                        samples[cfg.label].append(result)
+                last = time.monotonic() - t0
+                rep += 1
+                log(f"[bench] {shape_name} {attn} bs={bs} repeat {rep}/{warmup + repeats} done ({last:.1f} s)")
+            group = [(c.method, c.budget, c.schedule, samples[c.label]) for c in configs]
+            rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, VISION_TOKENS,
+                                  shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0)))
+            guard.done += 1
         del model
-    return rows
-
-
-def _iqr(values: Any) -> float:
-    v = sorted(values)
-    if len(v) < 2:
-        return 0.0
-    q = statistics.quantiles(v, n=4, method="inclusive")
-    return q[2] - q[0]
-
-
-def _family_budgets(family: str) -> list[str | int]:
-    return list(preset_table(family))
-
-
-def _rows(shape_name: str, device: str, attn: str, bs: int, configs: list[_Config], samples: dict,
-          text_cfg: Any, shape: Shape) -> list[dict]:
-    rows = []
-    text_tokens = shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0)
-    for i, cfg in enumerate(configs):
-        runs = samples[i]
-        med = {k: statistics.median(r[k] for r in runs) for k in
-               ("prefill_ms", "llm_prefill_ms", "decode_ms_per_token", "generate_ms")}
-        vision = cfg.schedule.tokens_per_layer(VISION_TOKENS, shape.layers) if cfg.method not in ("plain", "none") \
-            else [VISION_TOKENS] * shape.layers
-        tokens = [text_tokens + v for v in vision]
-        stats = runs[0]["stats"]
-        if stats is not None:  # the engine's own count must agree with the schedule arithmetic
-            assert stats[0]["vision_per_layer"] == vision, (cfg, stats[0]["vision_per_layer"], vision)
-        rows.append({
-            "shape": shape_name, "device": device, "attn": attn, "batch_size": bs, "method": cfg.method,
-            "budget": cfg.budget, "schedule": str(cfg.schedule), "avg_vision_tokens": sum(vision) / len(vision),
-            **{k: round(v, 3) for k, v in med.items()},
-            "prefill_flops": flops.prefill_flops(text_cfg, tokens) * bs,
-            "kv_cache_bytes": runs[0]["kv_cache_bytes"],
-            "peak_memory_bytes": max((r["peak_memory_bytes"] or 0) for r in runs) or None,
-            "repeats": len(runs),
-            # the run-to-run spread of this config, (p75 - p25) / median of the LLM prefill: the noise
-            # floor against which the 1-2% targets must be read
-            "llm_prefill_spread": round(_iqr(r["llm_prefill_ms"] for r in runs) / med["llm_prefill_ms"], 4),
-        })
-    base = next(r for r in rows if r["method"] == "none") if any(r["method"] == "none" for r in rows) else rows[0]
-    randoms = {r["budget"]: r for r in rows if r["method"] == "random"}
-    at_fastv = {r["budget"].split("@")[0]: r for r in rows if r["method"] == "v2drop" and r["budget"].endswith("@fastv")}
-    for r in rows:
-        r["fastv_over_v2drop"] = (
-            round(r["llm_prefill_ms"] / at_fastv[r["budget"]]["llm_prefill_ms"] - 1, 4)
-            if r["method"] == "fastv" and r["budget"] in at_fastv else None
-        )
-        r["speedup"] = round(base["prefill_ms"] / r["prefill_ms"], 3)
-        r["llm_speedup"] = round(base["llm_prefill_ms"] / r["llm_prefill_ms"], 3)
-        r["flops_speedup"] = round(base["prefill_flops"] / r["prefill_flops"], 3)
-        r["efficiency"] = round(r["llm_speedup"] / r["flops_speedup"], 3)
-        r["overhead_vs_random"] = (
-            round(r["llm_prefill_ms"] / randoms[r["budget"]]["llm_prefill_ms"] - 1, 4)
-            if r["method"] == "v2drop" and r["budget"] in randoms else None
-        )
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
 
 
 def machine_info(device: str) -> dict:
+    """Versions, threads and the machine's load (the 1/5/15-minute load average at the time of the call)."""
     import transformers
 
-    info = {
+    info: dict[str, Any] = {
         "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if hasattr(os, "getloadavg"):
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-COLUMNS = ["attn", "batch_size", "method", "budget", "schedule", "avg_vision_tokens", "prefill_ms", "llm_prefill_ms",
-           "decode_ms_per_token", "generate_ms", "speedup", "llm_speedup", "flops_speedup", "efficiency",
-           "overhead_vs_random", "fastv_over_v2drop", "llm_prefill_spread", "kv_cache_bytes", "peak_memory_bytes"]
-
-
-def targets(rows: list[dict]) -> list[str]:
-    """The four speed targets of the project, checked on ``rows`` (one Markdown bullet each).
-
-    Prefill efficiency >= 0.9 at budget 128; v2drop within 2% of random at the same schedule; hooks
-    with nothing dropped (``keep1.0``) within 1% of the plain model; v2drop faster than FastV under
-    sdpa at FastV's schedule. Reported, never asserted: timings are the machine's, not the code's.
-    """
-    def fmt(vals: list[float], pct: bool = False) -> str:
-        return ", ".join(f"{v:+.1%}" if pct else f"{v:.3f}" for v in vals) or "n/a"
-
-    def verdict(vals: list[float], ok: Any) -> str:
-        return "n/a" if not vals else ("met" if all(ok(v) for v in vals) else "**missed**")
-
-    groups = sorted({(r["attn"], r["batch_size"]) for r in rows}, key=str)
-    out = []
-    for attn, bs in groups:
-        g = [r for r in rows if r["attn"] == attn and r["batch_size"] == bs]
-        eff = [r["efficiency"] for r in g if r["method"] == "v2drop" and r["budget"] == "128"]
-        over = [r["overhead_vs_random"] for r in g if r["overhead_vs_random"] is not None]
-        plain = next((r for r in g if r["method"] == "plain"), None)
-        keep = next((r for r in g if r["budget"] == "keep1.0"), None)
-        hooks = [keep["llm_prefill_ms"] / plain["llm_prefill_ms"] - 1] if plain and keep else []
-        fastv = [r["fastv_over_v2drop"] for r in g if r["fastv_over_v2drop"] is not None]
-        parts = [
-            f"efficiency at 128 {fmt(eff)} (>= 0.9: {verdict(eff, lambda e: e >= 0.9)})",
-            f"v2drop over random {fmt(over, True)} (<= 2%: {verdict(over, lambda o: o <= 0.02)})",
-            f"keep1.0 over plain {fmt(hooks, True)} (<= 1%: {verdict(hooks, lambda h: abs(h) <= 0.01)})",
-        ]
-        if attn == "sdpa":
-            parts.append(f"FastV over v2drop {fmt(fastv, True)} (> 0: {verdict(fastv, lambda f: f > 0)})")
-        spreads = [r["llm_prefill_spread"] for r in g if r.get("llm_prefill_spread") is not None]
-        none = next((r for r in g if r["method"] == "none"), None)
-        noise = [none["llm_prefill_ms"] / plain["llm_prefill_ms"] - 1] if plain and none else []
-        if spreads or noise:
-            parts.append(f"noise: none over plain (the same work) {fmt(noise, True)}, median run-to-run spread "
-                         f"(IQR / median) {statistics.median(spreads) if spreads else float('nan'):.1%}")
-        out.append(f"- {attn}, batch {bs}: " + "; ".join(parts))
-    return out
-
-
-def to_markdown(rows: list[dict], info: dict, shape: str, device: str) -> str:
-    lines = [f"# Bench: {shape} on {device}", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
-             "Medians of interleaved repeats. `speedup`: prefill (time to first token) vs `none`; `llm_speedup`: the "
-             "LLM decoder's prefill alone; `flops_speedup`: analytic (" + flops.CONVENTION + "); `efficiency` = "
-             "llm_speedup / flops_speedup; `overhead_vs_random`: v2drop's LLM prefill over random's at the same "
-             "schedule; `fastv_over_v2drop`: FastV's LLM prefill over V2Drop's at FastV's schedule (budget `B@fastv`); "
-             "`plain` = model without any hooks; budget `keep1.0` = hooks on, nothing dropped.", "",
-             "| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
-    for r in rows:
-        cells = []
-        for c in COLUMNS:
-            v = r.get(c)
-            cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Targets (LLM prefill, medians; reported, not asserted)", "", *targets(rows)]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(rows: list[dict], info: dict, shape: str, device: str, out_dir: Path) -> tuple[Path, Path]:
-    """``<out>/<device>-<shape>.json`` (rows + machine) and the Markdown table beside it, atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{device}-{shape}"
-    payload = {"machine": info, "shape": shape, "device": device, "rows": rows}
-    paths = []
-    for path, text in ((stem.with_suffix(".json"), json.dumps(payload, indent=1)),
-                       (stem.with_suffix(".md"), to_markdown(rows, info, shape, device))):
-        paths.append(write_text_atomic(path, text))
-    return paths[0], paths[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", default="small", help=f"model shape: {', '.join(SHAPES)} (default small)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--attn", default=None, help="comma list (default sdpa,eager; on cuda also flash_attention_2)")
-    p.add_argument("--batch-sizes", default="1,8", help="comma list (default 1,8)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
+    p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8)")
+    p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--budgets", default=None, help="comma list (default: every preset of the family)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=None, help="paired repeats (default 5; 7b-slice 10)")
+    p.add_argument("--warmup", type=int, default=None, help="rounds not recorded (default 1)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32; 7b-slice 4)")
+    p.add_argument("--extras", default=None, choices=["yes", "no"],
+                   help="also time plain (no hooks) and keep1.0 (default yes; 7b-slice no)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads, pinned (default: the CPU count; 7b-slice 1)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop repeats early so the timing ends within S seconds (default: no limit; 7b-slice 1500)")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on cpu, float16 on cuda)")
     p.add_argument("--output", default="results/bench", help="output folder (default results/bench)")
 
 
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given, else the shape's defaults, else the common ones."""
+    if args.shape not in SHAPES:
+        raise ValueError(f"unknown shape {args.shape!r}; allowed: {', '.join(SHAPES)}")
+    d = {**COMMON_DEFAULTS, **SHAPE_DEFAULTS.get(args.shape, {})}
+    if args.device == "cuda" and args.attn is None and args.shape not in SHAPE_DEFAULTS:
+        d["attn"] = "sdpa,eager,flash_attention_2"
+    got = {k: getattr(args, k) for k in d if getattr(args, k, None) is not None}
+    if "extras" in got:
+        got["extras"] = got["extras"] == "yes"
+    d.update(got)
+    return d
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    attns = args.attn.split(",") if args.attn else (["sdpa", "eager", "flash_attention_2"] if args.device == "cuda" else ["sdpa", "eager"])
+    d = resolve(args)
+    threads = pin_threads(d["threads"])
+    attns = d["attn"].split(",")
+    batch_sizes = [int(b) for b in str(d["batch_sizes"]).split(",")]
+    info_start = machine_info(args.device)
+    guard = TimeGuard(d["time_budget"], len(attns) * len(batch_sizes))
+    t0 = time.monotonic()
     rows = run_bench(
-        args.shape, args.device, attns=attns, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-        methods=args.methods.split(","), budgets=args.budgets.split(",") if args.budgets else None,
-        repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, dtype=args.dtype,
+        args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=d["methods"].split(","),
+        budgets=d["budgets"].split(",") if d["budgets"] else None, repeats=d["repeats"], warmup=d["warmup"],
+        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard,
     )
-    json_path, md_path = write_outputs(rows, machine_info(args.device), args.shape, args.device, Path(args.output))
+    info = {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
+            "wall_s": round(time.monotonic() - t0, 1), "stopped_early": guard.stopped_early}
+    json_path, md_path = write_outputs(rows, info, args.shape, args.device, Path(args.output))
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0

@@ -14,7 +14,6 @@ attention row is empty). No transformers ``forward`` is copied; removing the hoo
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -26,6 +25,7 @@ from torch import nn
 from v2drop_eval import contract, gather, refusals
 from v2drop_eval.accounting import row_stats
 from v2drop_eval.adapters import ModelAdapter, adapter_for
+from v2drop_eval.clock import DropperClock
 from v2drop_eval.gather import Layout
 from v2drop_eval.methods import METHODS, ScoreContext, get_method
 from v2drop_eval.schedule import Adaptive, DropSchedule
@@ -45,7 +45,7 @@ def attach(
     """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
 
     ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
-    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``pdrop``, ``dart``), or ``none`` (nothing
+    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``), or ``none`` (nothing
     changes; the unpruned baseline with the same accounting).
     """
     return DropHandle(model, schedule, method=method, metric=metric, seed=seed)
@@ -56,6 +56,7 @@ class _Call:
     """State of one forward call of the top model."""
 
     seq_len: int  # S: the prefill length
+    clock: DropperClock  # the dropper's own time at this prefill and the decode steps after it
     layout: Layout | None = None  # current layout while the prefill runs through the layers
     initial: Layout | None = None  # the untouched layout (nothing gathered while it applies)
     layouts: dict[int, Layout] = field(default_factory=dict)  # drop layer -> layout from there on
@@ -63,8 +64,6 @@ class _Call:
     vision_alive: list[list[int]] = field(default_factory=list)  # per stage, per row
     video_found: list[int] = field(default_factory=list)  # per row: how many of the vision tokens are video
     gathered: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage layer, id(obj)) -> copy
-    score_s: float = 0.0
-    gather_s: float = 0.0
 
 
 class DropHandle:
@@ -79,7 +78,7 @@ class DropHandle:
         self.model, self.schedule, self.method = model, schedule, method
         self.metric, self.seed = metric, int(seed)
         self.text_config = self.adapter.text_config
-        self.last_stats: list[dict[str, Any]] = []
+        self._last_stats: list[dict[str, Any]] | Any = []  # or a builder, run on first read (see last_stats)
         self.last_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._method = get_method(method)
         self._ratios: dict[int, Fraction | Adaptive] = {
@@ -98,7 +97,9 @@ class DropHandle:
         self._hooks.append(top.register_forward_pre_hook(self._on_top_call, with_kwargs=True))
         self._hooks.append(top.register_forward_hook(self._on_top_return, always_call=True))
         if self._dropping:
-            self._signals = Signals(self.adapter, self._method, schedule.layers)
+            # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
+            scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
+            self._signals = Signals(self.adapter, self._method, scored)
             start = schedule.layers[0] - self._signals.first_hooked_layer_offset
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
@@ -130,6 +131,17 @@ class DropHandle:
     # -- top-level hooks ----------------------------------------------------------------------
     def _on_top_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        # Every top call gets a clock; a prefill keeps it, a decode step's time joins its prefill's.
+        clock = DropperClock(input_ids.device if isinstance(input_ids, torch.Tensor) else None)
+        clock.open("bookkeeping")
+        try:
+            self._top_call(input_ids, kwargs, clock)
+        finally:
+            clock.close()
+            if self._mode == "decode":
+                self._call.clock.adopt(clock, "decode")
+
+    def _top_call(self, input_ids: torch.Tensor | None, kwargs: dict, clock: DropperClock) -> None:
         cache = contract.cache_of(kwargs)
         self._mode = None
         refusals.check_cache_type(cache)
@@ -144,7 +156,7 @@ class DropHandle:
             if self._dropping and kwargs.get("labels") is not None:
                 raise ValueError(refusals.LABELS)
             contract.check_prefill_call(input_ids, kwargs.get("attention_mask"))
-            self._call = self._start_prefill(input_ids, kwargs.get("attention_mask"))
+            self._call = self._start_prefill(input_ids, kwargs.get("attention_mask"), clock)
             self._mode = "prefill"
             return
         if not self._dropping:
@@ -161,15 +173,19 @@ class DropHandle:
         call = self._call
         if call is None:
             return
-        call.gathered.clear()
-        if mode == "prefill":
-            call.layout = None
-            if self._signals is not None:
-                self._signals.clear()
-            if self._dropping and len(call.vision_alive) != len(self._ratios) + 1:
-                self._call = None  # the forward raised before the last drop layer: nothing to count or decode
-                return
-            self._finish_stats(call)
+        call.clock.open("bookkeeping" if mode == "prefill" else "decode")
+        try:
+            call.gathered.clear()
+            if mode == "prefill":
+                call.layout = None
+                if self._signals is not None:
+                    self._signals.clear()
+                if self._dropping and len(call.vision_alive) != len(self._ratios) + 1:
+                    self._call = None  # the forward raised before the last drop layer: nothing to count or decode
+                    return
+                self._finish_stats(call)
+        finally:
+            call.clock.close()
 
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Original positions of the hidden states now between decoder layers (None: the whole sequence)."""
@@ -181,7 +197,7 @@ class DropHandle:
     def _vision_ids(self, ref: torch.Tensor) -> torch.Tensor:
         return torch.tensor(self.adapter.vision_token_ids, device=ref.device)
 
-    def _start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Call:
+    def _start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, clock: DropperClock) -> _Call:
         B, S = input_ids.shape
         device = input_ids.device
         vision = torch.isin(input_ids, self._vision_ids(input_ids))
@@ -191,7 +207,7 @@ class DropHandle:
         idx = torch.arange(S, device=device).expand(B, S)
         valid = real if real is not None else torch.ones(B, S, dtype=torch.bool, device=device)
         layout = Layout(idx=idx, valid=valid, vision=vision & valid)
-        call = _Call(seq_len=S, layout=layout, initial=layout)
+        call = _Call(seq_len=S, clock=clock, layout=layout, initial=layout)
         call.vision_alive.append(vision.sum(1).tolist())
         video_ids = self.adapter.video_token_ids
         call.video_found = ((vision & torch.isin(input_ids, torch.tensor(video_ids, device=device))).sum(1).tolist()
@@ -199,7 +215,7 @@ class DropHandle:
         call.text_real = ((~vision) & real).sum(1).tolist() if real is not None else (S - vision.sum(1)).tolist()
         if self._signals is not None:
             ordinal = (vision.long().cumsum(1) - 1).clamp(min=0)
-            self._signals.start(input_ids, real, ordinal, call.vision_alive[0])
+            self._signals.start(input_ids, real, ordinal, call.vision_alive[0], clock)
         return call
 
     # -- per-layer hook -----------------------------------------------------------------------
@@ -208,43 +224,53 @@ class DropHandle:
             call, mode = self._call, self._mode
             if mode is None:
                 return None
-            hidden = contract.layer_hidden(args, kwargs)
-            cache = contract.cache_of(kwargs)
-            if mode == "prefill":
-                contract.check_layer_kwargs(layer, kwargs, q=call.seq_len, key_len=call.seq_len)
-                if hidden.shape[1] != call.layout.idx.shape[1]:
-                    raise contract.contract_error(
-                        f"decoder layer {layer} got {hidden.shape[1]} positions where the previous layer's "
-                        f"output had {call.layout.idx.shape[1]}"
-                    )
-                if self._cache_ref is None or self._cache_ref() is not cache:
-                    self._cache_ref = weakref.ref(cache) if cache is not None else None
-                given = hidden
-                if layer in self._ratios:
-                    hidden = self._drop(call, layer, hidden, kwargs)
-                self._signals.before_layer(layer, hidden)
-                stage = self._stage_of(layer)
-                if stage is None:
-                    return None
-                t0 = time.perf_counter()
-                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs)
-                call.gather_s += time.perf_counter() - t0
-                if new_kwargs is None and hidden is not given:
-                    new_kwargs = dict(kwargs)
-            else:
-                stage = self._stage_of(layer)
-                if stage is None:
-                    return None
-                new_kwargs = self._gather_decode_kwargs(call, stage, layer, hidden, cache, kwargs)
-            if new_kwargs is None:
-                return None
-            if args:
-                new_kwargs.pop("hidden_states", None)
-                return (hidden, *args[1:]), new_kwargs
-            new_kwargs["hidden_states"] = hidden
-            return args, new_kwargs
+            call.clock.open("bookkeeping" if mode == "prefill" else "decode")
+            try:
+                return self._layer_inputs(layer, call, mode, args, kwargs)
+            finally:
+                call.clock.close()
 
         return hook
+
+    def _layer_inputs(self, layer: int, call: _Call, mode: str, args: tuple, kwargs: dict):
+        """What the layer's pre-hook returns: None (inputs unchanged) or new (args, kwargs)."""
+        hidden = contract.layer_hidden(args, kwargs)
+        cache = contract.cache_of(kwargs)
+        if mode == "prefill":
+            contract.check_layer_kwargs(layer, kwargs, q=call.seq_len, key_len=call.seq_len)
+            if hidden.shape[1] != call.layout.idx.shape[1]:
+                raise contract.contract_error(
+                    f"decoder layer {layer} got {hidden.shape[1]} positions where the previous layer's "
+                    f"output had {call.layout.idx.shape[1]}"
+                )
+            if self._cache_ref is None or self._cache_ref() is not cache:
+                self._cache_ref = weakref.ref(cache) if cache is not None else None
+            given = hidden
+            if layer in self._ratios:
+                hidden = self._drop(call, layer, hidden, kwargs)
+            self._signals.before_layer(layer, hidden)
+            stage = self._stage_of(layer)
+            if stage is None:
+                return None
+            call.clock.open("gather")
+            try:
+                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs)
+            finally:
+                call.clock.close()
+            if new_kwargs is None and hidden is not given:
+                new_kwargs = dict(kwargs)
+        else:
+            stage = self._stage_of(layer)
+            if stage is None:
+                return None
+            new_kwargs = self._gather_decode_kwargs(call, stage, layer, hidden, cache, kwargs)
+        if new_kwargs is None:
+            return None
+        if args:
+            new_kwargs.pop("hidden_states", None)
+            return (hidden, *args[1:]), new_kwargs
+        new_kwargs["hidden_states"] = hidden
+        return args, new_kwargs
 
     def _stage_of(self, layer: int) -> int | None:
         """The drop layer whose layout applies at ``layer`` (None before the first drop)."""
@@ -253,32 +279,35 @@ class DropHandle:
     # -- dropping -------------------------------------------------------------------------------
     def _drop(self, call: _Call, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         lay = call.layout
-        t0 = time.perf_counter()
-        candidates = lay.valid & lay.vision
-        alive = candidates.sum(1)
-        ratio = self._ratios[layer]
-        ctx = ScoreContext(layer=layer, hidden=hidden, candidates=candidates, text=lay.valid & ~lay.vision,
-                           idx=lay.idx, keep=None, metric=self.metric, seed=self.seed)
-        raw = None
-        if isinstance(ratio, Adaptive):
-            raw = self._score(call, ctx, kwargs)
-            keep_k = _adaptive_counts(raw, candidates, ctx.text, alive, ratio)
-        else:
-            keep_k = (alive * ratio.numerator) // ratio.denominator  # exact floor(alive * ratio)
-        if bool((keep_k == alive).all()):
-            call.layouts[layer] = lay
-            call.vision_alive.append(alive.tolist())
-            call.score_s += time.perf_counter() - t0
-            return hidden
-        ctx.keep = keep_k
-        raw = self._score(call, ctx, kwargs) if raw is None else raw
-        t1 = time.perf_counter()
-        call.score_s += t1 - t0
-        new, pos = gather.select(lay, raw, keep_k)
-        hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
-        call.layout = call.layouts[layer] = new
-        call.vision_alive.append(keep_k.tolist())
-        call.gather_s += time.perf_counter() - t1
+        call.clock.open("score")
+        try:
+            candidates = lay.valid & lay.vision
+            alive = candidates.sum(1)
+            ratio = self._ratios[layer]
+            ctx = ScoreContext(layer=layer, hidden=hidden, candidates=candidates, text=lay.valid & ~lay.vision,
+                               idx=lay.idx, keep=None, metric=self.metric, seed=self.seed)
+            raw = None
+            if isinstance(ratio, Adaptive):
+                raw = self._score(call, ctx, kwargs)
+                keep_k = _adaptive_counts(raw, candidates, ctx.text, alive, ratio)
+            else:
+                keep_k = (alive * ratio.numerator) // ratio.denominator  # exact floor(alive * ratio)
+            if bool((keep_k == alive).all()):
+                call.layouts[layer] = lay
+                call.vision_alive.append(alive.tolist())
+                return hidden
+            ctx.keep = keep_k
+            raw = self._score(call, ctx, kwargs) if raw is None else raw
+        finally:
+            call.clock.close()
+        call.clock.open("gather")
+        try:
+            new, pos = gather.select(lay, raw, keep_k)
+            hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+            call.layout = call.layouts[layer] = new
+            call.vision_alive.append(keep_k.tolist())
+        finally:
+            call.clock.close()
         return hidden
 
     def _score(self, call: _Call, ctx: ScoreContext, kwargs: dict) -> torch.Tensor:
@@ -323,9 +352,25 @@ class DropHandle:
     def _finish_stats(self, call: _Call) -> None:
         layers = list(self._ratios) if self._dropping else []
         elem = torch.finfo(self.adapter.top.dtype).bits // 8
-        self.last_stats = row_stats(self.text_config, elem, self.adapter.num_layers, layers, call.vision_alive,
-                                    call.text_real, call.score_s, call.gather_s, video_found=call.video_found)
+        args = (self.text_config, elem, self.adapter.num_layers, layers, call.vision_alive, call.text_real)
+        video = call.video_found
+        # Built on first read: on CUDA the clock's events are read only then, never inside the forward.
+        self._last_stats = lambda: row_stats(*args, call.clock.totals(), video_found=video)
         self.last_layouts = {layer: (lay.idx, lay.valid) for layer, lay in call.layouts.items()}
+
+    @property
+    def last_stats(self) -> list[dict[str, Any]]:
+        """Per row of the last prefill: tokens per layer, KV bytes, and the dropper's own time in ms
+        (``score_ms``, ``gather_ms``, ``bookkeeping_ms``, their sum ``dropper_ms``, and ``decode_ms``,
+        the decode-side work of the steps run since)."""
+        if callable(self._last_stats):
+            self._last_stats = self._last_stats()
+        return self._last_stats
+
+    def dropper_times(self) -> dict[str, float]:
+        """Milliseconds of the dropper's own work per category (``clock.CATEGORIES``) at the last
+        prefill and the decode steps after it so far; empty before the first prefill."""
+        return self._call.clock.totals() if self._call is not None else {}
 
 
 def _adaptive_counts(

@@ -8,6 +8,8 @@ lmms-eval logs with ``--log_samples``:
 - :func:`paired_difference`: the mean of ``a - b`` over the items both methods answered, with its
   paired bootstrap 95% interval (items resampled together, so per-item difficulty cancels).
 - :func:`mcnemar_p`: the exact McNemar test for 0/1 scores (two-sided binomial on the discordant items).
+- :func:`median_interval`: the median with its percentile bootstrap 95% interval (the bench's paired
+  timing ratios, where one slow outlier must not move the figure).
 
 Bootstraps use a fixed seed, so tables rebuild identically.
 """
@@ -18,26 +20,34 @@ import math
 
 import numpy as np
 
-__all__ = ["mean_interval", "paired_difference", "mcnemar_p", "RESAMPLES", "LEVEL"]
+__all__ = ["mean_interval", "median_interval", "paired_difference", "mcnemar_p", "RESAMPLES", "LEVEL"]
 
 RESAMPLES = 2000
 LEVEL = 0.95
 
 
-def _bootstrap_means(values: np.ndarray, seed: int) -> np.ndarray:
+def _bootstrap(values: np.ndarray, seed: int, statistic) -> np.ndarray:
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(values), size=(RESAMPLES, len(values)))
-    return values[idx].mean(axis=1)
+    return statistic(values[idx], axis=1)
+
+
+def _interval(values: np.ndarray, seed: int, statistic) -> tuple[float, float, float]:
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
+    lo, hi = np.quantile(_bootstrap(values, seed, statistic), [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return float(statistic(values)), float(lo), float(hi)
 
 
 def mean_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """``(mean, low, high)`` of ``values`` with the 95% percentile bootstrap interval; NaNs if empty."""
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        return math.nan, math.nan, math.nan
-    means = _bootstrap_means(values, seed)
-    lo, hi = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return float(values.mean()), float(lo), float(hi)
+    return _interval(values, seed, np.mean)
+
+
+def median_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """``(median, low, high)`` of ``values`` with the 95% percentile bootstrap interval; NaNs if empty."""
+    return _interval(values, seed, np.median)
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:

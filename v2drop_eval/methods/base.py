@@ -18,17 +18,20 @@ if TYPE_CHECKING:
 
     from v2drop_eval.schedule import DropSchedule
 
-__all__ = ["Method", "ScoreContext", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_KEYS", "PROBE_ATTENTION",
-           "NORMED_HIDDEN", "ROW_IDENTITY"]
+__all__ = ["Method", "ScoreContext", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_ATTENTION_WEIGHTS", "PREV_KEYS",
+           "PROBE_ATTENTION", "NORMED_HIDDEN", "ROW_IDENTITY"]
 
 # The signals the engine can provide at a drop layer l (all aligned with the alive slots ``[B, n]``).
 PREV_HIDDEN = "prev_hidden"  # [B, n, D] hidden states entering layer l-1
 PREV_ATTENTION = "prev_attention"  # [B, n] last query row's attention at layer l-1, head-averaged
+# [B, n] the same row as published FastV reads it: layer l-1 run with eager attention at prefill, its
+# attention weights [B, H, n, n] (what ``output_attentions`` returns) averaged over heads, last row
+PREV_ATTENTION_WEIGHTS = "prev_attention_weights"
 PREV_KEYS = "prev_keys"  # [B, Hkv, n, hd] layer l-1's keys after rotary, as its attention kernel gets them
 PROBE_ATTENTION = "probe_attention"  # [B, n] last query row's attention with layer l's own q/k on its input
 NORMED_HIDDEN = "normed_hidden"  # [B, n, D] the hidden states entering l, through the decoder's final norm
 ROW_IDENTITY = "row_identity"  # (each row's real tokens as bytes, [B, n] ordinal among its vision tokens, table size)
-SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_KEYS, PROBE_ATTENTION, NORMED_HIDDEN, ROW_IDENTITY)
+SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS, PROBE_ATTENTION, NORMED_HIDDEN, ROW_IDENTITY)
 
 
 @dataclass
