@@ -97,7 +97,7 @@ train-demo: install
 	qwen=$$?; wait $$llava && exit $$qwen
 
 # Prefill / decode speed vs the FLOPs limit and the dropper's own cost, paired repeats with intervals
-# (docs/bench.md). `make bench SHAPE=7b-slice` writes results/bench/cpu-7b-slice.{json,md} (~10 min, 2 cores).
+# (docs/bench.md). `make bench SHAPE=7b-slice` writes results/bench/cpu-7b-slice.{json,md} (~20 min, 1 thread).
 # Threads are pinned (BENCH_THREADS=N, else the shape's default: the CPU count, 1 for 7b-slice).
 SHAPE ?= small
 DEVICE ?= cpu

@@ -315,6 +315,14 @@ class TimeGuard:
         return now + (self.start + self.budget_s - now) / max(1, self.groups - self.done)
 
 
+def check_device(device: str) -> None:
+    """ValueError unless ``device`` is cpu, or cuda on a machine that has it."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+
+
 def run_bench(
     shape_name: str,
     device: str = "cpu",
@@ -335,10 +343,7 @@ def run_bench(
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
         validate.validate(m)
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    check_device(device)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: repeats must be >= 1 and warmup >= 0")
     shape = SHAPES[shape_name]
@@ -434,6 +439,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     threads = pin_threads(d["threads"])
     attns = d["attn"].split(",")
     batch_sizes = [int(b) for b in str(d["batch_sizes"]).split(",")]
+    check_device(args.device)  # before machine_info asks CUDA for the GPU's name
     info_start = machine_info(args.device)
     guard = TimeGuard(d["time_budget"], len(attns) * len(batch_sizes))
     t0 = time.monotonic()
