@@ -396,8 +396,10 @@ def _start(root: Path, key: str, runs: list[Run], assets: dict[str, Any], plain:
         cfg.write_text(yaml.safe_dump(config))
         cmd = _lmms_eval_cmd() + ["--config", str(cfg)]
     # One thread each: the processes run side by side, and 2-core machines thrash otherwise.
+    # FORCE_QWENVL_VIDEO_READER: qwen-vl-utils (lmms-eval's Qwen3-VL video path) otherwise falls back to
+    # torchvision.io.read_video, which torchvision 0.29 removed (docs/lmms-eval.md, "Video").
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "FORCE_QWENVL_VIDEO_READER": "decord"}
     log = root / f"{key}.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, cwd=root)
@@ -438,11 +440,16 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
                      Run("internvl_none", "v2drop_internvl", f"{internvl},method=none"),
                      Run("internvl_sched_b1", "v2drop_internvl", f"{internvl},schedule={SCHEDULE}"),
                      Run("internvl_sched_b8", "v2drop_internvl", f"{internvl},schedule={SCHEDULE},warmup=0",
-                         batch_size=8)],
+                         batch_size=8),
+                     # the video task: 6 clips (frames as image-token runs) and 2 stills in one batch of 8
+                     Run("internvl_video_b8", "v2drop_internvl", f"{internvl},schedule={SCHEDULE},num_frames=8",
+                         batch_size=8, tasks="tiny_video")],
         # Batch size 8 (the tasks' generation kwargs split the docs into batches of 4 and 6).
         "qwen3": [Run("qwen3_builtin_b8", "qwen3_vl", qwen3, batch_size=8),
                   Run("qwen3_none_b8", "v2drop_qwen3_vl", f"{qwen3},method=none", batch_size=8),
-                  Run("qwen3_sched_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE}", batch_size=8)],
+                  Run("qwen3_sched_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE}", batch_size=8),
+                  Run("qwen3_video_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE},max_num_frames=8",
+                      batch_size=8, tasks="tiny_video")],
         # LLaVA-OneVision through v2drop_llava: videos (6 clips and 2 images in one batch of 8) and images
         # at the family's budget preset; batch 8 against batch 1; method=none against the built-in llava_hf.
         "onevision": [Run("ov_budget_b8", "v2drop_llava", f"{onevision},budget=128", batch_size=8,
@@ -603,6 +610,12 @@ def test_lmms_eval_llava_onevision_video_end_to_end(lmms, tiny_assets):
 def test_lmms_eval_internvl_end_to_end(lmms, tiny_assets):
     runs = lmms["runs"]
     assert lmms["procs"]["internvl"].returncode == 0, lmms["procs"]["internvl"].output[-3000:]
+    video = _sidecar(runs["internvl_video_b8"])
+    assert sorted(r["doc_id"] for r in video) == list(range(tiny_assets["docs"]["tiny_video"]))
+    assert {r["batch_size"] for r in video} == {8}
+    for r in video:  # a clip: 8 frames x 16 tokens; InternVL has no video id, so they count as image tokens
+        assert r["vision_tokens"] == (8 * 16 if r["doc_id"] < 6 else r["vision_tokens"]) and r["video_tokens"] == 0
+        assert r["vision_per_layer"] == DropSchedule.parse(SCHEDULE).tokens_per_layer(r["vision_tokens"], 4)
     _check_run(runs["internvl_none"], tiny_assets, "internvl", "none", None)
     _check_run(runs["internvl_sched_b1"], tiny_assets, "internvl", "v2drop", SCHEDULE)
     b8 = _check_run(runs["internvl_sched_b8"], tiny_assets, "internvl", "v2drop", SCHEDULE)
@@ -617,6 +630,12 @@ def test_lmms_eval_internvl_end_to_end(lmms, tiny_assets):
 def test_lmms_eval_qwen3_vl_end_to_end(lmms, tiny_assets):
     runs = lmms["runs"]
     assert lmms["procs"]["qwen3"].returncode == 0, lmms["procs"]["qwen3"].output[-3000:]
+    video = _sidecar(runs["qwen3_video_b8"])  # 6 clips and 2 stills in one batch of 8
+    assert sorted(r["doc_id"] for r in video) == list(range(tiny_assets["docs"]["tiny_video"]))
+    assert {r["batch_size"] for r in video} == {8}
+    for r in video:
+        assert r["video_tokens"] == (r["vision_tokens"] if r["doc_id"] < 6 else 0) and r["vision_tokens"] > 0
+        assert r["vision_per_layer"] == DropSchedule.parse(SCHEDULE).tokens_per_layer(r["vision_tokens"], 4)
     _check_run(runs["qwen3_none_b8"], tiny_assets, "qwen3_vl", "none", None)
     rows = _check_run(runs["qwen3_sched_b8"], tiny_assets, "qwen3_vl", "v2drop", SCHEDULE)
     assert sorted(r["batch_size"] for r in rows) == [4] * 4 + [6] * 6

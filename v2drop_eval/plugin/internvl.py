@@ -66,9 +66,16 @@ class V2DropInternVL(V2DropMixin, InternVLHf):
         """A video path read into sampled frames ``[T, H, W, 3]`` (anything else is passed on as given)."""
         if not isinstance(video, str):
             return video
+        import numpy as np
         from lmms_eval.models.model_utils.load_video import read_video
 
-        return read_video(video, num_frm=self.num_frames if self.num_frames is not None else 32, fps=self.fps)
+        n = self.num_frames if self.num_frames is not None else 32
+        frames = read_video(video, num_frm=n, fps=self.fps)
+        if 0 < len(frames) < n:
+            # A clip shorter than n frames: repeat frames uniformly, as llava_hf's loader does, so every video
+            # of a batch has n frames (the video processor stacks them) whatever batch it runs in.
+            frames = frames[np.linspace(0, len(frames) - 1, n).round().astype(int)]
+        return frames
 
     def _v2drop_generate_batch(self, requests: list[Any]) -> list[Any]:
         texts, images, videos = [], [], []
