@@ -160,31 +160,6 @@ def make_inputs(model: nn.Module, shape: Shape, batch_size: int, device: str, dt
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}
 
 
-class _Timer:
-    """Times every forward call of a module (synchronizing on CUDA)."""
-
-    def __init__(self, module: nn.Module, cuda: bool) -> None:
-        self.cuda = cuda
-        self.times: list[float] = []
-        self._t0 = 0.0
-        self._hooks = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def _start(self, *_: Any) -> None:
-        self._t0 = self._now()
-
-    def _stop(self, *_: Any) -> None:
-        self.times.append(self._now() - self._t0)
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
 @dataclass
 class _Config:
     method: str

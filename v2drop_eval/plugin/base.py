@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from lmms_eval.api.instance import GenerationResult, TokenCounts
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
@@ -105,6 +106,39 @@ class V2DropMixin:
         raise NotImplementedError
 
     # -- the lmms-eval entry point ------------------------------------------------------------
+    def _v2drop_generate(self, inputs: Any, requests: list[Any], pad_token_id: int) -> Any:
+        """One ``generate`` over a built batch, with the parents' defaults for the batch's generation
+        kwargs (they never truncate at ``until``); returns the new token ids per row."""
+        gen_kwargs = dict(requests[0].args[self._v2drop_gen_kwargs_index])
+        gen_kwargs.setdefault("max_new_tokens", 1024)
+        gen_kwargs.setdefault("temperature", 0)
+        gen_kwargs.setdefault("top_p", None)
+        gen_kwargs.setdefault("num_beams", 1)
+        do_sample = gen_kwargs["temperature"] > 0
+        cont = self.model.generate(
+            **inputs,
+            do_sample=do_sample,
+            temperature=gen_kwargs["temperature"] if do_sample else None,
+            top_p=gen_kwargs["top_p"],
+            num_beams=gen_kwargs["num_beams"],
+            max_new_tokens=gen_kwargs["max_new_tokens"],
+            use_cache=self.use_cache,
+            pad_token_id=pad_token_id,
+            eos_token_id=self.eot_token_id,
+        )
+        return cont[:, inputs["input_ids"].shape[-1]:]
+
+    def _v2drop_results(self, requests: list[Any], texts: list[str], new: Any, answers: list[str]) -> list[Any]:
+        """``GenerationResult`` per row (output tokens counted up to the first EOS: a finished row is
+        padded after it), each answer also handed to lmms-eval's cache hook."""
+        out = []
+        for req, text, ids, answer in zip(requests, texts, new, answers, strict=True):
+            hits = (ids == self.eot_token_id).nonzero()
+            n_tokens = int(hits[0, 0]) + 1 if len(hits) else int(ids.shape[0])
+            out.append(GenerationResult(text=answer, token_counts=TokenCounts(output_tokens=n_tokens)))
+            self.cache_hook.add_partial("generate_until", (text, req.args[self._v2drop_gen_kwargs_index]), answer)
+        return out
+
     def generate_until(self, requests: list[Any]) -> list[Any]:
         from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.models.chat.internvl_hf import InternVLHf
 from lmms_eval.protocol import ChatMessages
 
@@ -90,30 +89,6 @@ class V2DropInternVL(V2DropMixin, InternVLHf):
         inputs = self.processor(images=images or None, videos=videos or None, text=texts, return_tensors="pt",
                                 padding=True, **self._processor_kwargs())
         inputs = inputs.to(self.device, self.model.dtype)
-        gen_kwargs = dict(requests[0].args[self._v2drop_gen_kwargs_index])
-        gen_kwargs.setdefault("max_new_tokens", 1024)
-        gen_kwargs.setdefault("temperature", 0)
-        gen_kwargs.setdefault("top_p", None)
-        gen_kwargs.setdefault("num_beams", 1)
-        do_sample = gen_kwargs["temperature"] > 0
-        cont = self.model.generate(
-            **inputs,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eot_token_id,
-            do_sample=do_sample,
-            temperature=gen_kwargs["temperature"] if do_sample else None,
-            top_p=gen_kwargs["top_p"],
-            num_beams=gen_kwargs["num_beams"],
-            max_new_tokens=gen_kwargs["max_new_tokens"],
-            use_cache=self.use_cache,
-        )
-        new = cont[:, inputs["input_ids"].shape[-1]:]
+        new = self._v2drop_generate(inputs, requests, pad_token_id=self.pad_token_id)
         decoded = self.processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        answers = []
-        for req, text, ids, answer in zip(requests, texts, new, decoded, strict=True):
-            # A finished row is padded after its EOS: count its tokens up to the first EOS.
-            hits = (ids == self.eot_token_id).nonzero()
-            n_tokens = int(hits[0, 0]) + 1 if len(hits) else int(ids.shape[0])
-            answers.append(GenerationResult(text=answer, token_counts=TokenCounts(output_tokens=n_tokens)))
-            self.cache_hook.add_partial("generate_until", (text, req.args[self._v2drop_gen_kwargs_index]), answer)
-        return answers
+        return self._v2drop_results(requests, texts, new, decoded)

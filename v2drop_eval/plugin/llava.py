@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import PIL.Image
-from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
 from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, VICUNA_CHAT_TEMPLATE
 from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
@@ -80,34 +79,9 @@ class _LlavaCommon(V2DropMixin):
         inputs = self._image_processor(images=images or None, videos=videos or None, text=texts, return_tensors="pt",
                                        padding=True)
         inputs = inputs.to(self._device, self.model.dtype)
-        gen_kwargs = dict(requests[0].args[self._v2drop_gen_kwargs_index])
-        gen_kwargs.pop("until", None)  # the parents never truncate at `until`
-        gen_kwargs.setdefault("max_new_tokens", 1024)
-        gen_kwargs.setdefault("temperature", 0)
-        gen_kwargs.setdefault("top_p", None)
-        gen_kwargs.setdefault("num_beams", 1)
-        do_sample = gen_kwargs["temperature"] > 0
-        cont = self.model.generate(
-            **inputs,
-            do_sample=do_sample,
-            temperature=gen_kwargs["temperature"] if do_sample else None,
-            top_p=gen_kwargs["top_p"],
-            num_beams=gen_kwargs["num_beams"],
-            max_new_tokens=gen_kwargs["max_new_tokens"],
-            use_cache=self.use_cache,
-            pad_token_id=self.eot_token_id,
-            eos_token_id=self.eot_token_id,
-        )
-        new = cont[:, inputs["input_ids"].shape[-1]:]
-        answers = []
-        for req, text, ids in zip(requests, texts, new, strict=True):
-            answer = self.tokenizer.decode(ids, skip_special_tokens=True)
-            # A finished row is padded with EOS: count its tokens up to the first EOS.
-            hits = (ids == self.eot_token_id).nonzero()
-            n_tokens = int(hits[0, 0]) + 1 if len(hits) else int(ids.shape[0])
-            answers.append(GenerationResult(text=answer, token_counts=TokenCounts(output_tokens=n_tokens)))
-            self.cache_hook.add_partial("generate_until", (text, req.args[self._v2drop_gen_kwargs_index]), answer)
-        return answers
+        new = self._v2drop_generate(inputs, requests, pad_token_id=self.eot_token_id)
+        return self._v2drop_results(requests, texts, new, [self.tokenizer.decode(ids, skip_special_tokens=True)
+                                                            for ids in new])
 
 
 class V2DropLlava(_LlavaCommon, LlavaHfSimple):
