@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from v2drop_eval import flops
-from v2drop_eval.measure import (
+from v2drop_eval.plugin.sidecar import (
     GenerateTimer,
     SampleLog,
     _generated_tokens,
@@ -34,7 +34,7 @@ from v2drop_eval.measure import (
     write_jsonl_atomic,
 )
 from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
-from v2drop_eval.schedule import DropSchedule
+from v2drop_eval.engine.schedule import DropSchedule
 
 SCHEDULE = "1:0.5/2:0.25/3:0"  # fits the tiny models' 4 layers
 # tiny_textvqa doc i and tiny_mme doc j images (tools/smoke_assets.py IMAGE_SIZES) -> Qwen vision tokens
@@ -210,7 +210,7 @@ def test_seed_as_lmms_eval_passes_it():
 
 
 def test_method_metric_rule_is_shared():
-    from v2drop_eval.validate import check_drop_method
+    from v2drop_eval.methods.rules import check_drop_method
 
     for method, metric, seed, match in (("random", "cosine", None, "metric=cosine applies to method=v2drop only"),
                                         ("fastv", None, 2, "seed=2 applies to method=random only"),
@@ -245,7 +245,7 @@ def test_missing_model_folder_named_before_transformers(tmp_path: Path):
 
 
 def test_sidecar_folder_checked_before_any_item(tmp_path: Path):
-    from v2drop_eval.measure import prepare_sidecar
+    from v2drop_eval.plugin.sidecar import prepare_sidecar
 
     (tmp_path / "hostname").write_text("h")  # a file where a folder would be (the probe's /etc/hostname)
     for bad, words in ((str(tmp_path / "hostname" / "x.jsonl"), f"{tmp_path / 'hostname'} is not a folder"),
@@ -661,7 +661,7 @@ def test_lmms_eval_bad_args_fail_before_loading(lmms):
 def test_doc_complexity():
     from PIL import Image, ImageDraw
 
-    from v2drop_eval.measure import doc_complexity
+    from v2drop_eval.plugin.sidecar import doc_complexity
 
     plain = Image.new("RGB", (300, 200), (200, 200, 200))
     busy = plain.copy()

@@ -117,7 +117,7 @@ def test_schedules_a_method_cannot_take(llava, method, schedule, match):
 
 def test_every_entry_point_refuses_with_the_same_words():
     from v2drop_eval.plugin.args import pop_drop_args
-    from v2drop_eval.validate import validate
+    from v2drop_eval.methods.rules import validate
 
     with pytest.raises(ValueError) as direct:
         validate("dart", "2:0.5/4:0")

@@ -1,6 +1,6 @@
 """The method registry: every dropping method, declared once. Light (no torch).
 
-Adding a method: write ``v2drop_eval/methods/<name>.py`` with a :class:`~v2drop_eval.methods.base.Method`
+Adding a method: write ``v2drop_eval/methods/<name>.py`` with a :class:`~v2drop_eval.engine.method.Method`
 subclass and ``METHOD = <instance>``, and add the module to ``_MODULES`` below (README, "Adding a method").
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from v2drop_eval.methods.base import Method, ScoreContext
+from v2drop_eval.engine.method import Method, ScoreContext
 
 __all__ = ["REGISTRY", "METHODS", "Method", "ScoreContext", "get_method"]
 

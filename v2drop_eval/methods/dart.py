@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import NORMED_HIDDEN, PREV_KEYS, Method, ScoreContext
+from v2drop_eval.engine.method import NORMED_HIDDEN, PREV_KEYS, Method, ScoreContext
 from v2drop_eval.methods.fastv import SINGLE_STAGE_PRESETS
 
 if TYPE_CHECKING:

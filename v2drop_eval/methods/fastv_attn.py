@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import PREV_ATTENTION_WEIGHTS, Method, ScoreContext
+from v2drop_eval.engine.method import PREV_ATTENTION_WEIGHTS, Method, ScoreContext
 from v2drop_eval.methods.fastv import SINGLE_STAGE_PRESETS
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from v2drop_eval.methods.base import Method
+from v2drop_eval.engine.method import Method
 
 
 class NoDrop(Method):

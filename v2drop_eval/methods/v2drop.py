@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import PREV_HIDDEN, Method, ScoreContext
+from v2drop_eval.engine.method import PREV_HIDDEN, Method, ScoreContext
 
 if TYPE_CHECKING:
     import torch

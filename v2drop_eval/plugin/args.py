@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from v2drop_eval.families import FAMILIES, lmms_siblings
+from v2drop_eval.engine.families import FAMILIES, lmms_siblings
 from v2drop_eval.methods import get_method
-from v2drop_eval.schedule import DropSchedule, fitted_preset
-from v2drop_eval.validate import (
+from v2drop_eval.engine.schedule import DropSchedule, fitted_preset
+from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
     DEFAULT_SEED,
     METHODS,

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from v2drop_eval.bench import METHODS, TimeGuard, machine_info, pin_threads, run_bench
-from v2drop_eval.bench_report import write_outputs
+from v2drop_eval.bench.run import METHODS, TimeGuard, machine_info, pin_threads, run_bench
+from v2drop_eval.bench.report import write_outputs
 
 __all__ = ["SUITE", "DRY_RUN", "GPU", "PAPER_TABLE5", "flash_available", "run_suite", "main"]
 
@@ -133,7 +133,7 @@ def run_suite(out_dir: Path, dry_run: bool = False, time_budget_s: float = 330.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m v2drop_eval.bench_gpu", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m v2drop_eval.bench.gpu", description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="the same code path on the CPU at tiny shapes")
     p.add_argument("--output", default=None, help="output folder (default results/bench; dry run results/bench-dry-run)")
     p.add_argument("--time-budget", type=float, default=330.0, metavar="S",

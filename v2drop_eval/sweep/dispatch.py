@@ -21,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from v2drop_eval.atomic import write_json_atomic
-from v2drop_eval.executors import (
+from v2drop_eval.engine.atomic import write_json_atomic
+from v2drop_eval.sweep.executors import (
     JobRecord,
     job_log_tail,
     job_state,
@@ -34,7 +34,7 @@ from v2drop_eval.executors import (
     slurm_parameters,
     write_job,
 )
-from v2drop_eval.runner import (
+from v2drop_eval.sweep.runner import (
     FAILED_DIR,
     LOG_NAME,
     TMP_PREFIX,
@@ -47,7 +47,7 @@ from v2drop_eval.runner import (
     _write_status,
     point_state,
 )
-from v2drop_eval.sweep import Point, SweepConfig
+from v2drop_eval.sweep.config import Point, SweepConfig
 
 __all__ = ["settle_jobs", "record_dead_job", "run_jobs", "dry_run_jobs", "POLL_S"]
 
@@ -258,7 +258,7 @@ def dry_run_jobs(cfg: SweepConfig, points: Sequence[Point], out: Path, executor:
                  log: TextIO | None = None) -> None:
     """What a run with ``executor`` would submit: every point's state and command, the executor's
     settings and, for slurm, the sbatch script of the job array."""
-    from v2drop_eval.executors import job_state as state_of
+    from v2drop_eval.sweep.executors import job_state as state_of
 
     log = log or sys.stdout
     print(f"sweep {cfg.name}: {len(points)} points -> {out} (executor {executor})", file=log)

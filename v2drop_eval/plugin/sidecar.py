@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval import flops
-from v2drop_eval.atomic import write_text_atomic
+from v2drop_eval.engine import flops
+from v2drop_eval.engine.atomic import write_text_atomic
 
 __all__ = ["GenerateCall", "GenerateTimer", "SampleLog", "versions", "summarize", "write_jsonl_atomic",
            "find_lmms_eval_run", "sidecar_path", "prepare_sidecar", "SIDECAR_SUFFIX", "doc_complexity"]

@@ -4,7 +4,7 @@ Accuracy: a row per model x method x budget/schedule (x metric, seed), a column 
 the task's headline metric in % (MME: perception + cognition, out of 2800), and "Average": the mean
 over benchmarks of the score relative to the same model's ``none`` run, in %.
 Efficiency: per-item means from the plugin's side-car (timings of a batch are shared by its items).
-Each table is written as Markdown, CSV and LaTeX (booktabs); plots come from :mod:`v2drop_eval.plots`.
+Each table is written as Markdown, CSV and LaTeX (booktabs); plots come from :mod:`v2drop_eval.report.plots`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import pandas as pd
 
-from v2drop_eval import stats
-from v2drop_eval.atomic import write_text_atomic
+from v2drop_eval.report import stats
+from v2drop_eval.engine.atomic import write_text_atomic
 from v2drop_eval.methods import REGISTRY
-from v2drop_eval.results import PointResult, adaptive_points, complexity, load_sweep, not_included
+from v2drop_eval.report.results import PointResult, adaptive_points, complexity, load_sweep, not_included
 
 __all__ = [
     "HEADLINE",
@@ -452,7 +452,7 @@ def write_tables(sweep_dir: str | Path, output: str | Path | None = None,
     A point that failed, is not run yet, or whose files do not pass the sweep's check is left out and
     listed under each table with the reason; other bad files are named in a printed warning.
     """
-    from v2drop_eval import plots
+    from v2drop_eval.report import plots
 
     sweep_dir = Path(sweep_dir)
     out = Path(output) if output is not None else sweep_dir / "tables"

@@ -7,7 +7,7 @@ Layout under the sweep directory ``OUT``:
   ``OUT/.tmp-<point-id>/`` once the run has exited 0 *and* written results for every task, so a point
   killed half-way is never counted as done; its temp folder is removed on the next run, unless it
   holds a ``job.json`` whose job is still queued or running (executors ``local``/``slurm``, see
-  :mod:`v2drop_eval.dispatch`; their logs are under ``OUT/.submitit/<job id>/``).
+  :mod:`v2drop_eval.sweep.dispatch`; their logs are under ``OUT/.submitit/<job id>/``).
 - ``OUT/_failed/<point-id>/``: the last failed attempt (its log and ``error.json``); retried next run.
 - ``OUT/sweep.json``: the status of every point, rewritten after each one; ``OUT/sweep.yaml``: the config.
 """
@@ -37,11 +37,11 @@ import yaml
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from v2drop_eval.atomic import write_json_atomic, write_text_atomic
-from v2drop_eval.executors import JobRecord, read_job
-from v2drop_eval.pointcheck import POINT_FILE, SIDECAR_GLOB, check_point_files, writes_sidecar
-from v2drop_eval.sweep import Point, SweepConfig
-from v2drop_eval.validate import local_model_problem
+from v2drop_eval.engine.atomic import write_json_atomic, write_text_atomic
+from v2drop_eval.sweep.executors import JobRecord, read_job
+from v2drop_eval.sweep.pointcheck import POINT_FILE, SIDECAR_GLOB, check_point_files, writes_sidecar
+from v2drop_eval.sweep.config import Point, SweepConfig
+from v2drop_eval.methods.rules import local_model_problem
 
 __all__ = ["RunFn", "PointOutcome", "SweepReport", "PrepareError", "run_sweep", "dry_run", "subprocess_run",
            "check_point_output", "is_done", "point_state", "run_point_in", "SIDECAR_GLOB", "LOG_NAME",
@@ -143,7 +143,7 @@ def subprocess_run(cmd: Sequence[str], log_path: Path, env: dict[str, str], time
 def check_point_output(workdir: Path, tasks: Sequence[str], need_sidecar: bool = False
                        ) -> tuple[list[Path], list[Path], str | None]:
     """``(results files, side-cars, error)``: lmms-eval exits 0 even when a run failed, so a point counts
-    only if its output passes :func:`v2drop_eval.pointcheck.check_point_files`."""
+    only if its output passes :func:`v2drop_eval.sweep.pointcheck.check_point_files`."""
     found = check_point_files(workdir, tasks, need_sidecar)
     return found.results, found.sidecars, found.problem
 
@@ -285,11 +285,11 @@ def run_sweep(
 ) -> SweepReport:
     """Run every point not yet done, in order (``jobs`` at a time, default the config's ``jobs``);
     a failed point is recorded and the sweep goes on. ``executor`` (default the config's): ``inline``
-    runs them here; ``local`` and ``slurm`` submit them as jobs (:mod:`v2drop_eval.dispatch`), and
+    runs them here; ``local`` and ``slurm`` submit them as jobs (:mod:`v2drop_eval.sweep.dispatch`), and
     wait for them (``local`` always, ``slurm`` with ``wait``). A point whose job is queued or running
     is never started again."""
-    from v2drop_eval import dispatch
-    from v2drop_eval.executors import EXECUTORS, require_submitit
+    from v2drop_eval.sweep import dispatch
+    from v2drop_eval.sweep.executors import EXECUTORS, require_submitit
 
     log = log or sys.stdout
     jobs = cfg.jobs if jobs is None else jobs

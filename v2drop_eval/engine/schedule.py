@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from v2drop_eval.families import PRESET_SHAPES, preset_family
+from v2drop_eval.engine.families import PRESET_SHAPES, preset_family
 
 __all__ = ["DropSchedule", "Adaptive", "kept_count", "format_ratio", "parse_ratio", "preset_table", "scaled_schedule",
            "fitted_preset", "single_stage_for", "pdrop_for", "depth_scaled_presets"]

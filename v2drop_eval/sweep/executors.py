@@ -3,7 +3,7 @@ jobs, ``local`` (parallel processes on this machine) or ``slurm`` (one job-array
 
 This module holds the config options, the submitit executors, the job record each submitted point
 keeps in its folder (``.tmp-<point-id>/job.json``), what a recorded job is doing now, and the function a
-job runs. Submitting and following jobs is :mod:`v2drop_eval.dispatch`; submitit is an optional extra.
+job runs. Submitting and following jobs is :mod:`v2drop_eval.sweep.dispatch`; submitit is an optional extra.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from v2drop_eval.sweep import Point, SweepConfig
+    from v2drop_eval.sweep.config import Point, SweepConfig
 
 __all__ = ["EXECUTORS", "SLURM_KEYS", "JOB_FILE", "SUBMITIT_DIR", "JobRecord", "parse_executor", "parse_slurm",
            "require_submitit", "make_executor", "slurm_parameters", "sbatch_script", "read_job", "write_job",
@@ -188,7 +188,7 @@ def read_job(folder: Path) -> JobRecord | None:
 
 
 def write_job(folder: Path, record: JobRecord) -> None:
-    from v2drop_eval.atomic import write_json_atomic
+    from v2drop_eval.engine.atomic import write_json_atomic
 
     write_json_atomic(folder / JOB_FILE, asdict(record))
 
@@ -240,7 +240,7 @@ def job_state(record: JobRecord, refresh: bool = True) -> tuple[str, str]:
 
 def job_log_tail(record: JobRecord, lines: int = 15) -> str:
     """The last lines of the job's submitit stderr (then stdout) log."""
-    from v2drop_eval.runner import _tail
+    from v2drop_eval.sweep.runner import _tail
 
     folder = Path(record.logs)
     for name in (f"{record.job_id}_0_log.err", f"{record.job_id}_0_log.out"):
@@ -258,7 +258,7 @@ def run_point_job(cfg: SweepConfig, point: Point, out: Path, env_fix: dict[str, 
     back, which submitit's local executor overwrites."""
     import socket
 
-    from v2drop_eval import runner
+    from v2drop_eval.sweep import runner
 
     tmp = out / (runner.TMP_PREFIX + point.id)
     tmp.mkdir(parents=True, exist_ok=True)

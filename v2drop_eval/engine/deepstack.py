@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval import contract
+from v2drop_eval.engine import contract
 
 __all__ = ["deepstack_layers", "DeepStackGather", "install_deepstack"]
 

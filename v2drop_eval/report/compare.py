@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from v2drop_eval.results import load_sweep
-from v2drop_eval.tables import CI_HI, CI_LO, KEY_COLS, accuracy_table
+from v2drop_eval.report.results import load_sweep
+from v2drop_eval.report.tables import CI_HI, CI_LO, KEY_COLS, accuracy_table
 
 __all__ = ["compare_sweeps", "format_comparison", "SAME_TOLERANCE"]
 

@@ -3,11 +3,11 @@
 Random-weight models with real shapes (full 7B shapes on a GPU; ``7b-slice``: LLaVA-1.5-7B's layer
 width on a CPU; ``small`` for quick checks). Everything runs in one process with pinned threads.
 
-- The dropper's cost is measured inside its hooks (``v2drop_eval.clock``: CUDA events on a GPU,
+- The dropper's cost is measured inside its hooks (``v2drop_eval.engine.clock``: CUDA events on a GPU,
   ``perf_counter`` on a CPU) and reported as a share of the LLM prefill of the same run.
 - Repeats are paired and interleaved: each repeat runs every configuration once, in an order rotated
   by one each repeat, so drift of the machine hits all of them alike; a method is compared with its
-  reference in the same repeat (``v2drop_eval.bench_report``: medians of paired ratios, 95% bootstrap
+  reference in the same repeat (``v2drop_eval.bench.report``: medians of paired ratios, 95% bootstrap
   intervals, verdicts met / missed / undecided).
 
 Timing: forward pre/post hooks on the top model time each forward call of ``generate``; the first
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval import validate
-from v2drop_eval.adapters import forward_takes
-from v2drop_eval.bench_report import summarize, write_outputs
-from v2drop_eval.engine import attach
-from v2drop_eval.schedule import DropSchedule, preset_table, scaled_schedule
+from v2drop_eval.methods import rules as validate
+from v2drop_eval.engine.adapters import forward_takes
+from v2drop_eval.bench.report import summarize, write_outputs
+from v2drop_eval.engine.hooks import attach
+from v2drop_eval.engine.schedule import DropSchedule, preset_table, scaled_schedule
 
 __all__ = ["SHAPES", "SHAPE_DEFAULTS", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
 

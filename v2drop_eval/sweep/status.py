@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from v2drop_eval.executors import job_state, read_job, refresh_jobs
-from v2drop_eval.runner import FAILED_DIR, TMP_PREFIX, _lock_holder, point_state
+from v2drop_eval.sweep.executors import job_state, read_job, refresh_jobs
+from v2drop_eval.sweep.runner import FAILED_DIR, TMP_PREFIX, _lock_holder, point_state
 
 __all__ = ["STATES", "PointStatus", "point_status", "sweep_status", "summary", "format_status", "status_json"]
 
@@ -34,7 +34,7 @@ def _grid(out: Path) -> tuple[list[str], list[str] | None]:
     """Point ids in config order, and the tasks; from ``sweep.yaml``, else from what is on disk."""
     import yaml
 
-    from v2drop_eval.sweep import ConfigError, expand, parse_config
+    from v2drop_eval.sweep.config import ConfigError, expand, parse_config
 
     try:
         raw = yaml.safe_load((out / "sweep.yaml").read_text())

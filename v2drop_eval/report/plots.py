@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from v2drop_eval.results import PointResult, adaptive_points, complexity  # noqa: E402
+from v2drop_eval.report.results import PointResult, adaptive_points, complexity  # noqa: E402
 
 __all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot"]
 

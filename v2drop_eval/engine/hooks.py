@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval import contract, gather, refusals
-from v2drop_eval.accounting import row_stats
-from v2drop_eval.adapters import ModelAdapter, adapter_for
-from v2drop_eval.clock import DropperClock
-from v2drop_eval.gather import Layout
+from v2drop_eval.engine import contract, gather, refusals
+from v2drop_eval.engine.accounting import row_stats
+from v2drop_eval.engine.adapters import ModelAdapter, adapter_for
+from v2drop_eval.engine.clock import DropperClock
+from v2drop_eval.engine.gather import Layout
 from v2drop_eval.methods import METHODS, ScoreContext, get_method
-from v2drop_eval.schedule import Adaptive, DropSchedule
-from v2drop_eval.signals import Signals
-from v2drop_eval.validate import DEFAULT_METRIC, DEFAULT_SEED, validate
+from v2drop_eval.engine.schedule import Adaptive, DropSchedule
+from v2drop_eval.engine.signals import Signals
+from v2drop_eval.methods.rules import DEFAULT_METRIC, DEFAULT_SEED, validate
 
 __all__ = ["attach", "DropHandle", "METHODS"]
 

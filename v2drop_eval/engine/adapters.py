@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-from v2drop_eval.contract import contract_error
-from v2drop_eval.deepstack import Positions, install_deepstack
-from v2drop_eval.families import FAMILIES, family_of_class
+from v2drop_eval.engine.contract import contract_error
+from v2drop_eval.engine.deepstack import Positions, install_deepstack
+from v2drop_eval.engine.families import FAMILIES, family_of_class
 
 __all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class", "forward_takes"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from v2drop_eval.clock import PREFILL_CATEGORIES
+from v2drop_eval.engine.clock import PREFILL_CATEGORIES
 
 __all__ = ["row_stats"]
 

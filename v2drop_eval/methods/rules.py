@@ -22,7 +22,7 @@ from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 DEFAULT_SEED = 0
 
 if TYPE_CHECKING:
-    from v2drop_eval.schedule import DropSchedule
+    from v2drop_eval.engine.schedule import DropSchedule
 
 
 def as_int(value: Any) -> Any:
@@ -61,7 +61,7 @@ def validate(method: Any, schedule: DropSchedule | str | None = None, metric: An
     check_drop_method(method, metric, seed)
     if schedule is None:
         return None
-    from v2drop_eval.schedule import DropSchedule
+    from v2drop_eval.engine.schedule import DropSchedule
 
     parsed = DropSchedule.parse(schedule)
     problem = get_method(method).schedule_problem(parsed)

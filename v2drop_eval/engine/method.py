@@ -1,6 +1,6 @@
 """What a dropping method is: the signal it needs, its schedule rules, its presets, and its scorer.
 
-A method never touches the model. The engine (``v2drop_eval.engine``) gathers, masks and accounts; at
+A method never touches the model. The engine (``v2drop_eval.engine.hooks``) gathers, masks and accounts; at
 each drop layer it hands the method a :class:`ScoreContext` holding the signals the method asked for,
 and the method returns per-row scores for the alive vision tokens (higher = more worth keeping). The
 engine keeps each row's top ``keep`` by score, ties to the earlier slot.
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from v2drop_eval.schedule import DropSchedule
+    from v2drop_eval.engine.schedule import DropSchedule
 
 __all__ = ["Method", "ScoreContext", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_ATTENTION_WEIGHTS", "PREV_KEYS",
            "PROBE_ATTENTION", "NORMED_HIDDEN", "ROW_IDENTITY"]

@@ -1,6 +1,6 @@
 """Read a sweep directory: every point's lmms-eval results JSON, side-car JSONL and ``point.json``.
 
-Never raises on bad files. A point whose files fail :func:`v2drop_eval.pointcheck.check_point_files`
+Never raises on bad files. A point whose files fail :func:`v2drop_eval.sweep.pointcheck.check_point_files`
 (the runner's own test of "done") is left out and listed with the reason, as are failed points and
 points not run yet (:func:`not_included`).
 A point folder without ``point.json`` (e.g. a plain ``lmms_eval --output_path``) is described from its
@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from v2drop_eval.pointcheck import (
+from v2drop_eval.sweep.pointcheck import (
     POINT_FILE,
     SIDECAR_GLOB,
     check_point_files,

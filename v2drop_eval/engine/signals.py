@@ -1,4 +1,4 @@
-"""The signals methods score with (``v2drop_eval.methods.base.SIGNALS``), taken from a running model.
+"""The signals methods score with (``v2drop_eval.engine.method.SIGNALS``), taken from a running model.
 
 Attention and keys come from an :class:`AttentionTap`: the attention module gets a private copy of its
 config whose attention implementation is a recording wrapper; the wrapper records what the model's own
@@ -21,10 +21,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from v2drop_eval import contract
-from v2drop_eval.adapters import ModelAdapter
-from v2drop_eval.clock import DropperClock
-from v2drop_eval.methods.base import (
+from v2drop_eval.engine import contract
+from v2drop_eval.engine.adapters import ModelAdapter
+from v2drop_eval.engine.clock import DropperClock
+from v2drop_eval.engine.method import (
     NORMED_HIDDEN,
     PREV_ATTENTION,
     PREV_ATTENTION_WEIGHTS,
