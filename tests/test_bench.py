@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from v2drop_eval import DropSchedule
-from v2drop_eval.bench.run import main, rotated, scaled_schedule
 from v2drop_eval.bench.report import targets, verdict
+from v2drop_eval.bench.run import main, rotated, scaled_schedule
 from v2drop_eval.methods import METHODS
 
 REQUIRED = {"method", "budget", "attn", "batch_size", "prefill_ms", "decode_ms_per_token", "speedup",

@@ -401,8 +401,8 @@ def _dart_reference(keys, normed, cand, text, keep):
 
 @pytest.mark.parametrize("family", ["llava", "qwen", "internvl"])
 def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
-    from v2drop_eval.methods import dart
     from v2drop_eval.engine.method import NORMED_HIDDEN, PREV_KEYS
+    from v2drop_eval.methods import dart
 
     m = model(family, "eager")
     inputs = CASES[(family, "mixed")]()

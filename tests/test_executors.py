@@ -19,8 +19,8 @@ import yaml
 from test_sweep import FakeRunner, calls, small_cfg, write_cfg
 
 from v2drop_eval.cli import main
-from v2drop_eval.sweep.runner import is_done, run_sweep
 from v2drop_eval.sweep.config import expand, load_config
+from v2drop_eval.sweep.runner import is_done, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 NONE, V2DROP, FASTV = "m7b__none", "m7b__v2drop__b128__l2", "m7b__fastv__b128"
@@ -276,8 +276,8 @@ def test_slurm_submission_refused_is_one_line(tmp_path, capsys, fake_slurm):
 def test_readme_cluster_example_is_a_valid_slurm_config():
     text = (REPO / "README.md").read_text().split("## On a cluster", 1)[1]
     raw = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
-    from v2drop_eval.sweep.executors import slurm_parameters
     from v2drop_eval.sweep.config import parse_config
+    from v2drop_eval.sweep.executors import slurm_parameters
 
     cfg = parse_config(raw, read_layers=False)
     assert cfg.executor == "slurm" and len(expand(cfg)) == 10

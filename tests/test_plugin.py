@@ -23,7 +23,9 @@ import pytest
 import torch
 import yaml
 
-from v2drop_eval import flops
+from v2drop_eval import DropSchedule, flops
+from v2drop_eval.methods import METHODS
+from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
 from v2drop_eval.plugin.sidecar import (
     GenerateTimer,
     SampleLog,
@@ -33,8 +35,6 @@ from v2drop_eval.plugin.sidecar import (
     summarize,
     write_jsonl_atomic,
 )
-from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
-from v2drop_eval.engine.schedule import DropSchedule
 
 SCHEDULE = "1:0.5/2:0.25/3:0"  # fits the tiny models' 4 layers
 # tiny_textvqa doc i and tiny_mme doc j images (tools/smoke_assets.py IMAGE_SIZES) -> Qwen vision tokens
@@ -126,7 +126,7 @@ def test_args_budget_schedule_method():
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"budget": 128, "schedule": "3:0.5"}, ["not both"]),
     ({"budget": 100}, ["budget=100", "known budgets: 192, 128, 64"]),
-    ({"method": "sparsevlm", "budget": 128}, ["unknown method 'sparsevlm'", "allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, none"]),
+    ({"method": "bogus", "budget": 128}, ["unknown method 'bogus'", f"allowed: {', '.join(METHODS)}"]),
     ({"method": "dart", "schedule": "2:0.5/4:0"}, ["dart drops once"]),
     ({"method": "pdrop", "schedule": "2:t1:0.1:0.5"}, ["adaptive stages need method v2drop, not 'pdrop'"]),
     # ("default" is a budget of the qwen2_vl table, which LLaVA-OneVision checkpoints take: check_checkpoint decides)
@@ -216,7 +216,7 @@ def test_method_metric_rule_is_shared():
                                         ("fastv", None, 2, "seed=2 applies to method=random only"),
                                         ("random", None, -1, "seed=-1 is not allowed"),
                                         ("dart", "l1", None, "metric=l1 applies to method=v2drop only"),
-                                        ("sparsevlm", None, None, "unknown method 'sparsevlm'")):
+                                        ("bogus", None, None, "unknown method 'bogus'")):
         with pytest.raises(ValueError, match=match):
             check_drop_method(method, metric, seed)
         with pytest.raises(ValueError, match=match):

@@ -3,7 +3,8 @@
 import pytest
 
 from v2drop_eval import DropSchedule
-from v2drop_eval.engine.schedule import depth_scaled_presets, kept_count, preset_table
+from v2drop_eval.engine.schedule import kept_count
+from v2drop_eval.methods.presets import depth_scaled_presets, preset_table
 
 
 def test_parse_and_str_roundtrip():

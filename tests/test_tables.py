@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from sweep_fakes import LLAVA_SCORES, sidecar_rows, task_metrics, write_point
 
+from v2drop_eval import DropSchedule
 from v2drop_eval.cli import main
 from v2drop_eval.report.results import load_sweep
-from v2drop_eval.engine.schedule import DropSchedule
 from v2drop_eval.report.tables import accuracy_table, build_tables, efficiency_table, headline_score
 
 TASKS = ["gqa", "scienceqa_img", "textvqa_val", "pope", "mme", "mmbench_en_dev"]

@@ -89,8 +89,8 @@ def select_points(points: list, patterns: Sequence[str]) -> list:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from v2drop_eval.sweep.runner import dry_run, run_sweep
     from v2drop_eval.sweep.config import ConfigError, expand, load_config
+    from v2drop_eval.sweep.runner import dry_run, run_sweep
 
     try:
         cfg = load_config(args.config, output=args.output)

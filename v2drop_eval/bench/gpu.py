@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from v2drop_eval.bench.run import METHODS, TimeGuard, machine_info, pin_threads, run_bench
 from v2drop_eval.bench.report import write_outputs
+from v2drop_eval.bench.run import METHODS, TimeGuard, machine_info, pin_threads, run_bench
 
 __all__ = ["SUITE", "DRY_RUN", "GPU", "PAPER_TABLE5", "flash_available", "run_suite", "main"]
 

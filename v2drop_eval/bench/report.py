@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from v2drop_eval.engine import flops
-from v2drop_eval.report import stats
 from v2drop_eval.engine.atomic import write_text_atomic
 from v2drop_eval.engine.clock import PREFILL_CATEGORIES
+from v2drop_eval.report import stats
 
 __all__ = ["summarize", "targets", "cross_checks", "verdict", "to_markdown", "write_outputs", "MIN_REPEATS",
            "SHARE_BOUND", "EFFICIENCY_BOUND", "TARGET_BUDGET"]

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval.methods import rules as validate
-from v2drop_eval.engine.adapters import forward_takes
 from v2drop_eval.bench.report import summarize, write_outputs
-from v2drop_eval.engine.hooks import attach
-from v2drop_eval.engine.schedule import DropSchedule, preset_table, scaled_schedule
+from v2drop_eval.engine.adapters import forward_takes
+from v2drop_eval.methods import rules as validate
+from v2drop_eval.methods.api import attach
+from v2drop_eval.methods.presets import DropSchedule, preset_table, scaled_schedule
 
 __all__ = ["SHAPES", "SHAPE_DEFAULTS", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
 

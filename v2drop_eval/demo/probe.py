@@ -20,7 +20,7 @@ import torch
 
 from v2drop_eval.demo import model_path
 from v2drop_eval.demo.data import TEST_SEED, make_split
-from v2drop_eval.engine.hooks import attach
+from v2drop_eval.methods.api import attach
 from v2drop_eval.methods.v2drop import variation
 
 __all__ = ["probe"]

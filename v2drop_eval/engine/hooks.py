@@ -27,28 +27,11 @@ from v2drop_eval.engine.accounting import row_stats
 from v2drop_eval.engine.adapters import ModelAdapter, adapter_for
 from v2drop_eval.engine.clock import DropperClock
 from v2drop_eval.engine.gather import Layout
-from v2drop_eval.methods import METHODS, ScoreContext, get_method
+from v2drop_eval.engine.method import Method, ScoreContext
 from v2drop_eval.engine.schedule import Adaptive, DropSchedule
 from v2drop_eval.engine.signals import Signals
-from v2drop_eval.methods.rules import DEFAULT_METRIC, DEFAULT_SEED, validate
 
-__all__ = ["attach", "DropHandle", "METHODS"]
-
-
-def attach(
-    model: nn.Module,
-    schedule: DropSchedule | str,
-    method: str = "v2drop",
-    metric: str = DEFAULT_METRIC,
-    seed: int = DEFAULT_SEED,
-) -> DropHandle:
-    """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
-
-    ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
-    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``), or ``none`` (nothing
-    changes; the unpruned baseline with the same accounting).
-    """
-    return DropHandle(model, schedule, method=method, metric=metric, seed=seed)
+__all__ = ["DropHandle"]
 
 
 @dataclass
@@ -67,20 +50,24 @@ class _Call:
 
 
 class DropHandle:
-    """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them."""
+    """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them.
 
-    def __init__(self, model: nn.Module, schedule: DropSchedule | str, method: str, metric: str, seed: int):
+    Made by ``v2drop_eval.attach``, which resolves the method by name and checks the arguments by the rules
+    every entry point shares; here ``method`` is the :class:`Method` itself and ``schedule`` a parsed one.
+    """
+
+    def __init__(self, model: nn.Module, schedule: DropSchedule, method: Method, metric: str, seed: int):
         self.adapter: ModelAdapter = adapter_for(model)
-        schedule = validate(method, schedule, metric, seed, num_layers=self.adapter.num_layers)
+        schedule.check_depth(self.adapter.num_layers)
         if getattr(model, "_v2drop_handle", None) is not None:
             raise RuntimeError("this model already has a dropper attached; call detach() on it first")
         refusals.check_attention(self.adapter.attn_implementation)
-        self.model, self.schedule, self.method = model, schedule, method
+        self.model, self.schedule, self.method = model, schedule, method.name
         self.metric, self.seed = metric, int(seed)
         self.text_config = self.adapter.text_config
         self._last_stats: list[dict[str, Any]] | Any = []  # or a builder, run on first read (see last_stats)
         self.last_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._method = get_method(method)
+        self._method = method
         self._ratios: dict[int, Fraction | Adaptive] = {
             layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in schedule.stages
         }

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from v2drop_eval.engine.schedule import DropSchedule
-
 __all__ = ["Method", "ScoreContext", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_ATTENTION_WEIGHTS", "PREV_KEYS",
            "PROBE_ATTENTION", "NORMED_HIDDEN", "ROW_IDENTITY"]
 
@@ -51,7 +49,8 @@ class ScoreContext:
 
 class Method:
     """A dropping method. Subclass, set the class attributes, implement :meth:`score`, and register
-    an instance in ``v2drop_eval/methods/__init__.py``."""
+    an instance in ``v2drop_eval/methods/__init__.py``. Which schedules it takes follows from
+    ``drops``, ``multi_stage`` and ``adaptive`` (``v2drop_eval.methods.rules.schedule_problem``)."""
 
     name: ClassVar[str]
     label: ClassVar[str]  # how tables and plots name it
@@ -65,21 +64,7 @@ class Method:
     takes_seed: ClassVar[bool] = False
     # family preset table ('llava', 'qwen2_vl') -> budget -> schedule text
     presets: ClassVar[dict[str, dict[str | int, str]]] = {}
-
-    def schedule_problem(self, schedule: DropSchedule) -> str | None:
-        """Why this method cannot take ``schedule`` (None if it can). The same words everywhere."""
-        if not self.drops:
-            return None  # attach() takes any schedule with it: hooks on, nothing dropped
-        if schedule.is_empty:
-            return (f"method {self.name} needs a budget or a schedule that drops something; for the unpruned "
-                    "baseline use method none")
-        if not self.multi_stage and len(schedule.stages) != 1:
-            return (f"method {self.name} drops once, at one layer: schedule {schedule} has {len(schedule.stages)} "
-                    "stages; give a one-stage schedule such as 2:0.3, or a budget")
-        if schedule.is_adaptive and not self.adaptive:
-            return (f"adaptive stages need method v2drop, not {self.name!r}: they rank tokens by variation "
-                    f"({schedule})")
-        return None
+    style: ClassVar[tuple[str, str]] = ("tab:brown", "X")  # (matplotlib colour, marker) in the plots
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         """``[B, n]`` scores for the slots of ``ctx`` (only ``ctx.candidates`` matter)."""

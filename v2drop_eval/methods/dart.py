@@ -42,6 +42,7 @@ PRESETS: dict[str, dict[str | int, str]] = {
 class DART(Method):
     name = "dart"
     label = "DART"
+    style = ("tab:orange", "P")
     summary = "keeps the vision tokens least similar to a few pivot tokens (duplication-aware)"
     source = "Wen et al., arXiv 2502.11494 (EMNLP 2025); github.com/ZichenWen1/DART"
     needs = frozenset({PREV_KEYS, NORMED_HIDDEN})

@@ -22,6 +22,7 @@ SINGLE_STAGE_PRESETS: dict[str, dict[str | int, str]] = {
 class FastV(Method):
     name = "fastv"
     label = "FastV"
+    style = ("tab:blue", "^")
     summary = "keeps the vision tokens the last query token attends to most at layer K-1"
     source = "Chen et al., 'An Image is Worth 1/2 Tokens After Layer 2', ECCV 2024"
     needs = frozenset({PREV_ATTENTION})

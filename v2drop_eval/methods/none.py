@@ -8,6 +8,7 @@ from v2drop_eval.engine.method import Method
 class NoDrop(Method):
     name = "none"
     label = "Vanilla"
+    style = ("k", "*")
     summary = "drops nothing: the unpruned model, measured the same way"
     drops = False
 

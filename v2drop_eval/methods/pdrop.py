@@ -44,6 +44,7 @@ PRESETS: dict[str, dict[str | int, str]] = {
 class PyramidDrop(Method):
     name = "pdrop"
     label = "PDrop"
+    style = ("tab:purple", "v")
     summary = "keeps the vision tokens the last instruction token attends to most, with the stage layer's own q/k"
     source = "Xing et al., 'PyramidDrop', CVPR 2025"
     needs = frozenset({PROBE_ATTENTION})

@@ -27,6 +27,7 @@ def random_scores(row_keys: list[bytes], n: int, seed: int, layer: int, device: 
 class RandomDrop(Method):
     name = "random"
     label = "Random"
+    style = ("tab:gray", "s")
     summary = "keeps a seeded random subset (same count as the schedule)"
     needs = frozenset({ROW_IDENTITY})
     takes_seed = True

@@ -1,8 +1,8 @@
 """The rules every entry point shares (``attach``, the plugin's model args, sweep configs, the CLI).
 
-Light on purpose (no torch; the method registry is light too): sweep configs and ``--dry-run`` check with these before anything loads,
-and the plugin and the engine call the same functions, so a value is refused with the same words
-wherever it is given.
+Light on purpose (no torch; the method registry is light too): sweep configs and ``--dry-run`` check with
+these before anything loads, and the plugin and ``attach`` call the same functions, so a value is refused
+with the same words wherever it is given.
 """
 
 from __future__ import annotations
@@ -10,19 +10,18 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-__all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "as_int",
-           "local_model_problem"]
-
-from v2drop_eval.methods import METHODS, get_method
+from v2drop_eval.engine.method import Method
+from v2drop_eval.engine.schedule import DropSchedule
+from v2drop_eval.methods import BASELINE, METHODS, get_method
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
+
+__all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "check_seed",
+           "schedule_problem", "as_int", "local_model_problem"]
 
 # ``attach``'s default seed: a method that does not use it may still be handed it.
 DEFAULT_SEED = 0
-
-if TYPE_CHECKING:
-    from v2drop_eval.engine.schedule import DropSchedule
 
 
 def as_int(value: Any) -> Any:
@@ -31,6 +30,34 @@ def as_int(value: Any) -> Any:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     return value
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int; ``ValueError`` unless it is an integer >= 0."""
+    if isinstance(seed, bool) or not isinstance(as_int(seed), int) or as_int(seed) < 0:
+        raise ValueError(f"seed={seed!r} is not allowed; a seed is an integer >= 0")
+    return as_int(seed)
+
+
+def _takers(flag: str) -> str:
+    return ", ".join(f"method={m}" for m in METHODS if getattr(get_method(m), flag))
+
+
+def schedule_problem(spec: Method, schedule: DropSchedule) -> str | None:
+    """Why method ``spec`` cannot take ``schedule`` (None if it can). The same words everywhere."""
+    if not spec.drops:
+        return None  # attach() takes any schedule with it: hooks on, nothing dropped
+    if schedule.is_empty:
+        return (f"method {spec.name} needs a budget or a schedule that drops something; for the unpruned "
+                f"baseline use method {BASELINE}")
+    if not spec.multi_stage and len(schedule.stages) != 1:
+        return (f"method {spec.name} drops once, at one layer: schedule {schedule} has {len(schedule.stages)} "
+                "stages; give a one-stage schedule such as 2:0.3, or a budget")
+    if schedule.is_adaptive and not spec.adaptive:
+        takers = ", ".join(m for m in METHODS if get_method(m).adaptive)
+        return (f"adaptive stages need method {takers}, not {spec.name!r}: they rank tokens by variation "
+                f"({schedule})")
+    return None
 
 
 def check_drop_method(method: Any, metric: Any = None, seed: Any = None) -> None:
@@ -42,14 +69,11 @@ def check_drop_method(method: Any, metric: Any = None, seed: Any = None) -> None
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
         if not spec.takes_metric and metric != DEFAULT_METRIC:
-            takers = ", ".join(f"method={m}" for m in METHODS if get_method(m).takes_metric)
-            raise ValueError(f"metric={metric} applies to {takers} only, not method={method}")
+            raise ValueError(f"metric={metric} applies to {_takers('takes_metric')} only, not method={method}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(as_int(seed), int) or as_int(seed) < 0:
-            raise ValueError(f"seed={seed!r} is not allowed; a seed is an integer >= 0")
+        check_seed(seed)
         if not spec.takes_seed and as_int(seed) != DEFAULT_SEED:
-            takers = ", ".join(f"method={m}" for m in METHODS if get_method(m).takes_seed)
-            raise ValueError(f"seed={as_int(seed)} applies to {takers} only, not method={method}")
+            raise ValueError(f"seed={as_int(seed)} applies to {_takers('takes_seed')} only, not method={method}")
 
 
 def validate(method: Any, schedule: DropSchedule | str | None = None, metric: Any = None, seed: Any = None,
@@ -61,10 +85,8 @@ def validate(method: Any, schedule: DropSchedule | str | None = None, metric: An
     check_drop_method(method, metric, seed)
     if schedule is None:
         return None
-    from v2drop_eval.engine.schedule import DropSchedule
-
     parsed = DropSchedule.parse(schedule)
-    problem = get_method(method).schedule_problem(parsed)
+    problem = schedule_problem(get_method(method), parsed)
     if problem:
         raise ValueError(problem)
     if num_layers is not None:

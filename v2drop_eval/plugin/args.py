@@ -19,7 +19,7 @@ from typing import Any
 
 from v2drop_eval.engine.families import FAMILIES, lmms_siblings
 from v2drop_eval.methods import get_method
-from v2drop_eval.engine.schedule import DropSchedule, fitted_preset
+from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
     DEFAULT_SEED,

@@ -13,20 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from v2drop_eval.engine.method import Method  # noqa: E402
+from v2drop_eval.methods import BASELINE, REGISTRY  # noqa: E402
 from v2drop_eval.report.results import PointResult, adaptive_points, complexity  # noqa: E402
 
 __all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot"]
 
-_METHOD_STYLE = {"none": ("k", "*"), "v2drop": ("tab:red", "o"), "random": ("tab:gray", "s"), "fastv": ("tab:blue", "^"),
-                 "pdrop": ("tab:purple", "v"), "dart": ("tab:orange", "P")}
-_OTHER_STYLES = [("tab:green", "D"), ("tab:brown", "X"), ("tab:pink", "<"), ("tab:olive", ">")]
-
-
 def _style(method: str) -> tuple[str, str]:
-    """A fixed colour and marker per method; methods without one get the next free pair."""
-    if method not in _METHOD_STYLE:
-        _METHOD_STYLE[method] = _OTHER_STYLES[(len(_METHOD_STYLE) - 6) % len(_OTHER_STYLES)]
-    return _METHOD_STYLE[method]
+    """The method's own colour and marker (``Method.style``; a method no longer registered: the default)."""
+    return REGISTRY[method].style if method in REGISTRY else Method.style
 
 
 def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
@@ -61,7 +56,7 @@ def tradeoff_plot(accuracy: pd.DataFrame, efficiency: pd.DataFrame, path: Path) 
     fig, axes = _grid(len(models))
     for ax, model in zip(axes, models, strict=True):
         sub = df[df["model"] == model].dropna(subset=["prefill_tflops", "Average"])
-        ref = sub.loc[sub["method"] == "none", "prefill_tflops"]
+        ref = sub.loc[sub["method"] == BASELINE, "prefill_tflops"]
         relative = not ref.empty and float(ref.iloc[0]) > 0
         sub = sub.assign(x=sub["prefill_tflops"] / float(ref.iloc[0]) * 100 if relative else sub["prefill_tflops"],
                          kind=sub["setting"].map(_kind))
@@ -71,7 +66,7 @@ def tradeoff_plot(accuracy: pd.DataFrame, efficiency: pd.DataFrame, path: Path) 
             g = g.sort_values("x")
             color, marker = _style(method)
             label = method + (f" ({metric})" if metric else "") + (f" seed {seed}" if seed != "" else "")
-            if method == "none":
+            if method == BASELINE:
                 ax.plot(g["x"], g["Average"], marker=marker, color=color, linestyle="none", markersize=12,
                         label="unpruned", zorder=5)
                 ax.axhline(100.0, color=color, linewidth=0.8, linestyle=":", zorder=1)
@@ -118,7 +113,7 @@ def vision_tokens_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
     for p in points:
         profile = _mean_profile(p.samples)
         if profile is None:
-            if not p.samples.empty or p.meta["method"] != "none":
+            if not p.samples.empty or p.meta["method"] != BASELINE:
                 warnings.warn(f"{p.point_id}: no vision_per_layer in its side-car; left out of {path.name}",
                               stacklevel=2)
             continue
@@ -126,7 +121,7 @@ def vision_tokens_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
         setting = m.get("schedule") or (f"budget {m['budget']}" if m.get("budget") is not None else "unpruned")
         model = str(m.get("model_name") or p.point_id.split("__")[0])
         labels = curves.setdefault(model, {}).setdefault(tuple(round(v, 3) for v in profile), [])
-        labels.append(f"{setting} ({m['method']})" if m["method"] != "none" else setting)
+        labels.append(f"{setting} ({m['method']})" if m["method"] != BASELINE else setting)
     if not curves:
         warnings.warn(f"no vision-token profiles found; {path.name} not written", stacklevel=2)
         return []

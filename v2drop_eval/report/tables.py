@@ -18,9 +18,9 @@ from typing import Any
 
 import pandas as pd
 
-from v2drop_eval.report import stats
 from v2drop_eval.engine.atomic import write_text_atomic
 from v2drop_eval.methods import REGISTRY
+from v2drop_eval.report import stats
 from v2drop_eval.report.results import PointResult, adaptive_points, complexity, load_sweep, not_included
 
 __all__ = [

@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from v2drop_eval.sweep.executors import EXECUTORS, SLURM_KEYS, parse_executor, parse_slurm
 from v2drop_eval.engine.families import FAMILY_NAMES, get_family
 from v2drop_eval.methods import get_method
-from v2drop_eval.engine.schedule import DropSchedule, fitted_preset
+from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import METHODS, METRICS, check_drop_method, local_model_problem, validate
+from v2drop_eval.sweep.executors import EXECUTORS, SLURM_KEYS, parse_executor, parse_slurm
 
 __all__ = [
     "METHODS",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from v2drop_eval.engine.atomic import write_json_atomic
+from v2drop_eval.sweep.config import Point, SweepConfig
 from v2drop_eval.sweep.executors import (
     JobRecord,
     job_log_tail,
@@ -47,7 +48,6 @@ from v2drop_eval.sweep.runner import (
     _write_status,
     point_state,
 )
-from v2drop_eval.sweep.config import Point, SweepConfig
 
 __all__ = ["settle_jobs", "record_dead_job", "run_jobs", "dry_run_jobs", "POLL_S"]
 

@@ -38,10 +38,10 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from v2drop_eval.engine.atomic import write_json_atomic, write_text_atomic
+from v2drop_eval.methods.rules import local_model_problem
+from v2drop_eval.sweep.config import Point, SweepConfig
 from v2drop_eval.sweep.executors import JobRecord, read_job
 from v2drop_eval.sweep.pointcheck import POINT_FILE, SIDECAR_GLOB, check_point_files, writes_sidecar
-from v2drop_eval.sweep.config import Point, SweepConfig
-from v2drop_eval.methods.rules import local_model_problem
 
 __all__ = ["RunFn", "PointOutcome", "SweepReport", "PrepareError", "run_sweep", "dry_run", "subprocess_run",
            "check_point_output", "is_done", "point_state", "run_point_in", "SIDECAR_GLOB", "LOG_NAME",
