@@ -27,14 +27,13 @@ from v2drop_eval import DropSchedule, flops
 from v2drop_eval.methods import METHODS
 from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
 from v2drop_eval.plugin.sidecar import (
-    GenerateTimer,
     SampleLog,
-    _generated_tokens,
     find_lmms_eval_run,
     sidecar_path,
     summarize,
     write_jsonl_atomic,
 )
+from v2drop_eval.plugin.timer import GenerateTimer, generated_tokens
 
 SCHEDULE = "1:0.5/2:0.25/3:0"  # fits the tiny models' 4 layers
 # tiny_textvqa doc i and tiny_mme doc j images (tools/smoke_assets.py IMAGE_SIZES) -> Qwen vision tokens
@@ -94,9 +93,9 @@ def test_manifest_import_is_light():
     code = ("import sys; import v2drop_eval.plugin.manifest as m; "
             "print('torch' in sys.modules, 'transformers' in sys.modules, len(m.manifests()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    from v2drop_eval.plugin.manifest import MODELS
+    from v2drop_eval.engine.families import LMMS_MODELS
 
-    assert out == ["False", "False", str(len(MODELS))] and len(MODELS) == 5
+    assert out == ["False", "False", str(len(LMMS_MODELS))] and len(LMMS_MODELS) == 5
 
 
 # -- model arguments ----------------------------------------------------------------------------------
@@ -281,9 +280,9 @@ def test_bad_sidecar_fails_before_weights_load(tiny_assets, tmp_path: Path):
 # -- measurement pieces --------------------------------------------------------------------------------
 def test_generated_tokens_stop_at_first_eos():
     new = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
-    assert _generated_tokens(new, 2) == [3, 4, 1]
-    assert _generated_tokens(new, [8, 2]) == [3, 4, 1]
-    assert _generated_tokens(new, None) == [4, 4, 4]
+    assert generated_tokens(new, 2) == [3, 4, 1]
+    assert generated_tokens(new, [8, 2]) == [3, 4, 1]
+    assert generated_tokens(new, None) == [4, 4, 4]
 
 
 def test_summarize_means_and_per_item():

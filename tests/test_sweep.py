@@ -17,7 +17,8 @@ from sweep_fakes import install_fake_lmms_eval
 
 from v2drop_eval.cli import main, select_points
 from v2drop_eval.sweep.config import ConfigError, expand, load_config, parse_config
-from v2drop_eval.sweep.runner import is_done, run_sweep
+from v2drop_eval.sweep.layout import is_done
+from v2drop_eval.sweep.runner import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

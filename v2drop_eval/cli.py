@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from v2drop_eval.sweep.executors import EXECUTORS
+from v2drop_eval.sweep.fields import EXECUTORS
 
 __all__ = ["main", "build_parser", "select_points", "DELEGATED", "USER_ERRORS", "DEBUG_FLAG"]
 
@@ -113,7 +113,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 2
     executor = args.executor or cfg.executor
     if executor != "inline":
-        from v2drop_eval.sweep.executors import require_submitit
+        from v2drop_eval.sweep.jobs import require_submitit
 
         require_submitit(executor)  # before anything runs, dry run included
     if args.dry_run:
@@ -145,7 +145,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_tables(args: argparse.Namespace) -> int:
-    from v2drop_eval.report.tables import write_tables
+    from v2drop_eval.report.build import write_tables
 
     if not args.results.is_dir():
         print(f"error: {args.results} is not a directory", file=sys.stderr)

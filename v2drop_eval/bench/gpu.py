@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from v2drop_eval.bench.report import write_outputs
-from v2drop_eval.bench.run import METHODS, TimeGuard, machine_info, pin_threads, run_bench
+from v2drop_eval.bench.report import RANDOM, V2DROP, write_outputs
+from v2drop_eval.bench.run import TimeGuard, machine_info, pin_threads, run_bench
+from v2drop_eval.methods import BASELINE, METHODS
 
 __all__ = ["SUITE", "DRY_RUN", "GPU", "PAPER_TABLE5", "flash_available", "run_suite", "main"]
 
@@ -38,8 +39,8 @@ PAPER_TABLE5 = {
     "llava-1.5-7b": {
         "llm_generation_latency_change": -0.305,
         "vanilla": {"llm_generation_latency_s": 400, "throughput_items_per_s": 7.13, "peak_memory_mb": 15566},
-        "v2drop": {"llm_generation_latency_s": 274, "throughput_items_per_s": 9.01, "peak_memory_mb": 15046},
-        "random": {"throughput_items_per_s": 9.08},
+        V2DROP: {"llm_generation_latency_s": 274, "throughput_items_per_s": 9.01, "peak_memory_mb": 15046},
+        RANDOM: {"throughput_items_per_s": 9.08},
     },
 }
 
@@ -58,10 +59,10 @@ def _paper_md(shape: str, rows: list[dict]) -> str:
     if paper is None:
         return ("## The paper's Table 5\n\nThe V2Drop paper publishes efficiency figures for LLaVA-1.5-7B only; "
                 "none for this shape.")
-    van, v2 = paper["vanilla"], paper["v2drop"]
+    van, v2 = paper["vanilla"], paper[V2DROP]
     lat = paper["llm_generation_latency_change"]
     thr = v2["throughput_items_per_s"] / van["throughput_items_per_s"] - 1
-    rnd = paper["random"]["throughput_items_per_s"] / van["throughput_items_per_s"] - 1
+    rnd = paper[RANDOM]["throughput_items_per_s"] / van["throughput_items_per_s"] - 1
     mem = v2["peak_memory_mb"] / van["peak_memory_mb"] - 1
     lines = ["## The paper's Table 5 beside this run", "",
              "Paper: LLaVA-1.5-7B, MMBench, 128 tokens, one A100, real images and prompts, the whole benchmark. "
@@ -75,7 +76,7 @@ def _paper_md(shape: str, rows: list[dict]) -> str:
         for attn, bs in _groups(rows):
             r = next((x for x in rows if (x["attn"], x["batch_size"], x["method"], x["budget"]) ==
                       (attn, bs, method, BUDGET)), None)
-            base = next((x for x in rows if (x["attn"], x["batch_size"], x["method"]) == (attn, bs, "none")), None)
+            base = next((x for x in rows if (x["attn"], x["batch_size"], x["method"]) == (attn, bs, BASELINE)), None)
             out.append("-" if r is None or base is None else transform(r, base))
         return out
 
@@ -95,11 +96,11 @@ def _paper_md(shape: str, rows: list[dict]) -> str:
 
     lines.append(f"| LLM generation latency, V2Drop vs vanilla | {lat:+.1%} ({van['llm_generation_latency_s']} s -> "
                  f"{v2['llm_generation_latency_s']} s) | "
-                 + " | ".join(cell("v2drop", change("generate_change", "generate_change_ci"))) + " |")
-    lines.append(f"| throughput, V2Drop vs vanilla | {thr:+.1%} | " + " | ".join(cell("v2drop", throughput)) + " |")
-    lines.append(f"| throughput, random vs vanilla | {rnd:+.1%} | " + " | ".join(cell("random", throughput)) + " |")
+                 + " | ".join(cell(V2DROP, change("generate_change", "generate_change_ci"))) + " |")
+    lines.append(f"| throughput, V2Drop vs vanilla | {thr:+.1%} | " + " | ".join(cell(V2DROP, throughput)) + " |")
+    lines.append(f"| throughput, random vs vanilla | {rnd:+.1%} | " + " | ".join(cell(RANDOM, throughput)) + " |")
     lines.append(f"| peak memory, V2Drop vs vanilla | {mem:+.1%} | "
-                 + " | ".join(cell("v2drop", change("peak_memory_bytes"))) + " |")
+                 + " | ".join(cell(V2DROP, change("peak_memory_bytes"))) + " |")
     return "\n".join(lines)
 
 

@@ -22,11 +22,20 @@ import numpy as np
 from v2drop_eval.engine import flops
 from v2drop_eval.engine.atomic import write_text_atomic
 from v2drop_eval.engine.clock import PREFILL_CATEGORIES
+from v2drop_eval.methods import BASELINE
+from v2drop_eval.methods.fastv import METHOD as _FASTV
+from v2drop_eval.methods.fastv_attn import METHOD as _FASTV_ATTN
+from v2drop_eval.methods.random_drop import METHOD as _RANDOM
+from v2drop_eval.methods.v2drop import METHOD as _V2DROP
 from v2drop_eval.report import stats
 
 __all__ = ["summarize", "targets", "cross_checks", "verdict", "to_markdown", "write_outputs", "MIN_REPEATS",
            "SHARE_BOUND", "EFFICIENCY_BOUND", "TARGET_BUDGET"]
 
+# The methods the targets name (docs/bench.md): V2Drop, its random control, and FastV as published.
+V2DROP, RANDOM, FASTV, FASTV_ATTN = _V2DROP.name, _RANDOM.name, _FASTV.name, _FASTV_ATTN.name
+PLAIN = "plain"  # the model without any hooks: a configuration of the bench, not a method
+KEEP_ALL = "keep1.0"  # the default method's hooks on every stage layer, nothing dropped (the machinery's cost)
 MIN_REPEATS = 3  # below this an interval says nothing: every verdict is undecided
 TARGET_BUDGET = "128"
 SHARE_BOUND = {"cpu": 0.005, "cuda": 0.01}  # the dropper's share of the LLM prefill, v2drop and random
@@ -59,7 +68,7 @@ def summarize(shape: str, device: str, attn: str, batch_size: int, group: list[t
     for method, budget, schedule, runs in group:
         if not runs:
             continue
-        drops = method not in ("plain", "none")
+        drops = method not in (PLAIN, BASELINE)
         vision = schedule.tokens_per_layer(vision_tokens, layers) if drops else [vision_tokens] * layers
         if runs[0].get("vision_per_layer") is not None:  # the engine's own count must agree with the arithmetic
             assert runs[0]["vision_per_layer"] == vision, (method, budget, runs[0]["vision_per_layer"], vision)
@@ -89,9 +98,9 @@ def summarize(shape: str, device: str, attn: str, batch_size: int, group: list[t
 
 def _compare(rows: list[dict], runs_of: dict) -> None:
     """Paired comparisons of each row with its references in the same repeats."""
-    none = runs_of.get(("none", "-"))
-    plain = runs_of.get(("plain", "-"))
-    base_flops = next((r["prefill_flops"] for r in rows if r["method"] == "none"), None)
+    none = runs_of.get((BASELINE, "-"))
+    plain = runs_of.get((PLAIN, "-"))
+    base_flops = next((r["prefill_flops"] for r in rows if r["method"] == BASELINE), None)
     for row in rows:
         runs = runs_of[(row["method"], row["budget"])]
         key = (row["method"], row["budget"])
@@ -107,11 +116,11 @@ def _compare(rows: list[dict], runs_of: dict) -> None:
                 row["efficiency_ci"] = [round(c / row["flops_speedup"], 3) for c in row["llm_speedup_ci"]]
         # cross-checks: differences of totals (the direct measurement is dropper_share)
         ref = None
-        if row["method"] == "v2drop" and ("random", row["budget"]) in runs_of:
-            ref, name = runs_of[("random", row["budget"])], "overhead_vs_random"
-        elif row["method"] in ("fastv", "fastv_attn") and ("v2drop", f"{row['budget']}@fastv") in runs_of:
-            ref, name = runs_of[("v2drop", f"{row['budget']}@fastv")], "over_v2drop"
-        elif plain is not None and key in (("none", "-"), ("v2drop", "keep1.0")):
+        if row["method"] == V2DROP and (RANDOM, row["budget"]) in runs_of:
+            ref, name = runs_of[(RANDOM, row["budget"])], "overhead_vs_random"
+        elif row["method"] in (FASTV, FASTV_ATTN) and (V2DROP, f"{row['budget']}@{FASTV}") in runs_of:
+            ref, name = runs_of[(V2DROP, f"{row['budget']}@{FASTV}")], "over_v2drop"
+        elif plain is not None and key in ((BASELINE, "-"), (V2DROP, KEEP_ALL)):
             ref, name = plain, "over_plain"
         if ref is not None:
             value, ci = _median_ci(_paired(runs, ref, "llm_prefill_ms"))
@@ -153,16 +162,16 @@ def targets(rows: list[dict]) -> list[dict]:
         group = f"{r['attn']}, batch {r['batch_size']}"
         if r["budget"] != TARGET_BUDGET:
             continue
-        if r["method"] in ("v2drop", "random") and r.get("dropper_share") is not None:
+        if r["method"] in (V2DROP, RANDOM) and r.get("dropper_share") is not None:
             bound = SHARE_BOUND.get(r["device"], SHARE_BOUND["cpu"])
             out.append(dict(target=f"dropper share of the LLM prefill, {r['method']}", group=group, rule="<=",
                             bound=bound, value=r["dropper_share"], ci=r["dropper_share_ci"], percent=True,
                             verdict=verdict(r["dropper_share_ci"], bound, "<=", r["repeats"])))
-        if r["method"] == "v2drop" and r.get("efficiency") is not None:
+        if r["method"] == V2DROP and r.get("efficiency") is not None:
             out.append(dict(target="prefill efficiency (LLM speed-up / FLOPs speed-up), v2drop", group=group,
                             rule=">=", bound=EFFICIENCY_BOUND, value=r["efficiency"], ci=r["efficiency_ci"],
                             percent=False, verdict=verdict(r["efficiency_ci"], EFFICIENCY_BOUND, ">=", r["repeats"])))
-        if r["method"] == "fastv_attn" and r["attn"] != "eager" and r.get("over_v2drop") is not None:
+        if r["method"] == FASTV_ATTN and r["attn"] != "eager" and r.get("over_v2drop") is not None:
             out.append(dict(target=f"V2Drop ({r['attn']}) faster than fastv_attn at FastV's schedule: fastv_attn's "
                                    "LLM prefill over V2Drop's", group=group, rule=">", bound=0.0,
                             value=r["over_v2drop"], ci=r["over_v2drop_ci"], percent=True, signed=True,
@@ -178,7 +187,7 @@ def cross_checks(rows: list[dict]) -> list[str]:
                            ("over_plain", "LLM prefill over the model without hooks (plain)"),
                            ("over_v2drop", "LLM prefill over V2Drop's at the same schedule"),
                            ("generate_over_v2drop", "generation latency over V2Drop's at the same schedule")):
-            if r.get(name) is not None and not (name == "over_v2drop" and r["method"] == "fastv_attn"):  # a target
+            if r.get(name) is not None and not (name == "over_v2drop" and r["method"] == FASTV_ATTN):  # a target
                 out.append(f"- {r['attn']}, batch {r['batch_size']}: {r['method']} {r['budget']}: {what} "
                            f"{_fmt(r[name], r[name + '_ci'], True, True)}")
     return out

@@ -1,19 +1,47 @@
-"""Model families, declared once: which checkpoints and classes each takes, its lmms-eval model name,
-and which preset table it uses. Light on purpose (no torch): sweep configs and model args check
-against it before anything loads."""
+"""Model families and the plugin's lmms-eval models, declared once: which checkpoints and classes each
+family takes, which lmms-eval model serves it, and which preset table it uses; each lmms-eval model's chat
+and simple classes and aliases (the entry-point manifest is built from this table). Light on purpose (no
+torch): sweep configs and model args check against it before anything loads."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Family", "FAMILIES", "FAMILY_NAMES", "PRESET_SHAPES", "get_family", "preset_family", "family_of_class",
-           "lmms_siblings"]
+__all__ = ["Family", "FAMILIES", "FAMILY_NAMES", "PRESET_SHAPES", "LmmsModel", "LMMS_MODELS", "get_family",
+           "preset_family", "family_of_class", "lmms_siblings", "is_plugin_model"]
+
+
+@dataclass(frozen=True)
+class LmmsModel:
+    """An lmms-eval model the plugin registers: its chat and simple classes (import paths under
+    ``v2drop_eval.plugin``; None where lmms-eval 0.7.3 has no such parent class) and its aliases."""
+
+    id: str
+    chat: str | None
+    simple: str | None
+    aliases: tuple[str, ...] = ()
+
+
+# A class exists wherever lmms-eval 0.7.3 has one for the parent (chat: llava_hf, qwen2_5_vl, qwen3_vl,
+# internvl_hf; simple: all but internvl_hf).
+LMMS_MODELS: dict[str, LmmsModel] = {m.id: m for m in (
+    LmmsModel("v2drop_llava", "llava.V2DropLlavaChat", "llava.V2DropLlava", ("v2drop_llava_hf",)),
+    LmmsModel("v2drop_qwen2_vl", None, "qwen2_vl.V2DropQwen2VL"),
+    LmmsModel("v2drop_qwen2_5_vl", "qwen2_vl.V2DropQwen2_5_VLChat", "qwen2_vl.V2DropQwen2_5_VL"),
+    LmmsModel("v2drop_qwen3_vl", "qwen3_vl.V2DropQwen3VLChat", "qwen3_vl.V2DropQwen3VL"),
+    LmmsModel("v2drop_internvl", "internvl.V2DropInternVL", None, ("v2drop_internvl_hf",)),
+)}
+
+
+def is_plugin_model(name: str) -> bool:
+    """``name`` is one of the plugin's lmms-eval models or aliases (they always write a side-car)."""
+    return any(name == m.id or name in m.aliases for m in LMMS_MODELS.values())
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    lmms_model: str  # the plugin's lmms-eval model name
+    lmms_model: str  # the plugin's lmms-eval model (a key of LMMS_MODELS)
     model_types: tuple[str, ...]  # config.model_type values of checkpoints it takes
     classes: tuple[str, ...]  # transformers classes the engine's adapter supports
     presets: str  # preset table: presets were matched on this family's published shape (or derived for its depth)
@@ -42,6 +70,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3_vl", "v2drop_qwen3_vl", ("qwen3_vl", "qwen3_vl_moe"),
            ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), "qwen3_vl"),
 )}
+if unknown := {f.lmms_model for f in FAMILIES.values()} - set(LMMS_MODELS):
+    raise RuntimeError(f"families name lmms-eval models that LMMS_MODELS does not declare: {sorted(unknown)}")
 # Every name a config may give (aliases included) -> its family.
 _BY_NAME = {n: f for f in FAMILIES.values() for n in (f.name, *f.aliases)}
 FAMILY_NAMES = tuple(sorted(_BY_NAME))

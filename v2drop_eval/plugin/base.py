@@ -61,7 +61,8 @@ class V2DropMixin:
     def _v2drop_attach(self, args: DropArgs, pretrained: str) -> None:
         """Attach the dropper and the timer to the loaded model."""
         from v2drop_eval import attach
-        from v2drop_eval.plugin.sidecar import GenerateTimer, SampleLog, sidecar_path, versions
+        from v2drop_eval.plugin.sidecar import SampleLog, sidecar_path
+        from v2drop_eval.plugin.timer import GenerateTimer, versions
 
         model = self.model
         self._v2drop_args = args

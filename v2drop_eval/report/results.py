@@ -18,18 +18,15 @@ from typing import Any
 
 import pandas as pd
 
-from v2drop_eval.sweep.pointcheck import (
-    POINT_FILE,
-    SIDECAR_GLOB,
-    check_point_files,
-    read_sidecar_lines,
-    writes_sidecar,
-)
+from v2drop_eval.methods import BASELINE, REGISTRY
+from v2drop_eval.plugin.sidecar import SIDECAR_GLOB, is_sidecar, read_sidecar
+from v2drop_eval.sweep.layout import ERROR_FILE, FAILED_DIR, POINT_FILE, STATUS_FILE
+from v2drop_eval.sweep.pointcheck import check_point_files, writes_sidecar
 
 __all__ = ["PointResult", "load_sweep", "not_included", "parse_model_args", "adaptive_points", "complexity",
            "SIDECAR_GLOB"]
 
-_SKIP_DIRS = ("_failed", "tables")
+_SKIP_DIRS = (FAILED_DIR, "tables")
 _META_KEYS = ("model_name", "family", "method", "budget", "schedule", "metric", "seed")
 
 
@@ -93,7 +90,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _read_sidecar(path: Path) -> pd.DataFrame:
     try:
-        rows, bad = read_sidecar_lines(path)
+        rows, bad = read_sidecar(path)
     except OSError as exc:
         _warn(f"skipping {path}: {exc}")
         return pd.DataFrame()
@@ -107,7 +104,7 @@ def _read_items(point_dir: Path) -> dict[str, pd.DataFrame]:
     document (``doc_id`` index) with its per-item metric values. Later runs override earlier ones."""
     items: dict[str, pd.DataFrame] = {}
     for path in sorted(point_dir.rglob("*_samples_*.jsonl")):
-        if "_v2drop_samples" in path.name:  # our side-car, not lmms-eval's log
+        if is_sidecar(path):  # our side-car, not lmms-eval's log
             continue
         task = path.stem.split("_samples_", 1)[1]
         rows = []
@@ -140,10 +137,11 @@ def _normalise_meta(meta: dict[str, Any]) -> dict[str, Any]:
             out[key] = str(out[key])
         if isinstance(out[key], str) and out[key].strip() in ("", "None", "null"):
             out[key] = None
-    out["method"] = out["method"] or "none"
-    if out["method"] != "v2drop":
+    out["method"] = out["method"] or BASELINE
+    spec = REGISTRY.get(out["method"])  # a method no longer registered keeps what it recorded
+    if spec is not None and not spec.takes_metric:
         out["metric"] = None
-    if out["method"] != "random":
+    if spec is not None and not spec.takes_seed:
         out["seed"] = None
     return out
 
@@ -222,10 +220,10 @@ def not_included(sweep_dir: str | Path, loaded: Sequence[str]) -> list[tuple[str
     last failure recorded under ``_failed/``, or the status in ``sweep.json`` (pending, redo)."""
     sweep_dir = Path(sweep_dir)
     out: dict[str, str] = {}
-    for error in sorted((sweep_dir / "_failed").glob("*/error.json")):
+    for error in sorted((sweep_dir / FAILED_DIR).glob(f"*/{ERROR_FILE}")):
         data = _read_json(error) or {}
         out[error.parent.name] = f"failed: {data.get('error') or 'see ' + str(error)}"
-    status = _read_json(sweep_dir / "sweep.json") if (sweep_dir / "sweep.json").is_file() else None
+    status = _read_json(sweep_dir / STATUS_FILE) if (sweep_dir / STATUS_FILE).is_file() else None
     for pid, entry in ((status or {}).get("points") or {}).items():
         if pid in out or not isinstance(entry, dict) or entry.get("status") == "done":
             continue

@@ -4,37 +4,37 @@ Accuracy: a row per model x method x budget/schedule (x metric, seed), a column 
 the task's headline metric in % (MME: perception + cognition, out of 2800), and "Average": the mean
 over benchmarks of the score relative to the same model's ``none`` run, in %.
 Efficiency: per-item means from the plugin's side-car (timings of a batch are shared by its items).
-Each table is written as Markdown, CSV and LaTeX (booktabs); plots come from :mod:`v2drop_eval.report.plots`.
+Each table is written as Markdown, CSV and LaTeX (booktabs) by :mod:`v2drop_eval.report.render`;
+:func:`v2drop_eval.report.build.write_tables` writes them all, with the plots of :mod:`v2drop_eval.report.plots`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from v2drop_eval.engine.atomic import write_text_atomic
-from v2drop_eval.methods import REGISTRY
+from v2drop_eval.methods import BASELINE, REGISTRY
 from v2drop_eval.report import stats
-from v2drop_eval.report.results import PointResult, adaptive_points, complexity, load_sweep, not_included
+from v2drop_eval.report.results import PointResult, adaptive_points, complexity
 
 __all__ = [
     "HEADLINE",
     "TASK_LABELS",
-    "build_tables",
-    "write_tables",
-    "TablesBuilt",
     "accuracy_table",
     "complexity_table",
     "efficiency_table",
     "headline_score",
-    "to_markdown",
-    "to_latex",
+    "comparison_table",
+    "row_key",
+    "KEY_COLS",
+    "CI_LO",
+    "CI_HI",
+    "METHOD_LABELS",
+    "EFFICIENCY_COLUMNS",
+    "COMPARISON_COLUMNS",
 ]
 
 # task -> headline metric (the key before ",<filter>" in lmms-eval's results). MME is special-cased.
@@ -59,7 +59,7 @@ TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "te
                "ai2d": "AI2D", "mmstar": "MMStar", "v2drop_demo_vqa": "DemoVQA"}
 # From the method registry: the baseline first, then the methods in registry order.
 METHOD_LABELS = {name: m.label for name, m in REGISTRY.items()}
-METHOD_ORDER = {name: i for i, name in enumerate(["none", *(n for n in REGISTRY if n != "none")])}
+METHOD_ORDER = {name: i for i, name in enumerate(REGISTRY)}
 KEY_COLS = ["model", "method", "setting", "metric", "seed"]
 # Companion columns of a benchmark's score: its 95% interval from the per-item log (CSV keeps them as
 # columns; Markdown and LaTeX show "score [low, high]" in one cell).
@@ -102,7 +102,7 @@ def _setting(meta: Mapping[str, Any]) -> str:
     return "full"
 
 
-def _key(p: PointResult) -> dict[str, Any]:
+def row_key(p: PointResult) -> dict[str, Any]:
     m = p.meta
     return {"model": m.get("model_name") or p.point_id.split("__")[0], "method": m["method"],
             "setting": _setting(m), "metric": m.get("metric") or "", "seed": "" if m.get("seed") is None else m["seed"],
@@ -126,7 +126,7 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
     """One row per point; columns: key columns, one per benchmark (label), ``Average`` (% of none)."""
     rows, tasks = [], []
     for p in points:
-        row = _key(p)
+        row = row_key(p)
         for task, metrics in p.results.items():
             score, name = headline_score(task, metrics, headline)
             if score is None:
@@ -142,7 +142,7 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
         return pd.DataFrame(columns=[*KEY_COLS, "Average"])
     df = pd.DataFrame(rows)
     tasks = [t for t in _task_order(tasks) if t in df.columns]
-    base = df[df["method"] == "none"].drop_duplicates("model").set_index("model")
+    base = df[df["method"] == BASELINE].drop_duplicates("model").set_index("model")
     averages = []
     for _, r in df.iterrows():
         rel = []
@@ -181,8 +181,8 @@ def comparison_table(points: Sequence[PointResult], headline: Mapping[str, str] 
     McNemar p-value for 0/1 scores, and a verdict ("tie" when the interval spans 0)."""
     by_setting: dict[tuple[str, str], list[PointResult]] = {}
     for p in points:
-        k = _key(p)
-        if k["method"] != "none":
+        k = row_key(p)
+        if k["method"] != BASELINE:
             by_setting.setdefault((k["model"], k["setting"]), []).append(p)
     rows = []
     for (model, setting), group in by_setting.items():
@@ -215,7 +215,7 @@ def comparison_table(points: Sequence[PointResult], headline: Mapping[str, str] 
 
 def _label(p: PointResult) -> str:
     """A method's name in a comparison: its label, with its metric or seed where it has one."""
-    k = _key(p)
+    k = row_key(p)
     extra = k["metric"] or (f"seed {k['seed']}" if k["seed"] != "" else "")
     return METHOD_LABELS.get(k["method"], k["method"]) + (f" ({extra})" if extra else "")
 
@@ -293,14 +293,14 @@ EFFICIENCY_COLUMNS = {
 
 def efficiency_table(points: Sequence[PointResult]) -> pd.DataFrame:
     """One row per point: per-item timings, speed-up and FLOPs reduction vs the model's ``none`` run."""
-    rows = [{**_key(p), **_efficiency_row(p)} for p in points]
+    rows = [{**row_key(p), **_efficiency_row(p)} for p in points]
     if not rows:
         return pd.DataFrame(columns=[*KEY_COLS, *EFFICIENCY_COLUMNS])
     df = pd.DataFrame(rows)
     for col in EFFICIENCY_COLUMNS:
         if col not in df.columns:
             df[col] = math.nan
-    base = df[df["method"] == "none"].drop_duplicates("model").set_index("model")
+    base = df[df["method"] == BASELINE].drop_duplicates("model").set_index("model")
     ref_total = df["model"].map(base["total_ms"]) if len(base) else math.nan
     ref_flops = df["model"].map(base["prefill_tflops"]) if len(base) else math.nan
     df["speedup"] = ref_total / df["total_ms"]
@@ -323,7 +323,7 @@ def complexity_table(points: Sequence[PointResult]) -> pd.DataFrame:
             continue
         kind, x = measured
         y = pd.to_numeric(p.samples["avg_vision_tokens"], errors="coerce")
-        key = {k: v for k, v in _key(p).items() if k in ("point", "model", "method", "setting")}
+        key = {k: v for k, v in row_key(p).items() if k in ("point", "model", "method", "setting")}
         row = {**key, "complexity": kind, "corr": y.corr(x),
                "kept_mean": y.mean(), "kept_min": y.min(), "kept_max": y.max()}
         if kind == "objects":
@@ -334,158 +334,3 @@ def complexity_table(points: Sequence[PointResult]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     kept = sorted((c for c in df.columns if c.startswith("kept@")), key=lambda c: int(c[5:]))
     return df[["point", "model", "method", "setting", "complexity", "corr", "kept_mean", "kept_min", "kept_max", *kept]]
-
-
-# -- writers ---------------------------------------------------------------------------------------
-_KEY_LABELS = {"model": "Model", "method": "Method", "setting": "Tokens / schedule", "metric": "Metric",
-               "seed": "Seed"}
-_DIGITS = {"p": 3, "corr": 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
-           "paper_tmacs": 3}
-
-
-def _fmt(value: Any, digits: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float) and digits >= 3 and value != 0 and abs(value) < 0.01:
-        return f"{value:.3g}"
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
-
-
-def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
-    """Header, formatted rows and which columns are numeric (method labels, empty key columns dropped)."""
-    cols = [c for c in df.columns if c != "point" and not c.endswith((CI_LO, CI_HI))]
-    cols = [c for c in cols if not (c in ("metric", "seed") and (df[c].astype(str) == "").all())]
-    numeric = [c not in _KEY_LABELS and c != "device" and pd.api.types.is_numeric_dtype(df[c]) for c in cols]
-    header = [_KEY_LABELS.get(c) or EFFICIENCY_COLUMNS.get(c) or COMPARISON_COLUMNS.get(c) or c for c in cols]
-    rows = []
-    for _, r in df.iterrows():
-        row = []
-        for c, is_num in zip(cols, numeric, strict=True):
-            v = r[c]
-            if c == "method":
-                row.append(METHOD_LABELS.get(v, str(v)))
-            elif is_num:
-                digits = _DIGITS.get(c, 1)
-                text = _fmt(None if pd.isna(v) else float(v), digits)
-                lo, hi = r.get(c + CI_LO), r.get(c + CI_HI)
-                if lo is not None and hi is not None and not pd.isna(lo) and not pd.isna(hi):
-                    text += f" [{_fmt(float(lo), digits)}, {_fmt(float(hi), digits)}]"
-                row.append(text)
-            else:
-                row.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) or v == "" else str(v))
-        rows.append(row)
-    return header, rows, numeric
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    header, rows, numeric = _display(df)
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
-    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_latex(df: pd.DataFrame, caption: str = "") -> str:
-    """A booktabs ``tabular`` (``\\toprule``/``\\midrule``/``\\bottomrule``, a rule between models), written
-    by pandas' ``Styler.to_latex``; needs ``\\usepackage{booktabs}``."""
-    header, rows, numeric = _display(df)
-    shown = pd.DataFrame(rows, columns=pd.Index(header)) if rows else pd.DataFrame(columns=header)
-    tex = (shown.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-           .to_latex(column_format="".join("r" if n else "l" for n in numeric), hrules=True))
-    lines = tex.splitlines()
-    body = lines.index("\\midrule") + 1  # the first data row
-    for i in reversed(range(1, len(rows))):
-        if rows[i][0] != rows[i - 1][0]:
-            lines.insert(body + i, "\\midrule")
-    head = f"% {caption}" if caption else "% generated by v2drop-eval tables"
-    return "\n".join([head, *lines]) + "\n"
-
-
-def _write(df: pd.DataFrame, out: Path, stem: str, caption: str,
-           missing: Sequence[tuple[str, str]] = ()) -> list[Path]:
-    """``stem.md``, ``.csv``, ``.tex``; the points left out are listed under the Markdown table and as
-    LaTeX comments (the CSV holds rows only)."""
-    paths = [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.tex"]
-    md = f"<!-- {caption} -->\n" + to_markdown(df)
-    tex = to_latex(df, caption)
-    if missing:
-        md += f"\nNot included ({len(missing)}):\n\n" + "".join(f"- `{pid}`: {why}\n" for pid, why in missing)
-        tex += "".join(f"% not included: {pid}: {' '.join(why.split())}\n" for pid, why in missing)
-    _write_text(paths[0], md)
-    _write_text(paths[1], df.to_csv(index=False))
-    _write_text(paths[2], tex)
-    return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
-ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: perception + cognition, of 2800); "
-                    "[low, high]: 95% bootstrap interval over the items, where lmms-eval logged per-item scores of a "
-                    "mean metric; Average: mean over benchmarks of the score relative to the unpruned model, in %.")
-EFFICIENCY_CAPTION = ("Efficiency per item (batch timings shared among the batch's items). Prefill TFLOPs: "
-                      "2 x MACs of the LLM decoder layers at prefill, every token counted; Paper TFLOPs: "
-                      "MACs of the decoder layers counting vision tokens only (the papers' convention).")
-
-COMPARISON_CAPTION = ("Paired comparisons at the same model and setting, on the items both methods answered "
-                      "(lmms-eval --log_samples): diff = A - B in points with its 95% paired bootstrap interval "
-                      f"({stats.RESAMPLES} resamples); p: exact McNemar test (0/1 scores); tie when the interval spans 0.")
-COMPLEXITY_CAPTION = ("Adaptive schedules: layer-averaged vision tokens kept per item against image complexity. "
-                      "corr: Pearson correlation with the object count (or edge density); kept@N: mean over items "
-                      "with N objects.")
-
-
-@dataclass
-class TablesBuilt:
-    """What :func:`write_tables` wrote, the points it left out ``(id, reason)``, and the models whose
-    reference (``none``) point is among them or absent (their speed-up and Average are blank)."""
-
-    written: list[Path] = field(default_factory=list)
-    missing: list[tuple[str, str]] = field(default_factory=list)
-    no_reference: list[str] = field(default_factory=list)
-
-
-def write_tables(sweep_dir: str | Path, output: str | Path | None = None,
-                 headline: Mapping[str, str] | None = None) -> TablesBuilt:
-    """Write accuracy/efficiency tables (md, csv, tex) and plots (png) under ``sweep_dir/tables``.
-
-    A point that failed, is not run yet, or whose files do not pass the sweep's check is left out and
-    listed under each table with the reason; other bad files are named in a printed warning.
-    """
-    from v2drop_eval.report import plots
-
-    sweep_dir = Path(sweep_dir)
-    out = Path(output) if output is not None else sweep_dir / "tables"
-    out.mkdir(parents=True, exist_ok=True)
-    built = TablesBuilt()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        points = load_sweep(sweep_dir, built.missing)
-        built.missing += not_included(sweep_dir, [p.point_id for p in points] + [m for m, _ in built.missing])
-        acc = accuracy_table(points, headline)
-        eff = efficiency_table(points)
-        written = _write(acc, out, "accuracy", ACCURACY_CAPTION, built.missing)
-        written += _write(eff, out, "efficiency", EFFICIENCY_CAPTION, built.missing)
-        cmp = comparison_table(points, headline)
-        if not cmp.empty:
-            written += _write(cmp, out, "comparisons", COMPARISON_CAPTION)
-        written += plots.tradeoff_plot(acc, eff, out / "tradeoff.png")
-        written += plots.vision_tokens_plot(points, out / "vision_tokens.png")
-        written += plots.complexity_plot(points, out / "tokens_vs_complexity.png")
-        cx = complexity_table(points)
-        if not cx.empty:
-            written += _write(cx, out, "complexity", COMPLEXITY_CAPTION)
-    for w in caught:
-        if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
-            print(f"warning: {w.message}")
-    built.written = written
-    models = {_key(p)["model"] for p in points} | {pid.split("__")[0] for pid, _ in built.missing}
-    with_reference = {_key(p)["model"] for p in points if p.meta.get("method") == "none"}
-    built.no_reference = sorted(models - with_reference)
-    return built
-
-
-def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
-                 headline: Mapping[str, str] | None = None) -> list[Path]:
-    """:func:`write_tables`, returning only the files written."""
-    return write_tables(sweep_dir, output, headline).written

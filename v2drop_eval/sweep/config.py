@@ -8,8 +8,6 @@ or a schedule the model cannot hold is refused with its location named. See ``do
 
 from __future__ import annotations
 
-import os
-import re
 import shlex
 import sys
 from collections.abc import Mapping
@@ -19,38 +17,44 @@ from typing import Any
 
 import yaml
 
-from v2drop_eval.engine.families import FAMILY_NAMES, get_family
-from v2drop_eval.methods import get_method
-from v2drop_eval.methods.presets import DropSchedule, fitted_preset
-from v2drop_eval.methods.rules import METHODS, METRICS, check_drop_method, local_model_problem, validate
-from v2drop_eval.sweep.executors import EXECUTORS, SLURM_KEYS, parse_executor, parse_slurm
+from v2drop_eval.methods import METHODS, get_method
+from v2drop_eval.methods.presets import fitted_preset
+from v2drop_eval.methods.rules import METRICS, local_model_problem, validate
+from v2drop_eval.sweep.fields import (
+    EXECUTORS,
+    ID_RE,
+    SLURM_KEYS,
+    as_list,
+    int_at_least,
+    parse_budgets,
+    parse_executor,
+    parse_methods,
+    parse_metrics,
+    parse_models,
+    parse_schedules,
+    parse_seeds,
+    parse_slurm,
+    substitute,
+)
+from v2drop_eval.sweep.points import ModelSpec, Point
 
-__all__ = [
-    "METHODS",
-    "METRICS",
-    "FAMILY_MODELS",
-    "ConfigError",
-    "ModelSpec",
-    "Point",
-    "SweepConfig",
-    "load_config",
-    "parse_config",
-    "expand",
-    "schedule_slug",
-]
+__all__ = ["ConfigError", "SweepConfig", "TOP_KEYS", "load_config", "parse_config", "expand"]
 
-# lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
-FAMILY_MODELS = {name: get_family(name).lmms_model for name in FAMILY_NAMES}
+
+def _takers(flag: str) -> str:
+    return ", ".join(m for m in METHODS if getattr(get_method(m), flag))
+
+
 TOP_KEYS = {
     "name": "sweep name; default: the config file's stem",
     "description": "free text, ignored",
     "output": "sweep output directory; default results/<name>",
     "models": "list of models (keys below)",
     "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds: [...]}}",
-    "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; 'paper' for pdrop and dart)",
+    "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; a method's own named presets such as 'paper')",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
-    "metrics": f"variation metrics for v2drop, any of {', '.join(METRICS)}; default [l2]",
-    "seeds": "seeds for the random method; default [0]",
+    "metrics": f"variation metrics for {_takers('takes_metric')}, any of {', '.join(METRICS)}; default [l2]",
+    "seeds": f"seeds for {_takers('takes_seed')}; default [0]",
     "tasks": "lmms-eval task names",
     "limit": "lmms-eval --limit (int, or a fraction < 1); default none",
     "batch_size": "lmms-eval --batch_size; default 1",
@@ -65,82 +69,8 @@ TOP_KEYS = {
     "executor": f"where points run: {', '.join(EXECUTORS)}; default inline; --executor overrides",
     "slurm": f"options of the slurm executor: {', '.join(SLURM_KEYS)}",
 }
-METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds")
-MODEL_KEYS = {
-    "name": "model id used in point ids (letters, digits, '.', '-', single '_')",
-    "family": f"model family, one of {', '.join(sorted(FAMILY_MODELS))}",
-    "pretrained": "hub id or local folder (model arg pretrained=)",
-    "model": "lmms-eval model name; default by family (v2drop_llava, v2drop_qwen2_vl, ...)",
-    "num_layers": "decoder layer count, for the depth check; default: read offline with AutoConfig",
-    "model_args": "extra model args (mapping), e.g. {device_map: cpu, attn_implementation: sdpa}",
-}
-_OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed"}
-_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?!_))*$")
-_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
 class ConfigError(ValueError):
     """A sweep config that cannot run; the message names every problem found."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    family: str
-    pretrained: str
-    model: str
-    num_layers: int | None = None
-    model_args: tuple[tuple[str, Any], ...] = ()
-
-
-@dataclass(frozen=True)
-class Point:
-    """One evaluation: a model under one method and budget or schedule, over all the config's tasks."""
-
-    id: str
-    model: ModelSpec
-    method: str
-    budget: int | str | None = None
-    schedule: str | None = None
-    metric: str | None = None
-    seed: int | None = None
-
-    @property
-    def label(self) -> str:
-        """``b128``, ``s3-0.5_17-0.3_22-0`` or ``full`` (the budget/schedule part of the id)."""
-        if self.budget is not None:
-            return f"b{self.budget}"
-        if self.schedule is not None:
-            return schedule_slug(self.schedule)
-        return "full"
-
-    def model_args(self) -> str:
-        args: dict[str, Any] = {"pretrained": self.model.pretrained, "method": self.method}
-        if self.budget is not None:
-            args["budget"] = self.budget
-        if self.schedule is not None:
-            args["schedule"] = self.schedule
-        if self.metric is not None:
-            args["metric"] = self.metric
-        if self.seed is not None:
-            args["seed"] = self.seed
-        args.update(dict(self.model.model_args))
-        return ",".join(f"{k}={v}" for k, v in args.items())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model_name": self.model.name,
-            "family": self.model.family,
-            "pretrained": self.model.pretrained,
-            "lmms_model": self.model.model,
-            "method": self.method,
-            "budget": self.budget,
-            "schedule": self.schedule,
-            "metric": self.metric,
-            "seed": self.seed,
-            "model_args": self.model_args(),
-        }
 
 
 @dataclass
@@ -207,11 +137,6 @@ class SweepConfig:
         return (env + " " if env else "") + shlex.join(self.command(point, output_path))
 
 
-def schedule_slug(schedule: str) -> str:
-    """``3:0.5/17:0.3/22:0`` -> ``s3-0.5_17-0.3_22-0`` (readable, filesystem-safe, stable)."""
-    return "s" + DropSchedule.parse(schedule).slug()
-
-
 # -- loading ----------------------------------------------------------------------------------------
 def load_config(path: str | Path, output: str | Path | None = None) -> SweepConfig:
     """Read, substitute ``${VAR}``/``${VAR:-default}`` from the environment, and validate a config."""
@@ -221,42 +146,6 @@ def load_config(path: str | Path, output: str | Path | None = None) -> SweepConf
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc}") from None
     return parse_config(raw, default_name=path.stem, output=output, source=str(path))
-
-
-def _substitute(value: Any, where: str, errors: list[str]) -> Any:
-    if isinstance(value, str):
-        def repl(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            if name in os.environ:
-                return os.environ[name]
-            if default is not None:
-                return default
-            errors.append(f"{where}: environment variable ${{{name}}} is not set and has no default")
-            return m.group(0)
-        return _VAR_RE.sub(repl, value)
-    if isinstance(value, list):
-        return [_substitute(v, f"{where}[{i}]", errors) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {k: _substitute(v, f"{where}.{k}", errors) for k, v in value.items()}
-    return value
-
-
-def _as_list(value: Any, key: str, errors: list[str]) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return [value]
-    if not isinstance(value, list):
-        errors.append(f"{key}: expected a list, got {type(value).__name__}")
-        return []
-    return value
-
-
-def _int(value: Any, key: str, errors: list[str], minimum: int = 1) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        errors.append(f"{key}: expected an integer >= {minimum}, got {value!r}")
-        return None
-    return value
 
 
 def parse_config(
@@ -271,25 +160,25 @@ def parse_config(
     errors: list[str] = []
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: a sweep config must be a mapping of keys (see docs/sweeps.md)")
-    raw = _substitute(dict(raw), "config", errors)
+    raw = substitute(dict(raw), "config", errors)
     for key in raw:
         if key not in TOP_KEYS:
             errors.append(f"unknown key {key!r}; known keys: {', '.join(TOP_KEYS)}")
 
     name = str(raw.get("name") or default_name)
-    if not _ID_RE.match(name):
+    if not ID_RE.match(name):
         errors.append(f"name: {name!r} is not a plain identifier (letters, digits, '.', '-', '_')")
     out = Path(output) if output is not None else Path(raw.get("output") or Path("results") / name)
 
-    models = _parse_models(raw.get("models"), errors)
+    models = parse_models(raw.get("models"), errors)
 
-    metrics = _parse_metrics(raw.get("metrics", ["l2"]), "metrics", errors)
-    seeds = _parse_seeds(raw.get("seeds", [0]), "seeds", errors)
-    budgets = _parse_budgets(raw.get("budgets"), "budgets", errors)
-    schedules = _parse_schedules(raw.get("schedules"), errors)
-    methods, overrides = _parse_methods(raw.get("methods"), errors)
+    metrics = parse_metrics(raw.get("metrics", ["l2"]), "metrics", errors)
+    seeds = parse_seeds(raw.get("seeds", [0]), "seeds", errors)
+    budgets = parse_budgets(raw.get("budgets"), "budgets", errors)
+    schedules = parse_schedules(raw.get("schedules"), errors)
+    methods, overrides = parse_methods(raw.get("methods"), errors)
 
-    tasks = [str(t) for t in _as_list(raw.get("tasks"), "tasks", errors)]
+    tasks = [str(t) for t in as_list(raw.get("tasks"), "tasks", errors)]
     if not tasks:
         errors.append("tasks: at least one lmms-eval task is needed")
     for t in tasks:
@@ -299,13 +188,13 @@ def parse_config(
     limit = raw.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
         errors.append(f"limit: expected a positive number, got {limit!r}")
-    batch_size = _int(raw.get("batch_size", 1), "batch_size", errors) or 1
-    num_processes = _int(raw.get("num_processes", 1), "num_processes", errors) or 1
-    jobs = _int(raw.get("jobs", 1), "jobs", errors) or 1
+    batch_size = int_at_least(raw.get("batch_size", 1), "batch_size", errors) or 1
+    num_processes = int_at_least(raw.get("num_processes", 1), "num_processes", errors) or 1
+    jobs = int_at_least(raw.get("jobs", 1), "jobs", errors) or 1
     include_path = raw.get("include_path")
     if include_path is not None and not isinstance(include_path, str):
         errors.append("include_path: expected one folder path (a string)")
-    extra = [str(a) for a in _as_list(raw.get("lmms_eval_args"), "lmms_eval_args", errors)]
+    extra = [str(a) for a in as_list(raw.get("lmms_eval_args"), "lmms_eval_args", errors)]
     for flag in ("--model", "--model_args", "--tasks", "--output_path", "--batch_size", "--limit"):
         if flag in extra:
             errors.append(f"lmms_eval_args: {flag} is set by the sweep itself; use the config key instead")
@@ -351,164 +240,6 @@ def parse_config(
     if errors:
         raise ConfigError(f"{source}: invalid sweep config:\n  - " + "\n  - ".join(errors))
     return cfg
-
-
-def _parse_metrics(value: Any, where: str, errors: list[str]) -> list[str]:
-    metrics = [str(m) for m in _as_list(value, where, errors)]
-    for m in metrics:
-        if m not in METRICS:
-            errors.append(f"{where}: unknown metric {m!r}; known metrics: {', '.join(METRICS)}")
-    if not metrics:
-        errors.append(f"{where}: at least one metric is needed (default [l2])")
-    return metrics
-
-
-def _parse_seeds(value: Any, where: str, errors: list[str]) -> list[int]:
-    seeds = []
-    for s in _as_list(value, where, errors):
-        try:
-            check_drop_method("random", seed=s)
-        except ValueError as exc:
-            errors.append(f"{where}: {exc}")
-        else:
-            seeds.append(int(s))
-    return seeds
-
-
-def _parse_budgets(value: Any, where: str, errors: list[str]) -> list[int | str]:
-    budgets: list[int | str] = []
-    for b in _as_list(value, where, errors):
-        if isinstance(b, bool) or not isinstance(b, (int, str)):
-            errors.append(f"{where}: {b!r} is not a budget (an integer such as 128, or 'default')")
-        elif isinstance(b, str) and not re.fullmatch(r"[A-Za-z0-9]+", b):
-            errors.append(f"{where}: {b!r} is not a budget name")
-        else:
-            budgets.append(int(b) if isinstance(b, str) and b.isdigit() else b)
-    return budgets
-
-
-def _parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, dict[str, list[Any]]]]:
-    """``[none, v2drop, {method: fastv, budgets: [192], schedules: []}]``: names, and per-method grids."""
-    methods: list[str] = []
-    overrides: dict[str, dict[str, list[Any]]] = {}
-    for i, item in enumerate(_as_list(value, "methods", errors)):
-        where = f"methods[{i}]"
-        if isinstance(item, Mapping):
-            unknown = sorted(set(item) - {"method", *METHOD_KEYS})
-            if unknown or "method" not in item:
-                errors.append(f"{where}: expected {{method: NAME, {': [...], '.join(METHOD_KEYS)}: [...]}}"
-                              + (f"; unknown key(s) {', '.join(map(repr, unknown))}" if unknown else ""))
-                continue
-            name = str(item["method"])
-            grid: dict[str, list[Any]] = {}
-            if "budgets" in item:
-                grid["budgets"] = _parse_budgets(item["budgets"], f"{where}.budgets", errors)
-            if "schedules" in item:
-                grid["schedules"] = _parse_schedules(item["schedules"], errors, f"{where}.schedules")
-            if "metrics" in item:
-                grid["metrics"] = _parse_metrics(item["metrics"], f"{where}.metrics", errors)
-            if "seeds" in item:
-                grid["seeds"] = _parse_seeds(item["seeds"], f"{where}.seeds", errors)
-            overrides[name] = grid
-        else:
-            name = str(item)
-        if name not in METHODS:
-            errors.append(f"methods: unknown method {name!r}; known methods: {', '.join(METHODS)}")
-        elif name in methods:
-            errors.append(f"methods: {name!r} is listed twice")
-        methods.append(name)
-    if not methods:
-        errors.append("methods: at least one method is needed")
-    return methods, overrides
-
-
-def _parse_models(value: Any, errors: list[str]) -> list[ModelSpec]:
-    if not isinstance(value, list) or not value:
-        errors.append("models: expected a non-empty list of models")
-        return []
-    models, names = [], set()
-    for i, m in enumerate(value):
-        where = f"models[{i}]"
-        if not isinstance(m, Mapping):
-            errors.append(f"{where}: expected a mapping with keys {', '.join(MODEL_KEYS)}")
-            continue
-        where = f"models[{i}] ({m.get('name', '?')})"
-        for key in m:
-            if key not in MODEL_KEYS:
-                errors.append(f"{where}: unknown key {key!r}; known keys: {', '.join(MODEL_KEYS)}")
-        name, family, pretrained = m.get("name"), m.get("family"), m.get("pretrained")
-        if not isinstance(name, str) or not _ID_RE.match(name):
-            errors.append(f"{where}: name {name!r} must be letters, digits, '.', '-' or single '_'")
-            continue
-        if name in names:
-            errors.append(f"{where}: model name {name!r} is used twice")
-        names.add(name)
-        if family not in FAMILY_MODELS:
-            errors.append(f"{where}: unknown family {family!r}; known families: {', '.join(sorted(FAMILY_MODELS))}")
-            continue
-        if not isinstance(pretrained, str) or not pretrained:
-            errors.append(f"{where}: pretrained (a hub id or a local folder) is required")
-            continue
-        num_layers = m.get("num_layers")
-        if num_layers is not None:
-            num_layers = _int(num_layers, f"{where}: num_layers", errors)
-        margs = m.get("model_args") or {}
-        if not isinstance(margs, Mapping):
-            errors.append(f"{where}: model_args must be a mapping")
-            margs = {}
-        for k, v in margs.items():
-            if k == "sidecar":
-                errors.append(f"{where}: model_args.sidecar: the sweep keeps each point's side-car beside its "
-                              "results, where it checks it")
-            elif k in _OWN_MODEL_ARGS:
-                errors.append(f"{where}: model_args.{k} is set by the sweep; use the config keys instead")
-            if "," in str(v) or "=" in str(k) or "," in str(k):
-                errors.append(f"{where}: model_args.{k}={v!r}: lmms-eval splits model args on ',' and '='")
-        models.append(ModelSpec(
-            name=name, family=str(family), pretrained=pretrained,
-            model=str(m.get("model") or FAMILY_MODELS[family]), num_layers=num_layers,
-            model_args=tuple((str(k), v) for k, v in margs.items()),
-        ))
-    return models
-
-
-def _parse_schedules(value: Any, errors: list[str], key: str = "schedules") -> list[str]:
-    out: list[str] = []
-    for i, item in enumerate(_as_list(value, key, errors)):
-        where = f"{key}[{i}]"
-        if isinstance(item, str):
-            texts = [item]
-        elif isinstance(item, Mapping) and set(item) == {"layers", "keep_ratios"}:
-            layer_sets = item["layers"]
-            ratio_sets = item["keep_ratios"]
-            if not _is_list_of_lists(layer_sets) or not _is_list_of_lists(ratio_sets):
-                errors.append(f"{where}: layers and keep_ratios must be lists of lists, e.g. [[3, 17, 22]]")
-                continue
-            texts = []
-            for layers in layer_sets:
-                for ratios in ratio_sets:
-                    if len(layers) != len(ratios):
-                        errors.append(f"{where}: layers {layers} and keep_ratios {ratios} differ in length")
-                        continue
-                    texts.append("/".join(f"{la}:{r}" for la, r in zip(layers, ratios, strict=True)))
-        else:
-            errors.append(f"{where}: expected 'layer:ratio/...' or {{layers: [[...]], keep_ratios: [[...]]}}")
-            continue
-        for text in texts:
-            try:
-                sched = DropSchedule.parse(text)
-            except ValueError as exc:
-                errors.append(f"{where}: impossible schedule {text!r}: {exc}")
-                continue
-            if sched.is_empty:
-                errors.append(f"{where}: empty schedule {text!r}; use method 'none' for the unpruned model")
-                continue
-            out.append(str(sched))
-    return out
-
-
-def _is_list_of_lists(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, list) for v in value)
 
 
 def _read_num_layers(model: ModelSpec) -> tuple[int | None, str | None]:
@@ -559,7 +290,7 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
             errors.append(f"the grid names the same point twice: {', '.join(dup)}")
 
 
-# -- expansion --------------------------------------------------------------------------------------
+# -- expansion ----------------------------------------------------------------------------------------
 def expand(cfg: SweepConfig) -> list[Point]:
     """All points, in a stable order: per model, ``none`` once, then each method over budgets, schedules."""
     points: list[Point] = []

@@ -22,32 +22,34 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from v2drop_eval.engine.atomic import write_json_atomic
-from v2drop_eval.sweep.config import Point, SweepConfig
-from v2drop_eval.sweep.executors import (
-    JobRecord,
+from v2drop_eval.sweep.config import SweepConfig
+from v2drop_eval.sweep.jobs import (
     job_log_tail,
     job_state,
     make_executor,
-    read_job,
     refresh_jobs,
     run_point_job,
     sbatch_script,
     slurm_parameters,
-    write_job,
 )
-from v2drop_eval.sweep.runner import (
+from v2drop_eval.sweep.layout import (
+    ERROR_FILE,
     FAILED_DIR,
     LOG_NAME,
+    POINT_FILE,
     TMP_PREFIX,
-    PointOutcome,
-    SweepReport,
-    _now,
-    _prepare,
-    _remove,
-    _tail,
-    _write_status,
+    JobRecord,
+    now,
     point_state,
+    read_error,
+    read_job,
+    remove,
+    tail,
+    write_job,
+    write_status,
 )
+from v2drop_eval.sweep.point import PointOutcome, SweepReport, outcome_line, prepare
+from v2drop_eval.sweep.points import Point
 
 __all__ = ["settle_jobs", "record_dead_job", "run_jobs", "dry_run_jobs", "POLL_S"]
 
@@ -66,7 +68,7 @@ def settle_jobs(out: Path, log: TextIO) -> dict[str, JobRecord]:
         point_id = tmp.name[len(TMP_PREFIX):]
         if record is None:
             print(f"removing {tmp.name}, left by an interrupted run", file=log)
-            _remove(tmp)
+            remove(tmp)
             continue
         state, detail = job_state(record, refresh=False)
         if state != "ended":
@@ -82,13 +84,13 @@ def record_dead_job(out: Path, point_id: str, record: JobRecord, detail: str) ->
     it ended; return the error."""
     tmp = out / (TMP_PREFIX + point_id)
     error = f"{record.executor} job {record.job_id} ended ({detail}) before its point finished"
-    tail = _tail(tmp / LOG_NAME) or job_log_tail(record)
-    write_json_atomic(tmp / "error.json", {
-        "id": point_id, "status": "failed", "error": error, "job": asdict(record), "finished": _now(),
-        "log_tail": tail, "job_logs": record.logs})
+    log_tail = tail(tmp / LOG_NAME) or job_log_tail(record)
+    write_json_atomic(tmp / ERROR_FILE, {
+        "id": point_id, "status": "failed", "error": error, "job": asdict(record), "finished": now(),
+        "log_tail": log_tail, "job_logs": record.logs})
     failed = out / FAILED_DIR / point_id
     failed.parent.mkdir(exist_ok=True)
-    _remove(failed)
+    remove(failed)
     os.replace(tmp, failed)
     return error
 
@@ -103,13 +105,12 @@ def _outcome_on_disk(out: Path, point: Point, cfg: SweepConfig, record: JobRecor
     """What a job whose folder has left ``.tmp-`` did: done, failed (its ``error.json``), or cancelled."""
     if point_state(out / point.id, cfg.tasks)[0] == "done":
         try:
-            seconds = float(json.loads((out / point.id / "point.json").read_text()).get("seconds") or 0)
+            seconds = float(json.loads((out / point.id / POINT_FILE).read_text()).get("seconds") or 0)
         except (OSError, ValueError):
             seconds = 0.0
         return PointOutcome(point, "done", seconds)
-    try:
-        err = json.loads((out / FAILED_DIR / point.id / "error.json").read_text())
-    except (OSError, ValueError):
+    err = read_error(out, point.id)
+    if err is None:
         return PointOutcome(point, "cancelled")
     last = (err.get("log_tail") or "").strip().splitlines()[-1:] or [""]
     error = str(err.get("error")) + (f"; last log line: {last[0].strip()[:200]}" if last[0].strip() else "")
@@ -144,7 +145,7 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
             print(f"[{index[p.id]}/{total}] wait {p.id} (already submitted: {executor} job {live[p.id].job_id})",
                   file=log)
     if queue:
-        _prepare(cfg, queue, log)
+        prepare(cfg, queue, log)
     ex = make_executor(cfg, out, executor) if queue else None
     handles: dict[str, Any] = {}
     by_id = {p.id: p for p in points}
@@ -153,18 +154,18 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
     def submit(batch: list[Point]) -> None:
         for p in batch:
             tmp = out / (TMP_PREFIX + p.id)
-            _remove(tmp)
+            remove(tmp)
             tmp.mkdir()
         try:
             with ex.batch():  # slurm: one job array; local: one process per point
                 submitted = [ex.submit(run_point_job, cfg, p, out, _env_fix(executor)) for p in batch]
         except Exception as exc:  # sbatch refused it (bad partition, account, ...): nothing was submitted
             for p in batch:
-                _remove(out / (TMP_PREFIX + p.id))
+                remove(out / (TMP_PREFIX + p.id))
             raise RuntimeError(f"{executor}: submitting {len(batch)} point(s) failed: "
                                f"{' '.join(str(exc).split())[:500]}") from None
         for p, job in zip(batch, submitted, strict=True):
-            record = JobRecord(executor=executor, job_id=str(job.job_id), submitted=_now(), logs=str(job.paths.folder))
+            record = JobRecord(executor=executor, job_id=str(job.job_id), submitted=now(), logs=str(job.paths.folder))
             write_job(out / (TMP_PREFIX + p.id), record)
             live[p.id], handles[p.id] = record, job
             print(f"[{index[p.id]}/{total}] submit {p.id} -> {executor} job {job.job_id}", file=log, flush=True)
@@ -174,7 +175,7 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
             submit(queue)
             queue = []
         if executor == "slurm" and not wait:
-            _write_status(cfg, points, out, {})
+            write_status(cfg, points, out, {})
             for p in points:
                 results.setdefault(p.id, PointOutcome(p, "submitted"))
             print(f"sweep {cfg.name}: {len(live)} point(s) submitted or queued, {done_before} done. Follow them with "
@@ -194,17 +195,16 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
                     continue
                 del live[point_id]
                 results[point_id] = outcome
-                _say(log, index[point_id], total, outcome, out)
-                _write_status(cfg, points, out, {})
+                print(outcome_line(outcome, out, f"[{index[point_id]}/{total}] "), file=log, flush=True)
+                write_status(cfg, points, out, {})
     except BaseException:
         _interrupted(out, executor, live, handles, log)
         raise
-    _write_status(cfg, points, out, {})
+    write_status(cfg, points, out, {})
     for p in points:
         results.setdefault(p.id, PointOutcome(p, "cancelled"))
     report = SweepReport([results[p.id] for p in points])
-    print(report.summary(cfg.name, out, time.monotonic() - started), file=log, flush=True)
-    log.flush()
+    report.print(cfg.name, out, time.monotonic() - started, log)
     return report
 
 
@@ -219,16 +219,6 @@ def _follow(out: Path, point: Point, cfg: SweepConfig, record: JobRecord) -> Poi
             error = record_dead_job(out, point.id, record, detail)
             return PointOutcome(point, "failed", 0.0, error)
     return _outcome_on_disk(out, point, cfg, record)
-
-
-def _say(log: TextIO, i: int, total: int, outcome: PointOutcome, out: Path) -> None:
-    if outcome.status == "done":
-        print(f"[{i}/{total}] ok {outcome.point.id} in {outcome.seconds:.1f}s -> {out / outcome.point.id}",
-              file=log, flush=True)
-    elif outcome.status == "failed":
-        print(f"[{i}/{total}] FAILED {outcome.point.id}: {outcome.error}", file=log, flush=True)
-    else:
-        print(f"[{i}/{total}] cancelled {outcome.point.id}", file=log, flush=True)
 
 
 def _interrupted(out: Path, executor: str, live: dict[str, JobRecord], handles: dict[str, Any], log: TextIO) -> None:
@@ -250,7 +240,7 @@ def _interrupted(out: Path, executor: str, live: dict[str, JobRecord], handles: 
     while time.monotonic() < deadline and any(job_state(r)[0] != "ended" for r in live.values()):
         time.sleep(0.2)
     for point_id in live:
-        _remove(out / (TMP_PREFIX + point_id))  # cancelled: nothing of it may look done or failed
+        remove(out / (TMP_PREFIX + point_id))  # cancelled: nothing of it may look done or failed
     print(f"interrupted: cancelled {len(live)} local job(s); finished points are kept", file=log, flush=True)
 
 
@@ -258,8 +248,6 @@ def dry_run_jobs(cfg: SweepConfig, points: Sequence[Point], out: Path, executor:
                  log: TextIO | None = None) -> None:
     """What a run with ``executor`` would submit: every point's state and command, the executor's
     settings and, for slurm, the sbatch script of the job array."""
-    from v2drop_eval.sweep.executors import job_state as state_of
-
     log = log or sys.stdout
     print(f"sweep {cfg.name}: {len(points)} points -> {out} (executor {executor})", file=log)
     for note in cfg.notes:
@@ -271,7 +259,7 @@ def dry_run_jobs(cfg: SweepConfig, points: Sequence[Point], out: Path, executor:
         record = read_job(out / (TMP_PREFIX + p.id))
         state, why = point_state(out / p.id, cfg.tasks)
         if record is not None and state != "done":
-            live, detail = state_of(record)
+            live, detail = job_state(record)
             what = (f"{live}: {record.executor} job {record.job_id}, not submitted again" if live != "ended"
                     else f"job {record.job_id} ended ({detail}): would be recorded as failed and resubmitted")
             if live == "ended":

@@ -14,15 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from v2drop_eval.plugin.manifest import MODELS as PLUGIN_MODELS
+from v2drop_eval.engine.families import is_plugin_model
+from v2drop_eval.plugin.sidecar import SIDECAR_GLOB, read_sidecar
 
-__all__ = ["SIDECAR_GLOB", "POINT_FILE", "PointFiles", "check_point_files", "read_sidecar_lines", "writes_sidecar"]
-
-SIDECAR_GLOB = "*_v2drop_samples*.jsonl"  # not lmms-eval's own samples_<task>.jsonl (a task may be named v2drop_*)
-POINT_FILE = "point.json"  # the sweep's record of a finished point
-
-# (path, mtime_ns, size) -> parsed lines: the runner re-checks every point after each one finishes.
-_SIDECAR_CACHE: dict[tuple[str, int, int], tuple[list[dict[str, Any]], int]] = {}
+__all__ = ["PointFiles", "check_point_files", "writes_sidecar"]
 
 
 @dataclass
@@ -34,33 +29,9 @@ class PointFiles:
     problem: str | None = None
 
 
-def read_sidecar_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """``(records, corrupt line count)`` of a side-car JSONL; raises ``OSError`` if unreadable."""
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if key not in _SIDECAR_CACHE:
-        rows, bad = [], 0
-        for line in path.read_text(errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                bad += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad += 1
-        if len(_SIDECAR_CACHE) > 256:
-            _SIDECAR_CACHE.clear()
-        _SIDECAR_CACHE[key] = (rows, bad)
-    return _SIDECAR_CACHE[key]
-
-
 def writes_sidecar(lmms_model: str) -> bool:
     """A ``v2drop_*`` lmms-eval model (or alias): it always writes a side-car."""
-    return lmms_model in PLUGIN_MODELS or any(lmms_model in aliases for _, _, aliases in PLUGIN_MODELS.values())
+    return is_plugin_model(lmms_model)
 
 
 def _is_number(value: Any) -> bool:
@@ -107,7 +78,7 @@ def check_point_files(folder: Path, tasks: Sequence[str] | None = None, need_sid
     seen: dict[str, set[Any]] = {}
     for path in out.sidecars:
         try:
-            rows, bad = read_sidecar_lines(path)
+            rows, bad = read_sidecar(path)
         except OSError as exc:
             out.problem = f"side-car {path.name} is not readable: {exc}"
             return out

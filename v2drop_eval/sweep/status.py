@@ -13,8 +13,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from v2drop_eval.sweep.executors import job_state, read_job, refresh_jobs
-from v2drop_eval.sweep.runner import FAILED_DIR, TMP_PREFIX, _lock_holder, point_state
+import yaml
+
+from v2drop_eval.sweep.config import ConfigError, expand, parse_config
+from v2drop_eval.sweep.jobs import job_state, refresh_jobs
+from v2drop_eval.sweep.layout import (
+    CONFIG_FILE,
+    ERROR_FILE,
+    FAILED_DIR,
+    POINT_FILE,
+    STATUS_FILE,
+    TMP_PREFIX,
+    lock_holder,
+    point_state,
+    read_error,
+    read_job,
+)
 
 __all__ = ["STATES", "PointStatus", "point_status", "sweep_status", "summary", "format_status", "status_json"]
 
@@ -32,22 +46,18 @@ class PointStatus:
 
 def _grid(out: Path) -> tuple[list[str], list[str] | None]:
     """Point ids in config order, and the tasks; from ``sweep.yaml``, else from what is on disk."""
-    import yaml
-
-    from v2drop_eval.sweep.config import ConfigError, expand, parse_config
-
     try:
-        raw = yaml.safe_load((out / "sweep.yaml").read_text())
-        cfg = parse_config(raw, output=out, source=str(out / "sweep.yaml"), read_layers=False)
+        raw = yaml.safe_load((out / CONFIG_FILE).read_text())
+        cfg = parse_config(raw, output=out, source=str(out / CONFIG_FILE), read_layers=False)
         return [p.id for p in expand(cfg)], cfg.tasks
     except (OSError, ValueError, ConfigError, yaml.YAMLError):
         pass
     ids: set[str] = set()
     try:
-        ids |= set(json.loads((out / "sweep.json").read_text()).get("points") or {})
+        ids |= set(json.loads((out / STATUS_FILE).read_text()).get("points") or {})
     except (OSError, ValueError, AttributeError):
         pass
-    ids |= {p.parent.name for p in out.glob("*/point.json")}
+    ids |= {p.parent.name for p in out.glob(f"*/{POINT_FILE}")}
     ids |= {d.name for d in (out / FAILED_DIR).glob("*") if d.is_dir()}
     ids |= {d.name[len(TMP_PREFIX):] for d in out.glob(TMP_PREFIX + "*")}
     return sorted(ids), None
@@ -74,12 +84,11 @@ def point_status(out: Path, point_id: str, tasks: list[str] | None, inline_pid: 
                                "before its point finished", record.job_id, record.executor)
     elif tmp.is_dir() and inline_pid:
         return PointStatus(point_id, "running", f"inline, sweep process {inline_pid}", executor="inline")
-    error_file = out / FAILED_DIR / point_id / "error.json"
+    error_file = out / FAILED_DIR / point_id / ERROR_FILE
     if error_file.is_file():
-        try:
-            err = json.loads(error_file.read_text())
-        except (OSError, ValueError) as exc:
-            return PointStatus(point_id, "failed", f"{error_file}: {exc}")
+        err = read_error(out, point_id)
+        if err is None:
+            return PointStatus(point_id, "failed", f"{error_file}: not readable JSON")
         job = err.get("job") or {}
         return PointStatus(point_id, "failed", _first_line(err.get("error")), job.get("job_id"), job.get("executor"))
     if state == "redo":
@@ -91,7 +100,7 @@ def sweep_status(out: str | Path) -> list[PointStatus]:
     """The status of every point of the sweep in ``out`` (see the module docstring)."""
     out = Path(out)
     ids, tasks = _grid(out)
-    holder = _lock_holder(out)
+    holder = lock_holder(out)
     refresh_jobs(r for r in (read_job(out / (TMP_PREFIX + pid)) for pid in ids) if r is not None)
     return [point_status(out, pid, tasks, holder) for pid in ids]
 

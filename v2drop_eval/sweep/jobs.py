@@ -1,92 +1,45 @@
-"""Where a sweep's points run: ``inline`` (this process, one lmms-eval child per point), or as submitit
-jobs, ``local`` (parallel processes on this machine) or ``slurm`` (one job-array task per point).
-
-This module holds the config options, the submitit executors, the job record each submitted point
-keeps in its folder (``.tmp-<point-id>/job.json``), what a recorded job is doing now, and the function a
-job runs. Submitting and following jobs is :mod:`v2drop_eval.sweep.dispatch`; submitit is an optional extra.
+"""Points as submitit jobs, ``local`` (parallel processes on this machine) or ``slurm`` (one job-array
+task per point): the submitit executors, what a recorded job (``.tmp-<point-id>/job.json``,
+:class:`~v2drop_eval.sweep.layout.JobRecord`) is doing now, and the function a job runs. Submitting and
+following jobs is :mod:`v2drop_eval.sweep.dispatch`; the options are :mod:`v2drop_eval.sweep.fields`;
+submitit is an optional extra.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from v2drop_eval.sweep.layout import (
+    JOB_FILE,
+    SUBMITIT_DIR,
+    TMP_PREFIX,
+    JobRecord,
+    now,
+    read_job,
+    remove,
+    tail,
+    write_job,
+)
+from v2drop_eval.sweep.point import run_point_in, subprocess_run
+
 if TYPE_CHECKING:
-    from v2drop_eval.sweep.config import Point, SweepConfig
+    from v2drop_eval.sweep.config import SweepConfig
+    from v2drop_eval.sweep.points import Point
 
-__all__ = ["EXECUTORS", "SLURM_KEYS", "JOB_FILE", "SUBMITIT_DIR", "JobRecord", "parse_executor", "parse_slurm",
-           "require_submitit", "make_executor", "slurm_parameters", "sbatch_script", "read_job", "write_job",
-           "job_state", "refresh_jobs", "job_log_tail", "run_point_job"]
+__all__ = ["INSTALL_HINT", "require_submitit", "make_executor", "slurm_parameters", "sbatch_script", "job_state",
+           "refresh_jobs", "job_log_tail", "run_point_job"]
 
-EXECUTORS = {
-    "inline": "points run here, one lmms-eval process each (`jobs` at a time); no extra dependency",
-    "local": "each point a submitit job on this machine (`jobs` at a time); needs submitit",
-    "slurm": "each point a task of a SLURM job array, options under `slurm:`; needs submitit",
-}
-# key: (accepted types, default, meaning). GPUs per point are the config's num_processes.
-SLURM_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
-    "partition": ((str,), None, "partition (sbatch --partition); default: the cluster's"),
-    "time_min": ((int,), 720, "time limit of one point in minutes (sbatch --time)"),
-    "cpus_per_task": ((int,), 8, "CPU cores per point"),
-    "mem_gb": ((int, float), None, "memory per point in GB (sbatch --mem); default: the cluster's"),
-    "gpus": ((int,), None, "GPUs per point; default: num_processes"),
-    "account": ((str,), None, "account to charge (sbatch --account)"),
-    "qos": ((str,), None, "quality of service (sbatch --qos)"),
-    "constraint": ((str,), None, "node features (sbatch --constraint), e.g. a100"),
-    "array_parallelism": ((int,), 64, "points of the job array running at the same time"),
-    "job_name": ((str,), None, "job name; default v2drop-<sweep name>"),
-    "setup": ((list,), [], "shell lines run before each point, e.g. [module load cuda, source .venv/bin/activate]"),
-    "additional": ((dict,), {}, "other sbatch options as a mapping, e.g. {mail_type: END}"),
-}
-JOB_FILE = "job.json"
-SUBMITIT_DIR = ".submitit"  # submitit's pickles, submission scripts and job logs, per job id
 INSTALL_HINT = "pip install -e \".[slurm]\" (or pip install 'submitit>=1.5')"
 # States a SLURM job is alive in (sacct); UNKNOWN (sacct cannot tell yet) counts as alive: never submit twice.
 _SLURM_QUEUED = {"PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "UNKNOWN"}
 _RECORD_WAIT_S = 60.0  # how long a started job waits for the record the sweep writes after submitting it
-
-
-# -- config -----------------------------------------------------------------------------------------
-def parse_executor(value: Any, errors: list[str]) -> str:
-    name = "inline" if value is None else value
-    if name not in EXECUTORS:
-        errors.append(f"executor: unknown executor {value!r}; known executors: {', '.join(EXECUTORS)}")
-        return "inline"
-    return str(name)
-
-
-def parse_slurm(value: Any, errors: list[str]) -> dict[str, Any]:
-    """The ``slurm:`` mapping, checked key by key; defaults filled in."""
-    if value is None:
-        value = {}
-    if not isinstance(value, Mapping):
-        errors.append("slurm: expected a mapping of options (" + ", ".join(SLURM_KEYS) + ")")
-        return {k: d for k, (_, d, _) in SLURM_KEYS.items()}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if key not in SLURM_KEYS:
-            errors.append(f"slurm: unknown option {key!r}; known options: {', '.join(SLURM_KEYS)}")
-            continue
-        types, _, meaning = SLURM_KEYS[key]
-        if isinstance(item, bool) or not isinstance(item, types):
-            errors.append(f"slurm.{key}: {item!r} is not allowed; expected {'/'.join(t.__name__ for t in types)} "
-                          f"({meaning})")
-        elif isinstance(item, (int, float)) and item < (0 if key == "gpus" else 1):
-            errors.append(f"slurm.{key}: {item!r} is not allowed; expected a number >= {0 if key == 'gpus' else 1}")
-        elif key == "setup" and not all(isinstance(s, str) for s in item):
-            errors.append(f"slurm.setup: expected a list of shell lines (strings), got {item!r}")
-        else:
-            out[key] = item
-    return {k: out.get(k, d) for k, (_, d, _) in SLURM_KEYS.items()}
 
 
 # -- submitit -------------------------------------------------------------------------------------
@@ -160,39 +113,6 @@ def sbatch_script(cfg: SweepConfig, out: Path, points: int) -> str:
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-# -- job records ----------------------------------------------------------------------------------
-@dataclass
-class JobRecord:
-    """A point's job: written into ``.tmp-<point-id>/job.json`` when it is submitted; moves with the
-    folder into the finished point (or ``_failed/``) as a record of which job produced it."""
-
-    executor: str
-    job_id: str
-    submitted: str
-    logs: str  # submitit's folder of this job: submission script, stdout/stderr
-    pid: int | None = None  # the job's own process on its node (local: liveness check)
-    host: str | None = None
-    started: str | None = None
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def read_job(folder: Path) -> JobRecord | None:
-    try:
-        data = json.loads((folder / JOB_FILE).read_text())
-        return JobRecord(**{k: data.get(k) for k in JobRecord.__dataclass_fields__})
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def write_job(folder: Path, record: JobRecord) -> None:
-    from v2drop_eval.engine.atomic import write_json_atomic
-
-    write_json_atomic(folder / JOB_FILE, asdict(record))
-
-
 def _proc_alive(pid: int | None, marker: str) -> bool:
     """``pid`` runs and is a submitit process (its command line holds ``marker``; pids are reused)."""
     if not pid:
@@ -240,11 +160,9 @@ def job_state(record: JobRecord, refresh: bool = True) -> tuple[str, str]:
 
 def job_log_tail(record: JobRecord, lines: int = 15) -> str:
     """The last lines of the job's submitit stderr (then stdout) log."""
-    from v2drop_eval.sweep.runner import _tail
-
     folder = Path(record.logs)
     for name in (f"{record.job_id}_0_log.err", f"{record.job_id}_0_log.out"):
-        text = _tail(folder / name, lines)
+        text = tail(folder / name, lines)
         if text.strip():
             return text
     return ""
@@ -258,9 +176,7 @@ def run_point_job(cfg: SweepConfig, point: Point, out: Path, env_fix: dict[str, 
     back, which submitit's local executor overwrites."""
     import socket
 
-    from v2drop_eval.sweep import runner
-
-    tmp = out / (runner.TMP_PREFIX + point.id)
+    tmp = out / (TMP_PREFIX + point.id)
     tmp.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + _RECORD_WAIT_S
     record = read_job(tmp)
@@ -271,13 +187,13 @@ def run_point_job(cfg: SweepConfig, point: Point, out: Path, env_fix: dict[str, 
         import submitit
 
         env = submitit.JobEnvironment()
-        record = JobRecord(executor=str(env.cluster), job_id=str(env.job_id), submitted=_now(),
+        record = JobRecord(executor=str(env.cluster), job_id=str(env.job_id), submitted=now(),
                            logs=str(out / SUBMITIT_DIR / str(env.job_id)))
-    record.pid, record.host, record.started = os.getpid(), socket.gethostname(), _now()
+    record.pid, record.host, record.started = os.getpid(), socket.gethostname(), now()
     write_job(tmp, record)
     for entry in tmp.iterdir():  # what an earlier attempt of a requeued job left
         if entry.name != JOB_FILE and not entry.name.startswith("."):
-            runner._remove(entry)
+            remove(entry)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for key, value in env_fix.items():
         if value is None:
@@ -285,5 +201,5 @@ def run_point_job(cfg: SweepConfig, point: Point, out: Path, env_fix: dict[str, 
         else:
             env[key] = value
     env.update(cfg.env)
-    outcome = runner.run_point_in(cfg, point, out, runner.subprocess_run, env, tmp)
+    outcome = run_point_in(cfg, point, out, subprocess_run, env, tmp)
     return {"status": outcome.status, "error": outcome.error, "seconds": outcome.seconds}
