@@ -17,7 +17,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_atten
 
 from v2drop_eval.engine.contract import contract_error
 from v2drop_eval.engine.deepstack import Positions, install_deepstack
-from v2drop_eval.engine.families import FAMILIES, family_of_class
+from v2drop_eval.engine.families import FAMILIES, family_for_class, family_of_class
 
 __all__ = ["ModelAdapter", "adapter_for", "SUPPORTED_CLASSES", "family_of_class", "forward_takes"]
 
@@ -71,7 +71,7 @@ def forward_takes(model: nn.Module | type, name: str) -> bool:
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """Build the adapter for a loaded model, or raise TypeError naming the supported classes."""
-    family = family_of_class(type(model).__name__)
+    fam = family_for_class(type(model).__name__)
     config = model.config
     decoder = model.model.language_model
     # Images and videos are both vision tokens (dropped alike). llava-hf configs call the ids
@@ -83,9 +83,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         raise contract_error(f"{type(model).__name__}'s config has no image_token_id (nor image_token_index)")
     video_id = _token_id(config, "video")
     videos = () if video_id is None else (video_id,)
-    extras = (install_deepstack,) if family == "qwen3_vl" else ()
+    extras = (install_deepstack,) if fam.deepstack else ()
     return ModelAdapter(
-        family=family,
+        family=fam.adapter_family,
         top=model,
         decoder=decoder,
         layers=decoder.layers,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Family", "FAMILIES", "FAMILY_NAMES", "PRESET_SHAPES", "LmmsModel", "LMMS_MODELS", "get_family",
-           "preset_family", "family_of_class", "lmms_siblings", "is_plugin_model"]
+           "preset_family", "family_for_class", "family_of_class", "lmms_siblings", "is_plugin_model"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Family:
     presets: str  # preset table: presets were matched on this family's published shape (or derived for its depth)
     aliases: tuple[str, ...] = ()  # other names accepted in sweep configs and DropSchedule.preset
     adapter: str = ""  # how adapters.py reads the model (``llava`` or ``qwen2_vl``); "" = the preset table's name
+    deepstack: bool = False  # the decoder adds vision features after its first layers (Qwen3-VL's DeepStack)
 
     @property
     def adapter_family(self) -> str:
@@ -68,7 +69,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("internvl", "v2drop_internvl", ("internvl",), ("InternVLForConditionalGeneration",), "qwen2_vl",
            ("internvl_hf",)),
     Family("qwen3_vl", "v2drop_qwen3_vl", ("qwen3_vl", "qwen3_vl_moe"),
-           ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), "qwen3_vl"),
+           ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), "qwen3_vl", deepstack=True),
 )}
 if unknown := {f.lmms_model for f in FAMILIES.values()} - set(LMMS_MODELS):
     raise RuntimeError(f"families name lmms-eval models that LMMS_MODELS does not declare: {sorted(unknown)}")
@@ -99,11 +100,16 @@ def preset_family(name: str) -> str:
     return get_family(name).presets
 
 
-def family_of_class(class_name: str) -> str:
-    """The adapter family (``llava`` or ``qwen2_vl``) that handles transformers class ``class_name``;
-    TypeError if none."""
+def family_for_class(class_name: str) -> Family:
+    """The family that takes transformers class ``class_name``; TypeError naming the supported classes."""
     for fam in FAMILIES.values():
         if class_name in fam.classes:
-            return fam.adapter_family  # Qwen2.5-VL runs through the qwen2_vl adapter, LLaVA-OneVision the llava one
+            return fam
     supported = [c for f in FAMILIES.values() for c in f.classes]
     raise TypeError(f"{class_name} is not supported; supported model classes: {', '.join(supported)}")
+
+
+def family_of_class(class_name: str) -> str:
+    """The adapter family (``llava``, ``qwen2_vl``, ``qwen3_vl``) that reads transformers class ``class_name``
+    (Qwen2.5-VL through the qwen2_vl adapter, LLaVA-OneVision the llava one); TypeError if none."""
+    return family_for_class(class_name).adapter_family

@@ -11,7 +11,7 @@ __all__ = ["check_attention", "check_cache_type", "INPUTS_EMBEDS", "LABELS", "FO
 
 INPUTS_EMBEDS = "inputs_embeds without input_ids is not supported: vision tokens are found from input_ids; pass input_ids"
 LABELS = ("labels= with dropping is not supported: logits exist only for the kept positions; compute the loss "
-          "without a dropper attached (or method='none')")
+          "without a dropper attached (or with the unpruned baseline method)")
 FOREIGN_CACHE = ("continuing generation from a cache this dropper did not prefill is not supported (chunked prefill, "
                  "a pre-filled cache from another run)")
 CHUNKED = "vision tokens after the prefill (chunked prefill) are not supported"

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from v2drop_eval.engine.families import FAMILY_NAMES, get_family
+from v2drop_eval.methods import BASELINE
 from v2drop_eval.methods.presets import DropSchedule
 from v2drop_eval.methods.rules import METHODS, METRICS, check_seed
 from v2drop_eval.sweep.points import ModelSpec
@@ -237,7 +238,7 @@ def parse_schedules(value: Any, errors: list[str], key: str = "schedules") -> li
                 errors.append(f"{where}: impossible schedule {text!r}: {exc}")
                 continue
             if sched.is_empty:
-                errors.append(f"{where}: empty schedule {text!r}; use method 'none' for the unpruned model")
+                errors.append(f"{where}: empty schedule {text!r}; use method {BASELINE!r} for the unpruned model")
                 continue
             out.append(str(sched))
     return out
