@@ -273,8 +273,40 @@ def test_bad_sidecar_fails_before_weights_load(tiny_assets, tmp_path: Path):
 
     (tmp_path / "hostname").write_text("h")
     bad = str(tmp_path / "hostname" / "x.jsonl")
-    with pytest.raises(ValueError, match=f"^v2drop_llava: sidecar={bad}: {tmp_path / 'hostname'} is not a folder"):
+    from v2drop_eval.plugin.args import ModelArgsError
+
+    with pytest.raises(ModelArgsError, match=f"^v2drop_llava: sidecar={bad}: {tmp_path / 'hostname'} is not a folder"):
         V2DropLlava(pretrained=str(tiny_assets["llava"]), schedule=SCHEDULE, sidecar=bad, device="cpu", device_map="cpu")
+
+
+@pytest.mark.parametrize("cls, asset, kwargs, words", [
+    ("llava.V2DropLlava", "llava", {"schedle": "2:0.5"}, ["unknown model argument(s) schedle", "allowed:"]),
+    ("llava.V2DropLlava", "llava", {"schedule": SCHEDULE, "batch_size": "0"}, ["batch_size=0 is not allowed"]),
+    ("llava.V2DropLlava", "llava", {"schedule": SCHEDULE, "batch_size": "auto"}, ["'auto' is not supported"]),
+    # a video option of another class (llava's max_frames_num is qwen's max_num_frames)
+    ("qwen2_vl.V2DropQwen2VL", "qwen2_vl", {"schedule": SCHEDULE, "max_frames_num": 8},
+     ["unknown model argument(s) max_frames_num", "max_num_frames"]),
+    ("qwen2_vl.V2DropQwen2VL", "qwen2_vl", {"schedule": SCHEDULE, "attn_implementation": "flash"},
+     ["attn_implementation='flash' is not allowed"]),
+    ("qwen3_vl.V2DropQwen3VLChat", "qwen3_vl", {"schedule": SCHEDULE, "fps": 2, "max_frames_num": 4},
+     ["unknown model argument(s) max_frames_num"]),
+])
+def test_user_errors_in_model_args_exit_2_with_one_line(tiny_assets, capsys, cls, asset, kwargs, words):
+    """lmms-eval catches Exception around the run and exits 0: our classes raise SystemExit(2) instead,
+    after printing the message (the exit code through the real CLI: test_lmms_eval_cli_exit_codes)."""
+    import importlib
+
+    from v2drop_eval.plugin.args import ModelArgsError
+
+    module, name = cls.split(".")
+    klass = getattr(importlib.import_module(f"v2drop_eval.plugin.{module}"), name)
+    with pytest.raises(ModelArgsError) as err:
+        klass(pretrained=str(tiny_assets[asset]), device="cpu", device_map="cpu", **kwargs)
+    assert err.value.code == 2 and not isinstance(err.value, Exception)  # not swallowed by `except Exception`
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert printed == [f"error: {err.value}"]
+    for word in words:
+        assert word in printed[0]
 
 
 # -- measurement pieces --------------------------------------------------------------------------------
@@ -394,11 +426,11 @@ def _start(root: Path, key: str, runs: list[Run], assets: dict[str, Any], plain:
         cfg = root / f"{key}.yaml"
         cfg.write_text(yaml.safe_dump(config))
         cmd = _lmms_eval_cmd() + ["--config", str(cfg)]
-    # One thread each: the processes run side by side, and 2-core machines thrash otherwise.
-    # FORCE_QWENVL_VIDEO_READER: qwen-vl-utils (lmms-eval's Qwen3-VL video path) otherwise falls back to
-    # torchvision.io.read_video, which torchvision 0.29 removed (docs/lmms-eval.md, "Video").
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "FORCE_QWENVL_VIDEO_READER": "decord"}
+    # One thread each: the processes run side by side, and 2-core machines thrash otherwise. No
+    # FORCE_QWENVL_VIDEO_READER: the Qwen classes pick a reader that exists themselves (plugin/video.py).
+    env = {k: v for k, v in os.environ.items() if k != "FORCE_QWENVL_VIDEO_READER"}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false"})
     log = root / f"{key}.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, cwd=root)
@@ -447,7 +479,8 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
         "qwen3": [Run("qwen3_builtin_b8", "qwen3_vl", qwen3, batch_size=8),
                   Run("qwen3_none_b8", "v2drop_qwen3_vl", f"{qwen3},method=none", batch_size=8),
                   Run("qwen3_sched_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE}", batch_size=8),
-                  Run("qwen3_video_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE},max_num_frames=8",
+                  # 16 frames asked of clips of 12: sampled at the frames they have (plugin/video.py)
+                  Run("qwen3_video_b8", "v2drop_qwen3_vl", f"{qwen3},schedule={SCHEDULE},max_num_frames=16",
                       batch_size=8, tasks="tiny_video")],
         # LLaVA-OneVision through v2drop_llava: videos (6 clips and 2 images in one batch of 8) and images
         # at the family's budget preset; batch 8 against batch 1; method=none against the built-in llava_hf.
@@ -460,11 +493,13 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
                       Run("ov_builtin", "llava_hf", onevision, tasks="tiny_textvqa"),
                       Run("ov_none", "v2drop_llava", f"{onevision},method=none", tasks="tiny_textvqa")],
         # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
+        # The first refusal ends the process (exit 2): lmms-eval never reaches the other two.
         "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
                 Run("bad_conflict", "v2drop_qwen2_vl", f"{qwen},budget=128,schedule={SCHEDULE}"),
                 Run("bad_unknown", "v2drop_llava", f"{llava},method=none,budgett=128")],
+        "bad_plain": [Run("bad_batch", "v2drop_qwen2_vl", f"{qwen},schedule={SCHEDULE}", batch_size=0)],
     }
-    procs = {key: _start(root, key, runs, a, plain=(key == "llava_plain")) for key, runs in groups.items()}
+    procs = {key: _start(root, key, runs, a, plain=key in ("llava_plain", "bad_plain")) for key, runs in groups.items()}
     deadline = time.monotonic() + 900
     for p in procs.values():
         try:
@@ -643,15 +678,18 @@ def test_lmms_eval_qwen3_vl_end_to_end(lmms, tiny_assets):
 
 @pytest.mark.slow
 def test_lmms_eval_bad_args_fail_before_loading(lmms):
+    # lmms-eval catches Exception and exits 0 after a failed run; our refusals are SystemExit(2), which it
+    # does not catch: the process ends with status 2 and the one-line message.
     proc = lmms["procs"]["bad"]
-    # lmms-eval reports a failed run and exits 0 anyway (default verbosity): check its output and files.
-    assert proc.returncode == 0
+    assert proc.returncode == 2, proc.output[-3000:]
     out = proc.output
-    assert "drop layer 3 is past the model's depth" in out or "layers must be in 1..3" in out
-    assert "give budget= or schedule=, not both" in out
-    assert "unknown model argument(s) budgett" in out and "allowed:" in out
-    assert "Loading weights" not in out  # every refusal came before any weight loaded
-    for name in ("bad_depth", "bad_conflict", "bad_unknown"):
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and ("drop layer 9 is past" in errors[0] or "layers must be in 1..3" in errors[0])
+    assert "Loading weights" not in out and "Traceback" not in out  # refused before any weight loaded
+    plain = lmms["procs"]["bad_plain"]
+    assert plain.returncode == 2, plain.output[-3000:]
+    assert "error: v2drop_qwen2_vl: batch_size=0 is not allowed; give an integer >= 1" in plain.output
+    for name in ("bad_depth", "bad_conflict", "bad_unknown", "bad_batch"):
         run = lmms["runs"][name]
         assert not glob.glob(str(run.out / "**" / "*_results.json"), recursive=True)
         assert not glob.glob(str(run.out / "**" / "*v2drop*.jsonl"), recursive=True)

@@ -227,7 +227,7 @@ def test_run_resume_and_layout(tmp_path):
     assert fake.calls == [".tmp-" + p.id for p in points]
     out = cfg.output
     assert sorted(x.name for x in out.iterdir()) == sorted(
-        [".sweep.lock", "sweep.json", "sweep.yaml", *(p.id for p in points)])
+        [".sweep.lock", "sweep.json", "sweep.origin.json", "sweep.yaml", *(p.id for p in points)])
     meta = json.loads((out / "m7b__v2drop__b128__l2" / "point.json").read_text())
     assert meta["status"] == "ok" and meta["budget"] == 128 and meta["metric"] == "l2"
     assert meta["results_files"] == ["v2drop_llava/20250101_000000_results.json"]

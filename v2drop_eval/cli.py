@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--executor", default=None, choices=list(EXECUTORS),
                     help="where points run: inline (here, the default), local (submitit jobs on this machine, "
                          "--jobs at a time) or slurm (a job array); overrides the config's executor")
+    sw.add_argument("--force", action="store_true",
+                    help="run into a folder that holds another sweep (refused otherwise); says what it mixes")
     sw.add_argument("--wait", action="store_true",
                     help="slurm: wait for the submitted jobs and report them (default: submit and return)")
     sw.set_defaults(func=_cmd_sweep)
@@ -117,6 +119,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
         require_submitit(executor)  # before anything runs, dry run included
     if args.dry_run:
+        from v2drop_eval.sweep.origin import owner_problem
+
+        error, note = owner_problem(cfg, cfg.output, args.force)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if note:
+            print(f"note: {note}")
         if executor == "inline":
             dry_run(cfg, points, cfg.output)
         else:
@@ -126,7 +136,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the running point, then exit
     try:
-        report = run_sweep(cfg, points, cfg.output, jobs=args.jobs, executor=executor, wait=args.wait)
+        report = run_sweep(cfg, points, cfg.output, jobs=args.jobs, executor=executor, wait=args.wait,
+                           force=args.force)
     except KeyboardInterrupt:
         print("interrupted; finished points are kept, run the same command to resume", file=sys.stderr)
         return 130

@@ -12,8 +12,10 @@ fails in seconds and lmms-eval writes no results file.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +32,49 @@ from v2drop_eval.methods.rules import (
     validate,
 )
 
-__all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
-           "allowed_args"]
+__all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "EXIT_USER_ERROR", "ModelArgsError",
+           "user_errors", "pop_drop_args", "check_batch_size", "check_checkpoint", "allowed_args"]
 
 OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup")
+EXIT_USER_ERROR = 2
+
+
+class ModelArgsError(SystemExit):
+    """A user error in a class's model arguments: the lmms-eval process ends with status 2 and the message.
+
+    lmms-eval 0.7.3 runs the whole evaluation inside ``except Exception`` and then exits 0 without results,
+    so a ``ValueError`` from a constructor would look like success to a script or a SLURM array. A
+    ``SystemExit`` is not an ``Exception``: it passes through. Python prints nothing for an integer exit
+    status, so :func:`user_errors` prints the message on stderr first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USER_ERROR)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Around a class's argument handling: a ``ValueError`` (a bad argument, named with what is allowed)
+    becomes :class:`ModelArgsError`, its one line printed on stderr."""
+    try:
+        yield
+    except ValueError as exc:
+        message = " ".join(str(exc).split("\n"))
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise ModelArgsError(message) from None
+
+
+def check_batch_size(model_name: str, value: Any) -> int:
+    """lmms-eval's ``--batch_size`` as our classes take it: an integer >= 1 (they batch themselves, so
+    ``auto`` is not supported); anything else is refused rather than run at batch size 1."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise _fail(model_name, f"batch_size={value} is not allowed; give an integer >= 1 "
+                                "(--batch_size; 'auto' is not supported by the v2drop classes)")
+    return int(text)
 
 @dataclass(frozen=True)
 class DropArgs:
@@ -181,7 +222,11 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
     problem = local_model_problem(str(pretrained))
     if problem:  # before transformers, which would report a missing folder as a bad repo id
         raise _fail(model_name, problem)
-    config = AutoConfig.from_pretrained(pretrained, **config_kwargs)
+    try:
+        config = AutoConfig.from_pretrained(pretrained, **config_kwargs)
+    except OSError as exc:  # a hub id not cached offline, a folder without config.json, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _fail(model_name, f"pretrained={pretrained}: cannot read its config ({first[:200]})") from None
     model_type = getattr(config, "model_type", None)
     if model_type not in accepted:
         others = [f.lmms_model for f in FAMILIES.values() if model_type in f.model_types]

@@ -98,6 +98,7 @@ class SweepConfig:
     slurm: dict[str, Any] = field(default_factory=lambda: parse_slurm(None, []))
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    source: str = "<config>"  # the config file it was read from
 
     def grid(self, method: str) -> dict[str, list[Any]]:
         """``budgets``, ``schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else the config's)."""
@@ -224,7 +225,7 @@ def parse_config(
         schedules=schedules, metrics=metrics, seeds=seeds, limit=limit, batch_size=batch_size,
         num_processes=num_processes, jobs=jobs, include_path=include_path, lmms_eval_args=extra,
         env={str(k): str(v) for k, v in env.items()}, timeout=timeout, prepare=prepare, executor=executor,
-        slurm=slurm, raw=raw,
+        slurm=slurm, raw=raw, source=source,
     )
     for i, model in enumerate(models):
         problem = local_model_problem(model.pretrained)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +31,7 @@ from v2drop_eval.sweep.jobs import (
     run_point_job,
     sbatch_script,
     slurm_parameters,
+    stop_local_job,
 )
 from v2drop_eval.sweep.layout import (
     ERROR_FILE,
@@ -40,6 +41,7 @@ from v2drop_eval.sweep.layout import (
     TMP_PREFIX,
     JobRecord,
     now,
+    point_lock,
     point_state,
     read_error,
     read_job,
@@ -73,16 +75,23 @@ def settle_jobs(out: Path, log: TextIO) -> dict[str, JobRecord]:
         state, detail = job_state(record, refresh=False)
         if state != "ended":
             live[point_id] = record
-        elif tmp.exists():  # its job may have finished the point since we looked
-            error = record_dead_job(out, point_id, record, detail)
+        elif (error := record_dead_job(out, point_id, record, detail)) is not None:
             print(f"{point_id}: {error}; recorded as failed, to be resubmitted", file=log, flush=True)
     return live
 
 
-def record_dead_job(out: Path, point_id: str, record: JobRecord, detail: str) -> str:
+def record_dead_job(out: Path, point_id: str, record: JobRecord, detail: str) -> str | None:
     """Move the point's folder to ``_failed/<point-id>`` with an ``error.json`` naming the job and why
-    it ended; return the error."""
+    it ended; return the error (None: the job finished its point just before)."""
+    with point_lock(out, point_id):
+        return _record_dead_job_locked(out, point_id, record, detail)
+
+
+def _record_dead_job_locked(out: Path, point_id: str, record: JobRecord, detail: str) -> str | None:
     tmp = out / (TMP_PREFIX + point_id)
+    if not tmp.exists():
+        return None
+    record = read_job(tmp) or record  # with the pid and group the job wrote when it started
     error = f"{record.executor} job {record.job_id} ended ({detail}) before its point finished"
     log_tail = tail(tmp / LOG_NAME) or job_log_tail(record)
     write_json_atomic(tmp / ERROR_FILE, {
@@ -156,16 +165,19 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
             tmp = out / (TMP_PREFIX + p.id)
             remove(tmp)
             tmp.mkdir()
+        tokens = [uuid.uuid4().hex for _ in batch]  # only the job holding its point's token may finish it
         try:
             with ex.batch():  # slurm: one job array; local: one process per point
-                submitted = [ex.submit(run_point_job, cfg, p, out, _env_fix(executor)) for p in batch]
+                submitted = [ex.submit(run_point_job, cfg, p, out, _env_fix(executor), token)
+                             for p, token in zip(batch, tokens, strict=True)]
         except Exception as exc:  # sbatch refused it (bad partition, account, ...): nothing was submitted
             for p in batch:
                 remove(out / (TMP_PREFIX + p.id))
             raise RuntimeError(f"{executor}: submitting {len(batch)} point(s) failed: "
                                f"{' '.join(str(exc).split())[:500]}") from None
-        for p, job in zip(batch, submitted, strict=True):
-            record = JobRecord(executor=executor, job_id=str(job.job_id), submitted=now(), logs=str(job.paths.folder))
+        for p, job, token in zip(batch, submitted, tokens, strict=True):
+            record = JobRecord(executor=executor, job_id=str(job.job_id), submitted=now(), logs=str(job.paths.folder),
+                               token=token)
             write_job(out / (TMP_PREFIX + p.id), record)
             live[p.id], handles[p.id] = record, job
             print(f"[{index[p.id]}/{total}] submit {p.id} -> {executor} job {job.job_id}", file=log, flush=True)
@@ -212,36 +224,45 @@ def _follow(out: Path, point: Point, cfg: SweepConfig, record: JobRecord) -> Poi
     """The outcome of a point's job once it has one; None while it is queued or running."""
     tmp = out / (TMP_PREFIX + point.id)
     if tmp.exists():
+        fresh = read_job(tmp)  # the job adds its pid and process group once it starts
+        record = fresh if fresh is not None and fresh.token == record.token else record
         state, detail = job_state(record, refresh=False)
         if state != "ended":
             return None
-        if tmp.exists():
-            error = record_dead_job(out, point.id, record, detail)
+        error = record_dead_job(out, point.id, record, detail)
+        if error is not None:
             return PointOutcome(point, "failed", 0.0, error)
     return _outcome_on_disk(out, point, cfg, record)
 
 
 def _interrupted(out: Path, executor: str, live: dict[str, JobRecord], handles: dict[str, Any], log: TextIO) -> None:
-    """Ctrl-C or SIGTERM while waiting: local jobs are this machine's, so they are cancelled and their
-    folders removed; SLURM jobs keep running (``status`` follows them, the next run waits for them)."""
+    """Ctrl-C or SIGTERM while waiting: local jobs are this machine's, so they are ended (their whole
+    process groups, then checked gone) and their folders removed; SLURM jobs keep running (``status``
+    follows them, the next run waits for them). A local job that cannot be ended keeps its folder and
+    record: ``status`` shows it running and the next run waits for it, never runs the point beside it."""
     if executor != "local" or not live:
         if live:
             print(f"interrupted: {len(live)} {executor} job(s) keep running; `v2drop-eval status {out}` "
                   "follows them", file=sys.stderr)
         return
-    for point_id, record in live.items():
+    for point_id in live:  # submitit's own cancel (SIGINT to the controller) first; ignored where SIGINT is
         if point_id in handles:
             with contextlib.suppress(Exception):
                 handles[point_id].cancel(check=False)
-        else:
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(record.job_id), signal.SIGINT)
-    deadline = time.monotonic() + _CANCEL_WAIT_S
-    while time.monotonic() < deadline and any(job_state(r)[0] != "ended" for r in live.values()):
-        time.sleep(0.2)
-    for point_id in live:
-        remove(out / (TMP_PREFIX + point_id))  # cancelled: nothing of it may look done or failed
-    print(f"interrupted: cancelled {len(live)} local job(s); finished points are kept", file=log, flush=True)
+    alive = []
+    for point_id, record in live.items():
+        tmp = out / (TMP_PREFIX + point_id)
+        if not stop_local_job(tmp, record, grace_s=_CANCEL_WAIT_S / 2):
+            alive.append(point_id)
+            continue
+        with point_lock(out, point_id):
+            job = read_job(tmp)
+            if job is None or job.token == record.token:
+                remove(tmp)  # cancelled: nothing of it may look done or failed
+    ended = len(live) - len(alive)
+    print(f"interrupted: cancelled {ended} local job(s), their processes are gone; finished points are kept"
+          + (f"; {len(alive)} could not be ended ({', '.join(alive)}): `v2drop-eval status {out}` shows them "
+             "running, the next run waits for them" if alive else ""), file=log, flush=True)
 
 
 def dry_run_jobs(cfg: SweepConfig, points: Sequence[Point], out: Path, executor: str,

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from v2drop_eval.sweep.points import Point
 
 __all__ = ["POINT_FILE", "ERROR_FILE", "STATUS_FILE", "CONFIG_FILE", "LOG_NAME", "FAILED_DIR", "TMP_PREFIX",
-           "JOB_FILE", "SUBMITIT_DIR", "LOCK_FILE", "PID_FILE", "JobRecord", "read_job", "write_job", "point_state",
+           "JOB_FILE", "SUBMITIT_DIR", "LOCK_FILE", "PID_FILE", "JobRecord", "point_lock", "read_job", "write_job", "point_state",
            "is_done", "tail", "remove", "now", "fmt_time", "sweep_lock", "lock_holder", "write_status",
            "read_error"]
 
@@ -102,6 +102,16 @@ class JobRecord:
     pid: int | None = None  # the job's own process on its node (local: liveness check)
     host: str | None = None
     started: str | None = None
+    pgid: int | None = None  # the job's own process group (session): cancelling ends all of it
+    token: str | None = None  # this submission's: only the job holding it may finish the point
+
+
+def point_lock(out: Path, point_id: str) -> FileLock:
+    """The lock a job holds while it finishes its point (token check, rename) and the sweep holds while
+    it removes or fails the point's ``.tmp-`` folder: a cancelled job never lands after the sweep moved on."""
+    folder = out / SUBMITIT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(folder / f"{point_id}.lock", timeout=60)
 
 
 def read_job(folder: Path) -> JobRecord | None:

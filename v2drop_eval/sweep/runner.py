@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TextIO
 
-import yaml
 from tqdm import tqdm
 
 from v2drop_eval.sweep import dispatch
@@ -22,7 +21,6 @@ from v2drop_eval.sweep.config import SweepConfig
 from v2drop_eval.sweep.fields import EXECUTORS
 from v2drop_eval.sweep.jobs import require_submitit
 from v2drop_eval.sweep.layout import (
-    CONFIG_FILE,
     TMP_PREFIX,
     JobRecord,
     fmt_time,
@@ -31,6 +29,7 @@ from v2drop_eval.sweep.layout import (
     sweep_lock,
     write_status,
 )
+from v2drop_eval.sweep.origin import owner_problem, save_config
 from v2drop_eval.sweep.point import (
     PointOutcome,
     RunFn,
@@ -70,12 +69,14 @@ def run_sweep(
     jobs: int | None = None,
     executor: str | None = None,
     wait: bool = False,
+    force: bool = False,
 ) -> SweepReport:
     """Run every point not yet done, in order (``jobs`` at a time, default the config's ``jobs``);
     a failed point is recorded and the sweep goes on. ``executor`` (default the config's): ``inline``
     runs them here; ``local`` and ``slurm`` submit them as jobs (:mod:`v2drop_eval.sweep.dispatch`), and
     wait for them (``local`` always, ``slurm`` with ``wait``). A point whose job is queued or running
-    is never started again."""
+    is never started again. A folder of another sweep is refused (RuntimeError naming both) unless
+    ``force`` (:mod:`v2drop_eval.sweep.origin`)."""
     log = log or sys.stdout
     jobs = cfg.jobs if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -86,10 +87,18 @@ def run_sweep(
     if executor != "inline":
         require_submitit(executor)
     out = Path(out if out is not None else cfg.output)
+    error, _ = owner_problem(cfg, out, force)
+    if error:
+        raise RuntimeError(error)
     out.mkdir(parents=True, exist_ok=True)
     with sweep_lock(out):
+        error, note = owner_problem(cfg, out, force)  # again, now that no other run can write it
+        if error:
+            raise RuntimeError(error)
+        if note:
+            print(f"note: {note}", file=log, flush=True)
         live = dispatch.settle_jobs(out, log)
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.raw, sort_keys=False))
+        save_config(cfg, out)
         if executor == "inline":
             return _run_locked(cfg, list(points), out, runner, log, jobs, live)
         return dispatch.run_jobs(cfg, list(points), out, log, jobs, executor, wait, live)

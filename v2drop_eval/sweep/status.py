@@ -2,8 +2,8 @@
 
 One line per point: ``done``; ``failed`` with the first line of its error; ``queued`` or ``running``
 with the job id (asked of the scheduler: a job that has died shows as failed, with its reason);
-``pending`` (not run yet, or to redo). The grid comes from ``sweep.yaml`` (the config a run saved),
-else from the folders and ``sweep.json``. Nothing is changed on disk.
+``pending`` (not run yet, or to redo). The grid comes from ``sweep.yaml`` (the config a run saved; its
+relative paths read from the folder the sweep ran in), else from the folders and ``sweep.json``. Nothing is changed on disk.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import Any
 
 import yaml
 
-from v2drop_eval.sweep.config import ConfigError, expand, parse_config
+from v2drop_eval.sweep.config import ConfigError, expand
 from v2drop_eval.sweep.jobs import job_state, refresh_jobs
 from v2drop_eval.sweep.layout import (
-    CONFIG_FILE,
     ERROR_FILE,
     FAILED_DIR,
     POINT_FILE,
@@ -29,6 +28,7 @@ from v2drop_eval.sweep.layout import (
     read_error,
     read_job,
 )
+from v2drop_eval.sweep.origin import load_saved_config
 
 __all__ = ["STATES", "PointStatus", "point_status", "sweep_status", "summary", "format_status", "status_json"]
 
@@ -47,8 +47,7 @@ class PointStatus:
 def _grid(out: Path) -> tuple[list[str], list[str] | None]:
     """Point ids in config order, and the tasks; from ``sweep.yaml``, else from what is on disk."""
     try:
-        raw = yaml.safe_load((out / CONFIG_FILE).read_text())
-        cfg = parse_config(raw, output=out, source=str(out / CONFIG_FILE), read_layers=False)
+        cfg = load_saved_config(out)  # relative paths from where the sweep ran, not from here
         return [p.id for p in expand(cfg)], cfg.tasks
     except (OSError, ValueError, ConfigError, yaml.YAMLError):
         pass
