@@ -195,3 +195,65 @@ def test_status_reads_the_saved_config_from_where_the_sweep_ran(tmp_path, monkey
     assert main(["status", str(cfg.output)]) == 0
     assert capsys.readouterr().out.rstrip().endswith("3 points: 2 done, 0 failed, 0 running, 0 queued, 1 pending")
     assert Path.cwd() == elsewhere
+
+
+def test_ctrl_c_on_a_local_sweep_ends_its_jobs_quietly(tmp_path):
+    """A terminal's Ctrl-C is a SIGINT to the whole foreground process group: the jobs used to print
+    KeyboardInterrupt tracebacks. In sessions of their own, they are ended by the sweep, quietly."""
+    pytest.importorskip("submitit")
+    path = write_cfg(tmp_path, executor="local", jobs=2, methods=["none", "v2drop"])
+    out = tmp_path / "sw"
+    proc = cli("sweep", str(path), env={"FAKE_LMMS_SLOW": "pretrained", "FAKE_LMMS_SLEEP": "60"},
+               start_new_session=True)  # the sweep's own group, as a terminal's foreground job
+    wait_for(lambda: len(list(out.glob(".tmp-*/v2drop_llava/partial.txt"))) == 2
+             and all((read_job(t) or JobRecord("", "", "", "")).pgid for t in out.glob(".tmp-*")))
+    os.killpg(proc.pid, signal.SIGINT)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, text
+    assert "cancelled 2 local job(s)" in text and _procs_writing_into(out) == []
+    logs = "".join(p.read_text() for p in (out / ".submitit").glob("*/*_log.err"))
+    assert "Traceback" not in text and "KeyboardInterrupt" not in logs
+
+
+def test_an_inline_point_is_ended_with_everything_it_started(tmp_path):
+    """Inline points run in a session of their own: a timeout (or Ctrl-C) ends the whole group, so the
+    ranks `accelerate launch` starts do not outlive the point."""
+    from v2drop_eval.sweep.point import subprocess_run
+
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    t0 = time.monotonic()
+    assert subprocess_run([sys.executable, "-c", code], tmp_path / "log.txt", dict(os.environ), 3.0) == 124
+    grandchild = int(pid_file.read_text())
+    wait_for(lambda: not Path(f"/proc/{grandchild}").exists()
+             or "Z" in (Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split() or ["Z"])[0], 10)
+    assert time.monotonic() - t0 < 20 and "timed out: killed after 3 s" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_real_local_smoke_sweep_killed_leaves_no_orphan_and_resumes(tmp_path):
+    """The issue's probe on the real smoke config: a local sweep of two points, SIGTERM while both
+    lmms-eval runs load (the sweep ignoring SIGINT, as when a script starts it in the background), then
+    no process of it left; the rerun finishes both points and nothing replaces them afterwards."""
+    pytest.importorskip("submitit")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "smoke"
+    env = {**os.environ, "V2DROP_SMOKE_ASSETS": str(tmp_path / "assets"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "v2drop_eval.cli", "sweep", "configs/smoke.yaml", "--output", str(out),
+           "--executor", "local", "--only", "tiny_llava__none", "--only", "tiny_qwen2_vl__none"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_for(lambda: len([p for p in _procs_writing_into(out) if p != proc.pid]) >= 4, 300)  # jobs + lmms-eval
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "cancelled 2 local job(s), their processes are gone" in text, text
+    time.sleep(2)
+    assert _procs_writing_into(out) == [] and not list(out.glob(".tmp-*"))
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    stamps = {p: (out / p / "point.json").stat().st_mtime_ns for p in ("tiny_llava__none", "tiny_qwen2_vl__none")}
+    time.sleep(5)
+    assert {p: (out / p / "point.json").stat().st_mtime_ns for p in stamps} == stamps
+    assert _procs_writing_into(out) == []

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -104,6 +106,21 @@ def _record_dead_job_locked(out: Path, point_id: str, record: JobRecord, detail:
     return error
 
 
+@contextlib.contextmanager
+def _sigint_ignored_by_children(executor: str) -> Iterator[None]:
+    """Local jobs: submitit's controllers start (at the end of ``ex.batch()``) ignoring SIGINT, which they
+    inherit, so a terminal's Ctrl-C to the sweep's process group prints no traceback of theirs; the sweep
+    ends its jobs itself (SIGTERM to each job's group). This process ignores SIGINT for those milliseconds."""
+    if executor != "local" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _env_fix(executor: str) -> dict[str, str | None]:
     # submitit's local executor sets CUDA_VISIBLE_DEVICES itself ("" without gpus_per_node); a local
     # job sees the GPUs this sweep sees. SLURM sets it from the allocation: keep that.
@@ -167,7 +184,7 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
             tmp.mkdir()
         tokens = [uuid.uuid4().hex for _ in batch]  # only the job holding its point's token may finish it
         try:
-            with ex.batch():  # slurm: one job array; local: one process per point
+            with _sigint_ignored_by_children(executor), ex.batch():  # slurm: one job array; local: a process each
                 submitted = [ex.submit(run_point_job, cfg, p, out, _env_fix(executor), token)
                              for p, token in zip(batch, tokens, strict=True)]
         except Exception as exc:  # sbatch refused it (bad partition, account, ...): nothing was submitted
