@@ -24,8 +24,10 @@ def test_scaled_schedules():
     assert v2.layers == (2, 8, 11) and [r for _, r in v2.stages] == [0.28, 0.25, 0.0]
     fastv = scaled_schedule("llava", 128, "fastv", 16)
     assert len(fastv.stages) == 1
-    assert abs(fastv.average_tokens(576, 16) - v2.average_tokens(576, 16)) < 1
-    assert scaled_schedule("llava", 128, "dart", 16) == fastv == scaled_schedule("llava", 128, "fastv_attn", 16)
+    assert abs(fastv.average_tokens(576, 16, "fastv") - v2.average_tokens(576, 16)) < 1
+    assert fastv == scaled_schedule("llava", 128, "fastv_attn", 16)
+    dart = scaled_schedule("llava", 128, "dart", 16)  # DART's count moves in steps of 8: within 4 tokens
+    assert dart.layers == fastv.layers and abs(dart.average_tokens(576, 16, "dart") - v2.average_tokens(576, 16)) <= 4
     assert scaled_schedule("llava", 64, "pdrop", 32) == DropSchedule.parse("2:0.32/4:0.32/6:0.32")
 
 

@@ -35,6 +35,7 @@ from v2drop_eval import validate
 from v2drop_eval.adapters import forward_takes
 from v2drop_eval.bench_report import summarize, write_outputs
 from v2drop_eval.engine import attach
+from v2drop_eval.methods import get_method, parse_options
 from v2drop_eval.schedule import DropSchedule, preset_table, scaled_schedule
 
 __all__ = ["SHAPES", "SHAPE_DEFAULTS", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
@@ -165,25 +166,42 @@ class _Config:
     method: str
     budget: str
     schedule: DropSchedule
+    options: frozenset[str] = frozenset()  # the method's named options (those of --options it takes)
     label: str = field(init=False)  # one name per configuration: "plain", "none", "v2drop@128", ...
 
     def __post_init__(self) -> None:
         self.label = self.method if self.budget == "-" else f"{self.method}@{self.budget}"
 
 
-def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool) -> list[_Config]:
+def bench_options(methods: Sequence[str], options: str | None) -> dict[str, frozenset[str]]:
+    """``--options a+b``: per benched method, the options it takes; ValueError for an unknown option or one
+    that none of ``methods`` takes."""
+    chosen = parse_options(options)
+    takes = {m: frozenset(o.name for o in get_method(m).options) for m in methods}
+    for name in sorted(chosen):
+        if not any(name in t for t in takes.values()):
+            takers = ", ".join(m for m in validate.METHODS if name in (o.name for o in get_method(m).options))
+            raise ValueError(f"option {name} applies to {takers} only; none of the benched methods "
+                             f"({', '.join(methods)}) takes it")
+    return {m: chosen & t for m, t in takes.items()}
+
+
+def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool,
+             options: dict[str, frozenset[str]] | None = None) -> list[_Config]:
+    opts = options or {}
     out = [_Config("plain", "-", DropSchedule(()))] if extras else []
     if "none" in methods:
         out.append(_Config("none", "-", DropSchedule(())))
     for budget in budgets:
         for method in methods:
             if method != "none":
-                out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers)))
+                out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers),
+                                   opts.get(method, frozenset())))
     if "v2drop" in methods and ({"fastv", "fastv_attn"} & set(methods)):
         # V2Drop at FastV's own one-stage schedule: the scorers compared at the same token counts.
         for budget in budgets:
             sched = scaled_schedule(shape.family, budget, "fastv", shape.layers)
-            out.append(_Config("v2drop", f"{budget}@fastv", sched))
+            out.append(_Config("v2drop", f"{budget}@fastv", sched, opts.get("v2drop", frozenset())))
     v2 = [c for c in out if c.method == "v2drop"]
     if extras and v2:
         # hooks on every layer, nothing dropped: the cost of the machinery alone
@@ -219,7 +237,7 @@ class _Timer:
 
 def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda: bool) -> dict:
     """One ``generate`` of ``new_tokens`` under ``cfg``: the figures of one repeat."""
-    handle = None if cfg.method == "plain" else attach(model, cfg.schedule, method=cfg.method)
+    handle = None if cfg.method == "plain" else attach(model, cfg.schedule, method=cfg.method, options=cfg.options)
     top = _Timer(model, cuda)
     llm = _Timer(model.model.language_model, cuda)
     try:
@@ -312,12 +330,15 @@ def run_bench(
     extras: bool = True,
     guard: TimeGuard | None = None,
     log: Callable[[str], Any] = print,
+    options: str | None = None,
 ) -> list[dict]:
-    """Time every (attn, batch size, method, budget) in one process; returns the result rows."""
+    """Time every (attn, batch size, method, budget) in one process; returns the result rows. ``options``
+    (``a+b``) go to each method that takes them."""
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
         validate.validate(m)
+    per_method = bench_options(methods, options)
     check_device(device)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: repeats must be >= 1 and warmup >= 0")
@@ -333,7 +354,7 @@ def run_bench(
         for bs in batch_sizes:
             deadline = guard.group_deadline()
             inputs = make_inputs(model, shape, bs, device, torch_dtype)
-            configs = _configs(shape, methods, budgets, extras)
+            configs = _configs(shape, methods, budgets, extras, per_method)
             samples: dict[str, list[dict]] = {c.label: [] for c in configs}
             rep, last = 0, 0.0
             while rep < warmup + repeats:
@@ -348,7 +369,7 @@ def run_bench(
                 last = time.monotonic() - t0
                 rep += 1
                 log(f"[bench] {shape_name} {attn} bs={bs} repeat {rep}/{warmup + repeats} done ({last:.1f} s)")
-            group = [(c.method, c.budget, c.schedule, samples[c.label]) for c in configs]
+            group = [(c.method, c.budget, c.schedule, samples[c.label], c.options) for c in configs]
             rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, VISION_TOKENS,
                                   shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0)))
             guard.done += 1
@@ -383,6 +404,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8)")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--budgets", default=None, help="comma list (default: every preset of the family)")
+    p.add_argument("--options", default=None, metavar="A+B",
+                   help="method options, '+'-separated, each given to the benched methods that take it "
+                        "(docs/methods.md; default: every method as its authors' code runs)")
     p.add_argument("--repeats", type=int, default=None, help="paired repeats (default 5; 7b-slice 10)")
     p.add_argument("--warmup", type=int, default=None, help="rounds not recorded (default 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32; 7b-slice 4)")
@@ -421,7 +445,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     rows = run_bench(
         args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=d["methods"].split(","),
         budgets=d["budgets"].split(",") if d["budgets"] else None, repeats=d["repeats"], warmup=d["warmup"],
-        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard,
+        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard, options=args.options,
     )
     info = {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
             "wall_s": round(time.monotonic() - t0, 1), "stopped_early": guard.stopped_early}

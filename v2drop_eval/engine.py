@@ -15,6 +15,7 @@ attention row is empty). No transformers ``forward`` is copied; removing the hoo
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -27,10 +28,12 @@ from v2drop_eval.accounting import row_stats
 from v2drop_eval.adapters import ModelAdapter, adapter_for
 from v2drop_eval.clock import DropperClock
 from v2drop_eval.gather import Layout
-from v2drop_eval.methods import METHODS, ScoreContext, get_method
+from v2drop_eval.methods import METHODS, ScoreContext, get_method, options_text
+from v2drop_eval.methods.base import FLOAT32_SCORES, RENUMBERED
+from v2drop_eval.positions import Renumbering
 from v2drop_eval.schedule import Adaptive, DropSchedule
 from v2drop_eval.signals import Signals
-from v2drop_eval.validate import DEFAULT_METRIC, DEFAULT_SEED, validate
+from v2drop_eval.validate import DEFAULT_METRIC, DEFAULT_SEED, check_drop_method, validate
 
 __all__ = ["attach", "DropHandle", "METHODS"]
 
@@ -41,14 +44,17 @@ def attach(
     method: str = "v2drop",
     metric: str = DEFAULT_METRIC,
     seed: int = DEFAULT_SEED,
+    options: str | Iterable[str] | None = None,
 ) -> DropHandle:
     """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
 
     ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
     l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``), or ``none`` (nothing
-    changes; the unpruned baseline with the same accounting).
+    changes; the unpruned baseline with the same accounting). Each method picks what its authors' code
+    picks; ``options`` (names, or ``"a+b"``; ``v2drop_eval.methods.OPTIONS``) turn on the method's named
+    departures from that rule, e.g. ``float32_scores``, ``exact_counts`` (docs/methods.md).
     """
-    return DropHandle(model, schedule, method=method, metric=metric, seed=seed)
+    return DropHandle(model, schedule, method=method, metric=metric, seed=seed, options=options)
 
 
 @dataclass
@@ -64,14 +70,19 @@ class _Call:
     vision_alive: list[list[int]] = field(default_factory=list)  # per stage, per row
     video_found: list[int] = field(default_factory=list)  # per row: how many of the vision tokens are video
     gathered: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage layer, id(obj)) -> copy
+    row_pos: torch.Tensor | None = None  # [B, S] each position's index among its row's real tokens
 
 
 class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them."""
 
-    def __init__(self, model: nn.Module, schedule: DropSchedule | str, method: str, metric: str, seed: int):
+    def __init__(self, model: nn.Module, schedule: DropSchedule | str, method: str, metric: str, seed: int,
+                 options: str | Iterable[str] | None = None):
         self.adapter: ModelAdapter = adapter_for(model)
-        schedule = validate(method, schedule, metric, seed, num_layers=self.adapter.num_layers)
+        if options is not None and not isinstance(options, str):
+            options = list(options)
+        schedule = validate(method, schedule, metric, seed, num_layers=self.adapter.num_layers, options=options)
+        self.options: frozenset[str] = check_drop_method(method, options=options)
         if getattr(model, "_v2drop_handle", None) is not None:
             raise RuntimeError("this model already has a dropper attached; call detach() on it first")
         refusals.check_attention(self.adapter.attn_implementation)
@@ -90,16 +101,19 @@ class DropHandle:
         self._cache_ref: weakref.ref | None = None
         self._hooks: list[Any] = []
         self._signals: Signals | None = None
+        self._renumber: Renumbering | None = None
 
         if self._dropping:  # first: it may refuse, and then nothing is installed yet
             self._hooks += self.adapter.install_extras(self._positions, schedule.layers)
+            if self._method.positions_with(self.options) == RENUMBERED:
+                self._renumber = Renumbering(self.adapter.decoder)
         top = self.adapter.top
         self._hooks.append(top.register_forward_pre_hook(self._on_top_call, with_kwargs=True))
         self._hooks.append(top.register_forward_hook(self._on_top_return, always_call=True))
         if self._dropping:
             # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
             scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
-            self._signals = Signals(self.adapter, self._method, scored)
+            self._signals = Signals(self.adapter, self._method, scored, float32=FLOAT32_SCORES.name in self.options)
             start = schedule.layers[0] - self._signals.first_hooked_layer_offset
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
@@ -115,6 +129,9 @@ class DropHandle:
         if self._signals is not None:
             self._signals.remove()
             self._signals = None
+        if self._renumber is not None:
+            self._renumber.remove()
+            self._renumber = None
         if getattr(self.model, "_v2drop_handle", None) is self:
             del self.model._v2drop_handle
         self._call = self._mode = None
@@ -126,7 +143,8 @@ class DropHandle:
         self.detach()
 
     def __repr__(self) -> str:
-        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}', metric={self.metric!r})"
+        opts = f", options={options_text(self.options)!r}" if self.options else ""
+        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}', metric={self.metric!r}{opts})"
 
     # -- top-level hooks ----------------------------------------------------------------------
     def _on_top_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -207,8 +225,10 @@ class DropHandle:
         idx = torch.arange(S, device=device).expand(B, S)
         valid = real if real is not None else torch.ones(B, S, dtype=torch.bool, device=device)
         layout = Layout(idx=idx, valid=valid, vision=vision & valid)
-        call = _Call(seq_len=S, clock=clock, layout=layout, initial=layout)
+        call = _Call(seq_len=S, clock=clock, layout=layout, initial=layout, row_pos=valid.long().cumsum(1) - 1)
         call.vision_alive.append(vision.sum(1).tolist())
+        if self._renumber is not None:
+            self._renumber.start(valid)
         video_ids = self.adapter.video_token_ids
         call.video_found = ((vision & torch.isin(input_ids, torch.tensor(video_ids, device=device))).sum(1).tolist()
                             if video_ids else [0] * B)
@@ -254,7 +274,7 @@ class DropHandle:
                 return None
             call.clock.open("gather")
             try:
-                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs)
+                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs, hidden)
             finally:
                 call.clock.close()
             if new_kwargs is None and hidden is not given:
@@ -284,14 +304,17 @@ class DropHandle:
             candidates = lay.valid & lay.vision
             alive = candidates.sum(1)
             ratio = self._ratios[layer]
+            initial = torch.tensor(call.vision_alive[0], device=hidden.device)
             ctx = ScoreContext(layer=layer, hidden=hidden, candidates=candidates, text=lay.valid & ~lay.vision,
-                               idx=lay.idx, keep=None, metric=self.metric, seed=self.seed)
+                               idx=lay.idx, keep=None, metric=self.metric, seed=self.seed,
+                               ratios=tuple(r for d, r in self.schedule.stages if d <= layer), initial=initial,
+                               row_pos=call.row_pos.gather(1, lay.idx), options=self.options)
             raw = None
             if isinstance(ratio, Adaptive):
                 raw = self._score(call, ctx, kwargs)
                 keep_k = _adaptive_counts(raw, candidates, ctx.text, alive, ratio)
             else:
-                keep_k = (alive * ratio.numerator) // ratio.denominator  # exact floor(alive * ratio)
+                keep_k = self._method.keep_counts(ctx)  # the method's own count (its authors' formula)
             if bool((keep_k == alive).all()):
                 call.layouts[layer] = lay
                 call.vision_alive.append(alive.tolist())
@@ -313,17 +336,20 @@ class DropHandle:
     def _score(self, call: _Call, ctx: ScoreContext, kwargs: dict) -> torch.Tensor:
         # The layer's inputs for the slots before this drop (a probe runs the layer's attention on them).
         before = self._stage_of(ctx.layer - 1)
-        inputs = (self._gather_prefill_kwargs(call, before, kwargs) if before is not None else None) or kwargs
+        inputs = (self._gather_prefill_kwargs(call, before, kwargs, ctx.hidden) if before is not None else None) or kwargs
         ctx.signals = self._signals.collect(ctx.layer, ctx.hidden, inputs, ctx.idx)
         return self._method.score(ctx)
 
     # -- gathering inputs ---------------------------------------------------------------------
-    def _gather_prefill_kwargs(self, call: _Call, stage: int, kwargs: dict) -> dict | None:
+    def _gather_prefill_kwargs(self, call: _Call, stage: int, kwargs: dict, hidden: torch.Tensor) -> dict | None:
         lay = call.layouts[stage]
         if lay is call.initial:
             return None  # nothing dropped yet: leave the layer's inputs untouched
-        return gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
-                                     lambda obj, build: self._cached(call, stage, obj, build))
+        out = gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
+                                    lambda obj, build: self._cached(call, stage, obj, build))
+        if self._renumber is not None:
+            out = self._renumber.prefill_inputs(stage, lay.idx, lay.valid, hidden, kwargs, out)
+        return out
 
     def _gather_decode_kwargs(
         self, call: _Call, stage: int, layer: int, hidden: torch.Tensor, cache: Any, kwargs: dict
@@ -339,7 +365,10 @@ class DropHandle:
         fmt, dtype = self.adapter.mask_format, self.adapter.top.dtype
         built = self._cached(call, stage, mask,
                              lambda: gather.decode_mask(lay, mask, call.seq_len, q_len, extra, fmt, dtype))
-        return {**kwargs, "attention_mask": built}
+        out = {**kwargs, "attention_mask": built}
+        if self._renumber is not None:
+            out = self._renumber.decode_inputs(stage, hidden, kwargs, out)
+        return out
 
     @staticmethod
     def _cached(call: _Call, stage: int, obj: Any, build: Any) -> Any:

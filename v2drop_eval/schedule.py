@@ -12,19 +12,19 @@ that layer, clamped to ``[floor(alive x MIN), floor(alive x MAX)]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 
 from v2drop_eval.families import PRESET_SHAPES, preset_family
+from v2drop_eval.methods.base import exact_floor
 
 __all__ = ["DropSchedule", "Adaptive", "kept_count", "format_ratio", "parse_ratio", "preset_table", "scaled_schedule",
            "fitted_preset", "single_stage_for", "pdrop_for", "depth_scaled_presets"]
 
 
-def kept_count(alive: int, keep_ratio: float) -> int:
-    """``floor(alive * keep_ratio)`` computed on the ratio's decimal form, free of float round-off."""
-    return math.floor(alive * Fraction(repr(float(keep_ratio))))
+# ``floor(alive * keep_ratio)`` on the ratio's decimal form (the adaptive bounds, the ``exact_counts`` option).
+kept_count = exact_floor
 
 
 def format_ratio(value: float) -> str:
@@ -201,34 +201,44 @@ class DropSchedule:
                     f"so layers must be in 1..{num_layers - 1}"
                 )
 
-    def tokens_per_layer(self, num_vision_tokens: int, num_layers: int) -> list[int]:
-        """Vision tokens entering each decoder layer."""
+    def tokens_per_layer(self, num_vision_tokens: int, num_layers: int, method: str = "v2drop",
+                         options: Iterable[str] = ()) -> list[int]:
+        """Vision tokens entering each decoder layer when ``method`` (with ``options``) runs this schedule:
+        each method counts with its authors' formula (``Method.stage_keep``; docs/methods.md)."""
         if self.is_adaptive:
             raise ValueError(
                 f"schedule {self} is adaptive: its counts depend on each image; use bounds_per_layer() for the "
                 "range, and the handle's last_stats for what was kept"
             )
-        return self.bounds_per_layer(num_vision_tokens, num_layers)[0]
+        return self.bounds_per_layer(num_vision_tokens, num_layers, method, options)[0]
 
-    def bounds_per_layer(self, num_vision_tokens: int, num_layers: int) -> tuple[list[int], list[int]]:
+    def bounds_per_layer(self, num_vision_tokens: int, num_layers: int, method: str = "v2drop",
+                         options: Iterable[str] = ()) -> tuple[list[int], list[int]]:
         """Fewest and most vision tokens entering each layer (equal for fixed schedules)."""
+        from v2drop_eval.methods import get_method
+
         self.check_depth(num_layers)
+        spec, opts = get_method(method), frozenset(options)
         ratios = dict(self.stages)
-        lo = hi = int(num_vision_tokens)
+        lo = hi = initial = int(num_vision_tokens)
+        so_far: list[float | Adaptive] = []
         los, his = [], []
         for layer in range(num_layers):
             r = ratios.get(layer)
             if isinstance(r, Adaptive):
                 lo, hi = kept_count(lo, r.min_ratio), kept_count(hi, r.max_ratio)
             elif r is not None:
-                lo, hi = kept_count(lo, r), kept_count(hi, r)
+                so_far.append(r)
+                lo = spec.stage_keep(lo, tuple(so_far), initial, opts)
+                hi = spec.stage_keep(hi, tuple(so_far), initial, opts)
             los.append(lo)
             his.append(hi)
         return los, his
 
-    def average_tokens(self, num_vision_tokens: int, num_layers: int) -> float:
+    def average_tokens(self, num_vision_tokens: int, num_layers: int, method: str = "v2drop",
+                       options: Iterable[str] = ()) -> float:
         """Mean over decoder layers of the vision tokens each layer sees (the papers' "retained")."""
-        per_layer = self.tokens_per_layer(num_vision_tokens, num_layers)
+        per_layer = self.tokens_per_layer(num_vision_tokens, num_layers, method, options)
         return sum(per_layer) / len(per_layer)
 
     def __str__(self) -> str:
@@ -240,9 +250,9 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
     """The preset for ``budget``, with its layers scaled to ``num_layers`` when the model is shallower.
 
     V2Drop (and random, which shares its presets) scale the preset's layers. Every other method then
-    spends the same layer-averaged vision-token count as that scaled V2Drop schedule: single-stage
-    methods (FastV, DART) keep one stage (layer 2 of 32, scaled) with the matching share; multi-stage
-    ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01).
+    spends the same layer-averaged vision-token count as that scaled V2Drop schedule, counted with its own
+    formula: single-stage methods (FastV, DART) keep one stage (layer 2 of 32, scaled) with the matching
+    share; multi-stage ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01).
     """
     ref_tokens, ref_layers = PRESET_SHAPES[family]
     if num_layers == ref_layers:
@@ -257,32 +267,43 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
     if spec.multi_stage:
         layers = _scale_layers(DropSchedule.preset(family, budget, method=method), num_layers, ref_layers).layers
         fits = [DropSchedule(tuple((layer, r / 100) for layer in layers)) for r in range(1, 100)]
-        return min(fits, key=lambda s: abs(s.average_tokens(ref_tokens, num_layers) - target))
-    return single_stage_for(target, ref_tokens, num_layers, layer=max(1, round(2 * num_layers / ref_layers)))
+        return min(fits, key=lambda s: abs(s.average_tokens(ref_tokens, num_layers, method) - target))
+    return single_stage_for(target, ref_tokens, num_layers, layer=max(1, round(2 * num_layers / ref_layers)),
+                            method=method)
 
 
-def single_stage_for(target: float, tokens: int, num_layers: int, layer: int = 2) -> DropSchedule:
-    """One stage at ``layer`` whose layer-averaged count over ``num_layers`` layers is closest to ``target``
-    (``tokens`` vision tokens): the kept count rounded, then the shortest 4-decimal ratio that keeps it."""
-    keep = round((target * num_layers - layer * tokens) / (num_layers - layer))
-    ratio = round(keep / tokens + 5e-5, 4)
-    while kept_count(tokens, ratio) > keep:
-        ratio = round(ratio - 1e-4, 4)
+def single_stage_for(target: float, tokens: int, num_layers: int, layer: int = 2, method: str = "fastv") -> DropSchedule:
+    """One stage at ``layer`` whose layer-averaged count over ``num_layers`` layers, counted as ``method``
+    counts (``tokens`` vision tokens), is closest to ``target``; of the 4-decimal ratios that keep that
+    count, the smallest at or above the share it keeps (the shortest ratio that keeps it under a floor)."""
+    from v2drop_eval.methods import get_method
+
+    spec = get_method(method)
+    by_count: dict[int, list[float]] = {}
+    for step in range(1, 10_000):
+        ratio = step / 10_000
+        by_count.setdefault(spec.stage_keep(tokens, (ratio,), tokens), []).append(ratio)
+    keep = min(by_count, key=lambda k: (abs((layer * tokens + (num_layers - layer) * k) / num_layers - target), k))
+    above = [r for r in by_count[keep] if r >= keep / tokens]
+    ratio = min(above) if above else max(by_count[keep])
     return DropSchedule(((layer, ratio),))
 
 
 def pdrop_for(target: float, tokens: int, num_layers: int) -> DropSchedule:
     """PyramidDrop's shape, stages at s, 2s, 3s (s >= 2) with one ratio lambda (to 0.01), within one token
-    of ``target`` layer-averaged; of those, lambda closest to the paper's 0.5 (then the closer average)."""
+    of ``target`` layer-averaged (PyramidDrop's counts); of those, lambda closest to the paper's 0.5 (then
+    the closer average)."""
     fits = [DropSchedule(tuple((k * step, r / 100) for k in (1, 2, 3)))
             for step in range(2, (num_layers - 1) // 3 + 1) for r in range(1, 100)]
-    fits = [f for f in fits if abs(f.average_tokens(tokens, num_layers) - target) <= 1]
-    return min(fits, key=lambda f: (abs(f.stages[0][1] - 0.5), abs(f.average_tokens(tokens, num_layers) - target)))
+    averages = {f: f.average_tokens(tokens, num_layers, "pdrop") for f in fits}
+    fits = [f for f in fits if abs(averages[f] - target) <= 1]
+    return min(fits, key=lambda f: (abs(f.stages[0][1] - 0.5), abs(averages[f] - target)))
 
 
 def depth_scaled_presets(base: str, num_layers: int) -> dict[str, dict[str | int, str]]:
     """Every method's presets for a model of ``num_layers`` decoder layers, derived from the presets of
-    family ``base`` (``qwen2_vl``) as those were derived (docs/methods.md, "Presets for a new depth"):
+    family ``base`` (``qwen2_vl``) as those were derived (docs/methods.md, "Presets for a new depth"), each
+    method's counts by its own formula:
 
     - v2drop (and random): ``base``'s layers scaled to the depth, its later ratios kept, the first-stage
       ratio solved (to 0.01) so that the layer-averaged vision fraction is closest to the budget's
@@ -293,7 +314,7 @@ def depth_scaled_presets(base: str, num_layers: int) -> dict[str, dict[str | int
     from v2drop_eval.methods import get_method
 
     tokens, base_layers = PRESET_SHAPES[base]
-    out: dict[str, dict[str | int, str]] = {"v2drop": {}, "fastv": {}, "pdrop": {}}
+    out: dict[str, dict[str | int, str]] = {"v2drop": {}, "fastv": {}, "dart": {}, "pdrop": {}}
     for budget, text in get_method("v2drop").presets[base].items():
         ref = DropSchedule.parse(text)
         target = budget if isinstance(budget, int) else ref.average_tokens(tokens, base_layers)
@@ -303,6 +324,7 @@ def depth_scaled_presets(base: str, num_layers: int) -> dict[str, dict[str | int
         v2 = min(fits, key=lambda f: abs(f.average_tokens(tokens, num_layers) - target))
         out["v2drop"][budget] = str(v2)
         out["fastv"][budget] = str(single_stage_for(target, tokens, num_layers))
+        out["dart"][budget] = str(single_stage_for(target, tokens, num_layers, method="dart"))
         out["pdrop"][budget] = str(pdrop_for(v2.average_tokens(tokens, num_layers), tokens, num_layers))
     return out
 

@@ -21,7 +21,7 @@ import yaml
 
 from v2drop_eval.executors import EXECUTORS, SLURM_KEYS, parse_executor, parse_slurm
 from v2drop_eval.families import FAMILY_NAMES, get_family
-from v2drop_eval.methods import get_method
+from v2drop_eval.methods import get_method, options_text, parse_options
 from v2drop_eval.schedule import DropSchedule, fitted_preset
 from v2drop_eval.validate import METHODS, METRICS, check_drop_method, local_model_problem, validate
 
@@ -46,7 +46,8 @@ TOP_KEYS = {
     "description": "free text, ignored",
     "output": "sweep output directory; default results/<name>",
     "models": "list of models (keys below)",
-    "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds: [...]}}",
+    "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds/options: "
+               "[...]}}",
     "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; 'paper' for pdrop and dart)",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
     "metrics": f"variation metrics for v2drop, any of {', '.join(METRICS)}; default [l2]",
@@ -65,7 +66,7 @@ TOP_KEYS = {
     "executor": f"where points run: {', '.join(EXECUTORS)}; default inline; --executor overrides",
     "slurm": f"options of the slurm executor: {', '.join(SLURM_KEYS)}",
 }
-METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds")
+METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds", "options")
 MODEL_KEYS = {
     "name": "model id used in point ids (letters, digits, '.', '-', single '_')",
     "family": f"model family, one of {', '.join(sorted(FAMILY_MODELS))}",
@@ -74,7 +75,7 @@ MODEL_KEYS = {
     "num_layers": "decoder layer count, for the depth check; default: read offline with AutoConfig",
     "model_args": "extra model args (mapping), e.g. {device_map: cpu, attn_implementation: sdpa}",
 }
-_OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed"}
+_OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "options"}
 _ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?!_))*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -104,6 +105,7 @@ class Point:
     schedule: str | None = None
     metric: str | None = None
     seed: int | None = None
+    options: str | None = None  # the method's named options, "a+b" (None: its authors' rule)
 
     @property
     def label(self) -> str:
@@ -124,6 +126,8 @@ class Point:
             args["metric"] = self.metric
         if self.seed is not None:
             args["seed"] = self.seed
+        if self.options:
+            args["options"] = self.options
         args.update(dict(self.model.model_args))
         return ",".join(f"{k}={v}" for k, v in args.items())
 
@@ -139,6 +143,7 @@ class Point:
             "schedule": self.schedule,
             "metric": self.metric,
             "seed": self.seed,
+            "options": self.options,
             "model_args": self.model_args(),
         }
 
@@ -170,13 +175,15 @@ class SweepConfig:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def grid(self, method: str) -> dict[str, list[Any]]:
-        """``budgets``, ``schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else the config's)."""
+        """``budgets``, ``schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else the config's), and
+        its ``options`` sets (its own only; default: the authors' rule alone)."""
         own = self.overrides.get(method, {})
         return {
             "budgets": own.get("budgets", self.budgets),
             "schedules": own.get("schedules", self.schedules),
             "metrics": own.get("metrics", self.metrics),
             "seeds": own.get("seeds", self.seeds),
+            "options": own.get("options", [None]),
         }
 
     def command(self, point: Point, output_path: str | Path) -> list[str]:
@@ -375,6 +382,28 @@ def _parse_seeds(value: Any, where: str, errors: list[str]) -> list[int]:
     return seeds
 
 
+def _parse_option_sets(value: Any, method: str, where: str, errors: list[str]) -> list[str | None]:
+    """``options: [[], [kept_positions], float32_scores+exact_counts]``: one point per set; an empty set (or
+    null) is the authors' rule."""
+    if not isinstance(value, list):
+        errors.append(f"{where}: expected a list of option sets, e.g. [[], [float32_scores]]")
+        return [None]
+    sets: list[str | None] = []
+    for i, item in enumerate(value):
+        try:
+            chosen = parse_options(item, method) if method in METHODS else frozenset()
+        except ValueError as exc:
+            errors.append(f"{where}[{i}]: {exc}")
+            continue
+        text = options_text(chosen) or None
+        if text in sets:
+            errors.append(f"{where}[{i}]: the option set {text or '[]'} is listed twice")
+        sets.append(text)
+    if not sets and not errors:
+        errors.append(f"{where}: at least one option set is needed ([] for the authors' rule)")
+    return sets or [None]
+
+
 def _parse_budgets(value: Any, where: str, errors: list[str]) -> list[int | str]:
     budgets: list[int | str] = []
     for b in _as_list(value, where, errors):
@@ -409,6 +438,8 @@ def _parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, 
                 grid["metrics"] = _parse_metrics(item["metrics"], f"{where}.metrics", errors)
             if "seeds" in item:
                 grid["seeds"] = _parse_seeds(item["seeds"], f"{where}.seeds", errors)
+            if "options" in item:
+                grid["options"] = _parse_option_sets(item["options"], name, f"{where}.options", errors)
             overrides[name] = grid
         else:
             name = str(item)
@@ -572,18 +603,19 @@ def expand(cfg: SweepConfig) -> list[Point]:
             grid = cfg.grid(method)
             settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
             settings += [(None, s) for s in grid["schedules"]]
-            for budget, schedule in settings:
-                base = Point(id="", model=model, method=method, budget=budget, schedule=schedule)
+            for (budget, schedule), options in ((s, o) for s in settings for o in grid["options"]):
+                base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, options=options)
                 stem = f"{model.name}__{method}__{base.label}"
+                tail = f"__{options}" if options else ""  # the authors' rule keeps its id
                 if spec.takes_metric:
                     for metric in grid["metrics"]:
-                        points.append(_with(base, id=f"{stem}__{metric}", metric=metric))
+                        points.append(_with(base, id=f"{stem}__{metric}{tail}", metric=metric))
                 elif spec.takes_seed:
                     for seed in grid["seeds"]:
                         suffix = f"__seed{seed}" if seed != 0 else ""
-                        points.append(_with(base, id=stem + suffix, seed=seed))
+                        points.append(_with(base, id=stem + suffix + tail, seed=seed))
                 else:
-                    points.append(_with(base, id=stem))
+                    points.append(_with(base, id=stem + tail))
     return points
 
 
