@@ -22,9 +22,10 @@ from v2drop_eval.methods import REGISTRY
 from v2drop_eval.methods.dart import DART
 
 # One schedule per method that exercises its count rule: V2Drop's ':0' stage keeps one token; 64 x 0.31 =
-# 19.84, which FastV rounds to 20; three PyramidDrop stages (cumulative counts, renumbered positions from
-# the second on); DART's 4 + 8 x int(64 x 0.4 / 8) = 28.
-SCHEDULES = {"v2drop": "2:0.5/4:0.3/5:0", "fastv": "2:0.31", "fastv_attn": "2:0.31", "pdrop": "2:0.5/3:0.5/4:0.5",
+# 19.84, which FastV rounds to 20; three PyramidDrop stages (cumulative counts 32, 8, 4; renumbered
+# positions from the second on, which on the Qwen grids close the rows and columns that empty); DART's
+# 4 + 8 x int(64 x 0.4 / 8) = 28.
+SCHEDULES = {"v2drop": "2:0.5/4:0.3/5:0", "fastv": "2:0.31", "fastv_attn": "2:0.31", "pdrop": "2:0.5/3:0.25/4:0.5",
              "dart": "2:0.4"}
 
 
@@ -167,3 +168,33 @@ def test_pdrop_positions_are_pyramiddrops_at_prefill_and_decode():
         assert len(seen) == 1  # the model's own call only: positions are gathered, not renumbered
     finally:
         hook.remove()
+
+
+def test_pdrop_renumbers_m_rope_grids_by_the_values_that_empty():
+    """Qwen2-VL: the engine's ids at each stage are the model's, gathered at the kept tokens, with every
+    value no kept token holds any more taken out (tests/reference.py computes that one value at a time);
+    at 8 of 64 tokens some grid rows and columns empty, so positions do move."""
+    from reference import closed_values, renumbered
+    from tiny import qwen_inputs, tiny_qwen2_vl
+
+    model = tiny_qwen2_vl("sdpa")
+    inputs = qwen_inputs([[(16, 16)]])
+    seen: list[torch.Tensor] = []
+    rotary = model.model.language_model.rotary_emb
+    hook = rotary.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("position_ids", a[-1])), with_kwargs=True)
+    try:
+        with attach(model, "2:0.5/3:0.25/4:0.5", method="pdrop") as h, torch.no_grad():
+            model(**inputs)
+            layouts = dict(h.last_layouts)
+    finally:
+        hook.remove()
+    ids0, real = seen[0], torch.ones(1, inputs["input_ids"].shape[1], dtype=torch.bool)
+    moved = False
+    for ids, layer in zip(seen[1:], (2, 3, 4), strict=True):
+        idx = layouts[layer][0][0]
+        kept = torch.zeros_like(real)
+        kept[0, idx] = True
+        expected = renumbered(ids0[:, :, idx], closed_values(ids0, real, kept))
+        assert torch.equal(ids, expected), layer
+        moved |= not torch.equal(ids, ids0[:, :, idx])
+    assert moved
