@@ -28,8 +28,8 @@ from tiny import (
 )
 
 from v2drop_eval import DropSchedule, attach
+from v2drop_eval.engine.method import RENUMBERED
 from v2drop_eval.methods import METHODS, get_method
-from v2drop_eval.methods.base import RENUMBERED
 
 FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "next": tiny_llava_next,
             "onevision": tiny_llava_onevision, "next_video": tiny_llava_next_video, "qwen3": tiny_qwen3_vl,
@@ -346,7 +346,7 @@ def test_long_qwen3_video_row_beside_an_image_row():
 
 
 def test_deepstack_without_its_hook_is_refused_by_name(monkeypatch):
-    from v2drop_eval.contract import TransformersContractError
+    from v2drop_eval.engine.contract import TransformersContractError
 
     m = tiny_qwen3_vl("sdpa")
     monkeypatch.delattr(type(m.model.language_model), "_deepstack_process")
@@ -415,8 +415,8 @@ def _dart_reference(keys, normed, cand, text, keep):
 
 @pytest.mark.parametrize("family", ["llava", "qwen", "internvl"])
 def test_dart_options_keep_what_their_greedy_rule_keeps_in_every_row(family, monkeypatch):
+    from v2drop_eval.engine.method import NORMED_HIDDEN, PREV_KEYS
     from v2drop_eval.methods import dart
-    from v2drop_eval.methods.base import NORMED_HIDDEN, PREV_KEYS
 
     m = model(family, "eager")
     inputs = CASES[(family, "mixed")]()

@@ -17,7 +17,7 @@ from originals.v2drop import v2drop_stage
 from tiny import LAYERS, llava_inputs, tiny_llava
 
 from v2drop_eval import DropSchedule, attach
-from v2drop_eval.families import PRESET_SHAPES
+from v2drop_eval.engine.families import PRESET_SHAPES
 from v2drop_eval.methods import REGISTRY
 from v2drop_eval.methods.dart import DART
 

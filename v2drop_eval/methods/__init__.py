@@ -1,20 +1,24 @@
-"""The method registry: every dropping method, declared once. Light (no torch).
+"""Methods on the engine: the registry of every dropping method (one file each), their presets
+(``presets``), the rules every entry point applies (``rules``) and the one-call API (``api.attach``).
+Imports the engine only. Light: the registry and the rules load without torch.
 
-Adding a method: write ``v2drop_eval/methods/<name>.py`` with a :class:`~v2drop_eval.methods.base.Method`
-subclass and ``METHOD = <instance>``, and add the module to ``_MODULES`` below (README, "Adding a method").
+Adding a method: write ``v2drop_eval/methods/<name>.py`` with a :class:`~v2drop_eval.engine.method.Method`
+subclass and ``METHOD = <instance>``, and add the module to ``_MODULES`` below (CONTRIBUTING.md, "Adding a
+method").
 """
 
 from __future__ import annotations
 
 import importlib
 
-from v2drop_eval.methods.base import Method, Option, ScoreContext
+from v2drop_eval.engine.method import OPTION_SEPARATOR, Method, Option, ScoreContext
+from v2drop_eval.engine.schedule import install_method_lookup
 
-__all__ = ["REGISTRY", "METHODS", "OPTIONS", "Method", "Option", "ScoreContext", "get_method", "parse_options",
-           "options_text"]
+__all__ = ["REGISTRY", "METHODS", "BASELINE", "DEFAULT_METHOD", "OPTIONS", "Method", "Option", "ScoreContext",
+           "get_method", "parse_options", "options_text"]
 
-# Order is the order of tables, plots and error messages; ``none`` (the baseline) last.
-_MODULES = ("v2drop", "random_drop", "fastv", "fastv_attn", "pdrop", "dart", "none")
+# Order is the order of tables, plots, the bench and error messages: the unpruned baseline first.
+_MODULES = ("none", "v2drop", "random_drop", "fastv", "fastv_attn", "pdrop", "dart")
 
 REGISTRY: dict[str, Method] = {}
 for _module in _MODULES:
@@ -23,6 +27,10 @@ for _module in _MODULES:
         raise RuntimeError(f"two methods are named {_method.name!r}")
     REGISTRY[_method.name] = _method
 METHODS: tuple[str, ...] = tuple(REGISTRY)
+# The unpruned reference every table compares with: the one method that drops nothing.
+(BASELINE,) = (name for name, m in REGISTRY.items() if not m.drops)
+# What ``attach``, the model args and the bench run when no method is named.
+DEFAULT_METHOD = REGISTRY["v2drop"].name
 
 
 def get_method(name: str) -> Method:
@@ -31,13 +39,17 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
     return REGISTRY[name]
 
+
+# Schedules count as a named method counts (``DropSchedule.tokens_per_layer(..., method)``; "": the default).
+install_method_lookup(lambda name: get_method(name or DEFAULT_METHOD))
+
+
 # Every named option (a deliberate departure from a method's published rule, off by default) -> the
-# methods that take it, in registry order; each option is declared once (methods/base.py or its method's file).
+# methods that take it, in registry order; each option is declared once (engine/method.py or its method's file).
 OPTIONS: dict[str, Option] = {o.name: o for m in REGISTRY.values() for o in m.options}
 _TAKERS: dict[str, tuple[str, ...]] = {
     name: tuple(m.name for m in REGISTRY.values() if any(o.name == name for o in m.options)) for name in OPTIONS
 }
-OPTION_SEPARATOR = "+"  # lmms-eval splits model args on commas
 
 
 def parse_options(value: object, method: str | None = None) -> frozenset[str]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from v2drop_eval.methods.base import (
+from v2drop_eval.engine.method import (
     EXACT_COUNTS,
     FLOAT32_SCORES,
     NORMED_HIDDEN,
@@ -58,7 +58,7 @@ PIVOTS_IN_ORDER = Option("pivots_in_order", "visit the pivots in position order 
 # pivot (4 + 128 = 132 of 576 kept): 0.2223 is the shortest ratio with floor(576 x r / 8) = 16. Qwen2-VL
 # (and the families sharing its table): reduction_ratio=0.778, keep ratio 0.222 (4 + 8 x 15 = 124 of 576).
 # Budgets: one stage at layer 2 whose count, 4 + 8 x share, gives the layer-averaged count closest to the
-# budget's target, as FastV's presets (schedule.single_stage_for with this method's count; tests re-derive
+# budget's target, as FastV's presets (presets.single_stage_for with this method's count; tests re-derive
 # them). Counts move in steps of 8, so the average lands within 4 tokens of the target, not 1.
 PRESETS: dict[str, dict[str | int, str]] = {
     "llava": {"paper": f"{DEFAULT_LAYER}:0.2223", 192: "2:0.2848", 128: "2:0.1737", 64: "2:0.0487"},
@@ -76,6 +76,7 @@ def dart_share(alive: int, keep_ratio: float) -> int:
 class DART(Method):
     name = "dart"
     label = "DART"
+    style = ("tab:orange", "P")
     summary = "keeps the vision tokens least similar to a few pivot tokens (duplication-aware)"
     source = "Wen et al., arXiv 2502.11494 (EMNLP 2025); github.com/ZichenWen1/DART"
     needs = frozenset({PREV_KEYS, NORMED_HIDDEN})

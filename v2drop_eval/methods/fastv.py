@@ -22,7 +22,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from v2drop_eval.methods.base import EXACT_COUNTS, FLOAT32_SCORES, PREV_ATTENTION, Method, ScoreContext
+from v2drop_eval.engine.method import EXACT_COUNTS, FLOAT32_SCORES, PREV_ATTENTION, Method, ScoreContext
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,7 @@ def fastv_count(alive: int, keep_ratio: float) -> int:
 class FastV(Method):
     name = "fastv"
     label = "FastV"
+    style = ("tab:blue", "^")
     summary = "keeps the vision tokens the last query token attends to most at layer K-1"
     source = "Chen et al., 'An Image is Worth 1/2 Tokens After Layer 2', ECCV 2024"
     needs = frozenset({PREV_ATTENTION})

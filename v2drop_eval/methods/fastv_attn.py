@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from v2drop_eval.methods.base import (
+from v2drop_eval.engine.method import (
     EXACT_COUNTS,
     FLOAT32_SCORES,
     PREV_ATTENTION_WEIGHTS,
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 class FastVAttn(Method):
     name = "fastv_attn"
     label = "FastV (eager)"
+    style = ("tab:green", "D")
     summary = "FastV's rule with its score from output_attentions at layer K-1 (that layer runs eager attention)"
     source = "Chen et al., 'An Image is Worth 1/2 Tokens After Layer 2', ECCV 2024 (published code path)"
     needs = frozenset({PREV_ATTENTION_WEIGHTS})

@@ -3,7 +3,7 @@ instruction token pays each alive vision token, computed with layer l's own quer
 (and rotary) on its input and averaged over heads; keep the top share. Prefill only.
 
 The score comes from calling layer l's attention module itself on its normed input with a recording
-kernel that stops after the scores (``v2drop_eval.signals``), so no model code is copied and it runs
+kernel that stops after the scores (``v2drop_eval.engine.signals``), so no model code is copied and it runs
 under sdpa, eager and flash alike.
 
 The authors' rule, Cooperx521/PyramidDrop@6444f30, ``llava/model/modeling_llama_pdrop.py``
@@ -27,7 +27,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from v2drop_eval.methods.base import (
+from v2drop_eval.engine.method import (
     EXACT_COUNTS,
     FLOAT32_SCORES,
     KEPT,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # Budgets: the paper's shape (three equally spaced stages s, 2s, 3s, one ratio lambda at each) with
 # s >= 2 and lambda (to 0.01) chosen so that the layer-averaged vision-token count (PyramidDrop's counts)
 # is within one token of the V2Drop preset of that budget and family (V2Drop's counts), lambda closest
-# to the paper's 0.5 (schedule.pdrop_for; docs/methods.md).
+# to the paper's 0.5 (presets.pdrop_for; docs/methods.md).
 PRESETS: dict[str, dict[str | int, str]] = {
     "llava": {
         "paper": "8:0.5/16:0.5/24:0.5",
@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str | int, str]] = {
         192: "4:0.52/8:0.52/12:0.52",  # 192.9 (V2Drop 192.5)
         128: "3:0.42/6:0.42/9:0.42",  # 126.9 (V2Drop 127.1)
     },
-    "qwen3_vl": {  # 36 layers (schedule.depth_scaled_presets)
+    "qwen3_vl": {  # 36 layers (presets.depth_scaled_presets)
         "default": "4:0.42/8:0.42/12:0.42",  # 130.0 (V2Drop 130.6)
         192: "6:0.47/12:0.47/18:0.47",  # 191.7 (V2Drop 192.0)
         128: "4:0.41/8:0.41/12:0.41",  # 126.9 (V2Drop 126.7)
@@ -83,6 +83,7 @@ def pdrop_count(initial: int, ratios: tuple[float, ...]) -> int:
 class PyramidDrop(Method):
     name = "pdrop"
     label = "PDrop"
+    style = ("tab:purple", "v")
     summary = "keeps the vision tokens the last instruction token attends to most, with the stage layer's own q/k"
     source = "Xing et al., 'PyramidDrop', CVPR 2025"
     needs = frozenset({PROBE_ATTENTION})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import zlib
 from typing import TYPE_CHECKING, Any
 
-from v2drop_eval.methods.base import EXACT_COUNTS, ROW_IDENTITY, Method, ScoreContext
+from v2drop_eval.engine.method import EXACT_COUNTS, ROW_IDENTITY, Method, ScoreContext
 from v2drop_eval.methods.v2drop import PRESETS as V2DROP_PRESETS
 from v2drop_eval.methods.v2drop import ZERO_DROPS_ALL, v2drop_count
 
@@ -29,6 +29,7 @@ def random_scores(row_keys: list[bytes], n: int, seed: int, layer: int, device: 
 class RandomDrop(Method):
     name = "random"
     label = "Random"
+    style = ("tab:gray", "s")
     summary = "keeps a seeded random subset (same count as the schedule)"
     needs = frozenset({ROW_IDENTITY})
     takes_seed = True

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from v2drop_eval.methods.base import EXACT_COUNTS, FLOAT32_SCORES, PREV_HIDDEN, Method, Option, ScoreContext
+from v2drop_eval.engine.method import EXACT_COUNTS, FLOAT32_SCORES, PREV_HIDDEN, Method, Option, ScoreContext
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str | int, str]] = {
         128: "3:0.22/16:0.25/22:0",
     },
     # Qwen3-VL-8B (36 decoder layers): the Qwen2-VL presets' layers scaled to 36, the same later ratios, the
-    # first ratio solved again to the same vision fraction (schedule.depth_scaled_presets; tests check it).
+    # first ratio solved again to the same vision fraction (presets.depth_scaled_presets; tests check it).
     "qwen3_vl": {
         "default": "4:0.24/21:0.05/28:0",
         192: "4:0.42/21:0.3/28:0",
@@ -81,6 +81,7 @@ def variation(h_now: torch.Tensor, h_prev: torch.Tensor, metric: str = "l2", flo
 class V2Drop(Method):
     name = "v2drop"
     label = "V2Drop"
+    style = ("tab:red", "o")
     summary = "keeps the vision tokens whose hidden state changed most through the previous layer"
     source = "Chen et al., arXiv 2509.01552 (CVPR 2026)"
     needs = frozenset({PREV_HIDDEN})
