@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from v2drop_eval.engine.families import FAMILIES, lmms_siblings
-from v2drop_eval.methods import DEFAULT_METHOD, get_method
+from v2drop_eval.methods import DEFAULT_METHOD, get_method, options_text
 from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
@@ -28,6 +28,7 @@ from v2drop_eval.methods.rules import (
     METHODS,
     METRICS,
     as_int,
+    check_drop_method,
     local_model_problem,
     validate,
 )
@@ -35,7 +36,7 @@ from v2drop_eval.methods.rules import (
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "EXIT_USER_ERROR", "ModelArgsError",
            "user_errors", "pop_drop_args", "check_batch_size", "check_checkpoint", "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "sidecar", "warmup")
 EXIT_USER_ERROR = 2
 
 
@@ -76,6 +77,7 @@ def check_batch_size(model_name: str, value: Any) -> int:
                                 "(--batch_size; 'auto' is not supported by the v2drop classes)")
     return int(text)
 
+
 @dataclass(frozen=True)
 class DropArgs:
     """What to drop and how, as given on the command line (resolved to one schedule)."""
@@ -89,6 +91,7 @@ class DropArgs:
     sidecar: str | None
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
+    options: frozenset[str] = frozenset()  # the method's named departures from its authors' rule
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
 
     @property
@@ -108,6 +111,7 @@ class DropArgs:
             "budget": self.budget,
             "metric": self.metric,
             "seed": self.seed,
+            "options": options_text(self.options) or None,
         }
 
 
@@ -140,8 +144,11 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
+    options = kwargs.pop("options", None)
+    options = None if options is None else str(options)  # "a+b": lmms-eval splits model args on commas
     try:
-        validate(method, metric=metric, seed=seed)
+        validate(method, metric=metric, seed=seed, options=options)
+        options = check_drop_method(method, options=options)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
     spec = get_method(method)
@@ -197,7 +204,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
     return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
-                    sidecar=sidecar, warmup=warmup)
+                    sidecar=sidecar, warmup=warmup, options=options)
 
 
 def _has_preset(family: str, budget: Any, method: str) -> bool:
