@@ -214,6 +214,8 @@ def test_method_metric_rule_is_shared():
     for method, metric, seed, match in (("random", "cosine", None, "metric=cosine applies to method=v2drop only"),
                                         ("fastv", None, 2, "seed=2 applies to method=random only"),
                                         ("random", None, -1, "seed=-1 is not allowed"),
+                                        ("random", "l2", None, "metric=l2 applies to method=v2drop only"),
+                                        ("v2drop", None, 0, "seed=0 applies to method=random only"),
                                         ("dart", "l1", None, "metric=l1 applies to method=v2drop only"),
                                         ("bogus", None, None, "unknown method 'bogus'")):
         with pytest.raises(ValueError, match=match):
@@ -221,7 +223,8 @@ def test_method_metric_rule_is_shared():
         with pytest.raises(ValueError, match=match):
             _pop(method=method, budget=128, **({"metric": metric} if metric else {}),
                  **({"seed": seed} if seed is not None else {}))
-    check_drop_method("random", "l2", 0)  # attach's defaults, handed to any method
+    check_drop_method("random", None, 0)
+    check_drop_method("v2drop", "l2", None)
 
 
 def test_attach_refuses_a_metric_its_method_ignores():
