@@ -192,7 +192,7 @@ def test_onevision_checkpoint_takes_its_family_presets(tiny_assets):
     assert args.preset_scaled and str(args.schedule) == "1:0.22/2:0.25/3:0"
     assert check_checkpoint(_pop(budget="default"), ov).family == "llava_onevision"  # a qwen2_vl-table budget
     with pytest.raises(ValueError, match=r"^v2drop_llava: budget=64 for .*\(llava_onevision\): no preset for budget 64 "
-                                         r"in family 'qwen2_vl'.*known budgets: default, 192, 128"):
+                                         r"in family 'llava_onevision' \(its preset table is qwen2_vl's\).*known budgets: default, 192, 128"):
         check_checkpoint(_pop(budget=64), ov)
     with pytest.raises(ValueError, match="budget=default"):
         check_checkpoint(_pop(budget="default"), str(tiny_assets["llava"]))
