@@ -57,6 +57,7 @@ LOCK_FILE, PID_FILE = ".sweep.lock", ".sweep.pid"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # lmms-eval colours its log lines
 # A line that says why a run failed: a Python exception ("ValueError: ..."), an lmms-eval ERROR record,
 # or its "Tasks not found" / "not found" messages.
+_LOG_PREFIX = re.compile(r"^.*?\|\s*ERROR\s*\|\s*\S+\s+-\s+(?:Error during evaluation:\s*)?")  # loguru's time | level | where -
 _CAUSE = re.compile(r"(?:\b[A-Za-z_][\w.]*(?:Error|Exception)\b:\s*\S|\|\s*ERROR\s*\||not found|[Nn]o such )")
 
 
@@ -83,7 +84,7 @@ def cause_line(log_tail: str) -> str | None:
     """The last line of a failed run's log that says why (an exception, an ERROR record), or None."""
     for line in reversed(_ANSI.sub("", log_tail).splitlines()):
         if _CAUSE.search(line):
-            text = " ".join(line.split())
+            text = " ".join(_LOG_PREFIX.sub("", line).split())
             return text if len(text) <= 300 else text[:297] + "..."
     return None
 

@@ -102,7 +102,7 @@ def point_status(out: Path, point_id: str, tasks: list[str] | None, inline_pid: 
         if err is None:
             return PointStatus(point_id, "failed", f"{error_file}: not readable JSON")
         job = err.get("job") or {}
-        cause = err.get("cause") or cause_line(str(err.get("log_tail") or ""))
+        cause = cause_line(str(err.get("log_tail") or "")) or err.get("cause")
         detail = _first_line(err.get("error")) + (f": {cause}" if cause else "")
         return PointStatus(point_id, "failed", detail, job.get("job_id"), job.get("executor"))
     if state == "redo":
