@@ -182,7 +182,7 @@ def test_status_reads_the_saved_config_from_where_the_sweep_ran(tmp_path, monkey
     in: `status` said "16 points: 8 done, 8 pending" in the checkout and "8 points: 8 done" in /tmp."""
     home = tmp_path / "project"
     (home / "models" / "m").mkdir(parents=True)
-    (home / "models" / "m" / "config.json").write_text("{}")
+    (home / "models" / "m" / "config.json").write_text('{"model_type": "llava"}')
     monkeypatch.chdir(home)
     cfg = small_cfg(tmp_path, models=[{"name": "m7b", "family": "llava", "pretrained": "models/m", "num_layers": 32}])
     run_sweep(cfg, expand(cfg)[:2], runner=FakeRunner(), log=io.StringIO())

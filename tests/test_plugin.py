@@ -192,7 +192,7 @@ def test_onevision_checkpoint_takes_its_family_presets(tiny_assets):
     assert args.preset_scaled and str(args.schedule) == "1:0.22/2:0.25/3:0"
     assert check_checkpoint(_pop(budget="default"), ov).family == "llava_onevision"  # a qwen2_vl-table budget
     with pytest.raises(ValueError, match=r"^v2drop_llava: budget=64 for .*\(llava_onevision\): no preset for budget 64 "
-                                         r"in family 'qwen2_vl'.*known budgets: default, 192, 128"):
+                                         r"in family 'llava_onevision' \(its preset table is qwen2_vl's\).*known budgets: default, 192, 128"):
         check_checkpoint(_pop(budget=64), ov)
     with pytest.raises(ValueError, match="budget=default"):
         check_checkpoint(_pop(budget="default"), str(tiny_assets["llava"]))
@@ -214,6 +214,8 @@ def test_method_metric_rule_is_shared():
     for method, metric, seed, match in (("random", "cosine", None, "metric=cosine applies to method=v2drop only"),
                                         ("fastv", None, 2, "seed=2 applies to method=random only"),
                                         ("random", None, -1, "seed=-1 is not allowed"),
+                                        ("random", "l2", None, "metric=l2 applies to method=v2drop only"),
+                                        ("v2drop", None, 0, "seed=0 applies to method=random only"),
                                         ("dart", "l1", None, "metric=l1 applies to method=v2drop only"),
                                         ("bogus", None, None, "unknown method 'bogus'")):
         with pytest.raises(ValueError, match=match):
@@ -221,7 +223,8 @@ def test_method_metric_rule_is_shared():
         with pytest.raises(ValueError, match=match):
             _pop(method=method, budget=128, **({"metric": metric} if metric else {}),
                  **({"seed": seed} if seed is not None else {}))
-    check_drop_method("random", "l2", 0)  # attach's defaults, handed to any method
+    check_drop_method("random", None, 0)
+    check_drop_method("v2drop", "l2", None)
 
 
 def test_options_rule_is_shared():

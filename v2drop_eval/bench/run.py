@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval.bench.report import KEEP_ALL, PLAIN, summarize, write_outputs
+from v2drop_eval.bench.options import ATTNS, DTYPES, check_args, check_device
+from v2drop_eval.bench.report import KEEP_ALL, PLAIN, check_writable, summarize, write_outputs
 from v2drop_eval.bench.shapes import SHAPES, VISION_TOKENS, Shape, build_model, make_inputs
 from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, METHODS, get_method, parse_options
 from v2drop_eval.methods.api import attach
@@ -40,7 +41,7 @@ from v2drop_eval.methods.fastv_attn import METHOD as FASTV_ATTN
 from v2drop_eval.methods.presets import DropSchedule, preset_table, scaled_schedule
 from v2drop_eval.methods.rules import validate
 
-__all__ = ["SHAPES", "SHAPE_DEFAULTS", "PLAIN", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
+__all__ = ["DTYPES", "ATTNS", "check_args", "SHAPES", "SHAPE_DEFAULTS", "PLAIN", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
 
 
 
@@ -205,14 +206,6 @@ class TimeGuard:
         return now + (self.start + self.budget_s - now) / max(1, self.groups - self.done)
 
 
-def check_device(device: str) -> None:
-    """ValueError unless ``device`` is cpu, or cuda on a machine that has it."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-
-
 def run_bench(
     shape_name: str,
     device: str = "cpu",
@@ -227,10 +220,12 @@ def run_bench(
     extras: bool = True,
     guard: TimeGuard | None = None,
     log: Callable[[str], Any] = print,
+    on_group: Callable[[list[dict]], Any] | None = None,
     options: str | None = None,
 ) -> list[dict]:
     """Time every (attn, batch size, method, budget) in one process; returns the result rows. ``options``
-    (``a+b``) go to each method that takes them."""
+    (``a+b``) go to each method that takes them; ``on_group``: called with the rows so far after each
+    (attn, batch size) group (to save them at once)."""
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
@@ -270,6 +265,8 @@ def run_bench(
             rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, VISION_TOKENS,
                                   shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0)))
             guard.done += 1
+            if on_group is not None:
+                on_group(list(rows))
         del model
         if cuda:
             torch.cuda.empty_cache()
@@ -309,10 +306,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32; 7b-slice 4)")
     p.add_argument("--extras", default=None, choices=["yes", "no"],
                    help="also time plain (no hooks) and keep1.0 (default yes; 7b-slice no)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads, pinned (default: the CPU count; 7b-slice 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, pinned, at most the CPU count (default: the CPU count; 7b-slice 1)")
+    p.add_argument("--force-threads", action="store_true", help="allow --threads above the CPU count")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop repeats early so the timing ends within S seconds (default: no limit; 7b-slice 1500)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on cpu, float16 on cuda)")
+    p.add_argument("--dtype", default=None, help=f"{' | '.join(DTYPES)} (default: float32 on cpu, float16 on cuda)")
     p.add_argument("--output", default="results/bench", help="output folder (default results/bench)")
 
 
@@ -332,21 +331,28 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     d = resolve(args)
+    lists = check_args(args, d)  # before machine_info asks CUDA for the GPU's name
+    attns, batch_sizes = lists["attns"], lists["batch_sizes"]
+    out = Path(args.output)
+    check_writable(out)  # before the first timing: a long run must not end in a failed write
     threads = pin_threads(d["threads"])
-    attns = d["attn"].split(",")
-    batch_sizes = [int(b) for b in str(d["batch_sizes"]).split(",")]
-    check_device(args.device)  # before machine_info asks CUDA for the GPU's name
     info_start = machine_info(args.device)
     guard = TimeGuard(d["time_budget"], len(attns) * len(batch_sizes))
     t0 = time.monotonic()
+
+    def info(partial: bool) -> dict[str, Any]:
+        return {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
+                "wall_s": round(time.monotonic() - t0, 1), "stopped_early": list(guard.stopped_early),
+                **({"partial": True} if partial else {})}
+
+    # each group's rows are saved as soon as they exist: an interrupted run keeps what it measured
     rows = run_bench(
-        args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=d["methods"].split(","),
-        budgets=d["budgets"].split(",") if d["budgets"] else None, repeats=d["repeats"], warmup=d["warmup"],
+        args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=lists["methods"],
+        budgets=lists["budgets"], repeats=d["repeats"], warmup=d["warmup"],
         new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard, options=args.options,
+        on_group=lambda so_far: write_outputs(so_far, info(True), args.shape, args.device, out),
     )
-    info = {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
-            "wall_s": round(time.monotonic() - t0, 1), "stopped_early": guard.stopped_early}
-    json_path, md_path = write_outputs(rows, info, args.shape, args.device, Path(args.output))
+    json_path, md_path = write_outputs(rows, info(False), args.shape, args.device, out)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0

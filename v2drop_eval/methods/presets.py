@@ -139,7 +139,8 @@ def preset_text(family: str, budget: int | str, method: str = "") -> str:
     key = _budget_key(budget)
     if key not in table:
         known = ", ".join(str(k) for k in table) or "none"
-        raise ValueError(f"no preset for budget {budget!r} in family {preset_family(family)!r} for method "
+        shared = "" if preset_family(family) == family else f" (its preset table is {preset_family(family)}'s)"
+        raise ValueError(f"no preset for budget {budget!r} in family {family!r}{shared} for method "
                          f"{method}; known budgets: {known}")
     return table[key]
 

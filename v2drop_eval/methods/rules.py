@@ -7,20 +7,22 @@ with the same words wherever it is given.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from v2drop_eval.engine.families import FAMILIES, get_family, lmms_siblings
 from v2drop_eval.engine.method import Method
 from v2drop_eval.engine.schedule import DropSchedule
 from v2drop_eval.methods import BASELINE, METHODS, OPTIONS, get_method, parse_options
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 
-__all__ = ["METHODS", "METRICS", "OPTIONS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "check_seed",
-           "schedule_problem", "as_int", "local_model_problem"]
+__all__ = ["METHODS", "METRICS", "OPTIONS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method",
+           "check_seed", "schedule_problem", "as_int", "local_model_problem", "checkpoint_family_problem"]
 
-# ``attach``'s default seed: a method that does not use it may still be handed it.
+# The seed a method that takes one uses when none is given.
 DEFAULT_SEED = 0
 
 
@@ -62,18 +64,19 @@ def schedule_problem(spec: Method, schedule: DropSchedule) -> str | None:
 
 def check_drop_method(method: Any, metric: Any = None, seed: Any = None, options: Any = None) -> frozenset[str]:
     """Raise ``ValueError`` unless ``method`` is registered, ``metric`` (None: not given) is known and
-    only given to a method that takes one, ``seed`` (None: not given) is an integer >= 0 given only
-    to a method that takes one, and every option is known and taken by the method. ``attach``'s
-    defaults (metric ``l2``, seed 0) count as not given. Returns the options, parsed."""
+    given only to a method that takes one, ``seed`` (None: not given) is an integer >= 0 given only
+    to a method that takes one, and every option is known and taken by the method. The one rule for
+    metric and seed: an argument a method does not use is refused, whatever its value (``metric=l2``
+    with ``method=random`` too), so that no run silently ignores it. Returns the options, parsed."""
     spec = get_method(method)
     if metric is not None:
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-        if not spec.takes_metric and metric != DEFAULT_METRIC:
+        if not spec.takes_metric:
             raise ValueError(f"metric={metric} applies to {_takers('takes_metric')} only, not method={method}")
     if seed is not None:
         check_seed(seed)
-        if not spec.takes_seed and as_int(seed) != DEFAULT_SEED:
+        if not spec.takes_seed:
             raise ValueError(f"seed={as_int(seed)} applies to {_takers('takes_seed')} only, not method={method}")
     return parse_options(options, method)
 
@@ -111,3 +114,19 @@ def local_model_problem(pretrained: str) -> str | None:
     if _looks_local(pretrained):
         return f"pretrained={pretrained}: no such folder {path}"
     return None
+
+
+def checkpoint_family_problem(pretrained: str, family: str) -> str | None:
+    """Why the local checkpoint ``pretrained`` is not of ``family`` (its ``config.json``'s ``model_type``
+    is none of the family's lmms-eval model's), or None (the same, a hub id, or no config to read)."""
+    path = Path(pretrained).expanduser() / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a local folder with a config: the plugin checks it when it loads
+    accepted = tuple(t for f in lmms_siblings(family) for t in f.model_types)
+    if model_type in accepted:
+        return None
+    others = [f.name for f in FAMILIES.values() if model_type in f.model_types]
+    return (f"pretrained={pretrained} is a {model_type!r} checkpoint, not family {get_family(family).name} "
+            f"(model_type {' or '.join(accepted)})" + (f"; use family {others[0]}" if others else ""))

@@ -19,7 +19,7 @@ import yaml
 
 from v2drop_eval.methods import METHODS, get_method
 from v2drop_eval.methods.presets import fitted_preset
-from v2drop_eval.methods.rules import METRICS, local_model_problem, validate
+from v2drop_eval.methods.rules import METRICS, checkpoint_family_problem, local_model_problem, validate
 from v2drop_eval.sweep.fields import (
     EXECUTORS,
     ID_RE,
@@ -147,7 +147,7 @@ def load_config(path: str | Path, output: str | Path | None = None) -> SweepConf
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc}") from None
     return parse_config(raw, default_name=path.stem, output=output, source=str(path))
 
@@ -235,6 +235,8 @@ def parse_config(
         if problem and prepare:  # the prepare step may build it; the runner checks again after it
             cfg.notes.append(f"model {model.name}: {problem} yet (prepare {prepare['call']} is to build it)")
         elif problem:
+            errors.append(f"models[{i}] ({model.name}): {problem}")
+        elif problem := checkpoint_family_problem(model.pretrained, model.family):
             errors.append(f"models[{i}] ({model.name}): {problem}")
     for m in methods:
         if m in METHODS and get_method(m).drops and not cfg.grid(m)["budgets"] and not cfg.grid(m)["schedules"]:

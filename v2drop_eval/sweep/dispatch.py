@@ -44,7 +44,7 @@ from v2drop_eval.sweep.layout import (
     JobRecord,
     now,
     point_lock,
-    point_state,
+    point_state_for,
     read_error,
     read_job,
     remove,
@@ -129,7 +129,7 @@ def _env_fix(executor: str) -> dict[str, str | None]:
 
 def _outcome_on_disk(out: Path, point: Point, cfg: SweepConfig, record: JobRecord) -> PointOutcome:
     """What a job whose folder has left ``.tmp-`` did: done, failed (its ``error.json``), or cancelled."""
-    if point_state(out / point.id, cfg.tasks)[0] == "done":
+    if point_state_for(cfg, point, out)[0] == "done":
         try:
             seconds = float(json.loads((out / point.id / POINT_FILE).read_text()).get("seconds") or 0)
         except (OSError, ValueError):
@@ -149,7 +149,7 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
     for all; ``slurm``: one job array (``array_parallelism`` at a time), then wait only with ``wait``."""
     total = len(points)
     index = {p.id: i for i, p in enumerate(points, 1)}
-    states = {p.id: point_state(out / p.id, cfg.tasks) for p in points}
+    states = {p.id: point_state_for(cfg, p, out) for p in points}
     queue = [p for p in points if states[p.id][0] != "done" and p.id not in live]
     ours = {p.id for p in points}
     live = {pid: rec for pid, rec in live.items() if pid in ours}
@@ -295,7 +295,7 @@ def dry_run_jobs(cfg: SweepConfig, points: Sequence[Point], out: Path, executor:
     todo = []
     for i, p in enumerate(points, 1):
         record = read_job(out / (TMP_PREFIX + p.id))
-        state, why = point_state(out / p.id, cfg.tasks)
+        state, why = point_state_for(cfg, p, out)
         if record is not None and state != "done":
             live, detail = job_state(record)
             what = (f"{live}: {record.executor} job {record.job_id}, not submitted again" if live != "ended"

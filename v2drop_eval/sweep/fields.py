@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from v2drop_eval.engine.families import FAMILY_NAMES, get_family
+from v2drop_eval.engine.families import FAMILY_NAMES, LMMS_MODELS, get_family
 from v2drop_eval.methods import BASELINE, options_text, parse_options
 from v2drop_eval.methods.presets import DropSchedule
 from v2drop_eval.methods.rules import METHODS, METRICS, check_seed
@@ -210,6 +210,14 @@ def parse_models(value: Any, errors: list[str]) -> list[ModelSpec]:
         if not isinstance(pretrained, str) or not pretrained:
             errors.append(f"{where}: pretrained (a hub id or a local folder) is required")
             continue
+        if "," in pretrained or "=" in pretrained:
+            errors.append(f"{where}: pretrained={pretrained!r}: lmms-eval splits model args on ',' and '=', so a "
+                          "path with either cannot be passed; rename or link the folder")
+        model = m.get("model")
+        served = [n for lm in LMMS_MODELS.values() if lm.id == FAMILY_MODELS[family] for n in (lm.id, *lm.aliases)]
+        if model is not None and model not in served:
+            errors.append(f"{where}: model {model!r} is not an lmms-eval model of family {family}; allowed: "
+                          f"{', '.join(served)} (or leave model out)")
         num_layers = m.get("num_layers")
         if num_layers is not None:
             num_layers = int_at_least(num_layers, f"{where}: num_layers", errors)

@@ -25,21 +25,24 @@ from v2drop_eval.sweep.layout import (
     FAILED_DIR,
     LOG_NAME,
     POINT_FILE,
+    cause_line,
     fmt_time,
     now,
     point_lock,
     read_job,
     remove,
+    replace_dir,
     tail,
 )
-from v2drop_eval.sweep.pointcheck import check_point_files, writes_sidecar
+from v2drop_eval.sweep.pointcheck import check_point_files, point_settings, writes_sidecar
+from v2drop_eval.sweep.preflight import checkpoint_problems, task_problems
 
 if TYPE_CHECKING:
     from v2drop_eval.sweep.config import SweepConfig
     from v2drop_eval.sweep.points import Point
 
 __all__ = ["RunFn", "PointOutcome", "SweepReport", "PrepareError", "subprocess_run", "stop_all", "check_point_output",
-           "run_point_in", "prepare", "outcome_line"]
+           "run_point_in", "prepare", "preflight_problems", "outcome_line"]
 
 # cmd, log file, environment, timeout (s) -> exit status. Tests pass a fake; real runs use subprocess_run.
 RunFn = Callable[[Sequence[str], Path, dict[str, str], "float | None"], int]
@@ -186,7 +189,8 @@ def _load_module(name: str) -> Any:
 
 
 def prepare(cfg: SweepConfig, points: Sequence[Point], log: TextIO) -> None:
-    """Run the config's ``prepare`` step; then every local model folder must exist."""
+    """Run the config's ``prepare`` step; then every local model folder must exist and be of its family,
+    and every task must be known (:mod:`v2drop_eval.sweep.preflight`): all before the first point."""
     if cfg.prepare:
         call = cfg.prepare["call"]
         module, _, func = call.rpartition(":")
@@ -199,6 +203,16 @@ def prepare(cfg: SweepConfig, points: Sequence[Point], log: TextIO) -> None:
         problem = local_model_problem(model.pretrained)
         if problem:
             raise PrepareError(f"model {model.name}: {problem}" + (" after the prepare step" if cfg.prepare else ""))
+    problems = preflight_problems(cfg, points)
+    if problems:
+        raise PrepareError("; ".join(problems) + " (nothing ran)")
+
+
+def preflight_problems(cfg: SweepConfig, points: Sequence[Point]) -> list[str]:
+    """The config's tasks and the points' local checkpoints, checked against the files they name."""
+    models = {p.model.name: p.model for p in points}.values()
+    return (task_problems(cfg.tasks, cfg.include_path)
+            + checkpoint_problems((m.name, m.family, m.pretrained) for m in models))
 
 
 def run_point_in(cfg: SweepConfig, point: Point, out: Path, runner: RunFn, env: dict[str, str], tmp: Path,
@@ -247,20 +261,21 @@ def _finish(cfg: SweepConfig, point: Point, out: Path, tmp: Path, cmd: list[str]
         "results_files": [str(p.relative_to(tmp)) for p in results],
         "sidecars": [str(p.relative_to(tmp)) for p in sidecars],
         "status": "ok" if error is None else "failed", "error": error,
+        "settings": point_settings(cfg, point),
     }
     if error is None:
         write_json_atomic(tmp / POINT_FILE, meta)
-        if final.exists():  # an unfinished or tampered folder; replace it
-            remove(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # an earlier run (other settings, or damaged) goes as a whole
         remove(out / FAILED_DIR / point.id)
         return PointOutcome(point, "done", seconds)
-    log_tail = tail(log_path)
+    log_tail = tail(log_path, 40)
     meta["log_tail"] = log_tail
+    meta["cause"] = cause_line(log_tail)
     write_json_atomic(tmp / ERROR_FILE, meta)
     failed = out / FAILED_DIR / point.id
     failed.parent.mkdir(exist_ok=True)
     remove(failed)
     os.replace(tmp, failed)
-    last = log_tail.splitlines()[-1].strip() if log_tail else ""
-    return PointOutcome(point, "failed", seconds, error + (f"; last log line: {last[:200]}" if last else ""))
+    last = meta["cause"] or (log_tail.splitlines()[-1].strip() if log_tail else "")
+    why = "cause" if meta["cause"] else "last log line"
+    return PointOutcome(point, "failed", seconds, error + (f"; {why}: {last[:300]}" if last else ""))

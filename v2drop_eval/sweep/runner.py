@@ -24,7 +24,7 @@ from v2drop_eval.sweep.layout import (
     TMP_PREFIX,
     JobRecord,
     fmt_time,
-    point_state,
+    point_state_for,
     remove,
     sweep_lock,
     write_status,
@@ -54,7 +54,7 @@ def dry_run(cfg: SweepConfig, points: Sequence[Point], out: Path, log: TextIO | 
     if cfg.prepare:
         print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log)
     for i, p in enumerate(points, 1):
-        state, why = point_state(out / p.id, cfg.tasks)
+        state, why = point_state_for(cfg, p, out)
         print(f"[{i}/{len(points)}] {p.id} ({'to redo: ' + why if why else state})", file=log)
         print(f"    {cfg.shell_command(p, out / (TMP_PREFIX + p.id))}", file=log)
     log.flush()
@@ -99,6 +99,7 @@ def run_sweep(
             print(f"note: {note}", file=log, flush=True)
         live = dispatch.settle_jobs(out, log)
         save_config(cfg, out)
+        write_status(cfg, points, out, {})  # every point listed before the first runs (a kill -9 keeps the grid)
         if executor == "inline":
             return _run_locked(cfg, list(points), out, runner, log, jobs, live)
         return dispatch.run_jobs(cfg, list(points), out, log, jobs, executor, wait, live)
@@ -148,7 +149,7 @@ class _Progress:
 def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn, log: TextIO,
                 jobs: int, live: dict[str, JobRecord]) -> SweepReport:
     total = len(points)
-    states = {p.id: point_state(out / p.id, cfg.tasks) for p in points}
+    states = {p.id: point_state_for(cfg, p, out) for p in points}
     todo = {pid for pid, (state, _) in states.items() if state != "done" and pid not in live}
     redo = [pid for pid in todo if states[pid][0] == "redo"]
     waiting = sum(p.id in live for p in points)
