@@ -45,10 +45,11 @@ lock: $(UV_VENV)/bin/uv
 	printf '%s\n' $(TORCH_PINS) | $(UV_VENV)/bin/uv pip compile pyproject.toml - --extra test \
 		--universal --python-version 3.11 --upgrade --custom-compile-command "make lock" -q -o $(LOCK)
 
-# The fast tier on the oldest transformers that pyproject.toml admits: a venv of its own that holds
-# only that transformers (and what it needs) in front of the locked venv's packages.
+# The engine's tests (fast tier) on the oldest transformers that pyproject.toml admits: a venv of its own
+# that holds only that transformers (and what it needs) in front of the locked venv's packages.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_TRANSFORMERS = $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+ENGINE_TESTS := tests/test_transformers_contract.py tests/test_engine.py tests/test_validation.py
 test-oldest: install
 	rm -rf $(OLDEST_VENV)
 	$(PYTHON) -m venv $(OLDEST_VENV)
@@ -56,7 +57,8 @@ test-oldest: install
 		> $$($(OLDEST_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/locked-venv.pth
 	$(OLDEST_VENV)/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)"
 	$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
-	V2DROP_TEST_TIER="make test-oldest (fast tier)" $(OLDEST_VENV)/bin/python -m pytest -q $(FAST) $(PYTEST_ARGS)
+	V2DROP_TEST_TIER="make test-oldest (engine, fast tier)" $(OLDEST_VENV)/bin/python -m pytest -q $(FAST) $(PYTEST_ARGS) \
+		$(ENGINE_TESTS)
 
 # The fast tier against the newest releases that pyproject.toml admits (not the lock), in a fresh venv.
 # A failure names every package whose version differs from the lock.

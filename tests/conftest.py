@@ -61,7 +61,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     start = config.stash.get(_START, None)
     if start is None:
         return
-    tier = os.environ.get("V2DROP_TEST_TIER") or (f"-m {config.option.markexpr!r}" if config.option.markexpr else "all")
+    tier = os.environ.get("V2DROP_TEST_TIER") or (f"-m {config.option.markexpr!r}" if config.option.markexpr else "this run")
     terminalreporter.write_line(f"{tier}: {time.monotonic() - start:.0f} s wall")
 
 
