@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pyproject", type=Path, default=Path("pyproject.toml"))
     ap.add_argument("--strict", action="store_true", help="exit 1 when a verdict is red")
     ap.add_argument("--dry-run", action="store_true", help="say what would be tried; install and run nothing")
+    ap.add_argument("--tests", nargs="+", default=None, metavar="PATH",
+                    help="run these test files (their fast tier) instead of the whole fast tier")
     args = ap.parse_args(argv)
     base_py = args.base / "bin" / "python"
     lock, spec, constraints = locked(str(args.lock)), declared(args.pyproject), local_constraints(base_py)
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             todo = []
     if todo:
         print(f"canary: the fast tier on {' '.join(pins)} (over the lock)", flush=True)
-        code, failed, summary = run_tests(python)
+        code, failed, summary = run_tests(python, args.tests)
         print(f"canary: {summary}", flush=True)
         if code == 0:
             for c in todo:
