@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from v2drop_eval.engine.families import FAMILIES, lmms_siblings
-from v2drop_eval.methods import DEFAULT_METHOD, get_method
+from v2drop_eval.methods import DEFAULT_METHOD, get_method, options_text
 from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
@@ -26,6 +26,7 @@ from v2drop_eval.methods.rules import (
     METHODS,
     METRICS,
     as_int,
+    check_drop_method,
     local_model_problem,
     validate,
 )
@@ -33,7 +34,7 @@ from v2drop_eval.methods.rules import (
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
            "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "sidecar", "warmup")
 
 @dataclass(frozen=True)
 class DropArgs:
@@ -48,6 +49,7 @@ class DropArgs:
     sidecar: str | None
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
+    options: frozenset[str] = frozenset()  # the method's named departures from its authors' rule
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
 
     @property
@@ -67,6 +69,7 @@ class DropArgs:
             "budget": self.budget,
             "metric": self.metric,
             "seed": self.seed,
+            "options": options_text(self.options) or None,
         }
 
 
@@ -99,8 +102,11 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
+    options = kwargs.pop("options", None)
+    options = None if options is None else str(options)  # "a+b": lmms-eval splits model args on commas
     try:
-        validate(method, metric=metric, seed=seed)
+        validate(method, metric=metric, seed=seed, options=options)
+        options = check_drop_method(method, options=options)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
     spec = get_method(method)
@@ -156,7 +162,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
     return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
-                    sidecar=sidecar, warmup=warmup)
+                    sidecar=sidecar, warmup=warmup, options=options)
 
 
 def _has_preset(family: str, budget: Any, method: str) -> bool:
