@@ -105,6 +105,15 @@ def _pop(family: str = "llava", **kwargs: Any) -> DropArgs:
     return pop_drop_args(dict(kwargs), family, LlavaHf)
 
 
+def test_lmms_eval_evaluator_set_up_runs_on_the_installed_filelock():
+    """lmms-eval 0.7.3's evaluator patches ``filelock._api`` before every evaluation; filelock 4.3 removed it,
+    and then every run fails while lmms-eval exits 0 (pyproject.toml caps filelock below 4.3 for this).
+    Here in the fast tier, so that `make test-next` sees a filelock release that breaks it."""
+    code = "import lmms_eval.evaluator as e; getattr(e, '_enable_reentrant_filelocks', lambda: None)()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_args_budget_schedule_method():
     a = _pop(budget=128)
     assert (a.method, str(a.schedule), a.budget, a.metric, a.seed) == ("v2drop", "3:0.28/17:0.25/22:0", 128, "l2", None)
