@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval import contract, gather, refusals
+from v2drop_eval import contract, gather, merging, positions, refusals
 from v2drop_eval.accounting import row_stats
 from v2drop_eval.adapters import ModelAdapter, adapter_for
 from v2drop_eval.clock import DropperClock
 from v2drop_eval.gather import Layout
-from v2drop_eval.methods import METHODS, ScoreContext, get_method
+from v2drop_eval.methods import METHODS, Method, ScoreContext, get_method
 from v2drop_eval.schedule import Adaptive, DropSchedule
 from v2drop_eval.signals import Signals
 from v2drop_eval.validate import DEFAULT_METRIC, DEFAULT_SEED, validate
@@ -63,7 +63,8 @@ class _Call:
     text_real: list[int] = field(default_factory=list)  # real (non-pad) text tokens per row
     vision_alive: list[list[int]] = field(default_factory=list)  # per stage, per row
     video_found: list[int] = field(default_factory=list)  # per row: how many of the vision tokens are video
-    gathered: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage layer, id(obj)) -> copy
+    gathered: dict[tuple[int, Any], Any] = field(default_factory=dict)  # (stage layer, id(obj) or name) -> copy
+    transfers: dict[int, merging.Transfer] = field(default_factory=dict)  # drop layer -> merged tokens placed
 
 
 class DropHandle:
@@ -80,7 +81,12 @@ class DropHandle:
         self.text_config = self.adapter.text_config
         self._last_stats: list[dict[str, Any]] | Any = []  # or a builder, run on first read (see last_stats)
         self.last_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Drop layers where the method merged tokens at the last prefill -> how the slots were filled (tests'
+        # masking references read it).
+        self.last_transfers: dict[int, merging.Transfer] = {}
         self._method = get_method(method)
+        # Renumbered positions need one position per token (``positions.py``); M-RoPE keeps them.
+        self._renumber = self._method.positions == "renumber" and self.adapter.rotary is not None
         self._ratios: dict[int, Fraction | Adaptive] = {
             layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in schedule.stages
         }
@@ -100,7 +106,7 @@ class DropHandle:
             # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
             scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
             self._signals = Signals(self.adapter, self._method, scored)
-            start = schedule.layers[0] - self._signals.first_hooked_layer_offset
+            start = self._signals.first_hooked_layer(schedule.layers[0])
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
                 self._hooks.append(hook)
@@ -248,13 +254,13 @@ class DropHandle:
             given = hidden
             if layer in self._ratios:
                 hidden = self._drop(call, layer, hidden, kwargs)
-            self._signals.before_layer(layer, hidden)
+            self._signals.before_layer(layer, hidden, call.layout)
             stage = self._stage_of(layer)
             if stage is None:
                 return None
             call.clock.open("gather")
             try:
-                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs)
+                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs, hidden, layer)
             finally:
                 call.clock.close()
             if new_kwargs is None and hidden is not given:
@@ -303,7 +309,22 @@ class DropHandle:
         call.clock.open("gather")
         try:
             new, pos = gather.select(lay, raw, keep_k)
-            hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+            merge = None
+            if type(self._method).merge is not Method.merge:
+                kept = torch.zeros_like(lay.valid).scatter_(1, pos, new.valid)
+                call.clock.open("score")
+                try:
+                    merge = self._method.merge(ctx, raw, kept)
+                finally:
+                    call.clock.close()
+            if merge is not None and bool(merge.valid.any()):
+                transfer = merging.join(lay, new, pos, kept, merge, self._renumber)
+                hidden = merging.joined_hidden(hidden, transfer, pos)
+                new = transfer.layout
+                call.transfers[layer] = transfer
+                keep_k = keep_k + merge.valid.sum(1)
+            else:
+                hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
             call.layout = call.layouts[layer] = new
             call.vision_alive.append(keep_k.tolist())
         finally:
@@ -313,17 +334,23 @@ class DropHandle:
     def _score(self, call: _Call, ctx: ScoreContext, kwargs: dict) -> torch.Tensor:
         # The layer's inputs for the slots before this drop (a probe runs the layer's attention on them).
         before = self._stage_of(ctx.layer - 1)
-        inputs = (self._gather_prefill_kwargs(call, before, kwargs) if before is not None else None) or kwargs
+        inputs = (self._gather_prefill_kwargs(call, before, kwargs, ctx.hidden, ctx.layer)
+                  if before is not None else None) or kwargs
         ctx.signals = self._signals.collect(ctx.layer, ctx.hidden, inputs, ctx.idx)
         return self._method.score(ctx)
 
     # -- gathering inputs ---------------------------------------------------------------------
-    def _gather_prefill_kwargs(self, call: _Call, stage: int, kwargs: dict) -> dict | None:
+    def _gather_prefill_kwargs(self, call: _Call, stage: int, kwargs: dict, hidden: torch.Tensor,
+                               layer: int) -> dict | None:
         lay = call.layouts[stage]
         if lay is call.initial:
             return None  # nothing dropped yet: leave the layer's inputs untouched
-        return gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
-                                     lambda obj, build: self._cached(call, stage, obj, build))
+        out = gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
+                                    lambda obj, build: self._cached(call, stage, obj, build))
+        if self._renumber:
+            out.update(self._cached(call, stage, "positions", lambda: positions.prefill_positions(
+                call.initial, lay, kwargs, self.adapter.rotary, hidden, layer)))
+        return out
 
     def _gather_decode_kwargs(
         self, call: _Call, stage: int, layer: int, hidden: torch.Tensor, cache: Any, kwargs: dict
@@ -339,11 +366,16 @@ class DropHandle:
         fmt, dtype = self.adapter.mask_format, self.adapter.top.dtype
         built = self._cached(call, stage, mask,
                              lambda: gather.decode_mask(lay, mask, call.seq_len, q_len, extra, fmt, dtype))
-        return {**kwargs, "attention_mask": built}
+        out = {**kwargs, "attention_mask": built}
+        if self._renumber:
+            removed = positions.removed_per_row(call.initial, lay)
+            out.update(self._cached(call, stage, "positions", lambda: positions.decode_positions(
+                removed, kwargs, self.adapter.rotary, hidden, layer)))
+        return out
 
     @staticmethod
     def _cached(call: _Call, stage: int, obj: Any, build: Any) -> Any:
-        key = (stage, id(obj))
+        key = (stage, obj) if isinstance(obj, str) else (stage, id(obj))
         if key not in call.gathered:
             call.gathered[key] = (build(), obj)  # keep obj alive so its id stays unique
         return call.gathered[key][0]
@@ -357,6 +389,7 @@ class DropHandle:
         # Built on first read: on CUDA the clock's events are read only then, never inside the forward.
         self._last_stats = lambda: row_stats(*args, call.clock.totals(), video_found=video)
         self.last_layouts = {layer: (lay.idx, lay.valid) for layer, lay in call.layouts.items()}
+        self.last_transfers = dict(call.transfers)
 
     @property
     def last_stats(self) -> list[dict[str, Any]]:
@@ -366,6 +399,12 @@ class DropHandle:
         if callable(self._last_stats):
             self._last_stats = self._last_stats()
         return self._last_stats
+
+    @property
+    def renumbers(self) -> bool:
+        """Whether positions are renumbered after a drop (the method's rule, on a model with one position per
+        token; ``v2drop_eval.positions``)."""
+        return self._renumber
 
     def dropper_times(self) -> dict[str, float]:
         """Milliseconds of the dropper's own work per category (``clock.CATEGORIES``) at the last
