@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from reference import allowed_keys, masking_reference
+from reference import allowed_keys, drop_reference, layouts_and_hosts, masking_reference
 from tiny import (
     LAYERS,
     QWEN3_DEEPSTACK,
@@ -28,7 +28,7 @@ from tiny import (
 )
 
 from v2drop_eval import DropSchedule, attach
-from v2drop_eval.methods import METHODS, get_method
+from v2drop_eval.methods import METHODS, Method, get_method
 
 FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "next": tiny_llava_next,
             "onevision": tiny_llava_onevision, "next_video": tiny_llava_next_video, "qwen3": tiny_qwen3_vl,
@@ -81,6 +81,8 @@ CASES = {
     ("qwen3", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
     ("qwen3moe", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
 }
+# Families whose decoders take one rotary position per token (the others use M-RoPE).
+ONE_D_POSITIONS = {"llava", "next", "onevision", "next_video", "internvl"}
 # The batch-row test runs these cases of each family.
 ROW_CASES = [("llava", "mixed"), ("qwen", "mixed"), ("qwen", "video"), ("qwen25", "mixed"), ("qwen25", "video"),
              ("next", "mixed"), ("onevision", "mixed"), ("onevision", "video"), ("next_video", "mixed"),
@@ -124,9 +126,15 @@ def test_keep_all_is_bit_identical(case, attn):
             assert all(torch.equal(a, b) for a, b in zip(gen.logits, plain_gen.logits, strict=True))
 
 
-# Every method that drops, at a schedule it takes (V2Drop at two).
+# Every method that drops, at a schedule it takes (V2Drop at two; SparseVLM's merged tokens also from the
+# first layer on, and at a stage that drops everything).
 DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0.5/4:0"), ("fastv", "2:0.4"),
-            ("fastv_attn", "2:0.4"), ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4")]
+            ("fastv_attn", "2:0.4"), ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4"), ("sparsevlm", "2:0.5/4:0.3"),
+            ("sparsevlm", "1:0.3/3:0")]
+
+
+def test_dropping_list_covers_every_method():
+    assert {m for m in METHODS if get_method(m).drops} == {m for m, _ in DROPPING}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -138,18 +146,26 @@ def test_dropping_equals_masking_reference(case, attn, method, schedule):
     inputs = CASES[case]()
     with attach(m, schedule, method=method) as h, torch.no_grad():
         out = m(**inputs)
-        prefill_layouts = dict(h.last_layouts)
+        # Each slot's mask position (merged tokens can move slots), and how merged tokens were made.
+        prefill_layouts, prefill_transfers = layouts_and_hosts(h), dict(h.last_transfers)
         dropped = _generate(m, inputs)
         # generate's prefill may keep other tokens: it gives padded rows other rotary positions (DART's
         # key norms see them), so each run is checked against the reference of its own kept sets
-        layouts = dict(h.last_layouts)
+        layouts, transfers = layouts_and_hosts(h), dict(h.last_transfers)
+        rotary = h.adapter.rotary if h.renumbers else None
+        # Renumbering wherever a token has one position (not under the Qwen-VLs' M-RoPE).
+        assert h.renumbers == (get_method(method).positions == "renumber" and family in ONE_D_POSITIONS)
+    assert bool(prefill_transfers) == (type(get_method(method)).merge is not Method.merge)
     layers = m.model.language_model.layers
-    with masking_reference(m, layers, allowed_keys(prefill_layouts, inputs["attention_mask"], LAYERS), attn), \
-            torch.no_grad():
+
+    def reference(lay: dict, moved: dict):
+        return drop_reference(m, layers, allowed_keys(lay, inputs["attention_mask"], LAYERS), attn, moved, rotary)
+
+    with reference(prefill_layouts, prefill_transfers), torch.no_grad():
         ref = m(**inputs)
-    with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), attn), torch.no_grad():
+    with reference(layouts, transfers), torch.no_grad():
         ref_gen = _generate(m, inputs)
-    # Prefill: every real slot of the last layout against its original position.
+    # Prefill: every real slot of the last layout against its position in the reference.
     idx, valid = prefill_layouts[max(prefill_layouts)]
     assert out.logits.shape[1] == idx.shape[1] < inputs["input_ids"].shape[1]
     for b in range(idx.shape[0]):
@@ -285,7 +301,7 @@ def test_detach_restores_model_exactly():
         plain = m(**inputs).logits
     hooks_before = hooks()
     for method, schedule in [("v2drop", "2:0.5"), ("fastv", "2:0.5"), ("random", "1:0.1/3:0"), ("pdrop", "2:0.5/4:0.5"),
-                             ("dart", "3:0.5")]:
+                             ("dart", "3:0.5"), ("sparsevlm", "1:0.5/3:0.5")]:
         h = attach(m, schedule, method=method)
         with torch.no_grad():
             m(**inputs)

@@ -41,7 +41,13 @@ def _run(model, inputs, schedule, method):
 
 # Every method that drops; single-stage ones at one stage (the last layout checked is then layer 2's).
 METHOD_SCHEDULES = {"v2drop": "2:0.5/4:0.3", "random": "2:0.5/4:0.3", "fastv": "2:0.4", "fastv_attn": "2:0.4",
-                    "pdrop": "2:0.5/4:0.3", "dart": "2:0.4"}
+                    "pdrop": "2:0.5/4:0.3", "dart": "2:0.4", "sparsevlm": "2:0.5/4:0.3"}
+
+
+def test_every_dropping_method_is_tested():
+    from v2drop_eval.methods import METHODS, get_method
+
+    assert {m for m in METHODS if get_method(m).drops} == set(METHOD_SCHEDULES)
 
 
 @pytest.mark.parametrize("method", list(METHOD_SCHEDULES))

@@ -57,7 +57,7 @@ DENSITY_NOISE = 1e-6  # cluster_and_merge's tie-breaking noise on the densities
 NOISE_SEED = 0
 # Pairwise distances are computed in row blocks of at most this many elements (the original's [N, N, C]
 # broadcast, block by block: the same values, bounded memory).
-_BLOCK_ELEMENTS = 1 << 26
+BLOCK_ELEMENTS = 1 << 26
 
 # The original's counts (score.py, v1.5) for LLaVA-1.5-7B's 576 image tokens at sparse layers 2, 6, 15.
 ORIGINAL_LAYERS = (2, 6, 15)
@@ -116,7 +116,7 @@ def density_peaks(x: torch.Tensor, k: int, noise: torch.Tensor) -> tuple[torch.T
     import torch
 
     N, C = x.shape
-    step = max(1, _BLOCK_ELEMENTS // max(1, N * C))
+    step = max(1, BLOCK_ELEMENTS // max(1, N * C))
     dist = torch.cat([(x[i:i + step, None, :] - x[None, :, :]).norm(dim=-1, p=2) for i in range(0, N, step)])
     dist = dist / (C ** 0.5)
     nearest = torch.topk(dist, k=k, dim=-1, largest=False).values
@@ -130,7 +130,8 @@ def density_peaks(x: torch.Tensor, k: int, noise: torch.Tensor) -> tuple[torch.T
     return cluster, centres
 
 
-def _noise(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def density_noise(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[n]`` the tie-breaking noise added to the densities: seeded, so a row clusters the same in any run."""
     import torch
 
     gen = torch.Generator().manual_seed(NOISE_SEED)
@@ -191,7 +192,7 @@ class SparseVLM(Method):
             members = dropped[torch.topk(scores[b, dropped], rated).indices]  # best rated first, as the original
             k = int(rated / CLUSTER_DIVISOR) + 1
             x = ctx.hidden[b, members]
-            cluster, centres = density_peaks(x, k, _noise(rated, x.dtype, x.device))
+            cluster, centres = density_peaks(x, k, density_noise(rated, x.dtype, x.device))
             ones = torch.ones(rated, dtype=x.dtype, device=x.device)
             weight = ones / (torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, cluster, ones) + 1e-6)[cluster]
             plans.append((members, cluster, weight, members[centres]))
