@@ -24,7 +24,13 @@ from tiny import LLAVA_IMAGE_ID, qwen_inputs, tiny_llava, tiny_qwen2_vl
 
 from v2drop_eval import DropSchedule, attach
 from v2drop_eval.methods import get_method, sparsevlm
-from v2drop_eval.methods.sparsevlm import ORIGINAL_COUNTS, ORIGINAL_LAYERS, PRESETS, recycled_count, stage_counts
+from v2drop_eval.methods.sparsevlm import (
+    ORIGINAL_COUNTS,
+    ORIGINAL_LAYERS,
+    PRESETS,
+    recycled_count,
+    stage_counts,
+)
 from v2drop_eval.schedule import fitted_preset, kept_count
 from v2drop_eval.signals import AttentionTap
 
