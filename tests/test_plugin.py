@@ -126,7 +126,8 @@ def test_args_budget_schedule_method():
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"budget": 128, "schedule": "3:0.5"}, ["not both"]),
     ({"budget": 100}, ["budget=100", "known budgets: 192, 128, 64"]),
-    ({"method": "sparsevlm", "budget": 128}, ["unknown method 'sparsevlm'", "allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, none"]),
+    ({"method": "tome", "budget": 128}, ["unknown method 'tome'", "allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, sparsevlm, "
+                                            "none"]),
     ({"method": "dart", "schedule": "2:0.5/4:0"}, ["dart drops once"]),
     ({"method": "pdrop", "schedule": "2:t1:0.1:0.5"}, ["adaptive stages need method v2drop, not 'pdrop'"]),
     # ("default" is a budget of the qwen2_vl table, which LLaVA-OneVision checkpoints take: check_checkpoint decides)
@@ -216,7 +217,7 @@ def test_method_metric_rule_is_shared():
                                         ("fastv", None, 2, "seed=2 applies to method=random only"),
                                         ("random", None, -1, "seed=-1 is not allowed"),
                                         ("dart", "l1", None, "metric=l1 applies to method=v2drop only"),
-                                        ("sparsevlm", None, None, "unknown method 'sparsevlm'")):
+                                        ("tome", None, None, "unknown method 'tome'")):
         with pytest.raises(ValueError, match=match):
             check_drop_method(method, metric, seed)
         with pytest.raises(ValueError, match=match):
@@ -406,6 +407,13 @@ def _start(root: Path, key: str, runs: list[Run], assets: dict[str, Any], plain:
     return Process(runs=runs, proc=proc, log=log, seconds=time.monotonic())
 
 
+def SPARSEVLM_RUNS(llava: str, qwen: str, qwen25: str, internvl: str, qwen3: str, onevision: str) -> list[tuple]:  # noqa: N802
+    """(family, lmms-eval model, model args) of the SparseVLM runs: every family the plugin serves."""
+    return [("llava", "v2drop_llava", llava), ("qwen2_vl", "v2drop_qwen2_vl", qwen),
+            ("qwen2_5_vl", "v2drop_qwen2_5_vl", qwen25), ("internvl", "v2drop_internvl", internvl),
+            ("qwen3_vl", "v2drop_qwen3_vl", qwen3), ("llava_onevision", "v2drop_llava", onevision)]
+
+
 @pytest.fixture(scope="module")
 def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
     """All end-to-end lmms-eval runs, started at once; returns ``{"runs": {name: Run}, "procs": {key: Process}}``."""
@@ -460,6 +468,12 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
                           force_simple=True, tasks=video_and_image),
                       Run("ov_builtin", "llava_hf", onevision, tasks="tiny_textvqa"),
                       Run("ov_none", "v2drop_llava", f"{onevision},method=none", tasks="tiny_textvqa")],
+        # SparseVLM (merged tokens; renumbered positions where a token has one position) at budget 128 on every
+        # family, batch 8 against batch 1, in one process (the runs go one after the other).
+        "sparsevlm": [Run(f"svlm_{fam}_b{bs}", model, f"{args},method=sparsevlm,budget=128",
+                          batch_size=bs, tasks=video_and_image if fam == "llava_onevision" else None)
+                      for fam, model, args in SPARSEVLM_RUNS(llava, qwen, qwen25, internvl, qwen3, onevision)
+                      for bs in (8, 1)],
         # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
         "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
                 Run("bad_conflict", "v2drop_qwen2_vl", f"{qwen},budget=128,schedule={SCHEDULE}"),
@@ -640,6 +654,36 @@ def test_lmms_eval_qwen3_vl_end_to_end(lmms, tiny_assets):
     rows = _check_run(runs["qwen3_sched_b8"], tiny_assets, "qwen3_vl", "v2drop", SCHEDULE)
     assert sorted(r["batch_size"] for r in rows) == [4] * 4 + [6] * 6
     assert _answers(runs["qwen3_none_b8"]) == _answers(runs["qwen3_builtin_b8"])
+
+
+@pytest.mark.slow
+def test_lmms_eval_sparsevlm_every_family_batch_8_equals_batch_1(lmms, tiny_assets):
+    """method=sparsevlm,budget=128 through the lmms-eval CLI: the budget's preset scaled to the 4 layers, the
+    side-car counting recycled tokens as vision tokens, and each row's answer and per-layer counts at batch 8
+    equal to the row alone."""
+    from v2drop_eval.methods import get_method
+    from v2drop_eval.schedule import fitted_preset
+
+    assert lmms["procs"]["sparsevlm"].returncode == 0, lmms["procs"]["sparsevlm"].output[-3000:]
+    runs, method = lmms["runs"], get_method("sparsevlm")
+    families = [fam for fam, *_ in SPARSEVLM_RUNS(*[""] * 6)]
+    for fam in families:
+        schedule = fitted_preset(fam, 128, "sparsevlm", 4)[0]
+        by_batch = {}
+        for bs in (8, 1):
+            run = runs[f"svlm_{fam}_b{bs}"]
+            results, _ = _results(run)
+            assert set(results["results"]) == set(run.tasks.split(",")), fam
+            rows = _sidecar(run)
+            assert sorted((r["task"], r["doc_id"]) for r in rows) == sorted(
+                (t, i) for t in run.tasks.split(",") for i in range(tiny_assets["docs"][t])), fam
+            for r in rows:
+                assert (r["family"], r["method"], r["schedule"], r["budget"]) == (fam, "sparsevlm", str(schedule), 128)
+                assert r["vision_per_layer"] == method.tokens_per_layer(schedule, r["vision_tokens"], 4), (fam, r)
+            by_batch[bs] = {(r["task"], r["doc_id"]): r["vision_per_layer"] for r in rows}
+            assert (max(r["batch_size"] for r in rows) > 1) == (bs == 8), fam
+        assert by_batch[8] == by_batch[1], fam
+        assert _answers(runs[f"svlm_{fam}_b8"]) == _answers(runs[f"svlm_{fam}_b1"]), fam
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def test_expand_schedules_and_seeds():
 
 
 def test_shipped_configs_are_valid():
-    expected = {"llava15_7b": 16, "qwen2vl_7b": 9, "qwen3vl_8b": 9, "ablation_layers": 7, "ablation_metric": 4}
+    expected = {"llava15_7b": 19, "qwen2vl_7b": 11, "qwen3vl_8b": 9, "ablation_layers": 7, "ablation_metric": 4}
     for name, n in expected.items():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         points = expand(cfg)
@@ -98,15 +98,17 @@ def test_shipped_configs_are_valid():
     assert [p.id for p in qwen] == ["qwen2vl_7b__none", "qwen2vl_7b__v2drop__b192__l2", "qwen2vl_7b__v2drop__b128__l2",
                                     "qwen2vl_7b__fastv__b192", "qwen2vl_7b__fastv__b128",
                                     "qwen2vl_7b__pdrop__b192", "qwen2vl_7b__pdrop__b128",
-                                    "qwen2vl_7b__dart__b192", "qwen2vl_7b__dart__b128"]
-    assert "method=pdrop,budget=128" in qwen[-3].model_args() and "method=dart,budget=192" in qwen[-2].model_args()
+                                    "qwen2vl_7b__dart__b192", "qwen2vl_7b__dart__b128",
+                                    "qwen2vl_7b__sparsevlm__b192", "qwen2vl_7b__sparsevlm__b128"]
+    assert "method=pdrop,budget=128" in qwen[-5].model_args() and "method=dart,budget=192" in qwen[-4].model_args()
+    assert "method=sparsevlm,budget=128" in qwen[-1].model_args()
     smoke = load_config(CONFIGS / "smoke.yaml")
     assert len(expand(smoke)) >= 4
 
 
 @pytest.mark.parametrize("change, message", [
     ({"bogus": 1}, "unknown key 'bogus'"),
-    ({"methods": ["none", "sparsevlm"]}, "unknown method 'sparsevlm'"),
+    ({"methods": ["none", "tome"]}, "unknown method 'tome'"),
     ({"metrics": ["l3"]}, "unknown metric 'l3'"),
     ({"models": [{"name": "m", "family": "blip", "pretrained": "x"}]}, "unknown family 'blip'"),
     ({"models": [{"name": "m", "family": "llava", "pretrained": "x", "layers": 3}]}, "unknown key 'layers'"),
@@ -354,9 +356,9 @@ def test_cli_dry_run(tmp_path, capsys):
 
 
 def test_cli_bad_config_runs_nothing(tmp_path, capsys):
-    path = write_cfg(tmp_path, methods=["none", "sparsevlm"])
+    path = write_cfg(tmp_path, methods=["none", "tome"])
     assert main(["sweep", str(path)]) == 2
-    assert "unknown method 'sparsevlm'" in capsys.readouterr().err
+    assert "unknown method 'tome'" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
 
 

@@ -24,7 +24,7 @@ def test_unsupported_model_class():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "sparsevlm"}, "unknown method 'sparsevlm'; allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, none"),
+        ({"method": "tome"}, "unknown method 'tome'; allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, sparsevlm, none"),
         ({"metric": "l3"}, "unknown metric 'l3'; allowed: l2, l1, cosine"),
     ],
 )

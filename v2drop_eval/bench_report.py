@@ -22,6 +22,7 @@ import numpy as np
 from v2drop_eval import flops, stats
 from v2drop_eval.atomic import write_text_atomic
 from v2drop_eval.clock import PREFILL_CATEGORIES
+from v2drop_eval.methods import get_method
 
 __all__ = ["summarize", "targets", "cross_checks", "verdict", "to_markdown", "write_outputs", "MIN_REPEATS",
            "SHARE_BOUND", "EFFICIENCY_BOUND", "TARGET_BUDGET"]
@@ -59,7 +60,8 @@ def summarize(shape: str, device: str, attn: str, batch_size: int, group: list[t
         if not runs:
             continue
         drops = method not in ("plain", "none")
-        vision = schedule.tokens_per_layer(vision_tokens, layers) if drops else [vision_tokens] * layers
+        # The method's own counting (SparseVLM's recycled tokens count as vision tokens).
+        vision = get_method(method).tokens_per_layer(schedule, vision_tokens, layers) if drops else [vision_tokens] * layers
         if runs[0].get("vision_per_layer") is not None:  # the engine's own count must agree with the arithmetic
             assert runs[0]["vision_per_layer"] == vision, (method, budget, runs[0]["vision_per_layer"], vision)
         row: dict[str, Any] = {

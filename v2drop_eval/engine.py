@@ -45,8 +45,8 @@ def attach(
     """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
 
     ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
-    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``), or ``none`` (nothing
-    changes; the unpruned baseline with the same accounting).
+    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``, ``sparsevlm``), or
+    ``none`` (nothing changes; the unpruned baseline with the same accounting).
     """
     return DropHandle(model, schedule, method=method, metric=metric, seed=seed)
 

@@ -18,14 +18,14 @@ from v2drop_eval.results import PointResult, adaptive_points, complexity  # noqa
 __all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot"]
 
 _METHOD_STYLE = {"none": ("k", "*"), "v2drop": ("tab:red", "o"), "random": ("tab:gray", "s"), "fastv": ("tab:blue", "^"),
-                 "pdrop": ("tab:purple", "v"), "dart": ("tab:orange", "P")}
+                 "pdrop": ("tab:purple", "v"), "dart": ("tab:orange", "P"), "sparsevlm": ("tab:cyan", "h")}
 _OTHER_STYLES = [("tab:green", "D"), ("tab:brown", "X"), ("tab:pink", "<"), ("tab:olive", ">")]
 
 
 def _style(method: str) -> tuple[str, str]:
     """A fixed colour and marker per method; methods without one get the next free pair."""
     if method not in _METHOD_STYLE:
-        _METHOD_STYLE[method] = _OTHER_STYLES[(len(_METHOD_STYLE) - 6) % len(_OTHER_STYLES)]
+        _METHOD_STYLE[method] = _OTHER_STYLES[(len(_METHOD_STYLE) - 7) % len(_OTHER_STYLES)]
     return _METHOD_STYLE[method]
 
 
