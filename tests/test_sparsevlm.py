@@ -356,15 +356,16 @@ def _compare(model, inputs, schedule_text, monkeypatch) -> dict[str, int]:
 
 
 # LLaVA (renumbered positions) and Qwen2-VL (positions kept: M-RoPE), one image of 64 tokens, three stages
-# that recycle 2, then 1, then 1 tokens; three model seeds each.
+# that recycle 2, then 1, then 1 tokens; three model seeds each, sdpa and eager.
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_kept_and_recycled_tokens_equal_the_original(family, seed, monkeypatch):
+def test_kept_and_recycled_tokens_equal_the_original(family, seed, attn, monkeypatch):
     if family == "llava":
-        model = tiny_llava("sdpa", seed=seed, image_size=64)
+        model = tiny_llava(attn, seed=seed, image_size=64)
         inputs = llava_one_image(8, (6, 9), seed)
     else:
-        model = tiny_qwen2_vl("sdpa", seed=seed)
+        model = tiny_qwen2_vl(attn, seed=seed)
         inputs = qwen_inputs([[(16, 16)]], seed=seed)
     checked = _compare(model, inputs, "1:0.25/3:0.5/5:0.5", monkeypatch)
     assert checked["stages"] == 3 and checked["recycled_tokens"] >= 4

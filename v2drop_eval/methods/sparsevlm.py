@@ -34,8 +34,8 @@ What differs, and why (docs/methods.md, "SparseVLM"):
 - A row whose raters' scores are all equal (the original would then have no rater and rate with NaN)
   takes all its text after the image as raters.
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the repository has no code for them. M-RoPE positions cannot be
-  renumbered, so there every token keeps its position and a recycled token takes its cluster centre's (the
-  choice of ModelTC/LightCompress's SparseVLM); the presets are derived below.
+  renumbered, so there every token keeps its position and a recycled token takes its cluster centre's (as
+  ModelTC/llmc's SparseVLM, ``llmc/compression/token_reduction/sparsevlm.py``, does); the presets are derived below.
 """
 
 from __future__ import annotations
