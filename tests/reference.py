@@ -113,8 +113,8 @@ def drop_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str, t
                     new = pid - (real.sum(1) - keep.sum(1))[:, None]
                 kwargs = dict(kwargs, position_ids=new, position_embeddings=rotary(hidden, new))
             cache = cache_of(kwargs)
-            k_len = (cache.layers[layer].get_seq_length() + q) if cache is not None and layer < len(cache.layers) else q
-            k_len = max(k_len, q)
+            cached = cache is not None and layer < len(cache.layers)
+            k_len = max((cache.layers[layer].get_seq_length() + q) if cached else q, q)
             cols = torch.cat([keep, torch.ones(B, k_len - S, dtype=torch.bool)], 1) if k_len > S else keep
             mask = kwargs.get("attention_mask")
             if mask is None or mask.dim() == 2:
@@ -138,7 +138,8 @@ def drop_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str, t
 
     changed = [layer for layer in allowed if not torch.equal(allowed[layer], allowed[0])]
     first = min(changed, default=len(layers))
-    hooks = [layers[layer].register_forward_pre_hook(make(layer), with_kwargs=True) for layer in range(first, len(layers))]
+    hooks = [layers[layer].register_forward_pre_hook(make(layer), with_kwargs=True)
+             for layer in range(first, len(layers))]
     try:
         yield
     finally:

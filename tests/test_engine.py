@@ -129,8 +129,8 @@ def test_keep_all_is_bit_identical(case, attn):
 # Every method that drops, at a schedule it takes (V2Drop at two; SparseVLM's merged tokens also from the
 # first layer on, and at a stage that drops everything).
 DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0.5/4:0"), ("fastv", "2:0.4"),
-            ("fastv_attn", "2:0.4"), ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4"), ("sparsevlm", "2:0.5/4:0.3"),
-            ("sparsevlm", "1:0.3/3:0")]
+            ("fastv_attn", "2:0.4"), ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4"),
+            ("sparsevlm", "2:0.5/4:0.3"), ("sparsevlm", "1:0.3/3:0")]
 
 
 def test_dropping_list_covers_every_method():
@@ -159,7 +159,8 @@ def test_dropping_equals_masking_reference(case, attn, method, schedule):
     layers = m.model.language_model.layers
 
     def reference(lay: dict, moved: dict):
-        return drop_reference(m, layers, allowed_keys(lay, inputs["attention_mask"], LAYERS), attn, moved, rotary)
+        allowed = allowed_keys(lay, inputs["attention_mask"], LAYERS)
+        return drop_reference(m, layers, allowed, attn, moved, rotary)
 
     with reference(prefill_layouts, prefill_transfers), torch.no_grad():
         ref = m(**inputs)

@@ -126,8 +126,8 @@ def test_args_budget_schedule_method():
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"budget": 128, "schedule": "3:0.5"}, ["not both"]),
     ({"budget": 100}, ["budget=100", "known budgets: 192, 128, 64"]),
-    ({"method": "tome", "budget": 128}, ["unknown method 'tome'", "allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, sparsevlm, "
-                                            "none"]),
+    ({"method": "tome", "budget": 128},
+     ["unknown method 'tome'", "allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, sparsevlm, none"]),
     ({"method": "dart", "schedule": "2:0.5/4:0"}, ["dart drops once"]),
     ({"method": "pdrop", "schedule": "2:t1:0.1:0.5"}, ["adaptive stages need method v2drop, not 'pdrop'"]),
     # ("default" is a budget of the qwen2_vl table, which LLaVA-OneVision checkpoints take: check_checkpoint decides)
@@ -407,7 +407,7 @@ def _start(root: Path, key: str, runs: list[Run], assets: dict[str, Any], plain:
     return Process(runs=runs, proc=proc, log=log, seconds=time.monotonic())
 
 
-def SPARSEVLM_RUNS(llava: str, qwen: str, qwen25: str, internvl: str, qwen3: str, onevision: str) -> list[tuple]:  # noqa: N802
+def sparsevlm_runs(llava: str, qwen: str, qwen25: str, internvl: str, qwen3: str, onevision: str) -> list[tuple]:
     """(family, lmms-eval model, model args) of the SparseVLM runs: every family the plugin serves."""
     return [("llava", "v2drop_llava", llava), ("qwen2_vl", "v2drop_qwen2_vl", qwen),
             ("qwen2_5_vl", "v2drop_qwen2_5_vl", qwen25), ("internvl", "v2drop_internvl", internvl),
@@ -472,7 +472,7 @@ def lmms(tiny_assets, tmp_path_factory) -> dict[str, Any]:
         # family, batch 8 against batch 1, in one process (the runs go one after the other).
         "sparsevlm": [Run(f"svlm_{fam}_b{bs}", model, f"{args},method=sparsevlm,budget=128",
                           batch_size=bs, tasks=video_and_image if fam == "llava_onevision" else None)
-                      for fam, model, args in SPARSEVLM_RUNS(llava, qwen, qwen25, internvl, qwen3, onevision)
+                      for fam, model, args in sparsevlm_runs(llava, qwen, qwen25, internvl, qwen3, onevision)
                       for bs in (8, 1)],
         # budget= now scales to a shallow model, so the depth refusal needs an explicit schedule
         "bad": [Run("bad_depth", "v2drop_llava", f"{llava},schedule=2:0.5/9:0"),
@@ -666,7 +666,7 @@ def test_lmms_eval_sparsevlm_every_family_batch_8_equals_batch_1(lmms, tiny_asse
 
     assert lmms["procs"]["sparsevlm"].returncode == 0, lmms["procs"]["sparsevlm"].output[-3000:]
     runs, method = lmms["runs"], get_method("sparsevlm")
-    families = [fam for fam, *_ in SPARSEVLM_RUNS(*[""] * 6)]
+    families = [fam for fam, *_ in sparsevlm_runs(*[""] * 6)]
     for fam in families:
         schedule = fitted_preset(fam, 128, "sparsevlm", 4)[0]
         by_batch = {}
@@ -678,8 +678,9 @@ def test_lmms_eval_sparsevlm_every_family_batch_8_equals_batch_1(lmms, tiny_asse
             assert sorted((r["task"], r["doc_id"]) for r in rows) == sorted(
                 (t, i) for t in run.tasks.split(",") for i in range(tiny_assets["docs"][t])), fam
             for r in rows:
-                assert (r["family"], r["method"], r["schedule"], r["budget"]) == (fam, "sparsevlm", str(schedule), 128)
-                assert r["vision_per_layer"] == method.tokens_per_layer(schedule, r["vision_tokens"], 4), (fam, r)
+                got = (r["family"], r["method"], r["schedule"], r["budget"])
+                assert got == (fam, "sparsevlm", str(schedule), 128)
+                assert r["vision_per_layer"] == method.tokens_per_layer(schedule, r["vision_tokens"], 4), fam
             by_batch[bs] = {(r["task"], r["doc_id"]): r["vision_per_layer"] for r in rows}
             assert (max(r["batch_size"] for r in rows) > 1) == (bs == 8), fam
         assert by_batch[8] == by_batch[1], fam

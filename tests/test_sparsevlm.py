@@ -309,7 +309,8 @@ def _compare(model, inputs, schedule_text, monkeypatch) -> dict[str, int]:
     text_token_start = v_token_start + v_token_num
     image_shape = v_token_num
     t_token_idx = select_text_raters(seen["embeddings"], v_token_start, text_token_start)
-    assert set((t_token_idx[1] + text_token_start).tolist()) == set(seen["raters"][0].nonzero()[:, 0].tolist())
+    raters = set(seen["raters"][0].nonzero()[:, 0].tolist())
+    assert set((t_token_idx[1] + text_token_start).tolist()) == raters
     ours = _identities(transfers, schedule, S)
     order = list(range(S))  # the original's sequence, as identities
     prev_ours = list(range(S))

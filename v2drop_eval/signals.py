@@ -268,7 +268,7 @@ class Signals:
     def first_hooked_layer(self, first_drop: int) -> int:
         """The first decoder layer the engine must watch for a first drop at ``first_drop``: layer 0 when the
         method picks query rows from the input embeddings, the layer before for the other PREV_* signals."""
-        if PREV_QUERY_ATTENTION in self.needs:
+        if PREV_QUERY_ATTENTION in self.needs and self.drop_layers:
             return 0
         return first_drop - (1 if self.needs & {PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS} else 0)
 
@@ -292,7 +292,7 @@ class Signals:
     def before_layer(self, layer: int, hidden: torch.Tensor, layout: Layout) -> None:
         """Called with the hidden states entering ``layer`` (after any drop there) at prefill, and the
         layout of their slots."""
-        if layer == 0 and PREV_QUERY_ATTENTION in self.needs:
+        if layer == 0 and PREV_QUERY_ATTENTION in self.needs and self.drop_layers:
             self.query = self._query_rows(hidden, layout)
         if layer + 1 in self.drop_layers:
             if PREV_HIDDEN in self.needs:
