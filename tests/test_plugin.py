@@ -722,3 +722,12 @@ def test_doc_complexity():
     assert d["n_objects"] is None and 0.1 < d["image_edge_density"] < 1.0
     assert doc_complexity({"question": "no image"}) == {"n_objects": None, "image_edge_density": None}
     assert doc_complexity(None) == {"n_objects": None, "image_edge_density": None}
+
+
+def test_positions_arg():
+    """``positions=`` reaches attach and the side-car; a bad value is refused before anything loads."""
+    assert _pop(method="sparsevlm", budget=128).positions is None  # the method's own rule
+    args = _pop(method="sparsevlm", budget=128, positions="Keep")
+    assert args.positions == "keep" and args.describe()["positions"] == "keep"
+    with pytest.raises(ValueError, match=r"v2drop_llava: positions='shifted' is not allowed; allowed: keep, renumber"):
+        _pop(method="sparsevlm", budget=128, positions="shifted")

@@ -445,3 +445,47 @@ def test_recycling_arithmetic_and_density_peaks():
     finally:
         sparsevlm.BLOCK_ELEMENTS = block
     assert kept_count(576, 0.521) == 300
+
+
+@pytest.mark.parametrize(("method", "positions"), [("sparsevlm", "keep"), ("v2drop", "renumber"),
+                                                   ("pdrop", "renumber")])
+def test_position_rule_option_against_the_reference(method, positions):
+    """``positions=`` overrides a method's rule (SparseVLM with its tokens' own positions; any other method
+    renumbered), exact against the reference at prefill and every decode step, batch and padding included."""
+    from reference import allowed_keys, drop_reference, layouts_and_hosts
+    from tiny import LAYERS, llava_inputs
+
+    model = tiny_llava("sdpa")
+    inputs = llava_inputs([2, 1, 0], text_lens=[4, 6, 3], seed=1)
+    with attach(model, "2:0.5/4:0.3", method=method, positions=positions) as h, torch.no_grad():
+        out = model(**inputs)
+        lay, moved = layouts_and_hosts(h), dict(h.last_transfers)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        lay_gen, moved_gen = layouts_and_hosts(h), dict(h.last_transfers)
+        assert h.renumbers == (positions == "renumber")
+        rotary = h.adapter.rotary if h.renumbers else None
+    layers = model.model.language_model.layers
+    mask = inputs["attention_mask"]
+    with drop_reference(model, layers, allowed_keys(lay, mask, LAYERS), "sdpa", moved, rotary), torch.no_grad():
+        ref = model(**inputs)
+    with drop_reference(model, layers, allowed_keys(lay_gen, mask, LAYERS), "sdpa", moved_gen, rotary), \
+            torch.no_grad():
+        ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    hosts, valid = lay[max(lay)]
+    for b in range(hosts.shape[0]):
+        torch.testing.assert_close(out.logits[b][valid[b]], ref.logits[b, hosts[b][valid[b]]], atol=1e-4, rtol=0)
+    assert torch.equal(gen.sequences, ref_gen.sequences)
+    for a, b in zip(gen.logits, ref_gen.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_position_rule_refusals():
+    with pytest.raises(ValueError, match=r"positions='shifted' is not allowed; allowed: keep, renumber"):
+        attach(tiny_llava("sdpa"), "2:0.5", method="sparsevlm", positions="shifted")
+    with pytest.raises(ValueError, match=r"positions=renumber needs one rotary position per token; "
+                                         r"Qwen2VLForConditionalGeneration uses multimodal rotary"):
+        attach(tiny_qwen2_vl("sdpa"), "2:0.5", method="sparsevlm", positions="renumber")
+    with attach(tiny_qwen2_vl("sdpa"), "2:0.5", method="sparsevlm") as h:  # its rule, where it cannot apply
+        assert not h.renumbers

@@ -41,14 +41,18 @@ def attach(
     method: str = "v2drop",
     metric: str = DEFAULT_METRIC,
     seed: int = DEFAULT_SEED,
+    positions: str | None = None,
 ) -> DropHandle:
     """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
 
     ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
     l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``, ``sparsevlm``), or
     ``none`` (nothing changes; the unpruned baseline with the same accounting).
+
+    ``positions``: how rotary positions follow a drop, ``keep`` or ``renumber`` (docs/design.md §2); None: the
+    method's own rule (``sparsevlm`` renumbers, as its code does, where a token has one position).
     """
-    return DropHandle(model, schedule, method=method, metric=metric, seed=seed)
+    return DropHandle(model, schedule, method=method, metric=metric, seed=seed, positions=positions)
 
 
 @dataclass
@@ -70,9 +74,13 @@ class _Call:
 class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them."""
 
-    def __init__(self, model: nn.Module, schedule: DropSchedule | str, method: str, metric: str, seed: int):
+    def __init__(self, model: nn.Module, schedule: DropSchedule | str, method: str, metric: str, seed: int,
+                 positions: str | None = None):
         self.adapter: ModelAdapter = adapter_for(model)
-        schedule = validate(method, schedule, metric, seed, num_layers=self.adapter.num_layers)
+        schedule = validate(method, schedule, metric, seed, num_layers=self.adapter.num_layers, positions=positions)
+        if positions == "renumber" and self.adapter.rotary is None:
+            raise ValueError(f"positions=renumber needs one rotary position per token; {type(model).__name__} uses "
+                             "multimodal rotary positions (M-RoPE), which cannot be renumbered: use positions=keep")
         if getattr(model, "_v2drop_handle", None) is not None:
             raise RuntimeError("this model already has a dropper attached; call detach() on it first")
         refusals.check_attention(self.adapter.attn_implementation)
@@ -86,7 +94,7 @@ class DropHandle:
         self.last_transfers: dict[int, merging.Transfer] = {}
         self._method = get_method(method)
         # Renumbered positions need one position per token (``positions.py``); M-RoPE keeps them.
-        self._renumber = self._method.positions == "renumber" and self.adapter.rotary is not None
+        self._renumber = (positions or self._method.positions) == "renumber" and self.adapter.rotary is not None
         self._ratios: dict[int, Fraction | Adaptive] = {
             layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in schedule.stages
         }

@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "as_int",
+__all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "POSITION_RULES", "validate", "check_drop_method", "as_int",
            "local_model_problem"]
 
 from v2drop_eval.methods import METHODS, get_method
+from v2drop_eval.methods.base import POSITION_RULES
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 
 # ``attach``'s default seed: a method that does not use it may still be handed it.
@@ -33,10 +34,14 @@ def as_int(value: Any) -> Any:
     return value
 
 
-def check_drop_method(method: Any, metric: Any = None, seed: Any = None) -> None:
+def check_drop_method(method: Any, metric: Any = None, seed: Any = None, positions: Any = None) -> None:
     """Raise ``ValueError`` unless ``method`` is registered, ``metric`` (None: not given) is known and
-    only given to a method that takes one, and ``seed`` (None: not given) is an integer >= 0 given only
-    to a method that takes one. ``attach``'s defaults (metric ``l2``, seed 0) count as not given."""
+    only given to a method that takes one, ``seed`` (None: not given) is an integer >= 0 given only
+    to a method that takes one, and ``positions`` (None: the method's own rule) is a position rule.
+    ``attach``'s defaults (metric ``l2``, seed 0) count as not given."""
+    if positions is not None and positions not in POSITION_RULES:
+        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITION_RULES)} "
+                         "(default: the method's own rule)")
     spec = get_method(method)
     if metric is not None:
         if metric not in METRICS:
@@ -53,12 +58,12 @@ def check_drop_method(method: Any, metric: Any = None, seed: Any = None) -> None
 
 
 def validate(method: Any, schedule: DropSchedule | str | None = None, metric: Any = None, seed: Any = None,
-             num_layers: int | None = None) -> DropSchedule | None:
+             num_layers: int | None = None, positions: Any = None) -> DropSchedule | None:
     """The one rule every entry point applies (``attach``, model args, sweep configs, the bench):
     ``method``, ``metric`` and ``seed`` as :func:`check_drop_method`; ``schedule`` (None: not given)
     parsed, taken by the method (stage count, adaptive stages) and, with ``num_layers``, within the
     model's depth. Returns the parsed schedule. Raises ``ValueError`` naming the bad value."""
-    check_drop_method(method, metric, seed)
+    check_drop_method(method, metric, seed, positions)
     if schedule is None:
         return None
     from v2drop_eval.schedule import DropSchedule

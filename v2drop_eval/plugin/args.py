@@ -33,7 +33,7 @@ from v2drop_eval.validate import (
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
            "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "positions", "sidecar", "warmup")
 
 @dataclass(frozen=True)
 class DropArgs:
@@ -48,6 +48,7 @@ class DropArgs:
     sidecar: str | None
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
+    positions: str | None = None  # keep | renumber; None: the method's own rule
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
 
     @property
@@ -67,6 +68,7 @@ class DropArgs:
             "budget": self.budget,
             "metric": self.metric,
             "seed": self.seed,
+            "positions": self.positions,
         }
 
 
@@ -99,8 +101,10 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
+    positions = kwargs.pop("positions", None)
+    positions = None if positions is None else str(positions).strip().lower()
     try:
-        validate(method, metric=metric, seed=seed)
+        validate(method, metric=metric, seed=seed, positions=positions)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
     spec = get_method(method)
@@ -156,7 +160,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
     return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
-                    sidecar=sidecar, warmup=warmup)
+                    sidecar=sidecar, warmup=warmup, positions=positions)
 
 
 def _has_preset(family: str, budget: Any, method: str) -> bool:
