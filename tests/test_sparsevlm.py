@@ -23,7 +23,10 @@ import torch
 from tiny import LLAVA_IMAGE_ID, qwen_inputs, tiny_llava, tiny_qwen2_vl
 
 from v2drop_eval import DropSchedule, attach
+from v2drop_eval.engine.schedule import kept_count
+from v2drop_eval.engine.signals import AttentionTap
 from v2drop_eval.methods import get_method, sparsevlm
+from v2drop_eval.methods.presets import fitted_preset
 from v2drop_eval.methods.sparsevlm import (
     ORIGINAL_COUNTS,
     ORIGINAL_LAYERS,
@@ -31,8 +34,6 @@ from v2drop_eval.methods.sparsevlm import (
     recycled_count,
     stage_counts,
 )
-from v2drop_eval.schedule import fitted_preset, kept_count
-from v2drop_eval.signals import AttentionTap
 
 # ------------------------------------------------------------------------------------------------------------
 # Transcribed from Gumpest/SparseVLMs @ b9619e6 (Apache-2.0), see the module docstring.

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 from sweep_fakes import LLAVA_SCORES, sidecar_rows, task_metrics, write_point
 
+from v2drop_eval import DropSchedule
 from v2drop_eval.cli import main
-from v2drop_eval.results import load_sweep
-from v2drop_eval.schedule import DropSchedule
-from v2drop_eval.tables import accuracy_table, build_tables, efficiency_table, headline_score
+from v2drop_eval.report.build import build_tables
+from v2drop_eval.report.results import load_sweep
+from v2drop_eval.report.tables import accuracy_table, efficiency_table, headline_score
 
 TASKS = ["gqa", "scienceqa_img", "textvqa_val", "pope", "mme", "mmbench_en_dev"]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,7 @@ from tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen2_vl
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from v2drop_eval import attach
+from v2drop_eval.methods import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_unsupported_model_class():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "tome"}, "unknown method 'tome'; allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, sparsevlm, none"),
+        ({"method": "bogus"}, f"unknown method 'bogus'; allowed: {', '.join(METHODS)}"),
         ({"metric": "l3"}, "unknown metric 'l3'; allowed: l2, l1, cosine"),
     ],
 )
@@ -116,8 +117,8 @@ def test_schedules_a_method_cannot_take(llava, method, schedule, match):
 
 
 def test_every_entry_point_refuses_with_the_same_words():
+    from v2drop_eval.methods.rules import validate
     from v2drop_eval.plugin.args import pop_drop_args
-    from v2drop_eval.validate import validate
 
     with pytest.raises(ValueError) as direct:
         validate("dart", "2:0.5/4:0")

@@ -42,12 +42,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import PREV_QUERY_ATTENTION, Merge, Method, QueryContext, ScoreContext
+from v2drop_eval.engine.method import PREV_QUERY_ATTENTION, Merge, Method, QueryContext, ScoreContext
+from v2drop_eval.engine.schedule import DropSchedule, kept_count
 
 if TYPE_CHECKING:
     import torch
-
-    from v2drop_eval.schedule import DropSchedule
 
 # Recycling (modelling_sparse_llama.py): the top 30% (+1) of the dropped tokens by rating, merged into a
 # tenth (+1) as many clusters.
@@ -99,8 +98,6 @@ def recycled_count(dropped: int) -> int:
 
 def stage_counts(num_vision_tokens: int, schedule: DropSchedule) -> list[tuple[int, int]]:
     """Per stage of ``schedule``: (vision tokens kept, recycled tokens added) for an image of that many tokens."""
-    from v2drop_eval.schedule import kept_count
-
     alive, out = int(num_vision_tokens), []
     for _, ratio in schedule.stages:
         keep = kept_count(alive, ratio)
@@ -147,6 +144,7 @@ class SparseVLM(Method):
     needs = frozenset({PREV_QUERY_ATTENTION})
     positions = "renumber"
     presets = PRESETS
+    style = ("tab:cyan", "h")
 
     def query_rows(self, ctx: QueryContext) -> torch.Tensor:
         """The raters: per row, the text tokens after its last vision token whose mean softmax affinity to
@@ -223,8 +221,6 @@ class SparseVLM(Method):
 
     def refit(self, scaled: DropSchedule, target: float, num_vision_tokens: int, num_layers: int) -> DropSchedule:
         """The later ratios kept, the first solved (to 0.001) for the layer-averaged count closest to ``target``."""
-        from v2drop_eval.schedule import DropSchedule
-
         (first, _), *rest = scaled.stages
         fits = [DropSchedule(((first, r / 1000), *rest)) for r in range(1, 1001)]
         return min(fits, key=lambda s: abs(self.average_tokens(s, num_vision_tokens, num_layers) - target))

@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from v2drop_eval.families import FAMILIES, lmms_siblings
-from v2drop_eval.methods import get_method
-from v2drop_eval.schedule import DropSchedule, fitted_preset
-from v2drop_eval.validate import (
+from v2drop_eval.engine.families import FAMILIES, lmms_siblings
+from v2drop_eval.methods import DEFAULT_METHOD, get_method
+from v2drop_eval.methods.presets import DropSchedule, fitted_preset
+from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
     DEFAULT_SEED,
     METHODS,
@@ -97,7 +97,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if unknown:
         raise _fail(model_name, f"unknown model argument(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
-    method = str(kwargs.pop("method", "v2drop")).strip().lower()
+    method = str(kwargs.pop("method", DEFAULT_METHOD)).strip().lower()
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0

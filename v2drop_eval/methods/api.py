@@ -1,0 +1,34 @@
+"""The one-call Python API: ``attach(model, schedule, method=...)`` returns a handle with ``detach()``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from v2drop_eval.engine.hooks import DropHandle
+from v2drop_eval.engine.schedule import DropSchedule
+from v2drop_eval.methods import DEFAULT_METHOD, get_method
+from v2drop_eval.methods.rules import DEFAULT_METRIC, DEFAULT_SEED, validate
+
+__all__ = ["attach", "DropHandle"]
+
+
+def attach(
+    model: nn.Module,
+    schedule: DropSchedule | str,
+    method: str = DEFAULT_METHOD,
+    metric: str = DEFAULT_METRIC,
+    seed: int = DEFAULT_SEED,
+    positions: str | None = None,
+) -> DropHandle:
+    """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
+
+    ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
+    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``, ``sparsevlm``), or
+    ``none`` (nothing changes; the unpruned baseline with the same accounting). Bad arguments raise
+    ``ValueError`` naming them (the rules of ``v2drop_eval.methods.rules``); an unsupported model ``TypeError``.
+
+    ``positions``: how rotary positions follow a drop, ``keep`` or ``renumber`` (docs/design.md §2); None: the
+    method's own rule (``sparsevlm`` renumbers, as its code does, where a token has one position).
+    """
+    parsed = validate(method, schedule, metric, seed, positions=positions)
+    return DropHandle(model, parsed, get_method(method), metric=metric, seed=seed, positions=positions)
