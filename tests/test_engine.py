@@ -28,7 +28,8 @@ from tiny import (
 )
 
 from v2drop_eval import DropSchedule, attach
-from v2drop_eval.methods import METHODS, Method, get_method
+from v2drop_eval.engine.method import RENUMBER
+from v2drop_eval.methods import METHODS, get_method
 
 FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "next": tiny_llava_next,
             "onevision": tiny_llava_onevision, "next_video": tiny_llava_next_video, "qwen3": tiny_qwen3_vl,
@@ -127,40 +128,55 @@ def test_keep_all_is_bit_identical(case, attn):
 
 
 # Every method that drops, at a schedule it takes (V2Drop at two; SparseVLM's merged tokens also from the
-# first layer on, and at a stage that drops everything).
-DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0.5/4:0"), ("fastv", "2:0.4"),
-            ("fastv_attn", "2:0.4"), ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4"),
-            ("sparsevlm", "2:0.5/4:0.3"), ("sparsevlm", "1:0.3/3:0")]
+# first layer on, and at a stage that drops everything), with the attach arguments that change what the engine
+# does (positions kept where the authors renumber, and renumbered where they keep; DART's pivots, which keep
+# all of an image of 4 tokens, within the floor count so that the small Qwen images drop too).
+DROPPING = [("v2drop", "2:0.5/4:0.3", None), ("v2drop", "1:0.25/3:0", None), ("random", "1:0.5/4:0", None),
+            ("fastv", "2:0.4", None), ("fastv_attn", "2:0.4", None), ("pdrop", "2:0.5/4:0.3", None),
+            ("pdrop", "2:0.5/4:0.3", "positions=keep"), ("v2drop", "2:0.5/4:0.3", "positions=renumber"),
+            ("dart", "2:0.4", None), ("dart", "2:0.4", "options=exact_counts"),
+            ("sparsevlm", "2:0.5/4:0.3", None), ("sparsevlm", "1:0.3/3:0", None),
+            ("sparsevlm", "2:0.5/4:0.3", "positions=keep")]
 
 
 def test_dropping_list_covers_every_method():
-    assert {m for m in METHODS if get_method(m).drops} == {m for m, _ in DROPPING}
+    assert {m for m in METHODS if get_method(m).drops} == {m for m, _, _ in DROPPING}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", list(CASES), ids="-".join)
-@pytest.mark.parametrize(("method", "schedule"), DROPPING)
-def test_dropping_equals_masking_reference(case, attn, method, schedule):
+@pytest.mark.parametrize(("method", "schedule", "given"), DROPPING)
+def test_dropping_equals_masking_reference(case, attn, method, schedule, given):
     family, _ = case
     m = model(family, attn)
     inputs = CASES[case]()
-    with attach(m, schedule, method=method) as h, torch.no_grad():
+    kwargs = dict([given.split("=")]) if given else {}
+    with attach(m, schedule, method=method, **kwargs) as h, torch.no_grad():
         out = m(**inputs)
         # Each slot's mask position (merged tokens can move slots), and how merged tokens were made.
         prefill_layouts, prefill_transfers = layouts_and_hosts(h), dict(h.last_transfers)
+        dropped_any = any(s["vision_per_layer"][-1] < s["vision_tokens"] for s in h.last_stats)
         dropped = _generate(m, inputs)
         # generate's prefill may keep other tokens: it gives padded rows other rotary positions (DART's
         # key norms see them), so each run is checked against the reference of its own kept sets
         layouts, transfers = layouts_and_hosts(h), dict(h.last_transfers)
-        rotary = h.adapter.rotary if h.renumbers else None
-        # Renumbering wherever a token has one position (not under the Qwen-VLs' M-RoPE).
-        assert h.renumbers == (get_method(method).positions == "renumber" and family in ONE_D_POSITIONS)
-    assert bool(prefill_transfers) == (type(get_method(method)).merge is not Method.merge)
+        renumbers, rotary = h.renumbers, (h.adapter.rotary if h.renumbers else None)
+        # The given rule, else the authors'; merged tokens are not renumbered under the Qwen-VLs' M-RoPE.
+        rule = kwargs.get("positions", get_method(method).positions)
+        assert renumbers == (rule == RENUMBER and (family in ONE_D_POSITIONS or not get_method(method).merges))
+    assert bool(prefill_transfers) == get_method(method).merges
     layers = m.model.language_model.layers
+    spec = get_method(method)
+    if spec.merges:  # merged tokens, and positions numbered along the slots where they are renumbered
 
-    def reference(lay: dict, moved: dict):
-        allowed = allowed_keys(lay, inputs["attention_mask"], LAYERS)
-        return drop_reference(m, layers, allowed, attn, moved, rotary)
+        def reference(lay: dict, moved: dict):
+            allowed = allowed_keys(lay, inputs["attention_mask"], LAYERS)
+            return drop_reference(m, layers, allowed, attn, moved, rotary)
+    else:  # renumbered positions: the reference closes the gaps as PyramidDrop's code does
+
+        def reference(lay: dict, moved: dict):
+            allowed = allowed_keys(lay, inputs["attention_mask"], LAYERS)
+            return masking_reference(m, layers, allowed, attn, renumbers)
 
     with reference(prefill_layouts, prefill_transfers), torch.no_grad():
         ref = m(**inputs)
@@ -168,7 +184,8 @@ def test_dropping_equals_masking_reference(case, attn, method, schedule):
         ref_gen = _generate(m, inputs)
     # Prefill: every real slot of the last layout against its position in the reference.
     idx, valid = prefill_layouts[max(prefill_layouts)]
-    assert out.logits.shape[1] == idx.shape[1] < inputs["input_ids"].shape[1]
+    assert dropped_any or (method, given) == ("dart", None)  # DART keeps 4 pivots: all of a 4-token image
+    assert out.logits.shape[1] == idx.shape[1] < inputs["input_ids"].shape[1] or not dropped_any
     for b in range(idx.shape[0]):
         pos = idx[b][valid[b]]
         torch.testing.assert_close(out.logits[b][valid[b]], ref.logits[b, pos], atol=1e-4, rtol=0)
@@ -287,7 +304,7 @@ def test_use_cache_false_and_sampling_and_beams():
         assert sampled.shape == cached.shape
         beams = m.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
         assert beams.shape[0] == inputs["input_ids"].shape[0]
-        assert h.last_stats[0]["vision_per_layer"][-1] == 0
+        assert h.last_stats[0]["vision_per_layer"][-1] == 1  # V2Drop's ':0' keeps max(1, 0) tokens
 
 
 def test_detach_restores_model_exactly():
@@ -343,7 +360,7 @@ def test_long_qwen3_video_row_beside_an_image_row():
     with attach(m, "1:0.5/3:0") as h, torch.no_grad():
         out = m(**inputs).logits
         layouts, stats = dict(h.last_layouts), h.last_stats
-    assert [s["vision_per_layer"][:4] for s in stats] == [[4096, 2048, 2048, 0], [16, 8, 8, 0]]
+    assert [s["vision_per_layer"][:4] for s in stats] == [[4096, 2048, 2048, 1], [16, 8, 8, 1]]
     layers = m.model.language_model.layers
     with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), "sdpa"), \
             torch.no_grad():
@@ -376,6 +393,9 @@ def test_text_only_and_keep_zero():
     inputs = llava_inputs([2])
     with attach(m, "1:0") as h, torch.no_grad():
         m(**inputs)
+        assert h.last_stats[0]["vision_per_layer"] == [32] + [1] * (LAYERS - 1)  # as V2Drop's code: max(1, 0)
+    with attach(m, "1:0", options="zero_drops_all") as h, torch.no_grad():
+        m(**inputs)
         assert h.last_stats[0]["vision_per_layer"] == [32] + [0] * (LAYERS - 1)
 
 
@@ -396,8 +416,10 @@ def test_pdrop_uses_the_stage_layers_own_attention(attn):
 
 
 def _dart_reference(keys, normed, cand, text, keep):
-    """DART's greedy for one row with Python sets, the way its reference code reads (pivots by key L1
-    norm, then per pivot the least cosine-similar image tokens), with this project's budget split."""
+    """DART's greedy for one row with Python sets (pivots by key L1 norm, then per pivot the least
+    cosine-similar image tokens), with the options ``exact_counts`` (the pivots within floor(alive x r),
+    the remainder one each to the first) and ``pivots_in_order``, in float32 (``float32_scores``); each
+    row of a batch as its own (the authors' code, at batch size 1: tests/test_originals.py)."""
     l1 = keys.float().abs().sum(dim=(0, 2))  # [n]
     image = cand.nonzero()[:, 0].tolist()
     last = max(image)
@@ -417,7 +439,7 @@ def _dart_reference(keys, normed, cand, text, keep):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen", "internvl"])
-def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
+def test_dart_options_keep_what_their_greedy_rule_keeps_in_every_row(family, monkeypatch):
     from v2drop_eval.engine.method import NORMED_HIDDEN, PREV_KEYS
     from v2drop_eval.methods import dart
 
@@ -426,7 +448,8 @@ def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
     seen = []
     score = dart.DART.score
     monkeypatch.setattr(dart.DART, "score", lambda self, ctx: seen.append(ctx) or score(self, ctx))
-    with attach(m, "2:0.5", method="dart") as h, torch.no_grad():
+    with attach(m, "2:0.5", method="dart", options="exact_counts+pivots_in_order+float32_scores") as h, \
+            torch.no_grad():
         m(**inputs)
         idx, valid = h.last_layouts[2]
     ctx = seen[0]
@@ -450,7 +473,7 @@ def test_long_internvl_video_row_beside_an_image_row():
         layouts, stats = dict(h.last_layouts), h.last_stats
         alone = _generate(m, row_inputs(inputs, 0, "internvl"))
         assert h.last_stats[0]["vision_per_layer"] == stats[0]["vision_per_layer"]
-    assert stats[0]["vision_per_layer"] == [2048, 1024, 1024, 256, 256, 0]
+    assert stats[0]["vision_per_layer"] == [2048, 1024, 1024, 256, 256, 1]
     with masking_reference(m, m.model.language_model.layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS),
                            "sdpa"), torch.no_grad():
         ref = _generate(m, inputs)

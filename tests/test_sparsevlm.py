@@ -413,7 +413,8 @@ def test_qwen_presets_are_derived(family, layers):
         scaled = DropSchedule(tuple((round(sl * layers / 32) + 1, r)
                                     for sl, (_, r) in zip(ORIGINAL_LAYERS, llava.stages, strict=True)))
         assert text == str(method.refit(scaled, target, 576, layers)), budget
-        assert abs(method.average_tokens(DropSchedule.parse(text), 576, layers) - target) < 0.25
+        # within half a token: one token more or less at the first stage moves the average by ~0.9
+        assert abs(DropSchedule.parse(text).average_tokens(576, layers, method) - target) < 0.5
 
 
 def test_budgets_scale_to_shallow_models():
@@ -423,9 +424,9 @@ def test_budgets_scale_to_shallow_models():
     assert scaled and schedule.layers == (1, 2, 3)
     assert [r for _, r in schedule.stages[1:]] == [0.65, 0.54]
     v2 = fitted_preset("llava", 192, "v2drop", 6)[0].average_tokens(576, 6)
-    fits = [abs(get_method("sparsevlm").average_tokens(DropSchedule(((1, r / 1000), *schedule.stages[1:])), 576, 6)
-                - v2) for r in range(1, 1001)]
-    assert abs(get_method("sparsevlm").average_tokens(schedule, 576, 6) - v2) == min(fits)
+    fits = [abs(DropSchedule(((1, r / 1000), *schedule.stages[1:])).average_tokens(576, 6, "sparsevlm") - v2)
+            for r in range(1, 1001)]
+    assert abs(schedule.average_tokens(576, 6, "sparsevlm") - v2) == min(fits)
 
 
 def test_recycling_arithmetic_and_density_peaks():
@@ -485,8 +486,12 @@ def test_position_rule_option_against_the_reference(method, positions):
 def test_position_rule_refusals():
     with pytest.raises(ValueError, match=r"positions='shifted' is not allowed; allowed: keep, renumber"):
         attach(tiny_llava("sdpa"), "2:0.5", method="sparsevlm", positions="shifted")
-    with pytest.raises(ValueError, match=r"positions=renumber needs one rotary position per token; "
-                                         r"Qwen2VLForConditionalGeneration uses multimodal rotary"):
+    with pytest.raises(ValueError, match=r"positions=renumber cannot place method sparsevlm's merged tokens on "
+                                         r"Qwen2VLForConditionalGeneration's multimodal rotary positions"):
         attach(tiny_qwen2_vl("sdpa"), "2:0.5", method="sparsevlm", positions="renumber")
     with attach(tiny_qwen2_vl("sdpa"), "2:0.5", method="sparsevlm") as h:  # its rule, where it cannot apply
         assert not h.renumbers
+    with attach(tiny_qwen2_vl("sdpa"), "2:0.5", method="pdrop") as h:  # M-RoPE grids renumber without merging
+        assert h.renumbers
+    with pytest.raises(ValueError, match=r"unknown option 'kept_positions'"):  # the knob is positions=keep
+        attach(tiny_llava("sdpa"), "2:0.5", method="pdrop", options="kept_positions")

@@ -22,7 +22,7 @@ import numpy as np
 from v2drop_eval.engine import flops
 from v2drop_eval.engine.atomic import write_text_atomic
 from v2drop_eval.engine.clock import PREFILL_CATEGORIES
-from v2drop_eval.methods import BASELINE, get_method
+from v2drop_eval.methods import BASELINE, options_text
 from v2drop_eval.methods.fastv import METHOD as _FASTV
 from v2drop_eval.methods.fastv_attn import METHOD as _FASTV_ATTN
 from v2drop_eval.methods.random_drop import METHOD as _RANDOM
@@ -61,21 +61,24 @@ def _dropper_ms(run: dict) -> float | None:
     return None if d is None else sum(d.get(c, 0.0) for c in PREFILL_CATEGORIES)
 
 
-def summarize(shape: str, device: str, attn: str, batch_size: int, group: list[tuple[str, str, Any, list[dict]]],
-              text_cfg: Any, layers: int, vision_tokens: int, text_tokens: int) -> list[dict]:
-    """The rows of one group: ``group`` holds (method, budget, schedule, per-repeat results) per configuration."""
+def summarize(shape: str, device: str, attn: str, batch_size: int,
+              group: list[tuple[str, str, Any, list[dict], frozenset[str]]], text_cfg: Any, layers: int,
+              vision_tokens: int, text_tokens: int) -> list[dict]:
+    """The rows of one group: ``group`` holds (method, budget, schedule, per-repeat results, options) per
+    configuration."""
     rows, runs_of = [], {}
-    for method, budget, schedule, runs in group:
+    for method, budget, schedule, runs, options in group:
         if not runs:
             continue
         drops = method not in (PLAIN, BASELINE)
-        # The method's own counting (SparseVLM's recycled tokens count as vision tokens).
-        vision = get_method(method).tokens_per_layer(schedule, vision_tokens, layers) if drops else [vision_tokens] * layers
+        # The method's own counting (its authors' formula; SparseVLM's recycled tokens count as vision tokens).
+        vision = schedule.tokens_per_layer(vision_tokens, layers, method, options) if drops else [vision_tokens] * layers
         if runs[0].get("vision_per_layer") is not None:  # the engine's own count must agree with the arithmetic
             assert runs[0]["vision_per_layer"] == vision, (method, budget, runs[0]["vision_per_layer"], vision)
         row: dict[str, Any] = {
             "shape": shape, "device": device, "attn": attn, "batch_size": batch_size, "method": method,
-            "budget": budget, "schedule": str(schedule), "avg_vision_tokens": round(sum(vision) / len(vision), 2),
+            "budget": budget, "schedule": str(schedule), "options": options_text(options) or None,
+            "avg_vision_tokens": round(sum(vision) / len(vision), 2),
             "repeats": len(runs), **{k: round(statistics.median(r[k] for r in runs), 3) for k in TIMES},
             "prefill_flops": flops.prefill_flops(text_cfg, [text_tokens + v for v in vision]) * batch_size,
             "kv_cache_bytes": runs[0]["kv_cache_bytes"],

@@ -33,7 +33,7 @@ from torch import nn
 
 from v2drop_eval.bench.report import KEEP_ALL, PLAIN, summarize, write_outputs
 from v2drop_eval.bench.shapes import SHAPES, VISION_TOKENS, Shape, build_model, make_inputs
-from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, METHODS
+from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, METHODS, get_method, parse_options
 from v2drop_eval.methods.api import attach
 from v2drop_eval.methods.fastv import METHOD as FASTV
 from v2drop_eval.methods.fastv_attn import METHOD as FASTV_ATTN
@@ -63,25 +63,42 @@ class _Config:
     method: str
     budget: str
     schedule: DropSchedule
+    options: frozenset[str] = frozenset()  # the method's named options (those of --options it takes)
     label: str = field(init=False)  # one name per configuration: "plain", "none", "v2drop@128", ...
 
     def __post_init__(self) -> None:
         self.label = self.method if self.budget == "-" else f"{self.method}@{self.budget}"
 
 
-def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool) -> list[_Config]:
+def bench_options(methods: Sequence[str], options: str | None) -> dict[str, frozenset[str]]:
+    """``--options a+b``: per benched method, the options it takes; ValueError for an unknown option or one
+    that none of ``methods`` takes."""
+    chosen = parse_options(options)
+    takes = {m: frozenset(o.name for o in get_method(m).options) for m in methods}
+    for name in sorted(chosen):
+        if not any(name in t for t in takes.values()):
+            takers = ", ".join(m for m in METHODS if name in (o.name for o in get_method(m).options))
+            raise ValueError(f"option {name} applies to {takers} only; none of the benched methods "
+                             f"({', '.join(methods)}) takes it")
+    return {m: chosen & t for m, t in takes.items()}
+
+
+def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool,
+             options: dict[str, frozenset[str]] | None = None) -> list[_Config]:
+    opts = options or {}
     out = [_Config(PLAIN, "-", DropSchedule(()))] if extras else []
     if BASELINE in methods:
         out.append(_Config(BASELINE, "-", DropSchedule(())))
     for budget in budgets:
         for method in methods:
             if method != BASELINE:
-                out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers)))
+                out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers),
+                                   opts.get(method, frozenset())))
     if DEFAULT_METHOD in methods and ({FASTV.name, FASTV_ATTN.name} & set(methods)):
         # V2Drop at FastV's own one-stage schedule: the scorers compared at the same token counts.
         for budget in budgets:
             sched = scaled_schedule(shape.family, budget, FASTV.name, shape.layers)
-            out.append(_Config(DEFAULT_METHOD, f"{budget}@{FASTV.name}", sched))
+            out.append(_Config(DEFAULT_METHOD, f"{budget}@{FASTV.name}", sched, opts.get(DEFAULT_METHOD, frozenset())))
     v2 = [c for c in out if c.method == DEFAULT_METHOD]
     if extras and v2:
         # hooks on every layer, nothing dropped: the cost of the machinery alone
@@ -117,7 +134,7 @@ class _Timer:
 
 def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda: bool) -> dict:
     """One ``generate`` of ``new_tokens`` under ``cfg``: the figures of one repeat."""
-    handle = None if cfg.method == PLAIN else attach(model, cfg.schedule, method=cfg.method)
+    handle = None if cfg.method == PLAIN else attach(model, cfg.schedule, method=cfg.method, options=cfg.options)
     top = _Timer(model, cuda)
     llm = _Timer(model.model.language_model, cuda)
     try:
@@ -210,12 +227,15 @@ def run_bench(
     extras: bool = True,
     guard: TimeGuard | None = None,
     log: Callable[[str], Any] = print,
+    options: str | None = None,
 ) -> list[dict]:
-    """Time every (attn, batch size, method, budget) in one process; returns the result rows."""
+    """Time every (attn, batch size, method, budget) in one process; returns the result rows. ``options``
+    (``a+b``) go to each method that takes them."""
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
         validate(m)
+    per_method = bench_options(methods, options)
     check_device(device)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: repeats must be >= 1 and warmup >= 0")
@@ -231,7 +251,7 @@ def run_bench(
         for bs in batch_sizes:
             deadline = guard.group_deadline()
             inputs = make_inputs(model, shape, bs, device, torch_dtype)
-            configs = _configs(shape, methods, budgets, extras)
+            configs = _configs(shape, methods, budgets, extras, per_method)
             samples: dict[str, list[dict]] = {c.label: [] for c in configs}
             rep, last = 0, 0.0
             while rep < warmup + repeats:
@@ -246,7 +266,7 @@ def run_bench(
                 last = time.monotonic() - t0
                 rep += 1
                 log(f"[bench] {shape_name} {attn} bs={bs} repeat {rep}/{warmup + repeats} done ({last:.1f} s)")
-            group = [(c.method, c.budget, c.schedule, samples[c.label]) for c in configs]
+            group = [(c.method, c.budget, c.schedule, samples[c.label], c.options) for c in configs]
             rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, VISION_TOKENS,
                                   shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0)))
             guard.done += 1
@@ -281,6 +301,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8)")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--budgets", default=None, help="comma list (default: every preset of the family)")
+    p.add_argument("--options", default=None, metavar="A+B",
+                   help="method options, '+'-separated, each given to the benched methods that take it "
+                        "(docs/methods.md; default: every method as its authors' code runs)")
     p.add_argument("--repeats", type=int, default=None, help="paired repeats (default 5; 7b-slice 10)")
     p.add_argument("--warmup", type=int, default=None, help="rounds not recorded (default 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32; 7b-slice 4)")
@@ -319,7 +342,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     rows = run_bench(
         args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=d["methods"].split(","),
         budgets=d["budgets"].split(",") if d["budgets"] else None, repeats=d["repeats"], warmup=d["warmup"],
-        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard,
+        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard, options=args.options,
     )
     info = {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
             "wall_s": round(time.monotonic() - t0, 1), "stopped_early": guard.stopped_early}

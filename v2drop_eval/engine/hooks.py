@@ -5,7 +5,8 @@ How it works (docs/design.md §2): the decoder builds one mask, one rotary (cos,
 each layer from the first drop layer on swaps them for copies gathered at the kept positions, and at
 a drop layer also gathers ``hidden_states``. The per-layer ``DynamicCache`` then simply holds fewer
 entries for later layers. At decode, each pruned layer's mask columns are gathered with its own kept
-positions plus the new tokens; rotary positions of new tokens stay the true ones.
+positions plus the new tokens; rotary positions of new tokens stay the true ones, unless positions are
+renumbered (``positions=renumber``, PyramidDrop's and SparseVLM's rule: ``positions.py``).
 
 Rows of a batch may keep different numbers of tokens: the gathered batch is cut to the longest row and
 the shorter rows get surplus slots on the left, masked out as keys (each keeps its own diagonal so no
@@ -22,12 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval.engine import contract, gather, merging, positions, refusals
+from v2drop_eval.engine import contract, gather, merging, refusals
 from v2drop_eval.engine.accounting import row_stats
 from v2drop_eval.engine.adapters import ModelAdapter, adapter_for
 from v2drop_eval.engine.clock import DropperClock
 from v2drop_eval.engine.gather import Layout
-from v2drop_eval.engine.method import Method, ScoreContext
+from v2drop_eval.engine.method import FLOAT32_SCORES, OPTION_SEPARATOR, Method, ScoreContext
+from v2drop_eval.engine.positions import Renumbering, renumbering
 from v2drop_eval.engine.schedule import Adaptive, DropSchedule
 from v2drop_eval.engine.signals import Signals
 
@@ -46,7 +48,8 @@ class _Call:
     text_real: list[int] = field(default_factory=list)  # real (non-pad) text tokens per row
     vision_alive: list[list[int]] = field(default_factory=list)  # per stage, per row
     video_found: list[int] = field(default_factory=list)  # per row: how many of the vision tokens are video
-    gathered: dict[tuple[int, Any], Any] = field(default_factory=dict)  # (stage layer, id(obj) or name) -> copy
+    gathered: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage layer, id(obj)) -> copy
+    row_pos: torch.Tensor | None = None  # [B, S] each position's index among its row's real tokens
     transfers: dict[int, merging.Transfer] = field(default_factory=dict)  # drop layer -> merged tokens placed
 
 
@@ -54,18 +57,16 @@ class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them.
 
     Made by ``v2drop_eval.attach``, which resolves the method by name and checks the arguments by the rules
-    every entry point shares; here ``method`` is the :class:`Method` itself and ``schedule`` a parsed one.
-    ``positions`` (``keep`` | ``renumber``; None: the method's own rule) says how rotary positions follow a
-    drop (``engine/positions.py``).
+    every entry point shares; here ``method`` is the :class:`Method` itself, ``schedule`` a parsed one,
+    ``options`` the checked names of the method's options it runs with and ``positions`` (``keep`` |
+    ``renumber``; None: the method's own rule) how rotary positions follow a drop (``engine/positions.py``).
     """
 
     def __init__(self, model: nn.Module, schedule: DropSchedule, method: Method, metric: str, seed: int,
-                 positions: str | None = None):
+                 options: frozenset[str] = frozenset(), positions: str | None = None):
         self.adapter: ModelAdapter = adapter_for(model)
         schedule.check_depth(self.adapter.num_layers)
-        if positions == "renumber" and self.adapter.rotary is None:
-            raise ValueError(f"positions=renumber needs one rotary position per token; {type(model).__name__} uses "
-                             "multimodal rotary positions (M-RoPE), which cannot be renumbered: use positions=keep")
+        self.options: frozenset[str] = frozenset(options)
         if getattr(model, "_v2drop_handle", None) is not None:
             raise RuntimeError("this model already has a dropper attached; call detach() on it first")
         refusals.check_attention(self.adapter.attn_implementation)
@@ -78,8 +79,6 @@ class DropHandle:
         # masking references read it).
         self.last_transfers: dict[int, merging.Transfer] = {}
         self._method = method
-        # Renumbered positions need one position per token (``positions.py``); M-RoPE keeps them.
-        self._renumber = (positions or method.positions) == "renumber" and self.adapter.rotary is not None
         self._ratios: dict[int, Fraction | Adaptive] = {
             layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in schedule.stages
         }
@@ -89,16 +88,18 @@ class DropHandle:
         self._cache_ref: weakref.ref | None = None
         self._hooks: list[Any] = []
         self._signals: Signals | None = None
+        self._renumber: Renumbering | None = None
 
         if self._dropping:  # first: it may refuse, and then nothing is installed yet
             self._hooks += self.adapter.install_extras(self._positions, schedule.layers)
+            self._renumber = renumbering(method, positions, self.adapter, type(model).__name__)
         top = self.adapter.top
         self._hooks.append(top.register_forward_pre_hook(self._on_top_call, with_kwargs=True))
         self._hooks.append(top.register_forward_hook(self._on_top_return, always_call=True))
         if self._dropping:
             # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
             scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
-            self._signals = Signals(self.adapter, self._method, scored)
+            self._signals = Signals(self.adapter, self._method, scored, float32=FLOAT32_SCORES.name in self.options)
             start = self._signals.first_hooked_layer(schedule.layers[0])
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
@@ -114,6 +115,9 @@ class DropHandle:
         if self._signals is not None:
             self._signals.remove()
             self._signals = None
+        if self._renumber is not None:
+            self._renumber.remove()
+            self._renumber = None
         if getattr(self.model, "_v2drop_handle", None) is self:
             del self.model._v2drop_handle
         self._call = self._mode = None
@@ -125,7 +129,9 @@ class DropHandle:
         self.detach()
 
     def __repr__(self) -> str:
-        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}', metric={self.metric!r})"
+        text = OPTION_SEPARATOR.join(o.name for o in self._method.options if o.name in self.options)
+        opts = f", options={text!r}" if self.options else ""
+        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}', metric={self.metric!r}{opts})"
 
     # -- top-level hooks ----------------------------------------------------------------------
     def _on_top_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -206,8 +212,10 @@ class DropHandle:
         idx = torch.arange(S, device=device).expand(B, S)
         valid = real if real is not None else torch.ones(B, S, dtype=torch.bool, device=device)
         layout = Layout(idx=idx, valid=valid, vision=vision & valid)
-        call = _Call(seq_len=S, clock=clock, layout=layout, initial=layout)
+        call = _Call(seq_len=S, clock=clock, layout=layout, initial=layout, row_pos=valid.long().cumsum(1) - 1)
         call.vision_alive.append(vision.sum(1).tolist())
+        if self._renumber is not None:
+            self._renumber.start(valid)
         video_ids = self.adapter.video_token_ids
         call.video_found = ((vision & torch.isin(input_ids, torch.tensor(video_ids, device=device))).sum(1).tolist()
                             if video_ids else [0] * B)
@@ -253,7 +261,7 @@ class DropHandle:
                 return None
             call.clock.open("gather")
             try:
-                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs, hidden, layer)
+                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs, hidden)
             finally:
                 call.clock.close()
             if new_kwargs is None and hidden is not given:
@@ -283,14 +291,17 @@ class DropHandle:
             candidates = lay.valid & lay.vision
             alive = candidates.sum(1)
             ratio = self._ratios[layer]
+            initial = torch.tensor(call.vision_alive[0], device=hidden.device)
             ctx = ScoreContext(layer=layer, hidden=hidden, candidates=candidates, text=lay.valid & ~lay.vision,
-                               idx=lay.idx, keep=None, metric=self.metric, seed=self.seed)
+                               idx=lay.idx, keep=None, metric=self.metric, seed=self.seed,
+                               ratios=tuple(r for d, r in self.schedule.stages if d <= layer), initial=initial,
+                               row_pos=call.row_pos.gather(1, lay.idx), options=self.options)
             raw = None
             if isinstance(ratio, Adaptive):
                 raw = self._score(call, ctx, kwargs)
                 keep_k = gather.adaptive_counts(raw, candidates, ctx.text, alive, ratio)
             else:
-                keep_k = (alive * ratio.numerator) // ratio.denominator  # exact floor(alive * ratio)
+                keep_k = self._method.keep_counts(ctx)  # the method's own count (its authors' formula)
             if bool((keep_k == alive).all()):
                 call.layouts[layer] = lay
                 call.vision_alive.append(alive.tolist())
@@ -302,13 +313,11 @@ class DropHandle:
         call.clock.open("gather")
         try:
             new, pos = gather.select(lay, raw, keep_k)
-            joined = merging.merged_step(self._method, ctx, raw, lay, new, pos, hidden, self._renumber, call.clock)
-            if joined is None:
-                hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
-            else:  # merged tokens join the kept ones and count as vision tokens from here on
-                hidden, call.transfers[layer] = joined
-                new = joined[1].layout
-                keep_k = keep_k + (joined[1].merged >= 0).sum(1)
+            renumber = self._renumber is not None
+            hidden, new, transfer = merging.next_slots(self._method, ctx, raw, lay, new, pos, hidden, renumber, call.clock)
+            if transfer is not None:  # merged tokens join the kept ones and count as vision tokens from here on
+                call.transfers[layer] = transfer
+                keep_k = keep_k + (transfer.merged >= 0).sum(1)
             call.layout = call.layouts[layer] = new
             call.vision_alive.append(keep_k.tolist())
         finally:
@@ -318,22 +327,19 @@ class DropHandle:
     def _score(self, call: _Call, ctx: ScoreContext, kwargs: dict) -> torch.Tensor:
         # The layer's inputs for the slots before this drop (a probe runs the layer's attention on them).
         before = self._stage_of(ctx.layer - 1)
-        inputs = (self._gather_prefill_kwargs(call, before, kwargs, ctx.hidden, ctx.layer)
-                  if before is not None else None) or kwargs
+        inputs = (self._gather_prefill_kwargs(call, before, kwargs, ctx.hidden) if before is not None else None) or kwargs
         ctx.signals = self._signals.collect(ctx.layer, ctx.hidden, inputs, ctx.idx)
         return self._method.score(ctx)
 
     # -- gathering inputs ---------------------------------------------------------------------
-    def _gather_prefill_kwargs(self, call: _Call, stage: int, kwargs: dict, hidden: torch.Tensor,
-                               layer: int) -> dict | None:
+    def _gather_prefill_kwargs(self, call: _Call, stage: int, kwargs: dict, hidden: torch.Tensor) -> dict | None:
         lay = call.layouts[stage]
         if lay is call.initial:
             return None  # nothing dropped yet: leave the layer's inputs untouched
         out = gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
                                     lambda obj, build: self._cached(call, stage, obj, build))
-        if self._renumber:
-            out.update(self._cached(call, stage, "positions", lambda: positions.prefill_positions(
-                call.initial, lay, kwargs, self.adapter.rotary, hidden, layer)))
+        if self._renumber is not None:
+            out = self._renumber.prefill_inputs(stage, lay.keys, lay.valid, hidden, kwargs, out)
         return out
 
     def _gather_decode_kwargs(
@@ -351,15 +357,13 @@ class DropHandle:
         built = self._cached(call, stage, mask,
                              lambda: gather.decode_mask(lay, mask, call.seq_len, q_len, extra, fmt, dtype))
         out = {**kwargs, "attention_mask": built}
-        if self._renumber:
-            removed = positions.removed_per_row(call.initial, lay)
-            out.update(self._cached(call, stage, "positions", lambda: positions.decode_positions(
-                removed, kwargs, self.adapter.rotary, hidden, layer)))
+        if self._renumber is not None:
+            out = self._renumber.decode_inputs(stage, hidden, kwargs, out)
         return out
 
     @staticmethod
     def _cached(call: _Call, stage: int, obj: Any, build: Any) -> Any:
-        key = (stage, obj) if isinstance(obj, str) else (stage, id(obj))
+        key = (stage, id(obj))
         if key not in call.gathered:
             call.gathered[key] = (build(), obj)  # keep obj alive so its id stays unique
         return call.gathered[key][0]
@@ -386,9 +390,8 @@ class DropHandle:
 
     @property
     def renumbers(self) -> bool:
-        """Whether positions are renumbered after a drop (the method's rule, on a model with one position per
-        token; ``v2drop_eval.engine.positions``)."""
-        return self._renumber
+        """Whether positions are renumbered after a drop (``positions=``; ``v2drop_eval.engine.positions``)."""
+        return self._renumber is not None
 
     def dropper_times(self) -> dict[str, float]:
         """Milliseconds of the dropper's own work per category (``clock.CATEGORIES``) at the last

@@ -27,7 +27,7 @@ from v2drop_eval.engine.clock import DropperClock
 from v2drop_eval.engine.gather import Layout
 from v2drop_eval.engine.method import Merge, Method, ScoreContext
 
-__all__ = ["Transfer", "merged_step", "join", "joined_hidden"]
+__all__ = ["Transfer", "next_slots", "join", "joined_hidden"]
 
 
 @dataclass
@@ -42,24 +42,24 @@ class Transfer:
     order: torch.Tensor  # [B, n] entry of each slot: kept slots 0..n_k-1, then merged tokens n_k..n_k+M-1
 
 
-def merged_step(method: Method, ctx: ScoreContext, scores: torch.Tensor, prev: Layout, kept: Layout,
-                kept_pos: torch.Tensor, hidden: torch.Tensor, renumber: bool,
-                clock: DropperClock) -> tuple[torch.Tensor, Transfer] | None:
-    """After ``gather.select`` kept ``kept`` (its slots ``kept_pos`` in ``prev``) by ``scores``: the
-    method's merged tokens (:meth:`Method.merge`, timed as scoring) joined to it, with the hidden states
-    of the new slots; None where the method adds none (the engine then only gathers)."""
-    if type(method).merge is Method.merge:
-        return None
-    kept_mask = torch.zeros_like(prev.valid).scatter_(1, kept_pos, kept.valid)
-    clock.open("score")
-    try:
-        merge = method.merge(ctx, scores, kept_mask)
-    finally:
-        clock.close()
+def next_slots(method: Method, ctx: ScoreContext, scores: torch.Tensor, prev: Layout, kept: Layout,
+               kept_pos: torch.Tensor, hidden: torch.Tensor, renumber: bool,
+               clock: DropperClock) -> tuple[torch.Tensor, Layout, Transfer | None]:
+    """After ``gather.select`` kept ``kept`` (its slots ``kept_pos`` in ``prev``) by ``scores``: the hidden
+    states and layout of the slots from the drop layer on, and how merged tokens were placed (None where the
+    method merges none: the kept slots only). The method's :meth:`Method.merge` is timed as scoring."""
+    merge = None
+    if method.merges:
+        kept_mask = torch.zeros_like(prev.valid).scatter_(1, kept_pos, kept.valid)
+        clock.open("score")
+        try:
+            merge = method.merge(ctx, scores, kept_mask)
+        finally:
+            clock.close()
     if merge is None or not bool(merge.valid.any()):
-        return None
+        return hidden.gather(1, kept_pos[..., None].expand(-1, -1, hidden.shape[-1])), kept, None
     transfer = join(prev, kept, kept_pos, kept_mask, merge, renumber)
-    return joined_hidden(hidden, transfer, kept_pos), transfer
+    return joined_hidden(hidden, transfer, kept_pos), transfer.layout, transfer
 
 
 def join(prev: Layout, kept: Layout, kept_pos: torch.Tensor, kept_mask: torch.Tensor, merge: Merge,

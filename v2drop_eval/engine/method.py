@@ -10,17 +10,18 @@ Light on purpose: nothing here imports torch, so the registry can be read before
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import torch
 
-    from v2drop_eval.engine.schedule import DropSchedule
-
-__all__ = ["Method", "ScoreContext", "QueryContext", "Merge", "SIGNALS", "POSITION_RULES", "PREV_HIDDEN",
-           "PREV_ATTENTION", "PREV_ATTENTION_WEIGHTS", "PREV_KEYS", "PREV_QUERY_ATTENTION", "PROBE_ATTENTION",
-           "NORMED_HIDDEN", "ROW_IDENTITY"]
+__all__ = ["Method", "ScoreContext", "QueryContext", "Merge", "Option", "FLOAT32_SCORES", "EXACT_COUNTS",
+           "OPTION_SEPARATOR", "KEEP", "RENUMBER", "POSITION_RULES", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION",
+           "PREV_ATTENTION_WEIGHTS", "PREV_KEYS", "PREV_QUERY_ATTENTION", "PROBE_ATTENTION", "NORMED_HIDDEN",
+           "ROW_IDENTITY"]
 
 # The signals the engine can provide at a drop layer l (all aligned with the alive slots ``[B, n]``).
 PREV_HIDDEN = "prev_hidden"  # [B, n, D] hidden states entering layer l-1
@@ -28,7 +29,7 @@ PREV_ATTENTION = "prev_attention"  # [B, n] last query row's attention at layer 
 # [B, n] the same row as published FastV reads it: layer l-1 run with eager attention at prefill, its
 # attention weights [B, H, n, n] (what ``output_attentions`` returns) averaged over heads, last row
 PREV_ATTENTION_WEIGHTS = "prev_attention_weights"
-PREV_KEYS = "prev_keys"  # [B, Hkv, n, hd] layer l-1's keys after rotary, as its attention kernel gets them
+PREV_KEYS = "prev_keys"  # [B, H, n, hd] layer l-1's keys after rotary, repeated to the query heads (as eager uses them)
 PROBE_ATTENTION = "probe_attention"  # [B, n] last query row's attention with layer l's own q/k on its input
 NORMED_HIDDEN = "normed_hidden"  # [B, n, D] the hidden states entering l, through the decoder's final norm
 ROW_IDENTITY = "row_identity"  # (each row's real tokens as bytes, [B, n] ordinal among its vision tokens, table size)
@@ -38,11 +39,28 @@ ROW_IDENTITY = "row_identity"  # (each row's real tokens as bytes, [B, n] ordina
 PREV_QUERY_ATTENTION = "prev_query_attention"
 SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS, PREV_QUERY_ATTENTION, PROBE_ATTENTION,
            NORMED_HIDDEN, ROW_IDENTITY)
-# How rotary positions follow a drop (``Method.positions``): "keep" (every token keeps its own position) or
-# "renumber" (from the drop layer on, a row's tokens are numbered 0, 1, ... again from its first position, and
-# new tokens continue from the count kept, as SparseVLM's and PyramidDrop's code do). "renumber" applies
-# where the decoder's positions are one number per token; multimodal rotary (M-RoPE) keeps positions.
-POSITION_RULES = ("keep", "renumber")
+
+# How rotary positions follow a drop (``positions=``, default ``Method.positions``; ``engine/positions.py``):
+KEEP = "keep"  # each token keeps its own rotary position (V2Drop, FastV, DART as their authors' code does)
+# the gaps the dropped tokens leave are closed, per row (PyramidDrop, SparseVLM; docs/design.md §2)
+RENUMBER = "renumber"
+POSITION_RULES = (KEEP, RENUMBER)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A deliberate departure from a method's published rule: off by default, named, declared once (here
+    for the ones several methods take, in the method's file otherwise) and listed in docs/methods.md
+    with its measured effect."""
+
+    name: str
+    summary: str  # one line: what it changes
+
+
+OPTION_SEPARATOR = "+"  # between option names in one value (``a+b``): lmms-eval splits model args on commas
+FLOAT32_SCORES = Option("float32_scores", "score in float32 (the authors' code scores in the model's dtype)")
+EXACT_COUNTS = Option("exact_counts", "keep floor(alive x keep_ratio) at every stage, in exact decimal arithmetic "
+                                      "(the same count for every method at the same schedule)")
 
 
 @dataclass
@@ -58,6 +76,15 @@ class ScoreContext:
     metric: str
     seed: int
     signals: dict[str, Any] = field(default_factory=dict)
+    ratios: tuple[float, ...] = ()  # keep ratios of the fixed stages so far, this one last (empty: adaptive)
+    initial: torch.Tensor | None = None  # [B] vision tokens each row had before the first stage
+    row_pos: torch.Tensor | None = None  # [B, n] each slot's index among its row's real tokens (the row alone)
+    options: frozenset[str] = frozenset()  # the options the method runs with
+
+    @property
+    def alive(self) -> torch.Tensor:
+        """[B] alive vision tokens per row."""
+        return self.candidates.sum(1)
 
 
 @dataclass
@@ -102,7 +129,8 @@ class Method:
     takes_seed: ClassVar[bool] = False
     # family preset table ('llava', 'qwen2_vl') -> budget -> schedule text
     presets: ClassVar[dict[str, dict[str | int, str]]] = {}
-    positions: ClassVar[str] = "keep"  # one of POSITION_RULES
+    options: ClassVar[tuple[Option, ...]] = ()  # the named departures from its published rule it takes
+    positions: ClassVar[str] = KEEP  # its authors' position rule (one of POSITION_RULES); ``positions=`` overrides
     style: ClassVar[tuple[str, str]] = ("tab:brown", "X")  # (matplotlib colour, marker) in the plots
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
@@ -119,20 +147,54 @@ class Method:
         ``scores``; None (the default) adds none."""
         return None
 
-    def tokens_per_layer(self, schedule: DropSchedule, num_vision_tokens: int, num_layers: int) -> list[int]:
-        """Vision tokens entering each decoder layer for an image of ``num_vision_tokens`` (a method that
-        merges counts its merged tokens too)."""
-        return schedule.tokens_per_layer(num_vision_tokens, num_layers)
+    @property
+    def merges(self) -> bool:
+        """Whether the method adds merged tokens (it overrides :meth:`merge`)."""
+        return type(self).merge is not Method.merge
 
-    def average_tokens(self, schedule: DropSchedule, num_vision_tokens: int, num_layers: int) -> float:
-        """The layer-averaged vision-token count ("retained") of ``schedule`` under this method's counting."""
-        per_layer = self.tokens_per_layer(schedule, num_vision_tokens, num_layers)
-        return sum(per_layer) / len(per_layer)
+    def merged_count(self, dropped: int) -> int:
+        """How many merged tokens a stage that drops ``dropped`` vision tokens adds (the schedule maths count
+        them: ``DropSchedule.tokens_per_layer``); 0 for a method that merges none."""
+        return 0
 
-    def refit(self, scaled: DropSchedule, target: float, num_vision_tokens: int, num_layers: int) -> DropSchedule | None:
-        """For a model shallower than the presets' (``methods.presets.scaled_schedule``): this method's preset with
-        its layers already scaled, refitted to the layer-averaged ``target``; None: the default refit."""
+    def refit(self, scaled: Any, target: float, num_vision_tokens: int, num_layers: int) -> Any:
+        """For a model shallower than the presets' (``methods.presets.scaled_schedule``): this method's preset
+        with its layers already scaled (a ``DropSchedule``; typed ``Any`` because ``engine/schedule.py`` imports
+        this module), refitted to the layer-averaged ``target``; None: the default refit."""
         return None
+
+    # -- counts ---------------------------------------------------------------------------------
+    def keep_count(self, alive: int, ratios: tuple[float, ...], initial: int,
+                   options: frozenset[str] = frozenset(), **row: Any) -> int:
+        """The method's own count: vision tokens a row keeps at a stage. ``ratios`` are the keep ratios of
+        the stages so far (this one last), ``alive`` the row's vision tokens before this stage, ``initial``
+        before the first. Default: ``floor(alive x ratio)`` in exact decimal arithmetic."""
+        return exact_floor(alive, ratios[-1])
+
+    def stage_keep(self, alive: int, ratios: tuple[float, ...], initial: int,
+                   options: frozenset[str] = frozenset(), **row: Any) -> int:
+        """What the engine and the schedule maths use: :meth:`keep_count` (or the exact floor under
+        ``exact_counts``), within [0, alive]; a stage of ratio 1 keeps every token."""
+        if alive <= 0:
+            return 0
+        if ratios[-1] >= 1:
+            return alive
+        if EXACT_COUNTS.name in options:
+            return exact_floor(alive, ratios[-1])
+        return max(0, min(alive, int(self.keep_count(alive, ratios, initial, options, **row))))
+
+    def keep_counts(self, ctx: ScoreContext) -> torch.Tensor:
+        """``[B]`` tokens each row of ``ctx`` keeps at this stage (:meth:`stage_keep` per row)."""
+        import torch
+
+        alive, initial = ctx.alive.tolist(), ctx.initial.tolist()
+        counts = [self.stage_keep(a, ctx.ratios, i, ctx.options) for a, i in zip(alive, initial, strict=True)]
+        return torch.tensor(counts, dtype=torch.long, device=ctx.candidates.device)
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
+
+
+def exact_floor(alive: int, ratio: float) -> int:
+    """``floor(alive x ratio)`` on the ratio's decimal form, free of float round-off (100 x 0.29 keeps 29)."""
+    return math.floor(alive * Fraction(repr(float(ratio))))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
 from v2drop_eval.engine.hooks import DropHandle
 from v2drop_eval.engine.schedule import DropSchedule
 from v2drop_eval.methods import DEFAULT_METHOD, get_method
-from v2drop_eval.methods.rules import DEFAULT_METRIC, DEFAULT_SEED, validate
+from v2drop_eval.methods.rules import DEFAULT_METRIC, DEFAULT_SEED, check_drop_method, validate
 
 __all__ = ["attach", "DropHandle"]
 
@@ -18,17 +20,23 @@ def attach(
     method: str = DEFAULT_METHOD,
     metric: str = DEFAULT_METRIC,
     seed: int = DEFAULT_SEED,
+    options: str | Iterable[str] | None = None,
     positions: str | None = None,
 ) -> DropHandle:
     """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
 
     ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
     l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``, ``sparsevlm``), or
-    ``none`` (nothing changes; the unpruned baseline with the same accounting). Bad arguments raise
-    ``ValueError`` naming them (the rules of ``v2drop_eval.methods.rules``); an unsupported model ``TypeError``.
+    ``none`` (nothing changes; the unpruned baseline with the same accounting). Each method picks what its
+    authors' code picks; ``options`` (names, or ``"a+b"``; ``v2drop_eval.methods.OPTIONS``) turn on the
+    method's named departures from that rule, e.g. ``float32_scores``, ``exact_counts`` (docs/methods.md).
 
     ``positions``: how rotary positions follow a drop, ``keep`` or ``renumber`` (docs/design.md §2); None: the
-    method's own rule (``sparsevlm`` renumbers, as its code does, where a token has one position).
+    method's authors' rule (``pdrop`` and ``sparsevlm`` renumber, the others keep). Bad arguments raise
+    ``ValueError`` naming them (the rules of ``v2drop_eval.methods.rules``); an unsupported model ``TypeError``.
     """
-    parsed = validate(method, schedule, metric, seed, positions=positions)
-    return DropHandle(model, parsed, get_method(method), metric=metric, seed=seed, positions=positions)
+    if options is not None and not isinstance(options, str):
+        options = list(options)
+    parsed = validate(method, schedule, metric, seed, options=options, positions=positions)
+    chosen = check_drop_method(method, options=options)
+    return DropHandle(model, parsed, get_method(method), metric=metric, seed=seed, options=chosen, positions=positions)

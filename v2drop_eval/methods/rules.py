@@ -14,10 +14,10 @@ from typing import Any
 
 from v2drop_eval.engine.method import POSITION_RULES, Method
 from v2drop_eval.engine.schedule import DropSchedule
-from v2drop_eval.methods import BASELINE, METHODS, get_method
+from v2drop_eval.methods import BASELINE, METHODS, OPTIONS, get_method, parse_options
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 
-__all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "check_seed",
+__all__ = ["METHODS", "METRICS", "OPTIONS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "check_seed",
            "schedule_problem", "as_int", "local_model_problem"]
 
 # ``attach``'s default seed: a method that does not use it may still be handed it.
@@ -60,14 +60,16 @@ def schedule_problem(spec: Method, schedule: DropSchedule) -> str | None:
     return None
 
 
-def check_drop_method(method: Any, metric: Any = None, seed: Any = None, positions: Any = None) -> None:
+def check_drop_method(method: Any, metric: Any = None, seed: Any = None, options: Any = None,
+                      positions: Any = None) -> frozenset[str]:
     """Raise ``ValueError`` unless ``method`` is registered, ``metric`` (None: not given) is known and
     only given to a method that takes one, ``seed`` (None: not given) is an integer >= 0 given only
-    to a method that takes one, and ``positions`` (None: the method's own rule) is a position rule.
-    ``attach``'s defaults (metric ``l2``, seed 0) count as not given."""
+    to a method that takes one, every option is known and taken by the method, and ``positions`` (None: the
+    method's own rule) is a position rule. ``attach``'s defaults (metric ``l2``, seed 0) count as not given.
+    Returns the options, parsed."""
     if positions is not None and positions not in POSITION_RULES:
         raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITION_RULES)} "
-                         "(default: the method's own rule)")
+                         "(default: the method's authors' rule)")
     spec = get_method(method)
     if metric is not None:
         if metric not in METRICS:
@@ -78,15 +80,16 @@ def check_drop_method(method: Any, metric: Any = None, seed: Any = None, positio
         check_seed(seed)
         if not spec.takes_seed and as_int(seed) != DEFAULT_SEED:
             raise ValueError(f"seed={as_int(seed)} applies to {_takers('takes_seed')} only, not method={method}")
+    return parse_options(options, method)
 
 
 def validate(method: Any, schedule: DropSchedule | str | None = None, metric: Any = None, seed: Any = None,
-             num_layers: int | None = None, positions: Any = None) -> DropSchedule | None:
+             num_layers: int | None = None, options: Any = None, positions: Any = None) -> DropSchedule | None:
     """The one rule every entry point applies (``attach``, model args, sweep configs, the bench):
-    ``method``, ``metric`` and ``seed`` as :func:`check_drop_method`; ``schedule`` (None: not given)
-    parsed, taken by the method (stage count, adaptive stages) and, with ``num_layers``, within the
+    ``method``, ``metric``, ``seed`` and ``options`` as :func:`check_drop_method`; ``schedule`` (None: not
+    given) parsed, taken by the method (stage count, adaptive stages) and, with ``num_layers``, within the
     model's depth. Returns the parsed schedule. Raises ``ValueError`` naming the bad value."""
-    check_drop_method(method, metric, seed, positions)
+    check_drop_method(method, metric, seed, options, positions)
     if schedule is None:
         return None
     parsed = DropSchedule.parse(schedule)

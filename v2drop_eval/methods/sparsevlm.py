@@ -19,7 +19,7 @@ tokens on LLaVA-1.5-7B): ``llava/model/language_model/modelling_sparse_llama.py`
    nearest denser token, centres = top density x distance) and averaged per cluster; the recycled tokens
    follow the kept image tokens and count as image tokens at the next stage.
 4. Positions: the kept sequence is renumbered 0..n-1 (``position_ids[:, :len(kept)]``) and a new token at
-   decode takes its layer's cache length (``get_usable_length``), so ``positions = "renumber"``.
+   decode takes its layer's cache length (``get_usable_length``), so ``positions = RENUMBER``.
 
 What differs, and why (docs/methods.md, "SparseVLM"):
 - Counts: the original's absolute counts are for 576 tokens; here each stage keeps ``floor(alive x r)``
@@ -33,16 +33,24 @@ What differs, and why (docs/methods.md, "SparseVLM"):
   and in any batch, run after run.
 - A row whose raters' scores are all equal (the original would then have no rater and rate with NaN)
   takes all its text after the image as raters.
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the repository has no code for them. M-RoPE positions cannot be
-  renumbered, so there every token keeps its position and a recycled token takes its cluster centre's (as
-  ModelTC/llmc's SparseVLM, ``llmc/compression/token_reduction/sparsevlm.py``, does); the presets are derived below.
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the repository has no code for them. A recycled token has no place on
+  M-RoPE's image grid, so there every token keeps its position and a recycled token takes its cluster
+  centre's (as ModelTC/llmc's SparseVLM, ``llmc/compression/token_reduction/sparsevlm.py``, does;
+  ``positions=renumber`` is refused there); the presets are derived below.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.engine.method import PREV_QUERY_ATTENTION, Merge, Method, QueryContext, ScoreContext
+from v2drop_eval.engine.method import (
+    PREV_QUERY_ATTENTION,
+    RENUMBER,
+    Merge,
+    Method,
+    QueryContext,
+    ScoreContext,
+)
 from v2drop_eval.engine.schedule import DropSchedule, kept_count
 
 if TYPE_CHECKING:
@@ -76,14 +84,14 @@ PRESETS: dict[str, dict[str | int, str]] = {
         64: "3:0.115/7:0.37/16:0.54",  # 82.3
     },
     "qwen2_vl": {  # 28 layers: sparse layers 2, 5, 13
-        "default": "3:0.412/6:0.353/14:0.31",  # 130.1 (V2Drop 130.1); the 128 shape
-        192: "3:0.457/6:0.65/14:0.54",  # 192.4 (V2Drop 192.3)
-        128: "3:0.393/6:0.353/14:0.31",  # 126.8 (V2Drop 126.9)
+        "default": "3:0.414/6:0.353/14:0.31",  # 130.2 (V2Drop 130.3); the 128 shape
+        192: "3:0.457/6:0.65/14:0.54",  # 192.4 (V2Drop 192.5)
+        128: "3:0.395/6:0.353/14:0.31",  # 127.1 (V2Drop 127.1)
     },
     "qwen3_vl": {  # 36 layers: sparse layers 2, 7, 17
-        "default": "3:0.45/8:0.353/18:0.31",  # 130.1 (V2Drop 130.3)
-        192: "3:0.476/8:0.65/18:0.54",  # 191.7 (V2Drop 191.8)
-        128: "3:0.428/8:0.353/18:0.31",  # 126.4 (V2Drop 126.5)
+        "default": "3:0.452/8:0.353/18:0.31",  # 130.6 (V2Drop 130.6)
+        192: "3:0.476/8:0.65/18:0.54",  # 191.7 (V2Drop 192.0)
+        128: "3:0.428/8:0.353/18:0.31",  # 126.4 (V2Drop 126.7)
     },
 }
 
@@ -142,7 +150,7 @@ class SparseVLM(Method):
                "dropped ones into a few merged tokens")
     source = "Zhang et al., 'SparseVLM', ICML 2025; github.com/Gumpest/SparseVLMs (v1.5)"
     needs = frozenset({PREV_QUERY_ATTENTION})
-    positions = "renumber"
+    positions = RENUMBER  # on M-RoPE kept (engine/positions.py: merged tokens have no grid position there)
     presets = PRESETS
     style = ("tab:cyan", "h")
 
@@ -209,21 +217,14 @@ class SparseVLM(Method):
             anchor[b, : len(anchors)] = anchors
         return Merge(weights=weights, valid=valid, anchor=anchor)
 
-    def tokens_per_layer(self, schedule: DropSchedule, num_vision_tokens: int, num_layers: int) -> list[int]:
-        schedule.check_depth(num_layers)
-        after = dict(zip(schedule.layers, (keep + added for keep, added in stage_counts(num_vision_tokens, schedule)),
-                         strict=True))
-        alive, out = int(num_vision_tokens), []
-        for layer in range(num_layers):
-            alive = after.get(layer, alive)
-            out.append(alive)
-        return out
+    def merged_count(self, dropped: int) -> int:
+        return recycled_count(dropped)
 
     def refit(self, scaled: DropSchedule, target: float, num_vision_tokens: int, num_layers: int) -> DropSchedule:
         """The later ratios kept, the first solved (to 0.001) for the layer-averaged count closest to ``target``."""
         (first, _), *rest = scaled.stages
         fits = [DropSchedule(((first, r / 1000), *rest)) for r in range(1, 1001)]
-        return min(fits, key=lambda s: abs(self.average_tokens(s, num_vision_tokens, num_layers) - target))
+        return min(fits, key=lambda s: abs(s.average_tokens(num_vision_tokens, num_layers, self) - target))
 
 
 METHOD = SparseVLM()

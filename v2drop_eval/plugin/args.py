@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from v2drop_eval.engine.families import FAMILIES, lmms_siblings
-from v2drop_eval.methods import DEFAULT_METHOD, get_method
+from v2drop_eval.methods import DEFAULT_METHOD, get_method, options_text
 from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
@@ -26,6 +26,7 @@ from v2drop_eval.methods.rules import (
     METHODS,
     METRICS,
     as_int,
+    check_drop_method,
     local_model_problem,
     validate,
 )
@@ -33,7 +34,7 @@ from v2drop_eval.methods.rules import (
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
            "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "positions", "sidecar", "warmup")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "positions", "sidecar", "warmup")
 
 @dataclass(frozen=True)
 class DropArgs:
@@ -48,7 +49,8 @@ class DropArgs:
     sidecar: str | None
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
-    positions: str | None = None  # keep | renumber; None: the method's own rule
+    options: frozenset[str] = frozenset()  # the method's named departures from its authors' rule
+    positions: str | None = None  # keep | renumber; None: the method's authors' rule
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
 
     @property
@@ -68,6 +70,7 @@ class DropArgs:
             "budget": self.budget,
             "metric": self.metric,
             "seed": self.seed,
+            "options": options_text(self.options) or None,
             "positions": self.positions,
         }
 
@@ -101,10 +104,13 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
+    options = kwargs.pop("options", None)
+    options = None if options is None else str(options)  # "a+b": lmms-eval splits model args on commas
     positions = kwargs.pop("positions", None)
     positions = None if positions is None else str(positions).strip().lower()
     try:
-        validate(method, metric=metric, seed=seed, positions=positions)
+        validate(method, metric=metric, seed=seed, options=options, positions=positions)
+        options = check_drop_method(method, options=options)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
     spec = get_method(method)
@@ -160,7 +166,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
     return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
-                    sidecar=sidecar, warmup=warmup, positions=positions)
+                    sidecar=sidecar, warmup=warmup, options=options, positions=positions)
 
 
 def _has_preset(family: str, budget: Any, method: str) -> bool:

@@ -28,7 +28,9 @@ __all__ = ["SIDECAR_VERSION", "SIDECAR_SUFFIX", "SIDECAR_GLOB", "SampleLog", "sa
            "prepare_sidecar", "doc_complexity"]
 
 # Version of the record layout (``sidecar_version`` in every record); records without it are version 1.
-SIDECAR_VERSION = 2
+# 3: ``options`` (the method's named options, null: its authors' rule); records before 3 carry no ``options``
+# and ran the project's earlier counts and positions (docs/methods.md, "Checked token by token against the originals").
+SIDECAR_VERSION = 3
 SIDECAR_SUFFIX = "_v2drop_samples.jsonl"
 # Every side-car of a run (ranks included); not lmms-eval's own samples_<task>.jsonl (a task may be named v2drop_*).
 SIDECAR_GLOB = "*_v2drop_samples*.jsonl"

@@ -60,7 +60,7 @@ TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "te
 # From the method registry: the baseline first, then the methods in registry order.
 METHOD_LABELS = {name: m.label for name, m in REGISTRY.items()}
 METHOD_ORDER = {name: i for i, name in enumerate(REGISTRY)}
-KEY_COLS = ["model", "method", "setting", "metric", "seed"]
+KEY_COLS = ["model", "method", "setting", "metric", "seed", "options"]
 # Companion columns of a benchmark's score: its 95% interval from the per-item log (CSV keeps them as
 # columns; Markdown and LaTeX show "score [low, high]" in one cell).
 CI_LO, CI_HI = " 95% low", " 95% high"
@@ -106,7 +106,13 @@ def row_key(p: PointResult) -> dict[str, Any]:
     m = p.meta
     return {"model": m.get("model_name") or p.point_id.split("__")[0], "method": m["method"],
             "setting": _setting(m), "metric": m.get("metric") or "", "seed": "" if m.get("seed") is None else m["seed"],
-            "point": p.point_id}
+            "options": variant_text(m), "point": p.point_id}
+
+
+def variant_text(meta: dict[str, Any]) -> str:
+    """The tables' Options cell: the method's named options and a ``positions=`` rule given to it."""
+    given = f"positions={meta['positions']}" if meta.get("positions") else ""
+    return "+".join(t for t in (meta.get("options") or "", given) if t)
 
 
 def _sort(df: pd.DataFrame) -> pd.DataFrame:
@@ -118,7 +124,7 @@ def _sort(df: pd.DataFrame) -> pd.DataFrame:
             return (1, -float(s), "")
         return (2, 0.0, s)
     order = df.apply(lambda r: (r["model"], budget_rank(str(r["setting"])), METHOD_ORDER.get(r["method"], 9),
-                                str(r["metric"]), str(r["seed"])), axis=1)
+                                str(r["metric"]), str(r["seed"]), str(r["options"])), axis=1)
     return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
 
 
@@ -216,8 +222,8 @@ def comparison_table(points: Sequence[PointResult], headline: Mapping[str, str] 
 def _label(p: PointResult) -> str:
     """A method's name in a comparison: its label, with its metric or seed where it has one."""
     k = row_key(p)
-    extra = k["metric"] or (f"seed {k['seed']}" if k["seed"] != "" else "")
-    return METHOD_LABELS.get(k["method"], k["method"]) + (f" ({extra})" if extra else "")
+    extra = [e for e in (k["metric"], f"seed {k['seed']}" if k["seed"] != "" else "", k["options"]) if e]
+    return METHOD_LABELS.get(k["method"], k["method"]) + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _task_order(tasks: list[str]) -> list[str]:

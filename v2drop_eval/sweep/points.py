@@ -32,6 +32,8 @@ class Point:
     schedule: str | None = None
     metric: str | None = None
     seed: int | None = None
+    options: str | None = None  # the method's named options, "a+b" (None: its authors' rule)
+    positions: str | None = None  # keep | renumber (None: the method's authors' rule)
 
     @property
     def label(self) -> str:
@@ -52,6 +54,10 @@ class Point:
             args["metric"] = self.metric
         if self.seed is not None:
             args["seed"] = self.seed
+        if self.options:
+            args["options"] = self.options
+        if self.positions:
+            args["positions"] = self.positions
         args.update(dict(self.model.model_args))
         return ",".join(f"{k}={v}" for k, v in args.items())
 
@@ -67,6 +73,8 @@ class Point:
             "schedule": self.schedule,
             "metric": self.metric,
             "seed": self.seed,
+            "options": self.options,
+            "positions": self.positions,
             "model_args": self.model_args(),
         }
 
