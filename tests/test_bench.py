@@ -98,16 +98,16 @@ def test_bench_other_methods_spend_the_same_budget(tmp_path):
 def test_bench_gives_each_method_the_options_it_takes(tmp_path):
     main(["--shape", "tiny", "--attn", "sdpa", "--batch-sizes", "1", "--methods", "none,v2drop,pdrop", "--budgets",
           "128", "--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--extras", "no", "--output", str(tmp_path),
-          "--options", "kept_positions+exact_counts"])
+          "--options", "float32_scores+exact_counts"])
     rows = json.loads((tmp_path / "cpu-tiny.json").read_text())["rows"]
     by = {(r["method"], r["budget"]): r for r in rows}
-    assert by[("pdrop", "128")]["options"] == "exact_counts+kept_positions"
-    assert by[("v2drop", "128")]["options"] == "exact_counts" and by[("none", "-")]["options"] is None
+    assert by[("pdrop", "128")]["options"] == "float32_scores+exact_counts"
+    assert by[("v2drop", "128")]["options"] == "float32_scores+exact_counts" and by[("none", "-")]["options"] is None
     with pytest.raises(ValueError, match="unknown option 'fast'"):
         main(["--shape", "tiny", "--options", "fast"])
-    with pytest.raises(ValueError, match=r"option kept_positions applies to pdrop only; none of the benched methods "
+    with pytest.raises(ValueError, match=r"option pivots_in_order applies to dart only; none of the benched methods "
                                          r"\(none, v2drop\) takes it"):
-        main(["--shape", "tiny", "--methods", "none,v2drop", "--options", "kept_positions"])
+        main(["--shape", "tiny", "--methods", "none,v2drop", "--options", "pivots_in_order"])
 
 
 def test_verdicts_read_the_interval():

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 from grid import grid
-from reference import allowed_keys, masking_reference
+from reference import allowed_keys, drop_reference, layouts_and_hosts, masking_reference
 from tiny import (
     LAYERS,
     QWEN3_DEEPSTACK,
@@ -30,7 +30,7 @@ from tiny import (
 
 from v2drop_eval import DropSchedule, attach
 from v2drop_eval.engine.families import FAMILIES as SUPPORTED
-from v2drop_eval.engine.method import RENUMBERED
+from v2drop_eval.engine.method import RENUMBER
 from v2drop_eval.methods import DEFAULT_METHOD, METHODS, get_method
 
 FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "next": tiny_llava_next,
@@ -84,6 +84,8 @@ CASES = {
     ("qwen3", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
     ("qwen3moe", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
 }
+# Families whose decoders take one rotary position per token (the others use M-RoPE).
+ONE_D_POSITIONS = {"llava", "next", "onevision", "next_video", "internvl"}
 # The batch-row test runs these cases of each family.
 ROW_CASES = [("llava", "mixed"), ("qwen", "mixed"), ("qwen", "video"), ("qwen25", "mixed"), ("qwen25", "video"),
              ("next", "mixed"), ("onevision", "mixed"), ("onevision", "video"), ("next_video", "mixed"),
@@ -118,12 +120,14 @@ def _schedule(method: str, multi: str = "2:0.5/4:0.3", single: str = "2:0.4") ->
 
 
 # Every method that drops (read from the registry), at a schedule it takes; the default method also at a
-# schedule that starts at layer 1 and keeps nothing from layer 3 on.
-# With the options that change what the engine does (PyramidDrop's positions kept; DART's pivots, which
-# keep all of an image of 4 tokens, within the floor count so that the small Qwen images drop too).
+# schedule that starts at layer 1 and keeps nothing from layer 3 on, SparseVLM's merged tokens also from the
+# first layer on. With the attach arguments that change what the engine does (positions kept where the
+# authors renumber, and renumbered where they keep; DART's pivots, which keep all of an image of 4 tokens,
+# within the floor count so that the small Qwen images drop too).
 DROPPING = [(m, _schedule(m), None) for m in METHODS if get_method(m).drops] + [
-    (DEFAULT_METHOD, "1:0.25/3:0", None), ("pdrop", _schedule("pdrop"), "kept_positions"),
-    ("dart", _schedule("dart"), "exact_counts")]
+    (DEFAULT_METHOD, "1:0.25/3:0", None), ("pdrop", _schedule("pdrop"), "positions=keep"),
+    ("v2drop", _schedule("v2drop"), "positions=renumber"), ("dart", _schedule("dart"), "options=exact_counts"),
+    ("sparsevlm", "1:0.3/3:0", None), ("sparsevlm", _schedule("sparsevlm"), "positions=keep")]
 
 
 def _ids(value) -> str:
@@ -171,32 +175,47 @@ PINNED = [(case, attn, "dart", _schedule("dart"), None) for case in (("llava", "
           for attn in ATTNS]
 
 
-@pytest.mark.parametrize(("case", "attn", "method", "schedule", "options"), grid(
+@pytest.mark.parametrize(("case", "attn", "method", "schedule", "given"), grid(
     [(case, attn, *ms) for case in CASES for attn in ATTNS for ms in DROPPING], FACETS, PAIRS, PINNED), ids=_ids)
-def test_dropping_equals_masking_reference(case, attn, method, schedule, options):
+def test_dropping_equals_masking_reference(case, attn, method, schedule, given):
     family, _ = case
     m = model(family, attn)
     inputs = CASES[case]()
-    with attach(m, schedule, method=method, options=options) as h, torch.no_grad():
+    kwargs = dict([given.split("=")]) if given else {}
+    with attach(m, schedule, method=method, **kwargs) as h, torch.no_grad():
         out = m(**inputs)
+        # Each slot's mask position (merged tokens can move slots), and how merged tokens were made.
+        prefill_layouts, prefill_transfers = layouts_and_hosts(h), dict(h.last_transfers)
         dropped_any = any(s["vision_per_layer"][-1] < s["vision_tokens"] for s in h.last_stats)
-        prefill_layouts = dict(h.last_layouts)
         dropped = _generate(m, inputs)
         # generate's prefill may keep other tokens: it gives padded rows other rotary positions (DART's
         # key norms see them), so each run is checked against the reference of its own kept sets
-        layouts = dict(h.last_layouts)
+        layouts, transfers = layouts_and_hosts(h), dict(h.last_transfers)
+        renumbers, rotary = h.renumbers, (h.adapter.rotary if h.renumbers else None)
+        # The given rule, else the authors'; merged tokens are not renumbered under the Qwen-VLs' M-RoPE.
+        rule = kwargs.get("positions", get_method(method).positions)
+        assert renumbers == (rule == RENUMBER and (family in ONE_D_POSITIONS or not get_method(method).merges))
+    assert bool(prefill_transfers) == get_method(method).merges
     layers = m.model.language_model.layers
-    # PyramidDrop's positions: the reference's too
-    renumber = get_method(method).positions_with(frozenset(options.split("+")) if options else frozenset()) == RENUMBERED
-    with masking_reference(m, layers, allowed_keys(prefill_layouts, inputs["attention_mask"], LAYERS), attn,
-                           renumber), torch.no_grad():
+    spec = get_method(method)
+    if spec.merges:  # merged tokens, and positions numbered along the slots where they are renumbered
+
+        def reference(lay: dict, moved: dict):
+            allowed = allowed_keys(lay, inputs["attention_mask"], LAYERS)
+            return drop_reference(m, layers, allowed, attn, moved, rotary)
+    else:  # renumbered positions: the reference closes the gaps as PyramidDrop's code does
+
+        def reference(lay: dict, moved: dict):
+            allowed = allowed_keys(lay, inputs["attention_mask"], LAYERS)
+            return masking_reference(m, layers, allowed, attn, renumbers)
+
+    with reference(prefill_layouts, prefill_transfers), torch.no_grad():
         ref = m(**inputs)
-    with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), attn, renumber), \
-            torch.no_grad():
+    with reference(layouts, transfers), torch.no_grad():
         ref_gen = _generate(m, inputs)
-    # Prefill: every real slot of the last layout against its original position.
+    # Prefill: every real slot of the last layout against its position in the reference.
     idx, valid = prefill_layouts[max(prefill_layouts)]
-    assert dropped_any or (method, options) == ("dart", None)  # DART keeps 4 pivots: all of a 4-token image
+    assert dropped_any or (method, given) == ("dart", None)  # DART keeps 4 pivots: all of a 4-token image
     assert out.logits.shape[1] == idx.shape[1] < inputs["input_ids"].shape[1] or not dropped_any
     for b in range(idx.shape[0]):
         pos = idx[b][valid[b]]

@@ -73,6 +73,7 @@ def summarize(shape: str, device: str, attn: str, batch_size: int,
         if not runs:
             continue
         drops = method not in (PLAIN, BASELINE)
+        # The method's own counting (its authors' formula; SparseVLM's recycled tokens count as vision tokens).
         vision = schedule.tokens_per_layer(vision_tokens, layers, method, options) if drops else [vision_tokens] * layers
         if runs[0].get("vision_per_layer") is not None:  # the engine's own count must agree with the arithmetic
             assert runs[0]["vision_per_layer"] == vision, (method, budget, runs[0]["vision_per_layer"], vision)

@@ -36,6 +36,9 @@ class ModelAdapter:
     video_token_ids: tuple[int, ...] = ()  # the subset that marks video (counted apart in the stats)
     # Family-specific wrappers: (decoder, model config, positions, drop layers) -> objects with remove().
     extras: tuple[Callable[[nn.Module, Any, Positions, tuple[int, ...]], list[Any]], ...] = ()
+    # The decoder's rotary module, (hidden, position ids [B, n]) -> (cos, sin), where positions are one number
+    # per token; None for multimodal rotary (M-RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL), which cannot be renumbered.
+    rotary: Callable[[Any, Any], Any] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -84,6 +87,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     video_id = _token_id(config, "video")
     videos = () if video_id is None else (video_id,)
     extras = (install_deepstack,) if fam.deepstack else ()
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is not None and hasattr(rotary, "mrope_section"):  # M-RoPE: three position numbers per token
+        rotary = None
     return ModelAdapter(
         family=fam.adapter_family,
         top=model,
@@ -93,6 +99,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         vision_token_ids=(image_id, *videos),
         video_token_ids=videos,
         extras=extras,
+        rotary=rotary,
     )
 
 

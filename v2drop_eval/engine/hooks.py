@@ -5,8 +5,8 @@ How it works (docs/design.md §2): the decoder builds one mask, one rotary (cos,
 each layer from the first drop layer on swaps them for copies gathered at the kept positions, and at
 a drop layer also gathers ``hidden_states``. The per-layer ``DynamicCache`` then simply holds fewer
 entries for later layers. At decode, each pruned layer's mask columns are gathered with its own kept
-positions plus the new tokens; rotary positions of new tokens stay the true ones, unless the method
-renumbers its kept tokens (PyramidDrop: ``positions``).
+positions plus the new tokens; rotary positions of new tokens stay the true ones, unless positions are
+renumbered (``positions=renumber``, PyramidDrop's and SparseVLM's rule: ``positions.py``).
 
 Rows of a batch may keep different numbers of tokens: the gathered batch is cut to the longest row and
 the shorter rows get surplus slots on the left, masked out as keys (each keeps its own diagonal so no
@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval.engine import contract, gather, refusals
+from v2drop_eval.engine import contract, gather, merging, refusals
 from v2drop_eval.engine.accounting import row_stats
 from v2drop_eval.engine.adapters import ModelAdapter, adapter_for
 from v2drop_eval.engine.clock import DropperClock
 from v2drop_eval.engine.gather import Layout
-from v2drop_eval.engine.method import FLOAT32_SCORES, OPTION_SEPARATOR, RENUMBERED, Method, ScoreContext
-from v2drop_eval.engine.positions import Renumbering
+from v2drop_eval.engine.method import FLOAT32_SCORES, OPTION_SEPARATOR, Method, ScoreContext
+from v2drop_eval.engine.positions import Renumbering, renumbering
 from v2drop_eval.engine.schedule import Adaptive, DropSchedule
 from v2drop_eval.engine.signals import Signals
 
@@ -50,18 +50,20 @@ class _Call:
     video_found: list[int] = field(default_factory=list)  # per row: how many of the vision tokens are video
     gathered: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage layer, id(obj)) -> copy
     row_pos: torch.Tensor | None = None  # [B, S] each position's index among its row's real tokens
+    transfers: dict[int, merging.Transfer] = field(default_factory=dict)  # drop layer -> merged tokens placed
 
 
 class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them.
 
     Made by ``v2drop_eval.attach``, which resolves the method by name and checks the arguments by the rules
-    every entry point shares; here ``method`` is the :class:`Method` itself, ``schedule`` a parsed one and
-    ``options`` the checked names of the method's options it runs with.
+    every entry point shares; here ``method`` is the :class:`Method` itself, ``schedule`` a parsed one,
+    ``options`` the checked names of the method's options it runs with and ``positions`` (``keep`` |
+    ``renumber``; None: the method's own rule) how rotary positions follow a drop (``engine/positions.py``).
     """
 
     def __init__(self, model: nn.Module, schedule: DropSchedule, method: Method, metric: str, seed: int,
-                 options: frozenset[str] = frozenset()):
+                 options: frozenset[str] = frozenset(), positions: str | None = None):
         self.adapter: ModelAdapter = adapter_for(model)
         schedule.check_depth(self.adapter.num_layers)
         self.options: frozenset[str] = frozenset(options)
@@ -73,6 +75,9 @@ class DropHandle:
         self.text_config = self.adapter.text_config
         self._last_stats: list[dict[str, Any]] | Any = []  # or a builder, run on first read (see last_stats)
         self.last_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Drop layers where the method merged tokens at the last prefill -> how the slots were filled (tests'
+        # masking references read it).
+        self.last_transfers: dict[int, merging.Transfer] = {}
         self._method = method
         self._ratios: dict[int, Fraction | Adaptive] = {
             layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in schedule.stages
@@ -87,8 +92,7 @@ class DropHandle:
 
         if self._dropping:  # first: it may refuse, and then nothing is installed yet
             self._hooks += self.adapter.install_extras(self._positions, schedule.layers)
-            if self._method.positions_with(self.options) == RENUMBERED:
-                self._renumber = Renumbering(self.adapter.decoder)
+            self._renumber = renumbering(method, positions, self.adapter, type(model).__name__)
         top = self.adapter.top
         self._hooks.append(top.register_forward_pre_hook(self._on_top_call, with_kwargs=True))
         self._hooks.append(top.register_forward_hook(self._on_top_return, always_call=True))
@@ -96,7 +100,7 @@ class DropHandle:
             # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
             scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
             self._signals = Signals(self.adapter, self._method, scored, float32=FLOAT32_SCORES.name in self.options)
-            start = schedule.layers[0] - self._signals.first_hooked_layer_offset
+            start = self._signals.first_hooked_layer(schedule.layers[0])
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
                 self._hooks.append(hook)
@@ -251,7 +255,7 @@ class DropHandle:
             given = hidden
             if layer in self._ratios:
                 hidden = self._drop(call, layer, hidden, kwargs)
-            self._signals.before_layer(layer, hidden)
+            self._signals.before_layer(layer, hidden, call.layout)
             stage = self._stage_of(layer)
             if stage is None:
                 return None
@@ -295,7 +299,7 @@ class DropHandle:
             raw = None
             if isinstance(ratio, Adaptive):
                 raw = self._score(call, ctx, kwargs)
-                keep_k = _adaptive_counts(raw, candidates, ctx.text, alive, ratio)
+                keep_k = gather.adaptive_counts(raw, candidates, ctx.text, alive, ratio)
             else:
                 keep_k = self._method.keep_counts(ctx)  # the method's own count (its authors' formula)
             if bool((keep_k == alive).all()):
@@ -309,7 +313,11 @@ class DropHandle:
         call.clock.open("gather")
         try:
             new, pos = gather.select(lay, raw, keep_k)
-            hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+            renumber = self._renumber is not None
+            hidden, new, transfer = merging.next_slots(self._method, ctx, raw, lay, new, pos, hidden, renumber, call.clock)
+            if transfer is not None:  # merged tokens join the kept ones and count as vision tokens from here on
+                call.transfers[layer] = transfer
+                keep_k = keep_k + (transfer.merged >= 0).sum(1)
             call.layout = call.layouts[layer] = new
             call.vision_alive.append(keep_k.tolist())
         finally:
@@ -331,7 +339,7 @@ class DropHandle:
         out = gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
                                     lambda obj, build: self._cached(call, stage, obj, build))
         if self._renumber is not None:
-            out = self._renumber.prefill_inputs(stage, lay.idx, lay.valid, hidden, kwargs, out)
+            out = self._renumber.prefill_inputs(stage, lay.keys, lay.valid, hidden, kwargs, out)
         return out
 
     def _gather_decode_kwargs(
@@ -369,6 +377,7 @@ class DropHandle:
         # Built on first read: on CUDA the clock's events are read only then, never inside the forward.
         self._last_stats = lambda: row_stats(*args, call.clock.totals(), video_found=video)
         self.last_layouts = {layer: (lay.idx, lay.valid) for layer, lay in call.layouts.items()}
+        self.last_transfers = dict(call.transfers)
 
     @property
     def last_stats(self) -> list[dict[str, Any]]:
@@ -379,20 +388,13 @@ class DropHandle:
             self._last_stats = self._last_stats()
         return self._last_stats
 
+    @property
+    def renumbers(self) -> bool:
+        """Whether positions are renumbered after a drop (``positions=``; ``v2drop_eval.engine.positions``)."""
+        return self._renumber is not None
+
     def dropper_times(self) -> dict[str, float]:
         """Milliseconds of the dropper's own work per category (``clock.CATEGORIES``) at the last
         prefill and the decode steps after it so far; empty before the first prefill."""
         return self._call.clock.totals() if self._call is not None else {}
 
-
-def _adaptive_counts(
-    scores: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, alive: torch.Tensor, stage: Adaptive
-) -> torch.Tensor:
-    """Per row: vision tokens whose score >= threshold x the row's mean text-token score, clamped to
-    [floor(alive x min), floor(alive x max)]. The reference does not depend on the image, so a plain
-    image (small variations) keeps fewer tokens than a busy one."""
-    text_mean = (scores * text).sum(1) / text.sum(1).clamp(min=1)
-    passing = ((scores >= stage.threshold * text_mean[:, None]) & candidates).sum(1)
-    lo = (alive * Fraction(repr(stage.min_ratio)).numerator) // Fraction(repr(stage.min_ratio)).denominator
-    hi = (alive * Fraction(repr(stage.max_ratio)).numerator) // Fraction(repr(stage.max_ratio)).denominator
-    return torch.minimum(torch.maximum(passing, lo), hi)

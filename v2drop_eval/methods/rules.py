@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from v2drop_eval.engine.families import FAMILIES, get_family, lmms_siblings
-from v2drop_eval.engine.method import Method
+from v2drop_eval.engine.method import POSITION_RULES, Method
 from v2drop_eval.engine.schedule import DropSchedule
 from v2drop_eval.methods import BASELINE, METHODS, OPTIONS, get_method, parse_options
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
@@ -62,12 +62,17 @@ def schedule_problem(spec: Method, schedule: DropSchedule) -> str | None:
     return None
 
 
-def check_drop_method(method: Any, metric: Any = None, seed: Any = None, options: Any = None) -> frozenset[str]:
+def check_drop_method(method: Any, metric: Any = None, seed: Any = None, options: Any = None,
+                      positions: Any = None) -> frozenset[str]:
     """Raise ``ValueError`` unless ``method`` is registered, ``metric`` (None: not given) is known and
     given only to a method that takes one, ``seed`` (None: not given) is an integer >= 0 given only
     to a method that takes one, and every option is known and taken by the method. The one rule for
     metric and seed: an argument a method does not use is refused, whatever its value (``metric=l2``
-    with ``method=random`` too), so that no run silently ignores it. Returns the options, parsed."""
+    with ``method=random`` too), so that no run silently ignores it. ``positions``
+    (None: the method's own rule) must be a position rule. Returns the options, parsed."""
+    if positions is not None and positions not in POSITION_RULES:
+        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITION_RULES)} "
+                         "(default: the method's authors' rule)")
     spec = get_method(method)
     if metric is not None:
         if metric not in METRICS:
@@ -82,12 +87,12 @@ def check_drop_method(method: Any, metric: Any = None, seed: Any = None, options
 
 
 def validate(method: Any, schedule: DropSchedule | str | None = None, metric: Any = None, seed: Any = None,
-             num_layers: int | None = None, options: Any = None) -> DropSchedule | None:
+             num_layers: int | None = None, options: Any = None, positions: Any = None) -> DropSchedule | None:
     """The one rule every entry point applies (``attach``, model args, sweep configs, the bench):
     ``method``, ``metric``, ``seed`` and ``options`` as :func:`check_drop_method`; ``schedule`` (None: not
     given) parsed, taken by the method (stage count, adaptive stages) and, with ``num_layers``, within the
     model's depth. Returns the parsed schedule. Raises ``ValueError`` naming the bad value."""
-    check_drop_method(method, metric, seed, options)
+    check_drop_method(method, metric, seed, options, positions)
     if schedule is None:
         return None
     parsed = DropSchedule.parse(schedule)

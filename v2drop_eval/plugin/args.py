@@ -24,7 +24,6 @@ from v2drop_eval.methods import DEFAULT_METHOD, get_method, options_text
 from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
-    DEFAULT_SEED,
     METHODS,
     METRICS,
     as_int,
@@ -36,7 +35,7 @@ from v2drop_eval.methods.rules import (
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "EXIT_USER_ERROR", "ModelArgsError",
            "user_errors", "pop_drop_args", "check_batch_size", "check_checkpoint", "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "sidecar", "warmup")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "positions", "sidecar", "warmup")
 EXIT_USER_ERROR = 2
 
 
@@ -92,15 +91,8 @@ class DropArgs:
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
     options: frozenset[str] = frozenset()  # the method's named departures from its authors' rule
+    positions: str | None = None  # keep | renumber; None: the method's authors' rule
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
-
-    @property
-    def engine_metric(self) -> str:
-        return self.metric or DEFAULT_METRIC
-
-    @property
-    def engine_seed(self) -> int:
-        return DEFAULT_SEED if self.seed is None else int(self.seed)
 
     def describe(self) -> dict[str, Any]:
         """The side-car's description of the run."""
@@ -112,6 +104,7 @@ class DropArgs:
             "metric": self.metric,
             "seed": self.seed,
             "options": options_text(self.options) or None,
+            "positions": self.positions,
         }
 
 
@@ -146,8 +139,10 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
     options = kwargs.pop("options", None)
     options = None if options is None else str(options)  # "a+b": lmms-eval splits model args on commas
+    positions = kwargs.pop("positions", None)
+    positions = None if positions is None else str(positions).strip().lower()
     try:
-        validate(method, metric=metric, seed=seed, options=options)
+        validate(method, metric=metric, seed=seed, options=options, positions=positions)
         options = check_drop_method(method, options=options)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
@@ -204,7 +199,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
     return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
-                    sidecar=sidecar, warmup=warmup, options=options)
+                    sidecar=sidecar, warmup=warmup, options=options, positions=positions)
 
 
 def _has_preset(family: str, budget: Any, method: str) -> bool:

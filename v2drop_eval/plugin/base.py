@@ -83,7 +83,8 @@ class V2DropMixin:
         model = self.model
         self._v2drop_args = args
         self._v2drop_handle = attach(model, args.schedule, method=args.method, metric=args.metric,
-                                     seed=args.seed, options=args.options)
+                                     seed=args.seed, options=args.options,
+                                     positions=args.positions)
         handle = self._v2drop_handle
         self._v2drop_timer = GenerateTimer(model, lambda: handle.last_stats)
         self._v2drop_warmup_left = args.warmup

@@ -50,8 +50,8 @@ TOP_KEYS = {
     "description": "free text, ignored",
     "output": "sweep output directory; default results/<name>",
     "models": "list of models (keys below)",
-    "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds/options: "
-               "[...]}}",
+    "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds/options/"
+               "positions: [...]}}",
     "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; a method's own named presets such as 'paper')",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
     "metrics": f"variation metrics for {_takers('takes_metric')}, any of {', '.join(METRICS)}; default [l2]",
@@ -103,7 +103,7 @@ class SweepConfig:
 
     def grid(self, method: str) -> dict[str, list[Any]]:
         """``budgets``, ``schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else the config's), and
-        its ``options`` sets (its own only; default: the authors' rule alone)."""
+        its ``options`` sets and ``positions`` rules (its own only; default: the authors' rule alone)."""
         own = self.overrides.get(method, {})
         return {
             "budgets": own.get("budgets", self.budgets),
@@ -111,6 +111,7 @@ class SweepConfig:
             "metrics": own.get("metrics", self.metrics),
             "seeds": own.get("seeds", self.seeds),
             "options": own.get("options", [None]),
+            "positions": own.get("positions", [None]),
         }
 
     def command(self, point: Point, output_path: str | Path) -> list[str]:
@@ -309,10 +310,13 @@ def expand(cfg: SweepConfig) -> list[Point]:
             grid = cfg.grid(method)
             settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
             settings += [(None, s) for s in grid["schedules"]]
-            for (budget, schedule), options in ((s, o) for s in settings for o in grid["options"]):
-                base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, options=options)
+            variants = [(o, p) for o in grid["options"] for p in grid["positions"]]
+            for (budget, schedule), (options, positions) in ((s, v) for s in settings for v in variants):
+                base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, options=options,
+                             positions=positions)
                 stem = f"{model.name}__{method}__{base.label}"
-                tail = f"__{options}" if options else ""  # the authors' rule keeps its id
+                # the authors' rule keeps its id
+                tail = (f"__{options}" if options else "") + (f"__positions-{positions}" if positions else "")
                 if spec.takes_metric:
                     for metric in grid["metrics"]:
                         points.append(_with(base, id=f"{stem}__{metric}{tail}", metric=metric))

@@ -11,7 +11,7 @@ from typing import Any
 from v2drop_eval.engine.families import FAMILY_NAMES, LMMS_MODELS, get_family
 from v2drop_eval.methods import BASELINE, options_text, parse_options
 from v2drop_eval.methods.presets import DropSchedule
-from v2drop_eval.methods.rules import METHODS, METRICS, check_seed
+from v2drop_eval.methods.rules import METHODS, METRICS, POSITION_RULES, check_seed
 from v2drop_eval.sweep.points import ModelSpec
 
 __all__ = ["EXECUTORS", "SLURM_KEYS", "FAMILY_MODELS", "MODEL_KEYS", "METHOD_KEYS", "OWN_MODEL_ARGS", "ID_RE",
@@ -40,7 +40,7 @@ SLURM_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
 }
 # lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
 FAMILY_MODELS = {name: get_family(name).lmms_model for name in FAMILY_NAMES}
-METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds", "options")
+METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds", "options", "positions")
 MODEL_KEYS = {
     "name": "model id used in point ids (letters, digits, '.', '-', single '_')",
     "family": f"model family, one of {', '.join(sorted(FAMILY_MODELS))}",
@@ -49,7 +49,7 @@ MODEL_KEYS = {
     "num_layers": "decoder layer count, for the depth check; default: read offline with AutoConfig",
     "model_args": "extra model args (mapping), e.g. {device_map: cpu, attn_implementation: sdpa}",
 }
-OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "options"}
+OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "options", "positions"}
 ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?!_))*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -112,8 +112,23 @@ def parse_seeds(value: Any, where: str, errors: list[str]) -> list[int]:
     return seeds
 
 
+def parse_position_rules(value: Any, where: str, errors: list[str]) -> list[str | None]:
+    """``positions: [null, keep]``: one point per rule; null is the method's authors' rule (the default)."""
+    rules: list[str | None] = []
+    for item in as_list(value, where, errors):
+        rule = None if item is None else str(item).strip().lower()
+        if rule is not None and rule not in POSITION_RULES:
+            errors.append(f"{where}: positions={item!r} is not allowed; allowed: {', '.join(POSITION_RULES)} "
+                          "(null: the method's authors' rule)")
+        elif rule in rules:
+            errors.append(f"{where}: positions={rule} is listed twice")
+        else:
+            rules.append(rule)
+    return rules or [None]
+
+
 def parse_option_sets(value: Any, method: str, where: str, errors: list[str]) -> list[str | None]:
-    """``options: [[], [kept_positions], float32_scores+exact_counts]``: one point per set; an empty set (or
+    """``options: [[], [float32_scores], float32_scores+exact_counts]``: one point per set; an empty set (or
     null) is the authors' rule."""
     if not isinstance(value, list):
         errors.append(f"{where}: expected a list of option sets, e.g. [[], [float32_scores]]")
@@ -170,6 +185,8 @@ def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, d
                 grid["seeds"] = parse_seeds(item["seeds"], f"{where}.seeds", errors)
             if "options" in item:
                 grid["options"] = parse_option_sets(item["options"], name, f"{where}.options", errors)
+            if "positions" in item:
+                grid["positions"] = parse_position_rules(item["positions"], f"{where}.positions", errors)
             overrides[name] = grid
         else:
             name = str(item)

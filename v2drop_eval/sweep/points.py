@@ -33,6 +33,7 @@ class Point:
     metric: str | None = None
     seed: int | None = None
     options: str | None = None  # the method's named options, "a+b" (None: its authors' rule)
+    positions: str | None = None  # keep | renumber (None: the method's authors' rule)
 
     @property
     def label(self) -> str:
@@ -55,6 +56,8 @@ class Point:
             args["seed"] = self.seed
         if self.options:
             args["options"] = self.options
+        if self.positions:
+            args["positions"] = self.positions
         args.update(dict(self.model.model_args))
         return ",".join(f"{k}={v}" for k, v in args.items())
 
@@ -71,6 +74,7 @@ class Point:
             "metric": self.metric,
             "seed": self.seed,
             "options": self.options,
+            "positions": self.positions,
             "model_args": self.model_args(),
         }
 
