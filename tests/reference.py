@@ -51,6 +51,28 @@ def renumbered(ids: torch.Tensor, closed: list[list[int]]) -> torch.Tensor:
     return out
 
 
+def slot_mask(mask, cols: torch.Tensor, q: int, k_len: int, attn: str, hidden: torch.Tensor) -> torch.Tensor:
+    """The layer's attention mask with only the allowed key columns ``cols`` (B, k_len): causal from a
+    missing or 2-D padding mask, else the model's 4-D mask; each query always sees itself at prefill; additive
+    for eager."""
+    B = cols.shape[0]
+    if mask is None or mask.dim() == 2:
+        q_pos = torch.arange(k_len - q, k_len)
+        m = (torch.arange(k_len)[None, :] <= q_pos[:, None])[None, None].expand(B, 1, q, k_len)
+        if mask is not None:
+            m = m & mask.bool()[:, None, None, :k_len]
+    elif mask.dtype == torch.bool:
+        m = mask.expand(B, -1, -1, -1)
+    else:
+        m = mask.expand(B, -1, -1, -1) == 0
+    m = m & cols[:, None, None, :]
+    if q == k_len:
+        m = m | torch.eye(q, dtype=torch.bool)[None, None]
+    if attn == "eager":
+        m = torch.zeros(m.shape, dtype=hidden.dtype).masked_fill(~m, torch.finfo(hidden.dtype).min)
+    return m
+
+
 @contextmanager
 def masking_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str, renumber: bool = False):
     """Hooks that AND each layer's attention mask with ``allowed[layer]`` (plus new decode tokens), and
@@ -99,20 +121,7 @@ def masking_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str
             k_len = (cache.layers[layer].get_seq_length() + q) if cache is not None and layer < len(cache.layers) else q
             k_len = max(k_len, q)
             cols = torch.cat([keep, torch.ones(B, k_len - S, dtype=torch.bool)], 1) if k_len > S else keep
-            mask = kwargs.get("attention_mask")
-            if mask is None:
-                q_pos = torch.arange(k_len - q, k_len)
-                m = (torch.arange(k_len)[None, :] <= q_pos[:, None])[None, None].expand(B, 1, q, k_len)
-            elif mask.dtype == torch.bool:
-                m = mask.expand(B, -1, -1, -1)
-            else:
-                m = mask.expand(B, -1, -1, -1) == 0
-            m = m & cols[:, None, None, :]
-            if q == k_len:
-                m = m | torch.eye(q, dtype=torch.bool)[None, None]
-            if attn == "eager":
-                m = torch.zeros(m.shape, dtype=hidden.dtype).masked_fill(~m, torch.finfo(hidden.dtype).min)
-            kwargs = dict(kwargs, attention_mask=m)
+            kwargs = dict(kwargs, attention_mask=slot_mask(kwargs.get("attention_mask"), cols, q, k_len, attn, hidden))
             if renumber and not torch.equal(allowed[layer], allowed[0]):
                 kwargs.update(positions(layer, kwargs, hidden))
             return args, kwargs
@@ -177,22 +186,7 @@ def drop_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str, t
             cached = cache is not None and layer < len(cache.layers)
             k_len = max((cache.layers[layer].get_seq_length() + q) if cached else q, q)
             cols = torch.cat([keep, torch.ones(B, k_len - S, dtype=torch.bool)], 1) if k_len > S else keep
-            mask = kwargs.get("attention_mask")
-            if mask is None or mask.dim() == 2:
-                q_pos = torch.arange(k_len - q, k_len)
-                m = (torch.arange(k_len)[None, :] <= q_pos[:, None])[None, None].expand(B, 1, q, k_len)
-                if mask is not None:
-                    m = m & mask.bool()[:, None, None, :k_len]
-            elif mask.dtype == torch.bool:
-                m = mask.expand(B, -1, -1, -1)
-            else:
-                m = mask.expand(B, -1, -1, -1) == 0
-            m = m & cols[:, None, None, :]
-            if q == k_len:
-                m = m | torch.eye(q, dtype=torch.bool)[None, None]
-            if attn == "eager":
-                m = torch.zeros(m.shape, dtype=hidden.dtype).masked_fill(~m, torch.finfo(hidden.dtype).min)
-            kwargs = dict(kwargs, attention_mask=m)
+            kwargs = dict(kwargs, attention_mask=slot_mask(kwargs.get("attention_mask"), cols, q, k_len, attn, hidden))
             return args, kwargs
 
         return hook

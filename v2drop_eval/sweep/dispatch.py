@@ -52,7 +52,7 @@ from v2drop_eval.sweep.layout import (
     write_job,
     write_status,
 )
-from v2drop_eval.sweep.point import PointOutcome, SweepReport, outcome_line, prepare
+from v2drop_eval.sweep.point import PointOutcome, SweepReport, outcome_line, prepare, print_dry_run_header
 from v2drop_eval.sweep.points import Point
 
 __all__ = ["settle_jobs", "record_dead_job", "run_jobs", "dry_run_jobs", "POLL_S"]
@@ -287,11 +287,7 @@ def dry_run_jobs(cfg: SweepConfig, points: Sequence[Point], out: Path, executor:
     """What a run with ``executor`` would submit: every point's state and command, the executor's
     settings and, for slurm, the sbatch script of the job array."""
     log = log or sys.stdout
-    print(f"sweep {cfg.name}: {len(points)} points -> {out} (executor {executor})", file=log)
-    for note in cfg.notes:
-        print(f"note: {note}", file=log)
-    if cfg.prepare:
-        print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log)
+    print_dry_run_header(cfg, points, out, log, executor)
     todo = []
     for i, p in enumerate(points, 1):
         record = read_job(out / (TMP_PREFIX + p.id))

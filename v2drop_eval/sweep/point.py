@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from v2drop_eval.sweep.config import SweepConfig
     from v2drop_eval.sweep.points import Point
 
-__all__ = ["RunFn", "PointOutcome", "SweepReport", "PrepareError", "subprocess_run", "stop_all", "check_point_output",
+__all__ = ["print_dry_run_header", "RunFn", "PointOutcome", "SweepReport", "PrepareError", "subprocess_run", "stop_all", "check_point_output",
            "run_point_in", "prepare", "preflight_problems", "outcome_line"]
 
 # cmd, log file, environment, timeout (s) -> exit status. Tests pass a fake; real runs use subprocess_run.
@@ -279,3 +279,14 @@ def _finish(cfg: SweepConfig, point: Point, out: Path, tmp: Path, cmd: list[str]
     last = meta["cause"] or (log_tail.splitlines()[-1].strip() if log_tail else "")
     why = "cause" if meta["cause"] else "last log line"
     return PointOutcome(point, "failed", seconds, error + (f"; {why}: {last[:300]}" if last else ""))
+
+
+def print_dry_run_header(cfg: SweepConfig, points: Sequence[Point], out: Path, log: TextIO,
+                         executor: str | None = None) -> None:
+    """The first lines of every dry run: the sweep, its notes and its prepare step."""
+    where = f" (executor {executor})" if executor else ""
+    print(f"sweep {cfg.name}: {len(points)} points -> {out}{where}", file=log)
+    for note in cfg.notes:
+        print(f"note: {note}", file=log)
+    if cfg.prepare:
+        print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log)

@@ -36,6 +36,7 @@ from v2drop_eval.sweep.point import (
     SweepReport,
     outcome_line,
     prepare,
+    print_dry_run_header,
     run_point_in,
     stop_all,
     subprocess_run,
@@ -48,11 +49,7 @@ __all__ = ["run_sweep", "dry_run"]
 def dry_run(cfg: SweepConfig, points: Sequence[Point], out: Path, log: TextIO | None = None) -> None:
     """Print every point, whether it is done, and the exact command that would run it."""
     log = log or sys.stdout
-    print(f"sweep {cfg.name}: {len(points)} points -> {out}", file=log)
-    for note in cfg.notes:
-        print(f"note: {note}", file=log)
-    if cfg.prepare:
-        print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log)
+    print_dry_run_header(cfg, points, out, log)
     for i, p in enumerate(points, 1):
         state, why = point_state_for(cfg, p, out)
         print(f"[{i}/{len(points)}] {p.id} ({'to redo: ' + why if why else state})", file=log)
