@@ -60,7 +60,10 @@ def test_smoke_sweep_runs_resumes_and_tabulates(smoke):
 
     from v2drop_eval.cli import main
 
-    assert main(["tables", str(out)]) == 0
+    # The test runs a subset of the grid (--only): tables name the rest as missing and refuse without
+    # --allow-missing.
+    assert main(["tables", str(out)]) == 1
+    assert main(["tables", str(out), "--allow-missing"]) == 0
     tables = out / "tables"
     for name in ("accuracy", "efficiency"):
         for ext in ("md", "csv", "tex"):
