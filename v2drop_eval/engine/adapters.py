@@ -87,9 +87,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     video_id = _token_id(config, "video")
     videos = () if video_id is None else (video_id,)
     extras = (install_deepstack,) if fam.deepstack else ()
-    rotary = getattr(decoder, "rotary_emb", None)
-    if rotary is not None and hasattr(rotary, "mrope_section"):  # M-RoPE: three position numbers per token
-        rotary = None
+    # Renumbering needs one position per token; M-RoPE (three per token) is known from the family, since
+    # transformers 5.0's rotary module does not carry mrope_section.
+    rotary = None if fam.mrope else getattr(decoder, "rotary_emb", None)
     return ModelAdapter(
         family=fam.adapter_family,
         top=model,

@@ -48,6 +48,7 @@ class Family:
     aliases: tuple[str, ...] = ()  # other names accepted in sweep configs and DropSchedule.preset
     adapter: str = ""  # how adapters.py reads the model (``llava`` or ``qwen2_vl``); "" = the preset table's name
     deepstack: bool = False  # the decoder adds vision features after its first layers (Qwen3-VL's DeepStack)
+    mrope: bool = False  # M-RoPE: three position numbers per token (the Qwen-VLs), not one
 
     @property
     def adapter_family(self) -> str:
@@ -62,14 +63,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # the same table (docs/methods.md, "Presets per family"). Loaded by the same lmms-eval class.
     Family("llava_onevision", "v2drop_llava", ("llava_onevision",), ("LlavaOnevisionForConditionalGeneration",),
            "qwen2_vl", adapter="llava"),
-    Family("qwen2_vl", "v2drop_qwen2_vl", ("qwen2_vl",), ("Qwen2VLForConditionalGeneration",), "qwen2_vl"),
-    Family("qwen2_5_vl", "v2drop_qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLForConditionalGeneration",), "qwen2_vl"),
+    Family("qwen2_vl", "v2drop_qwen2_vl", ("qwen2_vl",), ("Qwen2VLForConditionalGeneration",), "qwen2_vl",
+           mrope=True),
+    Family("qwen2_5_vl", "v2drop_qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLForConditionalGeneration",), "qwen2_vl",
+           mrope=True),
     # InternVL3-8B's decoder is 28 layers deep like Qwen2-VL-7B's: the derivation gives the same table
     # (docs/methods.md, "InternVL presets").
     Family("internvl", "v2drop_internvl", ("internvl",), ("InternVLForConditionalGeneration",), "qwen2_vl",
            ("internvl_hf",)),
     Family("qwen3_vl", "v2drop_qwen3_vl", ("qwen3_vl", "qwen3_vl_moe"),
-           ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), "qwen3_vl", deepstack=True),
+           ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), "qwen3_vl", deepstack=True,
+           mrope=True),
 )}
 if unknown := {f.lmms_model for f in FAMILIES.values()} - set(LMMS_MODELS):
     raise RuntimeError(f"families name lmms-eval models that LMMS_MODELS does not declare: {sorted(unknown)}")
