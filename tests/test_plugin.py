@@ -48,7 +48,7 @@ SIDECAR_KEYS = {
     "attn_implementation", "batch_size", "prefill_ms", "decode_ms", "generated_tokens", "total_ms",
     "vision_tokens", "vision_per_layer", "avg_vision_tokens", "tokens_per_layer", "prefill_flops",
     "prefill_flops_convention", "paper_macs", "kv_cache_bytes", "peak_memory_bytes", "device", "versions",
-    "n_objects", "image_edge_density",
+    "n_objects", "image_edge_density", "subtask", "qtype", "background", "object_scale", "sidecar_version",
 }
 THROUGHPUT_KEYS = {"avg_prefill_ms", "avg_decode_ms_per_token", "avg_total_ms", "avg_avg_vision_tokens",
                    "avg_prefill_tflops", "avg_kv_cache_mb"}
@@ -782,18 +782,25 @@ def test_lmms_eval_bad_args_fail_before_loading(lmms):
 def test_doc_complexity():
     from PIL import Image, ImageDraw
 
-    from v2drop_eval.plugin.sidecar import doc_complexity
+    from v2drop_eval.plugin.sidecar import DOC_FIELDS, doc_complexity
 
     plain = Image.new("RGB", (300, 200), (200, 200, 200))
     busy = plain.copy()
     draw = ImageDraw.Draw(busy)
     for i in range(0, 300, 10):
         draw.line((i, 0, i, 199), fill=(0, 0, 0), width=2)
-    assert doc_complexity({"image": plain, "n_objects": 3}) == {"n_objects": 3, "image_edge_density": 0.0}
+    nothing = {**dict.fromkeys(DOC_FIELDS), "image_edge_density": None}
+    assert doc_complexity({"image": plain, "n_objects": 3}) == {**nothing, "n_objects": 3, "image_edge_density": 0.0}
     d = doc_complexity({"images": [busy]})
     assert d["n_objects"] is None and 0.1 < d["image_edge_density"] < 1.0
-    assert doc_complexity({"question": "no image"}) == {"n_objects": None, "image_edge_density": None}
-    assert doc_complexity(None) == {"n_objects": None, "image_edge_density": None}
+    assert doc_complexity({"question": "no image"}) == nothing
+    assert doc_complexity(None) == nothing
+    # the scenes benchmark's item fields come through as they are; values of the wrong kind are left out
+    scene = {"subtask": "count", "qtype": "count", "n_objects": "12", "background": "textured",
+             "object_scale": "", "question": "how many circles are there?"}
+    assert doc_complexity(scene) == {**nothing, "subtask": "count", "qtype": "count", "n_objects": 12,
+                                     "background": "textured"}
+    assert doc_complexity({"n_objects": True, "subtask": 3})["n_objects"] is None
 
 
 def test_positions_arg():

@@ -45,6 +45,21 @@ def test_paired_difference_cancels_shared_item_difficulty():
     assert stats.paired_difference(a, a) == (0.0, 0.0, 0.0)
 
 
+def test_correlation_interval_matches_fishers_z():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=400)
+    y = 0.5 * x + rng.normal(size=400)
+    r, lo, hi = stats.correlation_interval(x, y)
+    assert r == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert lo < r < hi
+    # the bootstrap interval agrees with Fisher's z interval for a normal sample of this size
+    z, se = math.atanh(r), 1 / math.sqrt(400 - 3)
+    assert (lo, hi) == pytest.approx((math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)), abs=0.03)
+    assert stats.correlation_interval(x, y) == (r, lo, hi)  # seeded
+    for a, b in ((x[:2], y[:2]), (np.ones(10), y[:10])):  # too few pairs, a constant side
+        assert all(math.isnan(v) for v in stats.correlation_interval(a, b))
+
+
 def test_mcnemar_exact():
     a = np.array([1.0] * 10 + [0.0] * 2 + [1.0] * 50)
     b = np.array([0.0] * 10 + [1.0] * 2 + [1.0] * 50)

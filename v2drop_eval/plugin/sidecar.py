@@ -25,15 +25,21 @@ if TYPE_CHECKING:
 
 __all__ = ["SIDECAR_VERSION", "SIDECAR_SUFFIX", "SIDECAR_GLOB", "SampleLog", "sample_records", "summarize",
            "write_jsonl_atomic", "read_sidecar", "is_sidecar", "find_lmms_eval_run", "sidecar_path",
-           "prepare_sidecar", "doc_complexity"]
+           "prepare_sidecar", "doc_complexity", "DOC_FIELDS"]
 
 # Version of the record layout (``sidecar_version`` in every record); records without it are version 1.
 # 3: ``options`` (the method's named options, null: its authors' rule); records before 3 carry no ``options``
 # and ran the project's earlier counts and positions (docs/methods.md, "Checked token by token against the originals").
-SIDECAR_VERSION = 3
+# 4: the item's own description, ``DOC_FIELDS`` (null where the task's documents have none); records before 4
+# carry ``n_objects`` only.
+SIDECAR_VERSION = 4
 SIDECAR_SUFFIX = "_v2drop_samples.jsonl"
 # Every side-car of a run (ranks included); not lmms-eval's own samples_<task>.jsonl (a task may be named v2drop_*).
 SIDECAR_GLOB = "*_v2drop_samples*.jsonl"
+# Fields of a task's documents that describe the item, copied into its record where the document has them
+# (the demo benchmarks do): what the tables break accuracy down by (v2drop_eval.report.breakdown) and what kept
+# tokens are plotted against. ``n_objects`` is an integer, the others are labels.
+DOC_FIELDS = ("subtask", "qtype", "n_objects", "background", "object_scale")
 
 
 def is_sidecar(path: Path) -> bool:
@@ -70,21 +76,27 @@ def read_sidecar(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 def doc_complexity(doc: Any) -> dict[str, Any]:
-    """How busy a sample's image is, for plots of kept tokens against content (adaptive budgets).
+    """What kind of item a sample is and how busy its image is, for the tables' breakdowns and plots of
+    kept tokens against content (adaptive budgets).
 
-    ``n_objects``: the document's own object count where the task has one (the demo benchmark);
-    ``image_edge_density``: share of pixels of the first image whose grey-level gradient exceeds 0.1
-    (images scaled to at most 256 pixels a side first, so the figure does not depend on resolution).
+    ``DOC_FIELDS``: the document's own values where the task has them (the demo benchmarks; None
+    otherwise; a value of the wrong kind is left out); ``image_edge_density``: share of pixels of the first
+    image whose grey-level gradient exceeds 0.1 (images scaled to at most 256 pixels a side first, so the
+    figure does not depend on resolution).
     """
-    out: dict[str, Any] = {"n_objects": None, "image_edge_density": None}
+    out: dict[str, Any] = {**dict.fromkeys(DOC_FIELDS), "image_edge_density": None}
     if not hasattr(doc, "get"):
         return out
-    n = doc.get("n_objects")
-    if n is not None and not isinstance(n, bool):
-        try:
-            out["n_objects"] = int(n)
-        except (TypeError, ValueError):
-            pass
+    for key in DOC_FIELDS:
+        value = doc.get(key)
+        if key == "n_objects":
+            if value is not None and not isinstance(value, bool):
+                try:
+                    out[key] = int(value)
+                except (TypeError, ValueError):
+                    pass
+        elif isinstance(value, str) and value:
+            out[key] = value
     image = _first_image(doc)
     if image is not None:
         import numpy as np

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from v2drop_eval.methods import BASELINE
-from v2drop_eval.report import plots, stats
+from v2drop_eval.report import breakdown, plots, stats
 from v2drop_eval.report.render import write_table
 from v2drop_eval.report.results import grid_settings, load_sweep, not_included, sweeps_inside
 from v2drop_eval.report.tables import (
@@ -48,6 +48,15 @@ COMPARISON_CAPTION = ("Paired comparisons at the same model and setting, on the 
 COMPLEXITY_CAPTION = ("Adaptive schedules: layer-averaged vision tokens kept per item against image complexity. "
                       "corr: Pearson correlation with the object count (or edge density); kept@N: mean over items "
                       "with N objects.")
+BREAKDOWN_CAPTIONS = {
+    "subtask": "Accuracy (%) per sub-task, with its 95% bootstrap interval over that sub-task's items.",
+    "complexity": ("Accuracy (%) per group of items: object-count bins, background, object scale; each with its "
+                   "95% bootstrap interval over the group's items."),
+}
+ADAPTIVE_CAPTION = ("Adaptive stages against the static point of the same model and method with the closest mean "
+                    "kept tokens (layer average per item): accuracy (%), diff = adaptive - static in points with its "
+                    "95% paired bootstrap interval, McNemar p; corr: Pearson r of the adaptive point's kept tokens "
+                    "with the object count, with its 95% bootstrap interval.")
 
 
 @dataclass
@@ -101,11 +110,29 @@ def write_tables(sweep_dir: str | Path, output: str | Path | None = None,
         cx = complexity_table(points)
         if not cx.empty:
             written += write_table(cx, out, "complexity", COMPLEXITY_CAPTION)
+        written += _write_breakdowns(points, out, headline)
     for w in caught:
         if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
             print(f"warning: {w.message}")
     built.written = written
     return built
+
+
+def _write_breakdowns(points: list, out: Path, headline: Mapping[str, str] | None) -> list[Path]:
+    """Accuracy by sub-task and by complexity (tables and plots) and adaptive vs static stages, where the
+    items carry what they need (:mod:`v2drop_eval.report.breakdown`)."""
+    written = []
+    for by, caption in BREAKDOWN_CAPTIONS.items():
+        table = breakdown.breakdown_table(points, by, headline)
+        if table.empty:
+            continue
+        written += write_table(table, out, f"accuracy_by_{by}", caption)
+        panels = [(name, table.attrs["groups"][name]) for name in breakdown.BREAKDOWNS[by]]
+        written += plots.breakdown_plot(table, panels, breakdown.focus_setting(table), out / f"accuracy_by_{by}.png")
+    ada = breakdown.adaptive_static_table(points, headline)
+    if not ada.empty:
+        written += write_table(ada, out, "adaptive_vs_static", ADAPTIVE_CAPTION)
+    return written
 
 
 def _incomplete(sweep_dir: Path, points: list, built: TablesBuilt) -> str:

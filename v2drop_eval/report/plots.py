@@ -1,5 +1,6 @@
-"""Plots for a sweep (matplotlib, Agg backend): accuracy/FLOPs trade-off, vision tokens per layer, and
-kept tokens against image complexity for adaptive schedules."""
+"""Plots for a sweep (matplotlib, Agg backend): accuracy/FLOPs trade-off, vision tokens per layer, kept
+tokens against image complexity for adaptive schedules, and accuracy by group of items (sub-task,
+complexity)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pandas as pd  # noqa: E402
 from v2drop_eval.engine.method import Method  # noqa: E402
 from v2drop_eval.methods import BASELINE, REGISTRY  # noqa: E402
 from v2drop_eval.report.results import PointResult, adaptive_points, complexity  # noqa: E402
+from v2drop_eval.report.tables import CI_HI, CI_LO  # noqa: E402
 
-__all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot"]
+__all__ = ["tradeoff_plot", "vision_tokens_plot", "complexity_plot", "breakdown_plot"]
 
 def _style(method: str) -> tuple[str, str]:
     """The method's own colour and marker (``Method.style``; a method no longer registered: the default)."""
@@ -183,5 +185,46 @@ def complexity_plot(points: Sequence[PointResult], path: Path) -> list[Path]:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         _legend_below(ax, len(ax.get_legend_handles_labels()[0]))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def breakdown_plot(table: pd.DataFrame, panels: Sequence[tuple[str, Sequence[str]]], setting: str | None,
+                   path: Path) -> list[Path]:
+    """Accuracy per group of items with 95% intervals: a row of panels per model and benchmark, one panel
+    per ``(title, group columns)`` of ``panels``; one line per method at ``setting`` (the unpruned model
+    dashed). ``table``: :func:`v2drop_eval.report.breakdown.breakdown_table`'s; nothing is written when it
+    is empty."""
+    if table.empty or setting is None:
+        return []
+    shown = table[(table["setting"] == setting) | (table["method"] == BASELINE)]
+    pairs = list(dict.fromkeys(zip(shown["model"], shown["task"], strict=True)))
+    panels = [(t, [g for g in groups if g in shown.columns]) for t, groups in panels]
+    panels = [(t, g) for t, g in panels if g]
+    if not pairs or not panels:
+        return []
+    fig, axes = plt.subplots(len(pairs), len(panels), figsize=(4.2 * len(panels) + 1.5, 3.8 * len(pairs)),
+                             squeeze=False)
+    for row, (model, task) in enumerate(pairs):
+        sub = shown[(shown["model"] == model) & (shown["task"] == task)]
+        for col, (title, groups) in enumerate(panels):
+            ax = axes[row][col]
+            x = range(len(groups))
+            for i, (_, r) in enumerate(sub.iterrows()):
+                color, marker = _style(r["method"])
+                dodge = [v + 0.06 * (i - (len(sub) - 1) / 2) for v in x]  # intervals side by side, not on top
+                y = [r.get(g) for g in groups]
+                err = [[max(0.0, v - r.get(g + CI_LO, v)) for g, v in zip(groups, y, strict=True)],
+                       [max(0.0, r.get(g + CI_HI, v) - v) for g, v in zip(groups, y, strict=True)]]
+                extra = [e for e in (r["metric"], r["options"]) if e]
+                label = "unpruned" if r["method"] == BASELINE else r["method"] + (f" ({', '.join(extra)})" if extra else "")
+                ax.errorbar(dodge, y, yerr=err, color=color, marker=marker, markersize=5, capsize=2, linewidth=1.2,
+                            linestyle="--" if r["method"] == BASELINE else "-", label=label, alpha=0.9)
+            ax.set_xticks(list(x), groups, rotation=30 if len(groups) > 4 else 0, fontsize=8)
+            ax.set_ylim(0, 102)
+            ax.set_title(f"{model} ({task}): {title}", fontsize=9)
+            ax.set_ylabel(f"accuracy %, {setting} vs unpruned" if col == 0 else "")
+            ax.grid(alpha=0.3)
+        axes[row][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
     return _save(fig, path)

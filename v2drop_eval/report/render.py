@@ -11,13 +11,14 @@ from typing import Any
 import pandas as pd
 
 from v2drop_eval.engine.atomic import write_text_atomic
+from v2drop_eval.report.breakdown import CORR
 from v2drop_eval.report.tables import CI_HI, CI_LO, COMPARISON_COLUMNS, EFFICIENCY_COLUMNS, METHOD_LABELS
 
 __all__ = ["to_markdown", "to_latex", "write_table"]
 
 _KEY_LABELS = {"model": "Model", "method": "Method", "setting": "Tokens / schedule", "metric": "Metric",
                "seed": "Seed", "options": "Options"}
-_DIGITS = {"p": 3, "corr": 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
+_DIGITS = {"p": 3, "corr": 2, CORR: 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
            "paper_tmacs": 3}
 
 

@@ -10,6 +10,8 @@ lmms-eval logs with ``--log_samples``:
 - :func:`mcnemar_p`: the exact McNemar test for 0/1 scores (two-sided binomial on the discordant items).
 - :func:`median_interval`: the median with its percentile bootstrap 95% interval (the bench's paired
   timing ratios, where one slow outlier must not move the figure).
+- :func:`correlation_interval`: Pearson's r of paired values with its bootstrap 95% interval (pairs
+  resampled together; the adaptive stages' kept tokens against the object count).
 
 Bootstraps use a fixed seed, so tables rebuild identically.
 """
@@ -20,7 +22,8 @@ import math
 
 import numpy as np
 
-__all__ = ["mean_interval", "median_interval", "paired_difference", "mcnemar_p", "RESAMPLES", "LEVEL"]
+__all__ = ["mean_interval", "median_interval", "paired_difference", "mcnemar_p", "correlation_interval",
+           "RESAMPLES", "LEVEL"]
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -53,6 +56,23 @@ def median_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float, fl
 def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """``(mean(a - b), low, high)`` over paired items with the 95% paired bootstrap interval."""
     return mean_interval(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), seed)
+
+
+def correlation_interval(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """``(r, low, high)``: Pearson's r of ``x`` and ``y`` with the 95% bootstrap interval over pairs; NaNs
+    with fewer than 3 pairs or a constant side (resamples with a constant side are skipped)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 3 or x.std() == 0 or y.std() == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(RESAMPLES, x.size))
+    xs, ys = x[idx], y[idx]
+    xs, ys = xs - xs.mean(1, keepdims=True), ys - ys.mean(1, keepdims=True)
+    den = np.sqrt((xs * xs).sum(1) * (ys * ys).sum(1))
+    ok = den > 0
+    boot = (xs * ys).sum(1)[ok] / den[ok]
+    lo, hi = np.quantile(boot, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return float(np.corrcoef(x, y)[0, 1]), float(lo), float(hi)
 
 
 def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float | None:

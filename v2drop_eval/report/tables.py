@@ -29,6 +29,9 @@ __all__ = [
     "headline_score",
     "comparison_table",
     "row_key",
+    "sort_rows",
+    "item_scores",
+    "FRACTION_METRICS",
     "KEY_COLS",
     "CI_LO",
     "CI_HI",
@@ -49,6 +52,7 @@ HEADLINE: dict[str, str] = {
     "ai2d": "exact_match",
     "mmstar": "average",
     "v2drop_demo_vqa": "accuracy",
+    "v2drop_demo_scenes": "accuracy",
 }
 MME_PARTS = ("mme_perception_score", "mme_cognition_score")
 # Metrics lmms-eval reports as a fraction in [0, 1]; shown x100. Others (MME, gpt_eval_score) as is.
@@ -56,7 +60,8 @@ FRACTION_METRICS = {"exact_match", "pope_accuracy", "pope_f1_score", "pope_preci
                     "average", "acc", "accuracy", "anls", "relaxed_overall"}
 TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "textvqa_val": "TextVQA",
                "pope": "POPE", "mme": "MME", "mmbench_en_dev": "MMB", "mmbench_en_dev_static": "MMB",
-               "ai2d": "AI2D", "mmstar": "MMStar", "v2drop_demo_vqa": "DemoVQA"}
+               "ai2d": "AI2D", "mmstar": "MMStar", "v2drop_demo_vqa": "DemoVQA",
+               "v2drop_demo_scenes": "DemoScenes"}
 # From the method registry: the baseline first, then the methods in registry order.
 METHOD_LABELS = {name: m.label for name, m in REGISTRY.items()}
 METHOD_ORDER = {name: i for i, name in enumerate(REGISTRY)}
@@ -115,8 +120,9 @@ def variant_text(meta: dict[str, Any]) -> str:
     return "+".join(t for t in (meta.get("options") or "", given) if t)
 
 
-def _sort(df: pd.DataFrame) -> pd.DataFrame:
-    """Paper order: per model, the unpruned row, then per budget (largest first) each method."""
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with the key columns in paper order: per model, the unpruned row, then per budget (largest
+    first) each method."""
     def budget_rank(s: str) -> tuple[int, float, str]:
         if s == "full":
             return (0, 0.0, "")
@@ -160,7 +166,7 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
         averages.append(sum(rel) / len(rel) if rel else math.nan)
     df["Average"] = averages
     ci = [c for t in tasks for c in (t + CI_LO, t + CI_HI) if c in df.columns]
-    df = _sort(df[["point", *KEY_COLS, *tasks, "Average", *ci]])
+    df = sort_rows(df[["point", *KEY_COLS, *tasks, "Average", *ci]])
     labels = {t: TASK_LABELS.get(t, t) for t in tasks}
     return df.rename(columns={**labels, **{t + sfx: labels[t] + sfx for t in tasks for sfx in (CI_LO, CI_HI)}})
 
@@ -311,7 +317,7 @@ def efficiency_table(points: Sequence[PointResult]) -> pd.DataFrame:
     ref_flops = df["model"].map(base["prefill_tflops"]) if len(base) else math.nan
     df["speedup"] = ref_total / df["total_ms"]
     df["flops_reduction"] = 100.0 * (1.0 - df["prefill_tflops"] / ref_flops)
-    df = _sort(df[["point", *KEY_COLS, *EFFICIENCY_COLUMNS]])
+    df = sort_rows(df[["point", *KEY_COLS, *EFFICIENCY_COLUMNS]])
     return df
 
 
