@@ -61,7 +61,7 @@ def test_paths_json():
     res = subprocess.run([sys.executable, "-m", "v2drop_eval.demo", "paths"], capture_output=True, text=True, check=True)
     got = json.loads(res.stdout)
     assert got == paths()
-    assert set(got) == {"llava", "qwen2_vl", "include_path", "tasks"}
+    assert set(got) == {"llava", "qwen2_vl", "scenes_llava", "scenes_qwen2_vl", "include_path", "tasks"}
     assert got["tasks"] == TASKS
     assert (TASKS_DIR / "v2drop_demo_vqa.yaml").exists()
 
@@ -165,14 +165,14 @@ def test_adaptive_probe_runs(loaded):
 
 def test_fast_patch_embed_is_the_same_product():
     """The trainer's linear patch embedding (a speed-up) gives Qwen2-VL's Conv3d result."""
-    from v2drop_eval.demo.train import _fast_patch_embed, build_model, build_tokenizer
+    from v2drop_eval.demo.train import build_model, build_tokenizer, fast_patch_embed
 
     model = build_model("qwen2_vl", build_tokenizer("qwen2_vl"), layers=1, hidden=64)
     embed = model.model.visual.patch_embed
     x = torch.randn(20, embed.proj.weight[0].numel())
     with torch.no_grad():
         conv = embed(x)
-        _fast_patch_embed(model, "qwen2_vl")
+        fast_patch_embed(model, "qwen2_vl")
         fast = embed(x)
     assert "forward" in vars(embed)  # the instance method was replaced
     torch.testing.assert_close(fast, conv, rtol=1e-5, atol=1e-5)
@@ -182,24 +182,24 @@ def test_fast_patch_embed_is_the_same_product():
 def test_freeze_vision_tower_leaves_the_projector_training(family):
     """``--freeze-vision``: after phase 1 only the tower's output module (projector / merger) still learns."""
     from v2drop_eval.demo.train import (
-        _image_features,
-        _vision_output_module,
-        _vision_tower,
         build_model,
         build_processor,
         freeze_vision_tower,
+        image_features,
+        vision_output_module,
+        vision_tower,
     )
 
     processor = build_processor(family)
     model = build_model(family, processor.tokenizer, layers=1, hidden=64)
     assert freeze_vision_tower(model, family) > 0
     captured = {}
-    _vision_output_module(model, family).register_forward_hook(lambda m, a, o: captured.setdefault("feat", o))
+    vision_output_module(model, family).register_forward_hook(lambda m, a, o: captured.setdefault("feat", o))
     pixels = processor.image_processor([make_item(0, "train", 0).image], return_tensors="pt")
-    _image_features(model, family, dict(pixels))
+    image_features(model, family, dict(pixels))
     captured["feat"].pow(2).sum().backward()
-    out = {id(p) for p in _vision_output_module(model, family).parameters()}
-    tower = _vision_tower(model, family)
+    out = {id(p) for p in vision_output_module(model, family).parameters()}
+    tower = vision_tower(model, family)
     assert all(p.grad is not None for p in tower.parameters() if id(p) in out)
     assert all(p.grad is None and not p.requires_grad for p in tower.parameters() if id(p) not in out)
 

@@ -107,6 +107,62 @@ def test_shipped_configs_are_valid():
     assert len(expand(smoke)) >= 4
 
 
+def test_every_other_method_joins_through_the_wildcard():
+    """``{method: "*"}``: every registered dropping method the list does not name, on that entry's grid, so a
+    method registered later joins the demo sweeps without an edit; one that refuses the grid is left out."""
+    from v2drop_eval.methods import REGISTRY
+
+    droppers = [m for m, spec in REGISTRY.items() if spec.drops]
+    cfg = parse(base_config(budgets=[], methods=["none", {"method": "v2drop", "schedules": ["2:0.5"]},
+                                                 {"method": "*", "schedules": ["2:0.25", "2:0.125"]}]))
+    joined = [m for m in droppers if m != "v2drop"]
+    assert cfg.methods == ["none", "v2drop", *joined] and cfg.joined == joined and not cfg.notes
+    ids = [p.id for p in expand(cfg)]
+    assert ids[:2] == ["m7b__none", "m7b__v2drop__s2-0.5__l2"]
+    assert {p.method for p in expand(cfg)} == {"none", *droppers}
+    assert sum(p.method == joined[0] for p in expand(cfg)) == 2  # the wildcard's grid, not v2drop's
+    # a method named after the wildcard is not joined twice; it keeps its own grid
+    cfg = parse(base_config(budgets=[], methods=[{"method": "*", "schedules": ["2:0.25"]},
+                                                 {"method": "fastv", "schedules": ["2:0.5"]}]))
+    assert "fastv" not in cfg.joined and cfg.grid("fastv")["schedules"] == ["2:0.5"]
+    # an adaptive stage is only for methods that take them: the joined others are left out, each with a note
+    adaptive = [m for m in droppers if REGISTRY[m].adaptive]
+    cfg = parse(base_config(budgets=[], methods=["none", {"method": "*", "schedules": ["2:t1:0.05:1"]}]))
+    assert cfg.methods == ["none", *adaptive]
+    assert len(cfg.notes) == len(droppers) - len(adaptive)
+    assert all("left out" in n and "adaptive stages" in n for n in cfg.notes)
+    for bad, message in ((["none", "*"], "needs its grid"),
+                         ([{"method": "*", "budgets": [192]}, {"method": "*", "budgets": [128]}], "listed twice"),
+                         ([{"method": "*", "budgets": [192], "options": [["exact_counts"]]}], "options belong to one")):
+        with pytest.raises(ConfigError, match=message):
+            parse(base_config(methods=bad))
+
+
+def test_demo_scenes_config_runs_every_method_at_the_same_counts():
+    """configs/demo_scenes.yaml: every registered method, each at about 25% and 12.5% of the vision tokens
+    entering layer 2 on both models (SparseVLM's recycled tokens counted; DART's authors' counts move in
+    steps of 8, so within 4 tokens). The scenes models are checked against the vqa demo models' configs
+    (same families and depth), so the grid is checked without them."""
+    from v2drop_eval.demo import model_path
+    from v2drop_eval.engine.schedule import DropSchedule
+    from v2drop_eval.methods import REGISTRY
+
+    raw = yaml.safe_load((CONFIGS / "demo_scenes.yaml").read_text())
+    tokens = {"scenes_llava": 64, "scenes_qwen2_vl": 256}
+    for m in raw["models"]:
+        m["pretrained"] = str(model_path(m["family"]))
+    cfg = parse_config(raw)
+    points = expand(cfg)
+    methods = {p.method for p in points}
+    assert methods == set(REGISTRY) and not cfg.notes
+    for model in cfg.models:
+        n = tokens[model.name]
+        for share in (0.25, 0.125):
+            at = {p.method for p in points if p.model == model and p.schedule and ":t" not in p.schedule
+                  and abs(DropSchedule.parse(p.schedule).tokens_per_layer(n, 8, p.method)[2] - share * n) <= 4}
+            assert at == methods - {"none"}, (model.name, share, methods - at)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"bogus": 1}, "unknown key 'bogus'"),
     ({"methods": ["none", "bogus"]}, "unknown method 'bogus'"),

@@ -74,7 +74,9 @@ from v2drop_eval.demo.data import (
     prompt_text,
 )
 
-__all__ = ["build_tokenizer", "build_processor", "build_model", "score_items", "train", "main"]
+__all__ = ["build_tokenizer", "build_processor", "build_model", "score_items", "train", "main", "chat_messages",
+           "vision_output_module", "vision_tower", "image_features", "fast_patch_embed", "freeze_vision_tower",
+           "init_decoder_from", "answer_positions", "save", "words_of"]
 
 FAMILIES = ("llava", "qwen2_vl")
 VISION_TOKENS = GRID * GRID  # 64 per image in both families
@@ -107,28 +109,33 @@ QWEN_TEMPLATE = (
 
 
 # -- tokenizer, processor, model --------------------------------------------------------------------
-def _words() -> list[str]:
-    """Every word the prompts, templates and answers use (lower case, as the normaliser makes them)."""
+def words_of(*texts: str) -> list[str]:
+    """The words of ``texts`` and of the chat templates (lower case, as the normaliser makes them), sorted."""
     import re
 
     text = " ".join(
         [
-            "what color is the object shape is there a user assistant system",
-            POST_PROMPT,
-            " ".join(ANSWERS),
+            "user assistant system",
+            *texts,
             "you are a helpful assistant .",  # lmms-eval's default system prompt, if a template keeps it
         ]
     ).lower()
     return sorted(set(re.findall(r"\w+|[^\w\s]+", text)) | {"?", ".", ":"})
 
 
-def build_tokenizer(family: str) -> Any:
-    """A word-level tokenizer (``tokenizers``, no download) wrapped as a ``PreTrainedTokenizerFast``."""
+def _words() -> list[str]:
+    """Every word the demo benchmark's prompts and answers use."""
+    return words_of("what color is the object shape is there a", POST_PROMPT, " ".join(ANSWERS))
+
+
+def build_tokenizer(family: str, words: list[str] | None = None) -> Any:
+    """A word-level tokenizer (``tokenizers``, no download) wrapped as a ``PreTrainedTokenizerFast``;
+    ``words``: its vocabulary besides the special tokens (default: the demo benchmark's)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     special = [PAD, UNK, BOS, EOS] + (["<image>"] if family == "llava" else QWEN_SPECIAL)
-    vocab = {tok: i for i, tok in enumerate(special + _words())}
+    vocab = {tok: i for i, tok in enumerate(special + (words if words is not None else _words()))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -147,9 +154,10 @@ def build_tokenizer(family: str) -> Any:
     return fast
 
 
-def build_processor(family: str) -> Any:
-    """The family's processor, sized so that every 224x224 image gives exactly 64 vision tokens."""
-    tokenizer = build_tokenizer(family)
+def build_processor(family: str, words: list[str] | None = None, qwen_size: int = IMAGE_SIZE) -> Any:
+    """The family's processor: LLaVA's sees every image at 224x224 (64 vision tokens of 28 pixels),
+    Qwen2-VL's at ``qwen_size`` squared (a multiple of 28: (qwen_size / 28)^2 tokens; 64 by default)."""
+    tokenizer = build_tokenizer(family, words)
     if family == "llava":
         from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -165,7 +173,7 @@ def build_processor(family: str) -> Any:
 
     # min = max pixels: the image is never rescaled away from the 28-pixel cell grid.
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE,
+        min_pixels=qwen_size * qwen_size, max_pixels=qwen_size * qwen_size,
         patch_size=CELL // 2, merge_size=2, temporal_patch_size=2,
     )
     # The processor class requires a video processor; the demo never feeds video.
@@ -177,7 +185,7 @@ def build_processor(family: str) -> Any:
 
 
 def build_model(family: str, tokenizer: Any, layers: int = 8, hidden: int = 128, seed: int = 0,
-                rope_theta: float = 1e6) -> nn.Module:
+                rope_theta: float = 1e6, kv_heads: int = 2) -> nn.Module:
     """A tiny model of the real class, random weights; ``layers`` decoder layers of width ``hidden``.
 
     ``rope_theta`` 1e6 (Qwen2-VL's own value): with head size 32 and the default 1e4 only a few rotary
@@ -187,7 +195,7 @@ def build_model(family: str, tokenizer: Any, layers: int = 8, hidden: int = 128,
     vocab = len(tokenizer)
     text = dict(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=True,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     if family == "llava":
@@ -271,12 +279,12 @@ def init_decoder_from(model: nn.Module, tokenizer: Any, source: str | Path) -> d
     return {"init_from": str(source), "init_tensors": copied, "init_embedding_rows": rows}
 
 
-def _vision_output_module(model: nn.Module, family: str) -> nn.Module:
+def vision_output_module(model: nn.Module, family: str) -> nn.Module:
     """The module whose output is the per-token image features fed to the decoder."""
     return model.model.multi_modal_projector if family == "llava" else model.model.visual.merger
 
 
-def _vision_tower(model: nn.Module, family: str) -> nn.Module:
+def vision_tower(model: nn.Module, family: str) -> nn.Module:
     """The whole vision side up to the decoder (Qwen2-VL's includes its merger, LLaVA's not its projector)."""
     return model.model.vision_tower if family == "llava" else model.model.visual
 
@@ -475,7 +483,7 @@ class _AuxHeads(nn.Module):
         return ok[col > 0].float().mean().item()
 
 
-def _image_features(model: nn.Module, family: str, inputs: dict) -> None:
+def image_features(model: nn.Module, family: str, inputs: dict) -> None:
     """Run the vision tower and projector only (the forward hook captures their output)."""
     if family == "llava":
         model.model.get_image_features(
@@ -485,7 +493,7 @@ def _image_features(model: nn.Module, family: str, inputs: dict) -> None:
         model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
 
-def _fast_patch_embed(model: nn.Module, family: str) -> None:
+def fast_patch_embed(model: nn.Module, family: str) -> None:
     """Training speed only: Qwen2-VL's patch embedding is a Conv3d whose kernel equals its stride, i.e.
     one matrix product per patch. On one CPU thread the convolution (forward and backward) took about
     150 ms of a 0.89 s step; as a linear product the step takes 0.80 s (with 2 threads no difference
@@ -507,9 +515,9 @@ def freeze_vision_tower(model: nn.Module, family: str) -> int:
     merger), which keeps following the decoder's word embeddings as they train. Returns the number of
     frozen parameters. Training speed: no backward pass through the tower's 256 (Qwen2-VL) or 64
     (LLaVA) patch tokens per image."""
-    out_params = {id(p) for p in _vision_output_module(model, family).parameters()}
+    out_params = {id(p) for p in vision_output_module(model, family).parameters()}
     frozen = 0
-    for p in _vision_tower(model, family).parameters():
+    for p in vision_tower(model, family).parameters():
         if id(p) not in out_params:
             p.requires_grad_(False)
             frozen += p.numel()
@@ -538,7 +546,7 @@ def pretrain_vision(model: nn.Module, family: str, processor: Any, aux_heads: _A
         pixels = processor.image_processor([it.image for it in items], return_tensors="pt")
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 30)
-        _image_features(model, family, dict(pixels))
+        image_features(model, family, dict(pixels))
         loss = aux_heads.loss(captured["feat"], items)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -609,9 +617,9 @@ def train(
     aux_heads = _AuxHeads(
         model.config.text_config.hidden_size, model.get_input_embeddings() if ground else None, word_ids
     )
-    _fast_patch_embed(model, family)
+    fast_patch_embed(model, family)
     captured: dict[str, torch.Tensor] = {}
-    hook = _vision_output_module(model, family).register_forward_hook(
+    hook = vision_output_module(model, family).register_forward_hook(
         lambda m, a, o: captured.__setitem__("feat", o if isinstance(o, torch.Tensor) else o[0])
     )
     t_start = time.time()

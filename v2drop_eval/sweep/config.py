@@ -21,6 +21,7 @@ from v2drop_eval.methods import METHODS, get_method
 from v2drop_eval.methods.presets import fitted_preset
 from v2drop_eval.methods.rules import METRICS, checkpoint_family_problem, local_model_problem, validate
 from v2drop_eval.sweep.fields import (
+    EVERY_METHOD,
     EXECUTORS,
     ID_RE,
     SLURM_KEYS,
@@ -51,7 +52,7 @@ TOP_KEYS = {
     "output": "sweep output directory; default results/<name>",
     "models": "list of models (keys below)",
     "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds/options/"
-               "positions: [...]}}",
+               f"positions: [...]}}; {{method: '{EVERY_METHOD}', ...}}: every other registered method that drops",
     "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; a method's own named presets such as 'paper')",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
     "metrics": f"variation metrics for {_takers('takes_metric')}, any of {', '.join(METRICS)}; default [l2]",
@@ -100,6 +101,7 @@ class SweepConfig:
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = "<config>"  # the config file it was read from
+    joined: list[str] = field(default_factory=list)  # the methods ``{method: "*"}`` brought in
 
     def grid(self, method: str) -> dict[str, list[Any]]:
         """``budgets``, ``schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else the config's), and
@@ -181,7 +183,7 @@ def parse_config(
     seeds = parse_seeds(raw.get("seeds", [0]), "seeds", errors)
     budgets = parse_budgets(raw.get("budgets"), "budgets", errors)
     schedules = parse_schedules(raw.get("schedules"), errors)
-    methods, overrides = parse_methods(raw.get("methods"), errors)
+    methods, overrides, joined = parse_methods(raw.get("methods"), errors)
 
     tasks = [str(t) for t in as_list(raw.get("tasks"), "tasks", errors)]
     if not tasks:
@@ -229,7 +231,7 @@ def parse_config(
         schedules=schedules, metrics=metrics, seeds=seeds, limit=limit, batch_size=batch_size,
         num_processes=num_processes, jobs=jobs, include_path=include_path, lmms_eval_args=extra,
         env={str(k): str(v) for k, v in env.items()}, timeout=timeout, prepare=prepare, executor=executor,
-        slurm=slurm, raw=raw, source=source,
+        slurm=slurm, raw=raw, source=source, joined=joined,
     )
     for i, model in enumerate(models):
         problem = local_model_problem(model.pretrained)
@@ -275,21 +277,28 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
                 cfg.notes.append(note)
         elif depth is None:
             cfg.notes.append(f"model {model.name}: depth check skipped (no num_layers)")
-        for method in cfg.methods:
+        for method in list(cfg.methods):
             if not get_method(method).drops:
                 continue
             grid = cfg.grid(method)
+            problems = []
             for budget in grid["budgets"]:
                 try:
                     # a preset too deep for the model is scaled to its depth, as the plugin does
                     validate(method, fitted_preset(model.family, budget, method, depth)[0], num_layers=depth)
                 except ValueError as exc:
-                    errors.append(f"model {model.name}, method {method}, budget {budget}: {exc}")
+                    problems.append(f"model {model.name}, method {method}, budget {budget}: {exc}")
             for text in grid["schedules"]:
                 try:
                     validate(method, text, num_layers=depth)
                 except ValueError as exc:
-                    errors.append(f"model {model.name}, method {method}, schedule {text}: {exc}")
+                    problems.append(f"model {model.name}, method {method}, schedule {text}: {exc}")
+            if problems and method in cfg.joined:
+                # Brought in by "*": a method that cannot run this grid is left out of the sweep, and said so.
+                cfg.methods.remove(method)
+                cfg.notes.append(f"method {method} (from {EVERY_METHOD!r}) left out: {problems[0]}")
+            else:
+                errors.extend(problems)
     if not errors:
         ids = [p.id for p in expand(cfg)]
         dup = sorted({i for i in ids if ids.count(i) > 1})

@@ -9,12 +9,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from v2drop_eval.engine.families import FAMILY_NAMES, LMMS_MODELS, get_family
-from v2drop_eval.methods import BASELINE, options_text, parse_options
+from v2drop_eval.methods import BASELINE, get_method, options_text, parse_options
 from v2drop_eval.methods.presets import DropSchedule
 from v2drop_eval.methods.rules import METHODS, METRICS, POSITION_RULES, check_seed
 from v2drop_eval.sweep.points import ModelSpec
 
-__all__ = ["EXECUTORS", "SLURM_KEYS", "FAMILY_MODELS", "MODEL_KEYS", "METHOD_KEYS", "OWN_MODEL_ARGS", "ID_RE",
+__all__ = ["EVERY_METHOD", "EXECUTORS", "SLURM_KEYS", "FAMILY_MODELS", "MODEL_KEYS", "METHOD_KEYS", "OWN_MODEL_ARGS", "ID_RE",
            "substitute", "as_list", "int_at_least", "parse_metrics", "parse_seeds", "parse_option_sets", "parse_budgets", "parse_methods",
            "parse_models", "parse_schedules", "parse_executor", "parse_slurm"]
 
@@ -38,6 +38,9 @@ SLURM_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "setup": ((list,), [], "shell lines run before each point, e.g. [module load cuda, source .venv/bin/activate]"),
     "additional": ((dict,), {}, "other sbatch options as a mapping, e.g. {mail_type: END}"),
 }
+# ``{method: "*", ...}`` in a config's methods: every registered dropping method the list does not name, on
+# that entry's grid; so a method registered later joins a sweep such as the demo's without an edit.
+EVERY_METHOD = "*"
 # lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
 FAMILY_MODELS = {name: get_family(name).lmms_model for name in FAMILY_NAMES}
 METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds", "options", "positions")
@@ -161,10 +164,12 @@ def parse_budgets(value: Any, where: str, errors: list[str]) -> list[int | str]:
     return budgets
 
 
-def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, dict[str, list[Any]]]]:
-    """``[none, v2drop, {method: fastv, budgets: [192], schedules: []}]``: names, and per-method grids."""
+def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, dict[str, list[Any]]], list[str]]:
+    """``[none, v2drop, {method: fastv, budgets: [192], schedules: []}, {method: "*", schedules: [...]}]``:
+    names, per-method grids, and the names the ``"*"`` entry brought in (in registry order)."""
     methods: list[str] = []
     overrides: dict[str, dict[str, list[Any]]] = {}
+    every: dict[str, list[Any]] | None = None
     for i, item in enumerate(as_list(value, "methods", errors)):
         where = f"methods[{i}]"
         if isinstance(item, Mapping):
@@ -174,6 +179,9 @@ def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, d
                               + (f"; unknown key(s) {', '.join(map(repr, unknown))}" if unknown else ""))
                 continue
             name = str(item["method"])
+            if name == EVERY_METHOD and "options" in item:
+                errors.append(f"{where}: options belong to one method; name it instead of {EVERY_METHOD!r}")
+                continue
             grid: dict[str, list[Any]] = {}
             if "budgets" in item:
                 grid["budgets"] = parse_budgets(item["budgets"], f"{where}.budgets", errors)
@@ -187,17 +195,30 @@ def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, d
                 grid["options"] = parse_option_sets(item["options"], name, f"{where}.options", errors)
             if "positions" in item:
                 grid["positions"] = parse_position_rules(item["positions"], f"{where}.positions", errors)
+            if name == EVERY_METHOD:
+                if every is not None:
+                    errors.append(f"methods: {EVERY_METHOD!r} is listed twice")
+                every = grid
+                continue
             overrides[name] = grid
         else:
             name = str(item)
+            if name == EVERY_METHOD:
+                errors.append(f"{where}: {EVERY_METHOD!r} needs its grid: {{method: '{EVERY_METHOD}', schedules: [...]}}")
+                continue
         if name not in METHODS:
             errors.append(f"methods: unknown method {name!r}; known methods: {', '.join(METHODS)}")
         elif name in methods:
             errors.append(f"methods: {name!r} is listed twice")
         methods.append(name)
+    joined: list[str] = []
+    if every is not None:
+        joined = [m for m in METHODS if m not in methods and get_method(m).drops]
+        overrides.update({m: dict(every) for m in joined})
+        methods += joined
     if not methods:
         errors.append("methods: at least one method is needed")
-    return methods, overrides
+    return methods, overrides, joined
 
 
 def parse_models(value: Any, errors: list[str]) -> list[ModelSpec]:

@@ -1,14 +1,18 @@
-"""lmms-eval hooks of the demo task ``v2drop_demo_vqa`` (loaded with ``--include_path`` on this folder).
+"""lmms-eval hooks of the demo tasks ``v2drop_demo_vqa`` and ``v2drop_demo_scenes`` (loaded with
+``--include_path`` on this folder).
 
 Scoring: the first word of the answer, lower-cased and stripped of punctuation, must equal the target
-(exact match). ``accuracy`` is over all items; ``yes_no_accuracy`` over the yes/no items (the MME /
-POPE style ``is there a ...?`` pairs) and ``open_accuracy`` over the colour / shape questions.
+(exact match). ``accuracy`` is over all items. ``v2drop_demo_vqa``: ``yes_no_accuracy`` over the yes/no
+items (the MME / POPE style ``is there a ...?`` pairs) and ``open_accuracy`` over the colour / shape
+questions. ``v2drop_demo_scenes``: ``<subtask>_accuracy`` over each sub-task's items.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+from v2drop_eval.demo.scenes import SUBTASKS
 
 POST_PROMPT = "\nAnswer the question using a single word."
 
@@ -26,7 +30,7 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
 
 def normalize(text: str) -> str:
     """The first word of a prediction, lower case, without punctuation ('' if there is none)."""
-    words = re.findall(r"[a-z]+", text.lower())
+    words = re.findall(r"[a-z0-9]+", text.lower())
     return words[0] if words else ""
 
 
@@ -41,6 +45,15 @@ def process_results(doc: dict, results: list) -> dict[str, Any]:
         "yes_no_accuracy": correct if yes_no else None,
         "open_accuracy": None if yes_no else correct,
     }
+
+
+def process_scenes(doc: dict, results: list) -> dict[str, Any]:
+    pred = results[0]
+    pred = getattr(pred, "text", pred)
+    correct = float(normalize(str(pred)) == doc["answer"])
+    out: dict[str, Any] = {"accuracy": correct}
+    out.update({f"{s}_accuracy": correct if doc["subtask"] == s else None for s in SUBTASKS})
+    return out
 
 
 def aggregate_accuracy(values: list) -> float:
