@@ -10,6 +10,11 @@ positions plus the new tokens; rotary positions of new tokens stay the true ones
 Rows of a batch may keep different numbers of tokens: the gathered batch is cut to the longest row and
 the shorter rows get surplus slots on the left, masked out as keys (each keeps its own diagonal so no
 attention row is empty). No transformers ``forward`` is copied; removing the hooks restores the model.
+
+Before the LLM: VisionZip (``method=visionzip``) and dropping inside the vision encoder
+(``encoder_schedule=``) send fewer tokens than placeholders; ``v2drop_eval/encoder.py`` and
+``v2drop_eval/prellm.py`` shorten the decoder's inputs, and the decoder stages above then run on that
+shorter sequence (its slots are the layout's coordinates from layer 0 on).
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import torch
 from torch import nn
 
 from v2drop_eval import contract, gather, refusals
-from v2drop_eval.accounting import row_stats
+from v2drop_eval.accounting import encoder_row_stats, row_stats
 from v2drop_eval.adapters import ModelAdapter, adapter_for
 from v2drop_eval.clock import DropperClock
+from v2drop_eval.encoder import EncoderHooks
 from v2drop_eval.gather import Layout
 from v2drop_eval.methods import METHODS, ScoreContext, get_method
+from v2drop_eval.methods.visionzip import check_counts, visionzip_tokens
+from v2drop_eval.prellm import ORIGINAL, RENUMBERED, PreLLMGather
 from v2drop_eval.schedule import Adaptive, DropSchedule
 from v2drop_eval.signals import Signals
-from v2drop_eval.validate import DEFAULT_METRIC, DEFAULT_SEED, validate
+from v2drop_eval.validate import DEFAULT_METRIC, DEFAULT_SEED, check_positions, validate, validate_encoder
 
 __all__ = ["attach", "DropHandle", "METHODS"]
 
@@ -41,14 +49,21 @@ def attach(
     method: str = "v2drop",
     metric: str = DEFAULT_METRIC,
     seed: int = DEFAULT_SEED,
+    encoder_schedule: DropSchedule | str | None = None,
+    positions: str | None = None,
 ) -> DropHandle:
     """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
 
     ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
-    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``), or ``none`` (nothing
-    changes; the unpruned baseline with the same accounting).
+    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``, ``visionzip``
+    with its one pre-LLM stage ``0:D+C``), or ``none`` (nothing changes; the unpruned baseline with the
+    same accounting). ``encoder_schedule`` (e.g. ``"12:0.5/18:0.5"``): V2Drop's stages inside the vision
+    encoder (its blocks), with any LLM method. ``positions``: where tokens removed before the LLM leave the
+    others, ``original`` (each keeps its position in the full prompt; the default, except for VisionZip)
+    or ``renumbered`` (``0..L-1`` over the shorter sequence, as VisionZip's code does; 1-D RoPE only).
     """
-    return DropHandle(model, schedule, method=method, metric=metric, seed=seed)
+    return DropHandle(model, schedule, method=method, metric=metric, seed=seed, encoder_schedule=encoder_schedule,
+                      positions=positions)
 
 
 @dataclass
@@ -64,27 +79,42 @@ class _Call:
     vision_alive: list[list[int]] = field(default_factory=list)  # per stage, per row
     video_found: list[int] = field(default_factory=list)  # per row: how many of the vision tokens are video
     gathered: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage layer, id(obj)) -> copy
+    input_ids: torch.Tensor | None = None
+    real: torch.Tensor | None = None  # [B, S] the 2D padding mask (None: no padding)
+    placeholders: dict[str, list[int]] = field(default_factory=dict)  # "image" / "video" -> per row
+    prompt_vision: list[int] | None = None  # per row: placeholders in the prompt, when fewer reach the LLM
 
 
 class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them."""
 
-    def __init__(self, model: nn.Module, schedule: DropSchedule | str, method: str, metric: str, seed: int):
+    def __init__(self, model: nn.Module, schedule: DropSchedule | str, method: str, metric: str, seed: int,
+                 encoder_schedule: DropSchedule | str | None = None, positions: str | None = None):
         self.adapter: ModelAdapter = adapter_for(model)
         schedule = validate(method, schedule, metric, seed, num_layers=self.adapter.num_layers)
+        encoder_schedule = validate_encoder(encoder_schedule, method)
+        positions = check_positions(positions, method, encoder_schedule, mrope=self.adapter.mrope)
         if getattr(model, "_v2drop_handle", None) is not None:
             raise RuntimeError("this model already has a dropper attached; call detach() on it first")
         refusals.check_attention(self.adapter.attn_implementation)
+        spec = self.adapter.encoder
+        refusals.check_encoder(type(model).__name__, spec, encoder_schedule, schedule.pre_llm)
+        if schedule.pre_llm is not None:
+            problem = check_counts(schedule.pre_llm, refusals.patches_per_crop(spec))
+            if problem:
+                raise ValueError(problem)
         self.model, self.schedule, self.method = model, schedule, method
+        self.encoder_schedule, self.positions = encoder_schedule, positions
         self.metric, self.seed = metric, int(seed)
         self.text_config = self.adapter.text_config
         self._last_stats: list[dict[str, Any]] | Any = []  # or a builder, run on first read (see last_stats)
         self.last_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._method = get_method(method)
+        self._llm = DropSchedule(schedule.llm_stages)  # the decoder's stages
         self._ratios: dict[int, Fraction | Adaptive] = {
-            layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in schedule.stages
+            layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in self._llm.stages
         }
-        self._dropping = self._method.drops and not schedule.is_empty
+        self._dropping = self._method.drops and not self._llm.is_empty
         self._call: _Call | None = None  # the prefill being run, or whose layouts decode uses
         self._mode: str | None = None  # "prefill" | "decode" | None (hooks idle) for the current call
         self._cache_ref: weakref.ref | None = None
@@ -92,7 +122,15 @@ class DropHandle:
         self._signals: Signals | None = None
 
         if self._dropping:  # first: it may refuse, and then nothing is installed yet
-            self._hooks += self.adapter.install_extras(self._positions, schedule.layers)
+            self._hooks += self.adapter.install_extras(self._positions, self._llm.layers)
+        self._encoder: EncoderHooks | None = None
+        self._prellm: PreLLMGather | None = None
+        if spec is not None and spec.layout:
+            self._encoder = EncoderHooks(model.model, spec, encoder_schedule, schedule.pre_llm, visionzip_tokens)
+            self._hooks.append(self._encoder)
+            if self._encoder.reduces:
+                self._prellm = PreLLMGather(self.adapter.decoder, positions, self._rebase)
+                self._hooks.append(self._prellm)
         top = self.adapter.top
         self._hooks.append(top.register_forward_pre_hook(self._on_top_call, with_kwargs=True))
         self._hooks.append(top.register_forward_hook(self._on_top_return, always_call=True))
@@ -100,7 +138,7 @@ class DropHandle:
             # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
             scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
             self._signals = Signals(self.adapter, self._method, scored)
-            start = schedule.layers[0] - self._signals.first_hooked_layer_offset
+            start = self._llm.layers[0] - self._signals.first_hooked_layer_offset
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
                 self._hooks.append(hook)
@@ -126,7 +164,8 @@ class DropHandle:
         self.detach()
 
     def __repr__(self) -> str:
-        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}', metric={self.metric!r})"
+        encoder = f", encoder_schedule='{self.encoder_schedule}'" if self.encoder_schedule else ""
+        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}'{encoder}, metric={self.metric!r})"
 
     # -- top-level hooks ----------------------------------------------------------------------
     def _on_top_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -148,12 +187,13 @@ class DropHandle:
         if cache is not None:
             contract.check_cache(cache, self.adapter.num_layers)
         prefill = cache is None or cache.get_seq_length() == 0
+        reduces = self._dropping or self._prellm is not None
         if input_ids is None:
-            if self._dropping and prefill:
+            if reduces and prefill:
                 raise ValueError(refusals.INPUTS_EMBEDS)
             return
         if prefill:
-            if self._dropping and kwargs.get("labels") is not None:
+            if reduces and kwargs.get("labels") is not None:
                 raise ValueError(refusals.LABELS)
             contract.check_prefill_call(input_ids, kwargs.get("attention_mask"))
             self._call = self._start_prefill(input_ids, kwargs.get("attention_mask"), clock)
@@ -213,10 +253,42 @@ class DropHandle:
         call.video_found = ((vision & torch.isin(input_ids, torch.tensor(video_ids, device=device))).sum(1).tolist()
                             if video_ids else [0] * B)
         call.text_real = ((~vision) & real).sum(1).tolist() if real is not None else (S - vision.sum(1)).tolist()
+        call.input_ids, call.real = input_ids, real
+        ids = self.adapter.vision_token_ids
+        counted = input_ids if real is None else input_ids.masked_fill(~real, -1)
+        call.placeholders = {"image": (counted == ids[0]).sum(1).tolist()}
+        if video_ids:
+            call.placeholders["video"] = (counted == video_ids[0]).sum(1).tolist()
         if self._signals is not None:
             ordinal = (vision.long().cumsum(1) - 1).clamp(min=0)
             self._signals.start(input_ids, real, ordinal, call.vision_alive[0], clock)
         return call
+
+    def _rebase(self, idx: torch.Tensor, valid: torch.Tensor) -> None:
+        """Tokens were removed before the LLM (``prellm``): from now on the layout's coordinates are the
+        slots of the shorter sequence the decoder runs (``idx`` [B, S'] original slot of each, ``valid``)."""
+        call = self._call
+        if call is None or self._mode != "prefill":
+            raise contract.contract_error("the decoder ran a prefill outside a call of the top model")
+        call.clock.open("bookkeeping")
+        try:
+            B, n = idx.shape
+            vision = call.initial.vision.gather(1, idx) & valid
+            vision[:, -1] = False
+            layout = Layout(idx=torch.arange(n, device=idx.device).expand(B, n), valid=valid, vision=vision)
+            call.prompt_vision = call.vision_alive[0]
+            call.seq_len, call.layout, call.initial = n, layout, layout
+            call.vision_alive = [vision.sum(1).tolist()]
+            call.text_real = ((~vision) & valid).sum(1).tolist()
+            video_ids = self.adapter.video_token_ids
+            if video_ids:
+                ids = call.input_ids.gather(1, idx)
+                call.video_found = (vision & torch.isin(ids, torch.tensor(video_ids, device=ids.device))).sum(1).tolist()
+            if self._signals is not None:
+                ordinal = (vision.long().cumsum(1) - 1).clamp(min=0)
+                self._signals.start(call.input_ids, call.real, ordinal, call.vision_alive[0], call.clock)
+        finally:
+            call.clock.close()
 
     # -- per-layer hook -----------------------------------------------------------------------
     def _layer_hook(self, layer: int):
@@ -274,7 +346,7 @@ class DropHandle:
 
     def _stage_of(self, layer: int) -> int | None:
         """The drop layer whose layout applies at ``layer`` (None before the first drop)."""
-        return max((d for d in self.schedule.layers if d <= layer), default=None)
+        return max((d for d in self._llm.layers if d <= layer), default=None)
 
     # -- dropping -------------------------------------------------------------------------------
     def _drop(self, call: _Call, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -354,8 +426,19 @@ class DropHandle:
         elem = torch.finfo(self.adapter.top.dtype).bits // 8
         args = (self.text_config, elem, self.adapter.num_layers, layers, call.vision_alive, call.text_real)
         video = call.video_found
+        features = self._encoder.take() if self._encoder is not None else []
+        spec = self.adapter.encoder
+        text_hidden = int(self.text_config.hidden_size)
+
+        def build() -> list[dict[str, Any]]:
+            rows = row_stats(*args, call.clock.totals(), video_found=video, prompt_vision=call.prompt_vision)
+            encoder = encoder_row_stats(features, call.placeholders, spec, text_hidden) if self._encoder else None
+            for row, extra in zip(rows, encoder or [], strict=False):
+                row.update(extra)
+            return rows
+
         # Built on first read: on CUDA the clock's events are read only then, never inside the forward.
-        self._last_stats = lambda: row_stats(*args, call.clock.totals(), video_found=video)
+        self._last_stats = build
         self.last_layouts = {layer: (lay.idx, lay.valid) for layer, lay in call.layouts.items()}
 
     @property
@@ -366,6 +449,20 @@ class DropHandle:
         if callable(self._last_stats):
             self._last_stats = self._last_stats()
         return self._last_stats
+
+    @property
+    def last_encoder_runs(self) -> list[Any]:
+        """The vision tower runs of the last prefill (``encoder.EncoderRun``: tokens per block, and per
+        encoder stage the original slots / rows kept from it), images first, then videos."""
+        calls = self._encoder.last_calls if self._encoder is not None else []
+        return [run for call in calls for run in call.runs]
+
+    @property
+    def last_kept_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prompt slots the decoder ran at the last prefill when tokens were removed before it
+        (``idx [B, S']`` original slot of each, ``valid``); None when it ran the whole prompt."""
+        kept = self._prellm.kept if self._prellm is not None else None
+        return None if kept is None else (kept.idx, kept.valid)
 
     def dropper_times(self) -> dict[str, float]:
         """Milliseconds of the dropper's own work per category (``clock.CATEGORIES``) at the last

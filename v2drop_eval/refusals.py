@@ -27,3 +27,27 @@ def check_cache_type(cache: Any) -> None:
     if cache is not None and not isinstance(cache, DynamicCache):
         raise ValueError(f"cache type {type(cache).__name__} is not supported: the dropped layers need per-layer "
                          "lengths; use the default DynamicCache (no cache_implementation='static', no torch.compile cache)")
+
+
+def check_encoder(model_class: str, spec: Any, encoder_schedule: Any, zip_counts: Any) -> None:
+    """Refuse ``encoder_schedule`` or VisionZip on a model whose encoder cannot take it, naming why."""
+    if encoder_schedule is not None:
+        why = "its vision encoder is not described for dropping" if spec is None else spec.refusal
+        if why:
+            raise ValueError(f"encoder_schedule={encoder_schedule} cannot run on {model_class}: {why}")
+        try:
+            encoder_schedule.check_depth(spec.depth)
+        except ValueError:
+            raise ValueError(f"encoder_schedule={encoder_schedule} does not fit {model_class}'s vision encoder: stages "
+                             f"are before its blocks 1..{spec.depth - 1} (the blocks whose output the model reads)") \
+                from None
+    if zip_counts is not None:
+        why = "its vision encoder is not described for VisionZip" if spec is None else spec.zip_refusal
+        if why:
+            raise ValueError(f"method=visionzip cannot run on {model_class}: {why}")
+
+
+def patches_per_crop(spec: Any) -> int:
+    """Patches of one crop of a ``batched`` encoder (CLIP: (image_size / patch_size) ** 2)."""
+    cfg = spec.config
+    return (int(cfg.image_size) // int(cfg.patch_size)) ** 2

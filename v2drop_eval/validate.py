@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "as_int",
-           "local_model_problem"]
+           "local_model_problem", "validate_encoder", "check_positions", "POSITIONS", "ORIGINAL", "RENUMBERED"]
 
 from v2drop_eval.methods import METHODS, get_method
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 
 # ``attach``'s default seed: a method that does not use it may still be handed it.
 DEFAULT_SEED = 0
+
+# Where tokens removed before the LLM leave the others (``positions=``): each keeps its position in the
+# full prompt, or the shorter sequence is numbered 0..L-1 (LLaVA's and VisionZip's own code).
+ORIGINAL, RENUMBERED = "original", "renumbered"
+POSITIONS = (ORIGINAL, RENUMBERED)
 
 if TYPE_CHECKING:
     from v2drop_eval.schedule import DropSchedule
@@ -70,6 +75,49 @@ def validate(method: Any, schedule: DropSchedule | str | None = None, metric: An
     if num_layers is not None:
         parsed.check_depth(num_layers)
     return parsed
+
+
+def validate_encoder(encoder_schedule: Any, method: Any = None) -> DropSchedule | None:
+    """``encoder_schedule`` (None, ``""`` or ``none``: not given) parsed as stages ``block:keep_ratio`` inside
+    the vision encoder, and taken with ``method``. ``ValueError`` naming the bad value."""
+    if encoder_schedule is None:
+        return None
+    from v2drop_eval.schedule import DropSchedule
+
+    try:
+        parsed = DropSchedule.parse(encoder_schedule if isinstance(encoder_schedule, DropSchedule)
+                                    else str(encoder_schedule))
+    except ValueError as exc:
+        raise ValueError(f"encoder_schedule={encoder_schedule}: {exc}") from None
+    if parsed.is_empty:
+        return None
+    if parsed.is_adaptive or parsed.pre_llm is not None:
+        raise ValueError(f"encoder_schedule={encoder_schedule}: encoder stages are 'block:keep_ratio' (e.g. "
+                         "12:0.5/18:0.5); adaptive stages compare with text tokens and '0:D+C' is VisionZip's, "
+                         "neither exists inside the encoder")
+    if method is not None and get_method(method).pre_llm:
+        raise ValueError(f"encoder_schedule={encoder_schedule} does not combine with method={method}: both choose "
+                         "the tokens that leave the vision encoder")
+    return parsed
+
+
+def check_positions(positions: Any, method: Any, encoder_schedule: Any, mrope: bool = False) -> str:
+    """``positions`` (None: the default, ``renumbered`` for VisionZip as its authors' code, else
+    ``original``), refused when nothing is removed before the LLM or when the model's positions are
+    M-RoPE (time / height / width of each patch, which no renumbering keeps)."""
+    before_llm = get_method(method).pre_llm or encoder_schedule is not None
+    if positions is None:
+        return RENUMBERED if get_method(method).pre_llm and not mrope else ORIGINAL
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITIONS)}")
+    if not before_llm:
+        raise ValueError(f"positions={positions} applies to tokens removed before the LLM (method=visionzip or "
+                         f"encoder_schedule=); method={method} drops inside the decoder, where tokens keep their "
+                         "positions")
+    if positions == RENUMBERED and mrope:
+        raise ValueError("positions=renumbered is for 1-D rotary positions; this model's M-RoPE positions are the "
+                         "time / height / width of each patch, so its tokens keep their own (positions=original)")
+    return positions
 
 
 def _looks_local(pretrained: str) -> bool:

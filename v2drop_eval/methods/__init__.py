@@ -13,7 +13,7 @@ from v2drop_eval.methods.base import Method, ScoreContext
 __all__ = ["REGISTRY", "METHODS", "Method", "ScoreContext", "get_method"]
 
 # Order is the order of tables, plots and error messages; ``none`` (the baseline) last.
-_MODULES = ("v2drop", "random_drop", "fastv", "fastv_attn", "pdrop", "dart", "none")
+_MODULES = ("v2drop", "random_drop", "fastv", "fastv_attn", "pdrop", "dart", "visionzip", "none")
 
 REGISTRY: dict[str, Method] = {}
 for _module in _MODULES:

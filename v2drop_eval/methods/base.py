@@ -61,6 +61,7 @@ class Method:
     drops: ClassVar[bool] = True  # False: the unpruned baseline
     multi_stage: ClassVar[bool] = True  # False: exactly one drop stage
     adaptive: ClassVar[bool] = False  # takes adaptive stages (layer:tT:MIN:MAX)
+    pre_llm: ClassVar[bool] = False  # drops before the LLM (its one stage is '0:D+C'), not inside the decoder
     takes_metric: ClassVar[bool] = False
     takes_seed: ClassVar[bool] = False
     # family preset table ('llava', 'qwen2_vl') -> budget -> schedule text
@@ -68,6 +69,9 @@ class Method:
 
     def schedule_problem(self, schedule: DropSchedule) -> str | None:
         """Why this method cannot take ``schedule`` (None if it can). The same words everywhere."""
+        if schedule.pre_llm is not None and not self.pre_llm:
+            return (f"a pre-LLM stage '0:{schedule.pre_llm}' is VisionZip's (method=visionzip); method {self.name} "
+                    "drops inside the decoder")
         if not self.drops:
             return None  # attach() takes any schedule with it: hooks on, nothing dropped
         if schedule.is_empty:
