@@ -6,6 +6,7 @@ from tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen2_vl
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from v2drop_eval import attach
+from v2drop_eval.methods import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_unsupported_model_class():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "sparsevlm"}, "unknown method 'sparsevlm'; allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, none"),
+        ({"method": "nosuchmethod"}, f"unknown method 'nosuchmethod'; allowed: {', '.join(METHODS)}"),
         ({"metric": "l3"}, "unknown metric 'l3'; allowed: l2, l1, cosine"),
     ],
 )

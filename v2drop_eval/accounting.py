@@ -90,14 +90,17 @@ def _encoder_rows(calls: Sequence[Any], placeholders: dict[str, list[int]], spec
                     tokens[row][block] += run.tokens[block][local]
                     squares[row][block] += run.attention_sq[block][local]
                 patches[row] += run.patches[local]
-                merged[row] += run.out_tokens[local]
+                # LLaVA's projector runs on every patch slot (the [CLS] too with the "full" strategy);
+                # Qwen-VL's merger on the kept groups only.
+                merged[row] += (run.patches[local] + (spec.prefix if spec.placeholders_include_prefix else 0)
+                                if spec.layout == "batched" else run.out_tokens[local])
     ms = sum(run.vision_ms for call in calls for run in call.runs)
     out = []
     for b in range(rows):
         out.append({
             "encoder_tokens_per_layer": tokens[b],
             "vision_flops": flops.vision_flops(spec.kind, spec.config, text_hidden, tokens[b], squares[b], patches[b],
-                                               merged[b], prefix=spec.prefix, group=spec.group),
+                                               merged[b], group=spec.group),
             "vision_ms": ms,
         })
     return out

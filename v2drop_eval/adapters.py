@@ -168,7 +168,9 @@ def encoder_for(model: nn.Module) -> EncoderSpec | None:
             layer = -1
         index = layer % (len(blocks) + 1)  # hidden_states[0] is the embeddings, [i] the output of block i-1
         zip_refusal = None
-        if name != "LlavaForConditionalGeneration":
+        if index < 1:
+            zip_refusal = f"vision_feature_layer={layer} reads the embeddings, before any attention"
+        elif name != "LlavaForConditionalGeneration":
             zip_refusal = ("VisionZip's any-resolution layout (restore_image_features_sorted: tiles without "
                            "unpadding or newline tokens, then the tiles' [CLS] and contextual tokens) is not "
                            "implemented; supported: LLaVA-1.5 (LlavaForConditionalGeneration)")

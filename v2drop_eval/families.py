@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Family", "FAMILIES", "FAMILY_NAMES", "PRESET_SHAPES", "get_family", "preset_family", "family_of_class",
-           "lmms_siblings"]
+           "lmms_siblings", "ENCODER_DROP_TYPES", "VISIONZIP_TYPES"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3_vl", "v2drop_qwen3_vl", ("qwen3_vl", "qwen3_vl_moe"),
            ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"), "qwen3_vl"),
 )}
+# Dropping before the LLM, by checkpoint type (config.model_type): which take encoder_schedule= (CLIP-ViT of
+# LLaVA-1.5 / NeXT, the Qwen2-VL / Qwen2.5-VL ViT) and method=visionzip (LLaVA-1.5's CLIP [CLS]). A loaded
+# model's reasons for the others: adapters.encoder_for.
+ENCODER_DROP_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+VISIONZIP_TYPES = ("llava",)
 # Every name a config may give (aliases included) -> its family.
 _BY_NAME = {n: f for f in FAMILIES.values() for n in (f.name, *f.aliases)}
 FAMILY_NAMES = tuple(sorted(_BY_NAME))

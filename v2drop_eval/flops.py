@@ -71,20 +71,19 @@ def vision_block_macs(kind: str, cfg: Any, n: int, attention_sq: int) -> int:
 
 
 def vision_flops(kind: str, cfg: Any, text_hidden: int, tokens_per_block: Sequence[int],
-                 attention_sq_per_block: Sequence[int], patches: int, merged: int, prefix: int = 0,
-                 group: int = 1) -> int:
+                 attention_sq_per_block: Sequence[int], patches: int, merged: int, group: int = 1) -> int:
     """FLOPs (2 x MACs) of the vision encoder for ``patches`` input patches (``VISION_CONVENTION``).
 
     ``tokens_per_block`` / ``attention_sq_per_block``: what each block ran (``encoder.EncoderRun``);
-    ``merged``: tokens the Qwen-VL merger fused (groups of ``group`` patches kept); LLaVA's projector runs
-    on every patch slot (``patches``; the [CLS] too when it reaches the LLM, ``prefix``)."""
+    ``merged``: the tokens after the encoder, each made of ``group`` patches: through LLaVA's projector
+    (to ``text_hidden``) or Qwen-VL's patch merger."""
     d, _, per_patch, _ = _vision_dims(kind, cfg)
     macs = patches * per_patch * d
     macs += sum(vision_block_macs(kind, cfg, int(n), int(sq))
                 for n, sq in zip(tokens_per_block, attention_sq_per_block, strict=True))
     if kind == "clip":
         layers = 1  # one feature layer (lists of layers concatenate: not taken by the engine)
-        macs += (patches + prefix) * (d * layers * text_hidden + text_hidden * text_hidden)
+        macs += merged * (d * layers * text_hidden + text_hidden * text_hidden)
     else:
         width = d * group
         out = int(getattr(cfg, "out_hidden_size", None) or cfg.hidden_size)

@@ -10,6 +10,8 @@ pre-hook and hook sit on the top model. Within one ``generate`` call the first f
   vision encoder; ``prefill_ms`` does in every release (docs/design.md §3).
 - ``decode_ms``: end of the first forward -> ``generate`` returns; ``decode_steps`` forwards.
 - ``total_ms`` = ``prefill_ms + decode_ms``: the whole ``generate`` call.
+- ``vision_ms``: the vision encoder's forwards of the batch (inside ``prefill_ms``), from the dropper's
+  encoder hooks (CUDA events on a GPU); ``vision_flops`` its FLOPs per sample (``flops.VISION_CONVENTION``).
 
 On CUDA every time point is taken after ``torch.cuda.synchronize`` on each device the model uses
 (four synchronisations per ``generate`` call, none per decode step); on CPU ``perf_counter`` alone.
@@ -265,6 +267,7 @@ def sample_records(call: GenerateCall, rows: Sequence[tuple[str, int]], meta: di
             "generated_tokens": call.generated_tokens[b] if b < len(call.generated_tokens) else None,
             "total_ms": call.total_ms,
             "vision_tokens": st.get("vision_tokens"),
+            "llm_vision_tokens": st.get("llm_vision_tokens"),
             "video_tokens": st.get("video_tokens"),
             "text_tokens": st.get("text_tokens"),
             "vision_per_layer": per_layer,
@@ -274,6 +277,10 @@ def sample_records(call: GenerateCall, rows: Sequence[tuple[str, int]], meta: di
             "prefill_flops_convention": flops.CONVENTION,
             "paper_macs": flops.paper_macs(text_config, per_layer) if per_layer else None,
             "paper_macs_convention": flops.PAPER_CONVENTION,
+            "encoder_tokens_per_layer": st.get("encoder_tokens_per_layer"),
+            "vision_flops": st.get("vision_flops"),
+            "vision_flops_convention": flops.VISION_CONVENTION,
+            "vision_ms": st.get("vision_ms"),
             "kv_cache_bytes": st.get("kv_cache_bytes"),
             "score_ms": st.get("score_ms"),
             "gather_ms": st.get("gather_ms"),
@@ -308,10 +315,13 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         "total_ms_per_item": per("total_ms", by_batch=True),
         "generated_tokens": per("generated_tokens"),
         "vision_tokens_found": per("vision_tokens"),
+        "llm_vision_tokens": per("llm_vision_tokens"),
         "video_tokens_found": per("video_tokens"),
         "avg_vision_tokens": per("avg_vision_tokens"),
         "prefill_tflops": per("prefill_flops", 1e-12),
         "paper_tmacs": per("paper_macs", 1e-12),
+        "vision_tflops": per("vision_flops", 1e-12),
+        "vision_ms": per("vision_ms"),
         "kv_cache_mb": per("kv_cache_bytes", 1 / 2**20),
         "peak_memory_mb": per("peak_memory_bytes", 1 / 2**20),
         "batch_size": per("batch_size"),

@@ -302,7 +302,7 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
     ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01).
     """
     ref_tokens, ref_layers = PRESET_SHAPES[family]
-    if num_layers == ref_layers:
+    if num_layers == ref_layers or _is_pre_llm(method):  # a pre-LLM stage does not depend on depth
         return DropSchedule.preset(family, budget, method=method)
     v2 = _scale_layers(DropSchedule.preset(family, budget), num_layers, ref_layers)
     from v2drop_eval.methods import get_method
@@ -374,15 +374,30 @@ def _scale_layers(schedule: DropSchedule, num_layers: int, ref_layers: int) -> D
     return DropSchedule(tuple(stages))
 
 
-def fitted_preset(family: str, budget: int | str, method: str, num_layers: int | None) -> tuple[DropSchedule, bool]:
+def fitted_preset(family: str, budget: int | str, method: str, num_layers: int | None,
+                  patches: int | None = None) -> tuple[DropSchedule, bool]:
     """``method``'s preset for ``budget``; on a model shallower than the one the presets were made for
     (32 layers for LLaVA, 28 for Qwen2-VL, 36 for Qwen3-VL), the preset scaled to ``num_layers`` by
-    :func:`scaled_schedule`, so that every method still spends the same layer-averaged count.
-    Returns (schedule, scaled)."""
+    :func:`scaled_schedule`, so that every method still spends the same layer-averaged count. A pre-LLM
+    preset (VisionZip's counts per 576-patch crop) scales instead to the encoder's ``patches`` per crop
+    (``methods.visionzip.fit_counts``). Returns (schedule, scaled)."""
     schedule = DropSchedule.preset(family, budget, method=method)
+    if _is_pre_llm(method):
+        from v2drop_eval.methods.visionzip import fit_counts
+
+        if patches is None or schedule.pre_llm is None:
+            return schedule, False
+        fitted = fit_counts(schedule.pre_llm, patches)
+        return DropSchedule(((0, fitted),)), fitted != schedule.pre_llm
     if num_layers is None or num_layers >= PRESET_SHAPES[preset_family(family)][1]:
         return schedule, False
     return scaled_schedule(preset_family(family), budget, method, num_layers), True
+
+
+def _is_pre_llm(method: str) -> bool:
+    from v2drop_eval.methods import get_method
+
+    return get_method(method).pre_llm
 
 
 def preset_table(family: str, method: str = "v2drop") -> dict[str | int, str]:

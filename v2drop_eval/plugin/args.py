@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from v2drop_eval.families import FAMILIES, lmms_siblings
+from v2drop_eval.families import ENCODER_DROP_TYPES, FAMILIES, VISIONZIP_TYPES, lmms_siblings
 from v2drop_eval.methods import get_method
 from v2drop_eval.schedule import DropSchedule, fitted_preset
 from v2drop_eval.validate import (
@@ -26,14 +26,16 @@ from v2drop_eval.validate import (
     METHODS,
     METRICS,
     as_int,
+    check_positions,
     local_model_problem,
     validate,
+    validate_encoder,
 )
 
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
            "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup", "encoder_schedule", "positions")
 
 @dataclass(frozen=True)
 class DropArgs:
@@ -49,6 +51,8 @@ class DropArgs:
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
+    encoder_schedule: DropSchedule | None = None  # V2Drop's stages inside the vision encoder
+    positions: str | None = None  # given positions= (None: the method's default)
 
     @property
     def engine_metric(self) -> str:
@@ -67,6 +71,8 @@ class DropArgs:
             "budget": self.budget,
             "metric": self.metric,
             "seed": self.seed,
+            "encoder_schedule": None if self.encoder_schedule is None else str(self.encoder_schedule),
+            "positions": self.positions,
         }
 
 
@@ -95,6 +101,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if unknown:
         raise _fail(model_name, f"unknown model argument(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
+    given = set(kwargs)
     method = str(kwargs.pop("method", "v2drop")).strip().lower()
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
@@ -117,6 +124,15 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
 
     sidecar = kwargs.pop("sidecar", None)
     sidecar = None if sidecar is None else str(sidecar)
+
+    encoder_text = kwargs.pop("encoder_schedule", None)
+    positions = kwargs.pop("positions", None)
+    positions = None if positions is None else str(positions).strip().lower()
+    try:
+        encoder = validate_encoder(None if encoder_text is None else str(encoder_text), method)
+        check_positions(positions, method, encoder)
+    except ValueError as exc:
+        raise _fail(model_name, str(exc)) from None
 
     budget = kwargs.pop("budget", None)
     schedule_text = kwargs.pop("schedule", None)
@@ -144,6 +160,9 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
             raise _fail(model_name, f"schedule={schedule_text}: {exc}") from None
         if schedule.is_empty:
             raise _fail(model_name, f"schedule={schedule_text} drops nothing; for the unpruned baseline use method=none")
+    elif encoder is not None and method == "v2drop" and "method" not in given:
+        schedule = DropSchedule(())  # encoder_schedule= alone: V2Drop inside the encoder, the decoder whole
+        method = "none"
     else:
         raise _fail(model_name, f"method={method} needs budget= (a published preset, e.g. budget=128) or "
                                 "schedule= (e.g. schedule=3:0.5/17:0.3/22:0); for the unpruned baseline use method=none")
@@ -156,7 +175,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
     return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
-                    sidecar=sidecar, warmup=warmup)
+                    sidecar=sidecar, warmup=warmup, encoder_schedule=encoder, positions=positions)
 
 
 def _has_preset(family: str, budget: Any, method: str) -> bool:
@@ -191,10 +210,11 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
     family = next(f.name for f in siblings if model_type in f.model_types)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = int(text_config.num_hidden_layers)
+    _check_before_llm(args, config, model_type, pretrained, model_name)
     schedule, scaled = args.schedule, False
     if args.budget is not None and not args.schedule.is_empty:
         try:
-            schedule, scaled = fitted_preset(family, args.budget, args.method, num_layers)
+            schedule, scaled = fitted_preset(family, args.budget, args.method, num_layers, patches=_patches(config))
         except ValueError as exc:
             raise _fail(model_name, f"budget={args.budget} for {pretrained} ({model_type}): {exc}") from None
     try:
@@ -203,3 +223,34 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
         raise _fail(model_name, f"schedule {schedule} does not fit {pretrained}: {exc}") from None
     return DropArgs(**{**args.__dict__, "family": family, "schedule": schedule, "num_layers": num_layers,
                        "preset_scaled": scaled})
+
+
+def _patches(config: Any) -> int | None:
+    """Patches per crop of a CLIP-like vision config (image_size / patch_size, squared), else None."""
+    vision = getattr(config, "vision_config", None)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    return (int(size) // int(patch)) ** 2 if isinstance(size, int) and isinstance(patch, int) else None
+
+
+def _check_before_llm(args: DropArgs, config: Any, model_type: str, pretrained: str, model_name: str) -> None:
+    """encoder_schedule= and method=visionzip against the checkpoint's type and encoder depth (no weights)."""
+    if args.encoder_schedule is not None:
+        if model_type not in ENCODER_DROP_TYPES:
+            raise _fail(model_name, f"encoder_schedule={args.encoder_schedule} runs on {', '.join(ENCODER_DROP_TYPES)} "
+                                    f"checkpoints; {pretrained} is {model_type!r}")
+        vision = config.vision_config
+        depth = getattr(vision, "depth", None)
+        if depth is None:  # CLIP: the blocks up to the feature layer the model reads
+            layer = getattr(config, "vision_feature_layer", -2)
+            depth = int(layer) % (int(vision.num_hidden_layers) + 1) if isinstance(layer, int) else 0
+        try:
+            args.encoder_schedule.check_depth(int(depth))
+        except ValueError:
+            raise _fail(model_name, f"encoder_schedule={args.encoder_schedule} does not fit {pretrained}'s vision "
+                                    f"encoder: stages are before its blocks 1..{int(depth) - 1}") from None
+    if args.schedule.pre_llm is not None and model_type not in VISIONZIP_TYPES:
+        raise _fail(model_name, f"method={args.method} runs on {', '.join(VISIONZIP_TYPES)} checkpoints (a CLIP "
+                                f"[CLS] the authors' code reads); {pretrained} is {model_type!r}")
+    if args.positions == "renumbered" and model_type.startswith("qwen"):
+        raise _fail(model_name, "positions=renumbered is for 1-D rotary positions; Qwen-VL's M-RoPE positions are "
+                                "each patch's time / height / width, so its tokens keep their own (positions=original)")

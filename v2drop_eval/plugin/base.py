@@ -66,7 +66,8 @@ class V2DropMixin:
         model = self.model
         self._v2drop_args = args
         self._v2drop_handle = attach(model, args.schedule, method=args.method, metric=args.engine_metric,
-                                     seed=args.engine_seed)
+                                     seed=args.engine_seed, encoder_schedule=args.encoder_schedule,
+                                     positions=args.positions)
         handle = self._v2drop_handle
         self._v2drop_timer = GenerateTimer(model, lambda: handle.last_stats)
         self._v2drop_warmup_left = args.warmup
@@ -79,6 +80,8 @@ class V2DropMixin:
             "device": str(device),
             "device_name": _device_name(device),
             "num_layers": args.num_layers,
+            "positions": handle.positions if handle.positions and (
+                args.encoder_schedule is not None or args.schedule.pre_llm is not None) else None,
             "versions": versions(),
         }
         self._v2drop_log = SampleLog(lambda: sidecar_path(args.sidecar, pretrained, rank=self.rank,
