@@ -72,3 +72,14 @@ def test_vision_formula_equals_flop_counter_under_eager(build, make_inputs, enco
     if encoder_schedule is not None:
         tokens = stats[0]["encoder_tokens_per_layer"]
         assert tokens[-1] < tokens[0]
+
+
+def test_vision_formula_clip_vit_l_336():
+    """CLIP-ViT-L/14 at 336 px (LLaVA-1.5's encoder): about 191 GMACs for its 24 blocks on 577 tokens
+    (timm lists 190.7 GMACs for vit_large_patch14_clip_336)."""
+    from transformers import CLIPVisionConfig
+
+    cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=336, patch_size=14)
+    blocks = sum(flops.vision_block_macs("clip", cfg, 577, 577 * 577) for _ in range(24))
+    assert blocks == pytest.approx(190.7e9, rel=5e-3)

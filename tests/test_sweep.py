@@ -81,6 +81,23 @@ def test_expand_schedules_and_seeds():
     assert cmd[-3:] == ["--log_samples", "--limit", "8"]  # given in lmms_eval_args too: once
 
 
+def test_encoder_schedules_and_visionzip_points():
+    """encoder_schedules combine with every setting of a method (``__e<slug>`` in the id, ``encoder_schedule=``
+    in the model args); VisionZip takes budgets and refuses an encoder schedule, with its location named."""
+    cfg = parse(base_config(methods=["none", "v2drop", {"method": "visionzip", "encoder_schedules": ["none"]}],
+                            budgets=[128], encoder_schedules=["none", "12:0.5/18:0.5"]))
+    by_id = {p.id: p for p in expand(cfg)}
+    assert list(by_id) == ["m7b__none", "m7b__none__e12-0.5_18-0.5", "m7b__v2drop__b128__l2",
+                           "m7b__v2drop__b128__e12-0.5_18-0.5__l2", "m7b__visionzip__b128"]
+    assert by_id["m7b__none__e12-0.5_18-0.5"].model_args().endswith("method=none,encoder_schedule=12:0.5/18:0.5")
+    assert by_id["m7b__visionzip__b128"].model_args().endswith("method=visionzip,budget=128")
+    assert by_id["m7b__v2drop__b128__e12-0.5_18-0.5__l2"].to_dict()["encoder_schedule"] == "12:0.5/18:0.5"
+    with pytest.raises(ConfigError, match="method visionzip: encoder_schedule=12:0.5 does not combine"):
+        parse(base_config(methods=["visionzip"], budgets=[128], encoder_schedules=["12:0.5"]))
+    with pytest.raises(ConfigError, match="encoder_schedules: encoder_schedule=3:t1:0.1:0.5: encoder stages"):
+        parse(base_config(encoder_schedules=["3:t1:0.1:0.5"]))
+
+
 def test_shipped_configs_are_valid():
     expected = {"llava15_7b": 16, "qwen2vl_7b": 9, "qwen3vl_8b": 9, "ablation_layers": 7, "ablation_metric": 4}
     for name, n in expected.items():

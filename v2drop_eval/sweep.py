@@ -23,7 +23,15 @@ from v2drop_eval.executors import EXECUTORS, SLURM_KEYS, parse_executor, parse_s
 from v2drop_eval.families import FAMILY_NAMES, get_family
 from v2drop_eval.methods import get_method
 from v2drop_eval.schedule import DropSchedule, fitted_preset
-from v2drop_eval.validate import METHODS, METRICS, check_drop_method, local_model_problem, validate
+from v2drop_eval.validate import (
+    METHODS,
+    METRICS,
+    check_drop_method,
+    check_positions,
+    local_model_problem,
+    validate,
+    validate_encoder,
+)
 
 __all__ = [
     "METHODS",
@@ -49,6 +57,8 @@ TOP_KEYS = {
     "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds: [...]}}",
     "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; 'paper' for pdrop and dart)",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
+    "encoder_schedules": "V2Drop stages inside the vision encoder, 'block:ratio/...' strings or none (no stage); "
+                         "each combines with every budget/schedule of a method; default [none]",
     "metrics": f"variation metrics for v2drop, any of {', '.join(METRICS)}; default [l2]",
     "seeds": "seeds for the random method; default [0]",
     "tasks": "lmms-eval task names",
@@ -65,7 +75,7 @@ TOP_KEYS = {
     "executor": f"where points run: {', '.join(EXECUTORS)}; default inline; --executor overrides",
     "slurm": f"options of the slurm executor: {', '.join(SLURM_KEYS)}",
 }
-METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds")
+METHOD_KEYS = ("budgets", "schedules", "encoder_schedules", "metrics", "seeds")
 MODEL_KEYS = {
     "name": "model id used in point ids (letters, digits, '.', '-', single '_')",
     "family": f"model family, one of {', '.join(sorted(FAMILY_MODELS))}",
@@ -74,7 +84,7 @@ MODEL_KEYS = {
     "num_layers": "decoder layer count, for the depth check; default: read offline with AutoConfig",
     "model_args": "extra model args (mapping), e.g. {device_map: cpu, attn_implementation: sdpa}",
 }
-_OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed"}
+_OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "encoder_schedule"}
 _ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?!_))*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -104,6 +114,7 @@ class Point:
     schedule: str | None = None
     metric: str | None = None
     seed: int | None = None
+    encoder_schedule: str | None = None
 
     @property
     def label(self) -> str:
@@ -124,6 +135,8 @@ class Point:
             args["metric"] = self.metric
         if self.seed is not None:
             args["seed"] = self.seed
+        if self.encoder_schedule is not None:
+            args["encoder_schedule"] = self.encoder_schedule
         args.update(dict(self.model.model_args))
         return ",".join(f"{k}={v}" for k, v in args.items())
 
@@ -139,6 +152,7 @@ class Point:
             "schedule": self.schedule,
             "metric": self.metric,
             "seed": self.seed,
+            "encoder_schedule": self.encoder_schedule,
             "model_args": self.model_args(),
         }
 
@@ -153,6 +167,7 @@ class SweepConfig:
     overrides: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     budgets: list[int | str] = field(default_factory=list)
     schedules: list[str] = field(default_factory=list)
+    encoder_schedules: list[str | None] = field(default_factory=lambda: [None])
     metrics: list[str] = field(default_factory=lambda: ["l2"])
     seeds: list[int] = field(default_factory=lambda: [0])
     limit: int | float | None = None
@@ -170,11 +185,13 @@ class SweepConfig:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def grid(self, method: str) -> dict[str, list[Any]]:
-        """``budgets``, ``schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else the config's)."""
+        """``budgets``, ``schedules``, ``encoder_schedules``, ``metrics``, ``seeds`` of ``method`` (its own,
+        else the config's)."""
         own = self.overrides.get(method, {})
         return {
             "budgets": own.get("budgets", self.budgets),
             "schedules": own.get("schedules", self.schedules),
+            "encoder_schedules": own.get("encoder_schedules", self.encoder_schedules),
             "metrics": own.get("metrics", self.metrics),
             "seeds": own.get("seeds", self.seeds),
         }
@@ -287,6 +304,7 @@ def parse_config(
     seeds = _parse_seeds(raw.get("seeds", [0]), "seeds", errors)
     budgets = _parse_budgets(raw.get("budgets"), "budgets", errors)
     schedules = _parse_schedules(raw.get("schedules"), errors)
+    encoder_schedules = _parse_encoder_schedules(raw.get("encoder_schedules", [None]), "encoder_schedules", errors)
     methods, overrides = _parse_methods(raw.get("methods"), errors)
 
     tasks = [str(t) for t in _as_list(raw.get("tasks"), "tasks", errors)]
@@ -332,7 +350,8 @@ def parse_config(
 
     cfg = SweepConfig(
         name=name, output=out, models=models, methods=methods, overrides=overrides, tasks=tasks, budgets=budgets,
-        schedules=schedules, metrics=metrics, seeds=seeds, limit=limit, batch_size=batch_size,
+        schedules=schedules, encoder_schedules=encoder_schedules, metrics=metrics, seeds=seeds, limit=limit,
+        batch_size=batch_size,
         num_processes=num_processes, jobs=jobs, include_path=include_path, lmms_eval_args=extra,
         env={str(k): str(v) for k, v in env.items()}, timeout=timeout, prepare=prepare, executor=executor,
         slurm=slurm, raw=raw,
@@ -375,6 +394,27 @@ def _parse_seeds(value: Any, where: str, errors: list[str]) -> list[int]:
     return seeds
 
 
+def _parse_encoder_schedules(value: Any, where: str, errors: list[str]) -> list[str | None]:
+    """``[none, "12:0.5/18:0.5"]`` -> ``[None, "12:0.5/18:0.5"]`` (each checked as an encoder schedule)."""
+    out: list[str | None] = []
+    items = [None] if value is None else _as_list(value, where, errors)
+    for item in items:
+        text = None if item is None or str(item).strip().lower() in ("", "none") else str(item)
+        if text is not None:
+            try:
+                parsed = validate_encoder(text)
+            except ValueError as exc:
+                errors.append(f"{where}: {exc}")
+                continue
+            text = str(parsed)
+        if text in out:
+            errors.append(f"{where}: {text or 'none'} is listed twice")
+        out.append(text)
+    if not items:
+        errors.append(f"{where}: at least one entry is needed (none: no stage in the encoder)")
+    return out
+
+
 def _parse_budgets(value: Any, where: str, errors: list[str]) -> list[int | str]:
     budgets: list[int | str] = []
     for b in _as_list(value, where, errors):
@@ -405,6 +445,9 @@ def _parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, 
                 grid["budgets"] = _parse_budgets(item["budgets"], f"{where}.budgets", errors)
             if "schedules" in item:
                 grid["schedules"] = _parse_schedules(item["schedules"], errors, f"{where}.schedules")
+            if "encoder_schedules" in item:
+                grid["encoder_schedules"] = _parse_encoder_schedules(item["encoder_schedules"],
+                                                                     f"{where}.encoder_schedules", errors)
             if "metrics" in item:
                 grid["metrics"] = _parse_metrics(item["metrics"], f"{where}.metrics", errors)
             if "seeds" in item:
@@ -537,10 +580,17 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
                 cfg.notes.append(note)
         elif depth is None:
             cfg.notes.append(f"model {model.name}: depth check skipped (no num_layers)")
+        positions = dict(model.model_args).get("positions")
         for method in cfg.methods:
+            grid = cfg.grid(method)
+            for enc in grid["encoder_schedules"]:
+                try:
+                    encoder = validate_encoder(enc, method)
+                    check_positions(positions, method, encoder)
+                except ValueError as exc:
+                    errors.append(f"model {model.name}, method {method}: {exc}")
             if not get_method(method).drops:
                 continue
-            grid = cfg.grid(method)
             for budget in grid["budgets"]:
                 try:
                     # a preset too deep for the model is scaled to its depth, as the plugin does
@@ -561,29 +611,33 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
 
 # -- expansion --------------------------------------------------------------------------------------
 def expand(cfg: SweepConfig) -> list[Point]:
-    """All points, in a stable order: per model, ``none`` once, then each method over budgets, schedules."""
+    """All points, in a stable order: per model, ``none`` once, then each method over budgets, schedules;
+    each of them once per encoder schedule (``__e<slug>`` in the id; none: no suffix)."""
     points: list[Point] = []
     for model in cfg.models:
         for method in cfg.methods:
             spec = get_method(method)
-            if not spec.drops:
-                points.append(Point(id=f"{model.name}__{method}", model=model, method=method))
-                continue
             grid = cfg.grid(method)
-            settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
-            settings += [(None, s) for s in grid["schedules"]]
-            for budget, schedule in settings:
-                base = Point(id="", model=model, method=method, budget=budget, schedule=schedule)
-                stem = f"{model.name}__{method}__{base.label}"
-                if spec.takes_metric:
-                    for metric in grid["metrics"]:
-                        points.append(_with(base, id=f"{stem}__{metric}", metric=metric))
-                elif spec.takes_seed:
-                    for seed in grid["seeds"]:
-                        suffix = f"__seed{seed}" if seed != 0 else ""
-                        points.append(_with(base, id=stem + suffix, seed=seed))
-                else:
-                    points.append(_with(base, id=stem))
+            for enc in grid["encoder_schedules"]:
+                tail = "" if enc is None else "__e" + DropSchedule.parse(enc).slug()
+                if not spec.drops:
+                    points.append(Point(id=f"{model.name}__{method}{tail}", model=model, method=method,
+                                        encoder_schedule=enc))
+                    continue
+                settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
+                settings += [(None, s) for s in grid["schedules"]]
+                for budget, schedule in settings:
+                    base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, encoder_schedule=enc)
+                    stem = f"{model.name}__{method}__{base.label}{tail}"
+                    if spec.takes_metric:
+                        for metric in grid["metrics"]:
+                            points.append(_with(base, id=f"{stem}__{metric}", metric=metric))
+                    elif spec.takes_seed:
+                        for seed in grid["seeds"]:
+                            suffix = f"__seed{seed}" if seed != 0 else ""
+                            points.append(_with(base, id=stem + suffix, seed=seed))
+                    else:
+                        points.append(_with(base, id=stem))
     return points
 
 

@@ -95,11 +95,18 @@ def headline_score(task: str, task_metrics: Mapping[str, Any],
 
 
 def _setting(meta: Mapping[str, Any]) -> str:
+    """``128``, ``3:0.5/17:0.3/22:0`` or ``full``; with V2Drop stages inside the vision encoder, followed by
+    `` + encoder 12:0.5/18:0.5`` (``encoder 12:0.5/18:0.5`` alone for method none)."""
     if meta.get("budget") is not None:
-        return str(meta["budget"])
-    if meta.get("schedule"):
-        return str(meta["schedule"])
-    return "full"
+        out = str(meta["budget"])
+    elif meta.get("schedule"):
+        out = str(meta["schedule"])
+    else:
+        out = "full"
+    if meta.get("encoder_schedule"):
+        encoder = f"encoder {meta['encoder_schedule']}"
+        return encoder if out == "full" else f"{out} + {encoder}"
+    return out
 
 
 def _key(p: PointResult) -> dict[str, Any]:
@@ -142,7 +149,7 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
         return pd.DataFrame(columns=[*KEY_COLS, "Average"])
     df = pd.DataFrame(rows)
     tasks = [t for t in _task_order(tasks) if t in df.columns]
-    base = df[df["method"] == "none"].drop_duplicates("model").set_index("model")
+    base = _baselines(df)
     averages = []
     for _, r in df.iterrows():
         rel = []
@@ -157,6 +164,13 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
     df = _sort(df[["point", *KEY_COLS, *tasks, "Average", *ci]])
     labels = {t: TASK_LABELS.get(t, t) for t in tasks}
     return df.rename(columns={**labels, **{t + sfx: labels[t] + sfx for t in tasks for sfx in (CI_LO, CI_HI)}})
+
+
+def _baselines(df: pd.DataFrame) -> pd.DataFrame:
+    """Each model's unpruned row (method none, setting full; any none row if it has no such one)."""
+    none = df[df["method"] == "none"]
+    none = pd.concat([none[none["setting"] == "full"], none[none["setting"] != "full"]])
+    return none.drop_duplicates("model").set_index("model")
 
 
 def item_scores(p: PointResult, task: str, metric: str, score: float) -> pd.Series | None:
@@ -255,6 +269,8 @@ def _efficiency_row(p: PointResult) -> dict[str, Any]:
     row["vision_tokens_max"] = avg_tokens.max()
     row["vision_tokens_input"] = _num(s, "vision_tokens").mean()
     row["prefill_tflops"] = _num(s, "prefill_flops").mean() / 1e12
+    row["vision_tflops"] = _num(s, "vision_flops").mean() / 1e12
+    row["vision_ms"] = (_num(s, "vision_ms") / bs).sum() / n if "vision_ms" in s.columns else math.nan
     row["paper_tmacs"] = _num(s, "paper_macs").mean() / 1e12
     row["kv_cache_mb"] = _num(s, "kv_cache_bytes").mean() / 2**20
     row["peak_memory_mb"] = _num(s, "peak_memory_bytes").max() / 2**20
@@ -284,6 +300,8 @@ EFFICIENCY_COLUMNS = {
     "vision_tokens_max": "max",
     "prefill_tflops": "Prefill TFLOPs",
     "flops_reduction": "FLOPs reduction (%)",
+    "vision_tflops": "Vision TFLOPs",
+    "vision_ms": "Vision encoder (ms)",
     "paper_tmacs": "Paper TFLOPs (vision MACs)",
     "kv_cache_mb": "KV cache (MB)",
     "peak_memory_mb": "Peak memory (MB)",
@@ -300,7 +318,7 @@ def efficiency_table(points: Sequence[PointResult]) -> pd.DataFrame:
     for col in EFFICIENCY_COLUMNS:
         if col not in df.columns:
             df[col] = math.nan
-    base = df[df["method"] == "none"].drop_duplicates("model").set_index("model")
+    base = _baselines(df)
     ref_total = df["model"].map(base["total_ms"]) if len(base) else math.nan
     ref_flops = df["model"].map(base["prefill_tflops"]) if len(base) else math.nan
     df["speedup"] = ref_total / df["total_ms"]
@@ -340,7 +358,7 @@ def complexity_table(points: Sequence[PointResult]) -> pd.DataFrame:
 _KEY_LABELS = {"model": "Model", "method": "Method", "setting": "Tokens / schedule", "metric": "Metric",
                "seed": "Seed"}
 _DIGITS = {"p": 3, "corr": 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
-           "paper_tmacs": 3}
+           "paper_tmacs": 3, "vision_tflops": 3}
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -425,7 +443,9 @@ ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: percepti
                     "mean metric; Average: mean over benchmarks of the score relative to the unpruned model, in %.")
 EFFICIENCY_CAPTION = ("Efficiency per item (batch timings shared among the batch's items). Prefill TFLOPs: "
                       "2 x MACs of the LLM decoder layers at prefill, every token counted; Paper TFLOPs: "
-                      "MACs of the decoder layers counting vision tokens only (the papers' convention).")
+                      "MACs of the decoder layers counting vision tokens only (the papers' convention); Vision "
+                      "TFLOPs: 2 x MACs of the vision encoder and its projector / merger, every block with the "
+                      "tokens it ran; Vision encoder (ms): the encoder's forward.")
 
 COMPARISON_CAPTION = ("Paired comparisons at the same model and setting, on the items both methods answered "
                       "(lmms-eval --log_samples): diff = A - B in points with its 95% paired bootstrap interval "
