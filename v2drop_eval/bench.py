@@ -13,7 +13,16 @@ width on a CPU; ``small`` for quick checks). Everything runs in one process with
 Timing: forward pre/post hooks on the top model time each forward call of ``generate``; the first
 is the prefill (time to first token), the rest are decode steps. Hooks on the LLM decoder time the
 decoder alone (``llm_prefill_ms``), which is what the analytic FLOPs describe. On CUDA these outer
-stamps follow ``torch.cuda.synchronize()`` (the dropper's own hooks never synchronize).
+stamps follow ``torch.cuda.synchronize()`` (the dropper's own hooks never synchronize). The vision
+encoder's forward (``vision_ms``) is timed by the dropper's encoder hooks; ``--encoder-schedules``
+adds each configuration again with V2Drop's stages inside the encoder.
+
+Slice shapes run fewer layers than the model they stand for, at its real width: ``7b-slice-vision``
+(LLaVA-1.5-7B: CLIP-ViT-L/14-336 whole, 4 of the 32 decoder layers) and ``qwen2-vl-hires-slice``
+(Qwen2-VL-7B on a 1344x1344 image, 2,304 vision tokens: 4 of the 32 ViT blocks, 1 of the 28 decoder
+layers). Their rows also give the time to first token extrapolated to the whole model (every block of
+a kind has the same shape, so its time scales with the count; encoder stages are placed at the same
+fraction of the blocks) and the vision encoder's share of it (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -51,14 +60,23 @@ class Shape:
     vocab: int
     vision: dict[str, int]  # vision tower config
     text_tokens: int = 41
+    image: int = 0  # Qwen2-VL: image side in pixels (0: the 48x48-patch default, 576 tokens)
+    full_layers: int = 0  # decoder layers of the model a slice stands for (0: not a slice)
+    full_vision_layers: int = 0  # encoder blocks of that model (0: the slice runs them all)
+    encoder_schedule: str = ""  # --encoder-schedules default: stages at real blocks ("real=slice" when they differ)
+
+    @property
+    def vision_tokens(self) -> int:
+        side = self.image // 14 // 2 if self.family == "qwen2_vl" and self.image else 24
+        return side * side
 
 
 SHAPES: dict[str, Shape] = {
     "llava-1.5-7b": Shape("llava", 4096, 11008, 32, 32, 32, 32064,
                           dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-                          text_tokens=60),
+                          text_tokens=60, encoder_schedule="12:0.5/18:0.5"),
     "qwen2-vl-7b": Shape("qwen2_vl", 3584, 18944, 28, 28, 4, 152064,
-                         dict(depth=32, embed_dim=1280, num_heads=16), text_tokens=60),
+                         dict(depth=32, embed_dim=1280, num_heads=16), text_tokens=60, encoder_schedule="8:0.5/16:0.5"),
     # CPU, 7B economics: LLaVA-1.5-7B's width, heads and MLP, 576 vision tokens and a real prompt
     # (60 text tokens), as many layers as a run of about 10 minutes on 2 cores allows; the schedule's
     # layers are scaled to the depth (scaled_schedule). The vision tower is a stub: not what is timed.
@@ -70,8 +88,19 @@ SHAPES: dict[str, Shape] = {
                    dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)),
     # CI smoke (and the GPU suite's dry run): the plumbing, not speed.
     "tiny": Shape("llava", 64, 128, 4, 4, 2, 1024,
-                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)),
-    "tiny-qwen": Shape("qwen2_vl", 64, 128, 4, 4, 2, 1024, dict(depth=1, embed_dim=32, num_heads=2)),
+                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2),
+                  encoder_schedule="1:0.5"),
+    "tiny-qwen": Shape("qwen2_vl", 64, 128, 4, 4, 2, 1024, dict(depth=2, embed_dim=32, num_heads=2),
+                       encoder_schedule="1:0.5"),
+    # CPU, the vision encoder's share of time to first token (docs/bench.md): LLaVA-1.5-7B's whole
+    # CLIP-ViT-L/14-336 (24 blocks, width 1024) before the 7b-slice decoder; Qwen2-VL-7B's ViT (width 1280,
+    # full attention over each image) on a 1344 px image, 4 of its 32 blocks, and 1 of its 28 decoder layers.
+    "7b-slice-vision": Shape("llava", 4096, 11008, 4, 32, 32, 32064,
+                             dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+                             text_tokens=60, full_layers=32, encoder_schedule="12:0.5/18:0.5"),
+    "qwen2-vl-hires-slice": Shape("qwen2_vl", 3584, 18944, 1, 28, 4, 152064, dict(depth=4, embed_dim=1280, num_heads=16),
+                                  text_tokens=60, image=1344, full_layers=28, full_vision_layers=32,
+                                  encoder_schedule="8:0.5/16:0.5=1:0.5/2:0.5"),
 }
 VISION_TOKENS = 576
 METHODS = ("none", *(m for m in validate.METHODS if m != "none"))  # the reference first
@@ -79,7 +108,8 @@ METHODS = ("none", *(m for m in validate.METHODS if m != "none"))  # the referen
 # Per-shape defaults of the command line (any flag given wins). ``extras``: also time ``plain`` (no
 # hooks) and V2Drop with hooks on and nothing dropped (``keep1.0``), cross-checks of the hooks' cost.
 COMMON_DEFAULTS: dict[str, Any] = dict(attn="sdpa,eager", batch_sizes="1,8", methods=",".join(METHODS), budgets=None,
-                                       repeats=5, warmup=1, new_tokens=32, extras=True, threads=None, time_budget=None)
+                                       repeats=5, warmup=1, new_tokens=32, extras=True, threads=None, time_budget=None,
+                                       encoder_schedules=None)
 SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # About 10 minutes on 2 quiet cores (one 636-token LLM prefill at width 4096 takes ~2.5 s a layer);
     # the time guard ends it after 25 minutes on a busy machine. One thread: on a shared machine an
@@ -87,6 +117,11 @@ SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # many-fold and would bias the dropper share (docs/bench.md). The targets' configurations only.
     "7b-slice": dict(attn="sdpa", batch_sizes="1", methods="none,v2drop,random,fastv_attn", budgets="128",
                      repeats=10, warmup=1, new_tokens=2, extras=False, threads=1, time_budget=1500),
+    # The vision share, with and without V2Drop inside the encoder (a few repeats: each takes minutes).
+    "7b-slice-vision": dict(attn="sdpa", batch_sizes="1", methods="none,v2drop", budgets="128", repeats=3, warmup=1,
+                            new_tokens=2, extras=False, threads=1, time_budget=1500, encoder_schedules="default"),
+    "qwen2-vl-hires-slice": dict(attn="sdpa", batch_sizes="1", methods="none", budgets="128", repeats=3, warmup=1,
+                                 new_tokens=2, extras=False, threads=1, time_budget=1500, encoder_schedules="default"),
 }
 
 
@@ -110,6 +145,8 @@ def build_model(shape: Shape, attn: str, device: str, dtype: torch.dtype) -> nn.
             cfg = LlavaConfig(
                 vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **shape.vision),
                 text_config=LlamaConfig(**text), image_token_id=shape.vocab - 64,
+                # LLaVA-1.5 reads the second-to-last block (a one-block stub: its only one)
+                vision_feature_layer=-2 if shape.vision["num_hidden_layers"] > 1 else -1,
             )
             model = LlavaForConditionalGeneration(cfg)
         else:
@@ -136,7 +173,8 @@ def _mrope_section(shape: Shape) -> list[int]:
 
 
 def make_inputs(model: nn.Module, shape: Shape, batch_size: int, device: str, dtype: torch.dtype) -> dict:
-    """One image (576 vision tokens) between ``text_tokens`` text tokens, repeated over the batch."""
+    """One image (576 vision tokens; the shape's ``image`` for Qwen2-VL) between ``text_tokens`` text tokens,
+    repeated over the batch."""
     gen = torch.Generator().manual_seed(0)
     cfg = model.config
     text = torch.randint(10, 1000, (shape.text_tokens,), generator=gen)
@@ -146,12 +184,13 @@ def make_inputs(model: nn.Module, shape: Shape, batch_size: int, device: str, dt
         ids = torch.cat([head, vision, tail])
         extra = {"pixel_values": torch.randn(batch_size, 3, 336, 336, generator=gen)}
     else:
-        vision = torch.full((VISION_TOKENS,), cfg.image_token_id)
+        side = 2 * int(shape.vision_tokens ** 0.5)  # patches a side
+        vision = torch.full((shape.vision_tokens,), cfg.image_token_id)
         ids = torch.cat([head, torch.tensor([cfg.vision_start_token_id]), vision,
                          torch.tensor([cfg.vision_end_token_id]), tail])
-        grid = torch.tensor([[1, 48, 48]] * batch_size)
+        grid = torch.tensor([[1, side, side]] * batch_size)
         extra = {
-            "pixel_values": torch.randn(batch_size * 48 * 48, 3 * 2 * 14 * 14, generator=gen),
+            "pixel_values": torch.randn(batch_size * side * side, 3 * 2 * 14 * 14, generator=gen),
             "image_grid_thw": grid,
         }
         if forward_takes(model, "mm_token_type_ids"):
@@ -165,13 +204,43 @@ class _Config:
     method: str
     budget: str
     schedule: DropSchedule
+    encoder_schedule: DropSchedule | None = None  # the stages run (on a slice: at its blocks)
+    encoder_label: str = ""  # the stages of the whole model the slice stands for
     label: str = field(init=False)  # one name per configuration: "plain", "none", "v2drop@128", ...
 
     def __post_init__(self) -> None:
         self.label = self.method if self.budget == "-" else f"{self.method}@{self.budget}"
 
 
-def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool) -> list[_Config]:
+def runs_on(method: str, shape: Shape) -> bool:
+    """Whether ``method`` runs on ``shape``'s family (VisionZip needs LLaVA's CLIP [CLS])."""
+    from v2drop_eval.families import VISIONZIP_TYPES
+    from v2drop_eval.methods import get_method
+
+    return not get_method(method).pre_llm or shape.family in VISIONZIP_TYPES
+
+
+def encoder_pair(text: str) -> tuple[str, str]:
+    """``"real=slice"`` (or one schedule for both) -> (stages of the whole model, stages the slice runs)."""
+    real, _, run = text.partition("=")
+    return real, run or real
+
+
+def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool,
+             encoder_schedules: Sequence[str] = (), encoder_methods: Sequence[str] | None = None) -> list[_Config]:
+    from v2drop_eval.methods import get_method
+
+    out = _llm_configs(shape, methods, budgets, extras)
+    for text in encoder_schedules:
+        real, run = encoder_pair(text)
+        for cfg in [c for c in out if c.method != "plain" and not c.encoder_label and c.budget != "keep1.0"
+                    and not get_method(c.method).pre_llm and (encoder_methods is None or c.method in encoder_methods)]:
+            budget = f"{cfg.budget}+e{real}" if cfg.budget != "-" else f"e{real}"
+            out.append(_Config(cfg.method, budget, cfg.schedule, DropSchedule.parse(run), real))
+    return out
+
+
+def _llm_configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool) -> list[_Config]:
     out = [_Config("plain", "-", DropSchedule(()))] if extras else []
     if "none" in methods:
         out.append(_Config("none", "-", DropSchedule(())))
@@ -198,6 +267,7 @@ class _Timer:
     def __init__(self, module: nn.Module, cuda: bool) -> None:
         self.cuda = cuda
         self.times: list[float] = []
+        self.ends: list[float] = []  # when each forward returned
         self._t0 = 0.0
         self._hooks = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
 
@@ -210,7 +280,9 @@ class _Timer:
         self._t0 = self.now()
 
     def _stop(self, *_: Any) -> None:
-        self.times.append(self.now() - self._t0)
+        end = self.now()
+        self.times.append(end - self._t0)
+        self.ends.append(end)
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -219,7 +291,8 @@ class _Timer:
 
 def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda: bool) -> dict:
     """One ``generate`` of ``new_tokens`` under ``cfg``: the figures of one repeat."""
-    handle = None if cfg.method == "plain" else attach(model, cfg.schedule, method=cfg.method)
+    handle = None if cfg.method == "plain" else attach(model, cfg.schedule, method=cfg.method,
+                                                       encoder_schedule=cfg.encoder_schedule)
     top = _Timer(model, cuda)
     llm = _Timer(model.model.language_model, cuda)
     try:
@@ -243,7 +316,10 @@ def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda
             handle.detach()
     decode = top.times[1:]
     return {
-        "prefill_ms": top.times[0] * 1e3,
+        # generate entry -> first forward returned: from transformers 5.24 on generate runs the vision
+        # encoder before that forward, so the forward alone no longer holds it (docs/design.md §3)
+        "prefill_ms": (top.ends[0] - t0) * 1e3,
+        "prefill_forward_ms": top.times[0] * 1e3,
         "llm_prefill_ms": llm.times[0] * 1e3,
         "decode_ms_per_token": (sum(decode) / len(decode) * 1e3) if decode else 0.0,
         "generate_ms": total * 1e3,
@@ -251,6 +327,8 @@ def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "dropper": dropper,
         "vision_per_layer": stats[0]["vision_per_layer"] if stats else None,
+        "vision_ms": stats[0].get("vision_ms") if stats else None,
+        "vision_flops": sum(s.get("vision_flops") or 0 for s in stats) if stats else None,
     }
 
 
@@ -312,12 +390,23 @@ def run_bench(
     extras: bool = True,
     guard: TimeGuard | None = None,
     log: Callable[[str], Any] = print,
+    encoder_schedules: Sequence[str] = (),
+    encoder_methods: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Time every (attn, batch size, method, budget) in one process; returns the result rows."""
+    """Time every (attn, batch size, method, budget[, encoder schedule]) in one process; returns the rows.
+    ``encoder_schedules``: each configuration again with these stages inside the vision encoder
+    (``"real=slice"``: the stages of the whole model, and where the slice runs them), for the methods in
+    ``encoder_methods`` (None: all but VisionZip, which chooses the encoder's output itself)."""
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
         validate.validate(m)
+        if not runs_on(m, SHAPES[shape_name]) if shape_name in SHAPES else False:
+            raise ValueError(f"method {m} does not run on shape {shape_name} ({SHAPES[shape_name].family}): it needs "
+                             "LLaVA's CLIP [CLS]")
+    for text in encoder_schedules:
+        for part in encoder_pair(text):
+            validate.validate_encoder(part)
     check_device(device)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: repeats must be >= 1 and warmup >= 0")
@@ -333,7 +422,7 @@ def run_bench(
         for bs in batch_sizes:
             deadline = guard.group_deadline()
             inputs = make_inputs(model, shape, bs, device, torch_dtype)
-            configs = _configs(shape, methods, budgets, extras)
+            configs = _configs(shape, methods, budgets, extras, encoder_schedules, encoder_methods)
             samples: dict[str, list[dict]] = {c.label: [] for c in configs}
             rep, last = 0, 0.0
             while rep < warmup + repeats:
@@ -348,14 +437,21 @@ def run_bench(
                 last = time.monotonic() - t0
                 rep += 1
                 log(f"[bench] {shape_name} {attn} bs={bs} repeat {rep}/{warmup + repeats} done ({last:.1f} s)")
-            group = [(c.method, c.budget, c.schedule, samples[c.label]) for c in configs]
-            rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, VISION_TOKENS,
-                                  shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0)))
+            group = [(c.method, c.budget, c.schedule, samples[c.label], c.encoder_label, c.encoder_schedule)
+                     for c in configs]
+            scale = (shape.full_layers / shape.layers if shape.full_layers else 1.0,
+                     shape.full_vision_layers / _vision_depth(shape) if shape.full_vision_layers else 1.0)
+            rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, shape.vision_tokens,
+                                  shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0), scale=scale))
             guard.done += 1
         del model
         if cuda:
             torch.cuda.empty_cache()
     return rows
+
+
+def _vision_depth(shape: Shape) -> int:
+    return int(shape.vision.get("depth") or shape.vision.get("num_hidden_layers"))
 
 
 def machine_info(device: str) -> dict:
@@ -383,6 +479,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8)")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--budgets", default=None, help="comma list (default: every preset of the family)")
+    p.add_argument("--encoder-schedules", default=None, metavar="LIST",
+                   help="comma list of stages inside the vision encoder, each run with every configuration, e.g. "
+                        "12:0.5/18:0.5; 'default': the shape's own (default: none)")
     p.add_argument("--repeats", type=int, default=None, help="paired repeats (default 5; 7b-slice 10)")
     p.add_argument("--warmup", type=int, default=None, help="rounds not recorded (default 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32; 7b-slice 4)")
@@ -418,10 +517,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     info_start = machine_info(args.device)
     guard = TimeGuard(d["time_budget"], len(attns) * len(batch_sizes))
     t0 = time.monotonic()
+    encoders = [t for t in str(d["encoder_schedules"] or "").split(",") if t]
+    encoders = [SHAPES[args.shape].encoder_schedule if t == "default" else t for t in encoders]
+    if "" in encoders:
+        raise ValueError(f"--encoder-schedules default: shape {args.shape} has no encoder schedule of its own")
     rows = run_bench(
         args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=d["methods"].split(","),
         budgets=d["budgets"].split(",") if d["budgets"] else None, repeats=d["repeats"], warmup=d["warmup"],
-        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard,
+        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard, encoder_schedules=encoders,
     )
     info = {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
             "wall_s": round(time.monotonic() - t0, 1), "stopped_early": guard.stopped_early}
