@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from v2drop_eval.executors import EXECUTORS, SLURM_KEYS, parse_executor, parse_slurm
-from v2drop_eval.families import FAMILY_NAMES, get_family
+from v2drop_eval.families import ENCODER_DROP_TYPES, FAMILY_NAMES, VISIONZIP_TYPES, get_family
 from v2drop_eval.methods import get_method
 from v2drop_eval.schedule import DropSchedule, fitted_preset
 from v2drop_eval.validate import (
@@ -584,12 +584,17 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
         for method in cfg.methods:
             grid = cfg.grid(method)
             for enc in grid["encoder_schedules"]:
+                why = family_skips(model.family, method, enc)
+                if why:
+                    cfg.notes.append(f"model {model.name} ({model.family}): skips method {method}"
+                                     + (f" at encoder_schedule {enc}" if enc else "") + f": {why}")
+                    continue
                 try:
                     encoder = validate_encoder(enc, method)
                     check_positions(positions, method, encoder)
                 except ValueError as exc:
                     errors.append(f"model {model.name}, method {method}: {exc}")
-            if not get_method(method).drops:
+            if not get_method(method).drops or family_skips(model.family, method, None):
                 continue
             for budget in grid["budgets"]:
                 try:
@@ -619,6 +624,8 @@ def expand(cfg: SweepConfig) -> list[Point]:
             spec = get_method(method)
             grid = cfg.grid(method)
             for enc in grid["encoder_schedules"]:
+                if family_skips(model.family, method, enc):
+                    continue
                 tail = "" if enc is None else "__e" + DropSchedule.parse(enc).slug()
                 if not spec.drops:
                     points.append(Point(id=f"{model.name}__{method}{tail}", model=model, method=method,
@@ -639,6 +646,18 @@ def expand(cfg: SweepConfig) -> list[Point]:
                     else:
                         points.append(_with(base, id=stem))
     return points
+
+
+def family_skips(family: str, method: str, encoder_schedule: str | None) -> str | None:
+    """Why a model of ``family`` skips ``method`` at ``encoder_schedule`` (None: it runs it): VisionZip and
+    stages inside the vision encoder run on the checkpoint types of ``families.VISIONZIP_TYPES`` and
+    ``ENCODER_DROP_TYPES`` only, so a config may list them beside families that cannot."""
+    types = get_family(family).model_types
+    if get_method(method).pre_llm and not set(types) & set(VISIONZIP_TYPES):
+        return f"method {method} runs on {', '.join(VISIONZIP_TYPES)} checkpoints (a CLIP [CLS])"
+    if encoder_schedule is not None and not set(types) & set(ENCODER_DROP_TYPES):
+        return f"encoder_schedule runs on {', '.join(ENCODER_DROP_TYPES)} checkpoints"
+    return None
 
 
 def _with(point: Point, **changes: Any) -> Point:
