@@ -35,7 +35,7 @@ from v2drop_eval.encoder import EncoderHooks
 from v2drop_eval.gather import Layout
 from v2drop_eval.methods import METHODS, ScoreContext, get_method
 from v2drop_eval.methods.visionzip import check_counts, visionzip_tokens
-from v2drop_eval.prellm import ORIGINAL, RENUMBERED, PreLLMGather
+from v2drop_eval.prellm import PreLLMGather
 from v2drop_eval.schedule import Adaptive, DropSchedule
 from v2drop_eval.signals import Signals
 from v2drop_eval.validate import DEFAULT_METRIC, DEFAULT_SEED, check_positions, validate, validate_encoder

@@ -1,8 +1,9 @@
-"""Analytic FLOPs of the LLM prefill (docs/design.md §4).
+"""Analytic FLOPs of the LLM prefill and of the vision encoder (docs/design.md §4).
 
 Per decoder layer with ``n`` tokens, hidden ``d``, MLP width ``m``, heads ``h``, kv heads ``h_kv``:
 ``MACs(n) = 2nd^2 + 2nd^2 (h_kv/h) + 2n^2 d + 3ndm``. FLOPs = 2 x MACs. This equals
 ``torch.utils.flop_counter.FlopCounterMode`` under eager attention (lm_head and norms not counted).
+The vision encoder (:func:`vision_flops`) is counted apart, each block with the tokens it ran.
 """
 
 from __future__ import annotations
