@@ -265,6 +265,9 @@ def test_encoder_schedule_setting_and_vision_columns():
     assert set(acc["setting"]) == {"full", "encoder 12:0.5/18:0.5", "128 + encoder 12:0.5"}
     assert acc.set_index("point").loc["m__none", "Average"] == pytest.approx(100.0)
     assert acc.set_index("point").loc["m__none__e1", "Average"] == pytest.approx(90.0)
+    from v2drop_eval.tables import to_markdown
+
+    assert "| m | V2Drop (encoder only) | encoder 12:0.5/18:0.5 |" in to_markdown(acc)
     eff = efficiency_table(points).set_index("point")
     assert eff.loc["m__none__e1", "vision_tflops"] == pytest.approx(1.0)
     assert eff.loc["m__none", "vision_ms"] == pytest.approx(15.0)  # a batch of 2 shares its 30 ms

@@ -7,7 +7,8 @@ from typing import Any
 
 from transformers.cache_utils import DynamicCache
 
-__all__ = ["check_attention", "check_cache_type", "INPUTS_EMBEDS", "LABELS", "FOREIGN_CACHE", "CHUNKED"]
+__all__ = ["check_attention", "check_cache_type", "check_encoder", "patches_per_crop", "INPUTS_EMBEDS", "LABELS",
+           "FOREIGN_CACHE", "CHUNKED"]
 
 INPUTS_EMBEDS = "inputs_embeds without input_ids is not supported: vision tokens are found from input_ids; pass input_ids"
 LABELS = ("labels= with dropping is not supported: logits exist only for the kept positions; compute the loss "

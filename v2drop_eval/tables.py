@@ -61,6 +61,7 @@ TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "te
 METHOD_LABELS = {name: m.label for name, m in REGISTRY.items()}
 METHOD_ORDER = {name: i for i, name in enumerate(["none", *(n for n in REGISTRY if n != "none")])}
 KEY_COLS = ["model", "method", "setting", "metric", "seed"]
+ENCODER_ONLY_LABEL = "V2Drop (encoder only)"
 # Companion columns of a benchmark's score: its 95% interval from the per-item log (CSV keeps them as
 # columns; Markdown and LaTeX show "score [low, high]" in one cell).
 CI_LO, CI_HI = " 95% low", " 95% high"
@@ -380,7 +381,9 @@ def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
         row = []
         for c, is_num in zip(cols, numeric, strict=True):
             v = r[c]
-            if c == "method":
+            if c == "method" and v == "none" and str(r.get("setting", "")).startswith("encoder "):
+                row.append(ENCODER_ONLY_LABEL)  # an unpruned LLM behind V2Drop's stages in the encoder
+            elif c == "method":
                 row.append(METHOD_LABELS.get(v, str(v)))
             elif is_num:
                 digits = _DIGITS.get(c, 1)
