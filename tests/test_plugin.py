@@ -126,7 +126,7 @@ def test_args_budget_schedule_method():
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"budget": 128, "schedule": "3:0.5"}, ["not both"]),
     ({"budget": 100}, ["budget=100", "known budgets: 192, 128, 64"]),
-    ({"method": "sparsevlm", "budget": 128}, ["unknown method 'sparsevlm'", "allowed: v2drop, random, fastv, fastv_attn, pdrop, dart, none"]),
+    ({"method": "nosuchmethod", "budget": 128}, ["unknown method 'nosuchmethod'", "allowed: v2drop, random, fastv"]),
     ({"method": "dart", "schedule": "2:0.5/4:0"}, ["dart drops once"]),
     ({"method": "pdrop", "schedule": "2:t1:0.1:0.5"}, ["adaptive stages need method v2drop, not 'pdrop'"]),
     # ("default" is a budget of the qwen2_vl table, which LLaVA-OneVision checkpoints take: check_checkpoint decides)

@@ -183,14 +183,14 @@ def encoder_for(model: nn.Module) -> EncoderSpec | None:
                            placeholders_include_prefix=strategy == "full", cls_attention_block=index - 1,
                            crops_per_image=crops, refusal=refusal, zip_refusal=zip_refusal)
     visual = getattr(base, "visual", None)
+    if name in _NO_ENCODER_DROP:  # refused; its encoder's FLOPs formula is not described either
+        return EncoderSpec(kind="", layout="", tower=base, blocks=nn.ModuleList(), output=base, config=None, depth=0,
+                           refusal=_NO_ENCODER_DROP[name], zip_refusal=_NO_CLS)
     if visual is not None and hasattr(visual, "blocks") and hasattr(visual, "merger"):
         kind = "qwen2_5_vl" if hasattr(visual, "fullatt_block_indexes") else "qwen2_vl"
         return EncoderSpec(kind=kind, layout="packed", tower=visual, blocks=visual.blocks, output=visual.merger,
                            config=visual.config, depth=len(visual.blocks), group=int(visual.spatial_merge_size) ** 2,
-                           refusal=_NO_ENCODER_DROP.get(name), zip_refusal=_NO_CLS)
-    if name in _NO_ENCODER_DROP:
-        return EncoderSpec(kind="", layout="", tower=base, blocks=nn.ModuleList(), output=base, config=None, depth=0,
-                           refusal=_NO_ENCODER_DROP[name], zip_refusal=_NO_CLS)
+                           zip_refusal=_NO_CLS)
     return None
 
 
