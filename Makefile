@@ -111,4 +111,4 @@ bench: install
 # oldest pyproject.toml admits) and this source (no venv, no lmms-eval, no downloads). BENCH_ARGS=--dry-run:
 # the same code path on a CPU at tiny shapes.
 bench-gpu:
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m v2drop_eval.bench_gpu $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m v2drop_eval.bench.gpu $(BENCH_ARGS)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from v2drop_eval.contract import cache_of
+from v2drop_eval.engine.contract import cache_of
 
 
 def allowed_keys(layouts: dict, attention_mask: torch.Tensor, num_layers: int) -> dict[int, torch.Tensor]:

@@ -6,7 +6,7 @@ from reference import allowed_keys, masking_reference
 from tiny import LAYERS, llava_inputs, qwen_inputs, row_inputs, tiny_llava, tiny_qwen2_vl
 
 from v2drop_eval import DropSchedule, attach
-from v2drop_eval.schedule import Adaptive
+from v2drop_eval.engine.schedule import Adaptive
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from v2drop_eval import DropSchedule
-from v2drop_eval.bench import main, rotated, scaled_schedule
-from v2drop_eval.bench_report import targets, verdict
+from v2drop_eval.bench.report import targets, verdict
+from v2drop_eval.bench.run import main, rotated, scaled_schedule
 from v2drop_eval.methods import METHODS, get_method
 
 REQUIRED = {"method", "budget", "attn", "batch_size", "prefill_ms", "decode_ms_per_token", "speedup",
@@ -124,7 +124,7 @@ def test_bench_rejects_bad_input():
 def test_gpu_suite_dry_run(tmp_path):
     """`make bench-gpu`'s code path on the CPU at tiny shapes: both shapes' files, every method at budget
     128, every figure the GPU run reports, and the paper's Table 5 beside them."""
-    from v2drop_eval.bench_gpu import main as gpu_main
+    from v2drop_eval.bench.gpu import main as gpu_main
 
     assert gpu_main(["--dry-run", "--output", str(tmp_path)]) == 0
     for shape in ("tiny", "tiny-qwen"):
@@ -154,7 +154,7 @@ def test_gpu_suite_dry_run(tmp_path):
 
 
 def test_gpu_suite_needs_no_lmms_eval():
-    code = ("import sys, v2drop_eval.bench_gpu, v2drop_eval.bench, v2drop_eval.engine; "
+    code = ("import sys, v2drop_eval.bench.gpu, v2drop_eval.bench.run, v2drop_eval.engine.hooks; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'lmms_eval']; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from v2drop_eval.clock import CATEGORIES, DropperClock
+from v2drop_eval.engine.clock import CATEGORIES, DropperClock
 
 
 def test_nested_spans_are_exclusive():

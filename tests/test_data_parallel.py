@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 
 from v2drop_eval.demo import paths
-from v2drop_eval.results import load_sweep
-from v2drop_eval.runner import is_done, run_sweep
-from v2drop_eval.sweep import expand, parse_config
-from v2drop_eval.tables import write_tables
+from v2drop_eval.report.build import write_tables
+from v2drop_eval.report.results import load_sweep
+from v2drop_eval.sweep.config import expand, parse_config
+from v2drop_eval.sweep.layout import is_done
+from v2drop_eval.sweep.runner import run_sweep
 
 LIMIT = 6
 

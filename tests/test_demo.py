@@ -45,11 +45,11 @@ def subset():
 
 def _generate(model, processor, items) -> list[str]:
     """Greedy generation one item at a time, the way lmms-eval's models call ``generate``."""
-    from v2drop_eval.demo.train import _messages
+    from v2drop_eval.demo.train import chat_messages
 
     out = []
     for it in items:
-        text = processor.apply_chat_template(_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
+        text = processor.apply_chat_template(chat_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
         inputs = processor(text=[text], images=[it.image], return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -100,9 +100,9 @@ def test_model_shapes(loaded):
     cfg = model.config
     assert cfg.text_config.num_hidden_layers >= 8
     it = make_item(0, "test", 0)
-    from v2drop_eval.demo.train import _messages
+    from v2drop_eval.demo.train import chat_messages
 
-    text = processor.apply_chat_template(_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(chat_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
     ids = processor(text=[text], images=[it.image], return_tensors="pt")["input_ids"]
     assert int((ids == cfg.image_token_id).sum()) == 64
 

@@ -339,7 +339,7 @@ def test_long_qwen3_video_row_beside_an_image_row():
 
 
 def test_deepstack_without_its_hook_is_refused_by_name(monkeypatch):
-    from v2drop_eval.contract import TransformersContractError
+    from v2drop_eval.engine.contract import TransformersContractError
 
     m = tiny_qwen3_vl("sdpa")
     monkeypatch.delattr(type(m.model.language_model), "_deepstack_process")
@@ -403,8 +403,8 @@ def _dart_reference(keys, normed, cand, text, keep):
 
 @pytest.mark.parametrize("family", ["llava", "qwen", "internvl"])
 def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
+    from v2drop_eval.engine.method import NORMED_HIDDEN, PREV_KEYS
     from v2drop_eval.methods import dart
-    from v2drop_eval.methods.base import NORMED_HIDDEN, PREV_KEYS
 
     m = model(family, "eager")
     inputs = CASES[(family, "mixed")]()

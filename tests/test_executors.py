@@ -19,8 +19,9 @@ import yaml
 from test_sweep import FakeRunner, calls, small_cfg, write_cfg
 
 from v2drop_eval.cli import main
-from v2drop_eval.runner import is_done, run_sweep
-from v2drop_eval.sweep import expand, load_config
+from v2drop_eval.sweep.config import expand, load_config
+from v2drop_eval.sweep.layout import is_done
+from v2drop_eval.sweep.runner import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 NONE, V2DROP, FASTV = "m7b__none", "m7b__v2drop__b128__l2", "m7b__fastv__b128"
@@ -168,7 +169,8 @@ def test_sigterm_cancels_local_jobs_and_leaves_nothing_half_done(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert not list(out.glob(".tmp-*")) and not (out / "_failed").exists()
-    from v2drop_eval.executors import JobRecord, job_state
+    from v2drop_eval.sweep.jobs import job_state
+    from v2drop_eval.sweep.layout import JobRecord
 
     assert [job_state(JobRecord(**j))[0] for j in jobs] == ["ended", "ended"]
     assert len(calls(tmp_path)) == 2
@@ -243,7 +245,7 @@ def test_slurm_submission_script_status_and_dead_jobs(tmp_path, capsys, fake_slu
 
     # The first task runs (the job's own function, here in-process); the second times out; the third runs on.
     cfg = load_config(path)
-    from v2drop_eval.executors import run_point_job
+    from v2drop_eval.sweep.jobs import run_point_job
 
     assert run_point_job(cfg, expand(cfg)[0], out, {})["status"] == "done"
     (fake_slurm / "sacct.txt").write_text("4241_0|COMPLETED|node3\n4241_1|TIMEOUT|node4\n4241_2|RUNNING|node7\n")
@@ -276,8 +278,8 @@ def test_slurm_submission_refused_is_one_line(tmp_path, capsys, fake_slurm):
 def test_readme_cluster_example_is_a_valid_slurm_config():
     text = (REPO / "README.md").read_text().split("## On a cluster", 1)[1]
     raw = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
-    from v2drop_eval.executors import slurm_parameters
-    from v2drop_eval.sweep import parse_config
+    from v2drop_eval.sweep.config import parse_config
+    from v2drop_eval.sweep.jobs import slurm_parameters
 
     cfg = parse_config(raw, read_layers=False)
     assert cfg.executor == "slurm" and len(expand(cfg)) == 10

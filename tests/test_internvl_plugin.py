@@ -47,7 +47,7 @@ def plugin(tiny_assets, tmp_path_factory) -> Any:
     return model, docs
 
 
-def _messages(doc: dict) -> list[dict]:
+def chat_messages(doc: dict) -> list[dict]:
     media = ({"type": "video", "url": doc["video"]} if "video" in doc
              else {"type": "image", "url": Image.new("RGB", doc["image"], (200, 30, 30))})
     return [{"role": "user", "content": [media, {"type": "text", "text": doc["q"]}]}]
@@ -57,7 +57,7 @@ def _requests(indices: list[int]) -> list[Any]:
     from lmms_eval.api.instance import Instance
 
     return [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
-                     arguments=("ctx", _messages, {"max_new_tokens": 3}, i, "t", "test")) for i in indices]
+                     arguments=("ctx", chat_messages, {"max_new_tokens": 3}, i, "t", "test")) for i in indices]
 
 
 def test_video_and_image_rows_in_one_batch_equal_rows_alone(plugin):

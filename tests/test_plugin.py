@@ -23,18 +23,17 @@ import pytest
 import torch
 import yaml
 
-from v2drop_eval import flops
-from v2drop_eval.measure import (
-    GenerateTimer,
+from v2drop_eval import DropSchedule, flops
+from v2drop_eval.methods import METHODS
+from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
+from v2drop_eval.plugin.sidecar import (
     SampleLog,
-    _generated_tokens,
     find_lmms_eval_run,
     sidecar_path,
     summarize,
     write_jsonl_atomic,
 )
-from v2drop_eval.plugin.args import DropArgs, check_checkpoint, pop_drop_args
-from v2drop_eval.schedule import DropSchedule
+from v2drop_eval.plugin.timer import GenerateTimer, generated_tokens
 
 SCHEDULE = "1:0.5/2:0.25/3:0"  # fits the tiny models' 4 layers
 # tiny_textvqa doc i and tiny_mme doc j images (tools/smoke_assets.py IMAGE_SIZES) -> Qwen vision tokens
@@ -94,9 +93,9 @@ def test_manifest_import_is_light():
     code = ("import sys; import v2drop_eval.plugin.manifest as m; "
             "print('torch' in sys.modules, 'transformers' in sys.modules, len(m.manifests()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    from v2drop_eval.plugin.manifest import MODELS
+    from v2drop_eval.engine.families import LMMS_MODELS
 
-    assert out == ["False", "False", str(len(MODELS))] and len(MODELS) == 5
+    assert out == ["False", "False", str(len(LMMS_MODELS))] and len(LMMS_MODELS) == 5
 
 
 # -- model arguments ----------------------------------------------------------------------------------
@@ -126,7 +125,7 @@ def test_args_budget_schedule_method():
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"budget": 128, "schedule": "3:0.5"}, ["not both"]),
     ({"budget": 100}, ["budget=100", "known budgets: 192, 128, 64"]),
-    ({"method": "nosuchmethod", "budget": 128}, ["unknown method 'nosuchmethod'", "allowed: v2drop, random, fastv"]),
+    ({"method": "bogus", "budget": 128}, ["unknown method 'bogus'", f"allowed: {', '.join(METHODS)}"]),
     ({"method": "dart", "schedule": "2:0.5/4:0"}, ["dart drops once"]),
     ({"method": "pdrop", "schedule": "2:t1:0.1:0.5"}, ["adaptive stages need method v2drop, not 'pdrop'"]),
     # ("default" is a budget of the qwen2_vl table, which LLaVA-OneVision checkpoints take: check_checkpoint decides)
@@ -210,13 +209,13 @@ def test_seed_as_lmms_eval_passes_it():
 
 
 def test_method_metric_rule_is_shared():
-    from v2drop_eval.validate import check_drop_method
+    from v2drop_eval.methods.rules import check_drop_method
 
     for method, metric, seed, match in (("random", "cosine", None, "metric=cosine applies to method=v2drop only"),
                                         ("fastv", None, 2, "seed=2 applies to method=random only"),
                                         ("random", None, -1, "seed=-1 is not allowed"),
                                         ("dart", "l1", None, "metric=l1 applies to method=v2drop only"),
-                                        ("sparsevlm", None, None, "unknown method 'sparsevlm'")):
+                                        ("bogus", None, None, "unknown method 'bogus'")):
         with pytest.raises(ValueError, match=match):
             check_drop_method(method, metric, seed)
         with pytest.raises(ValueError, match=match):
@@ -245,7 +244,7 @@ def test_missing_model_folder_named_before_transformers(tmp_path: Path):
 
 
 def test_sidecar_folder_checked_before_any_item(tmp_path: Path):
-    from v2drop_eval.measure import prepare_sidecar
+    from v2drop_eval.plugin.sidecar import prepare_sidecar
 
     (tmp_path / "hostname").write_text("h")  # a file where a folder would be (the probe's /etc/hostname)
     for bad, words in ((str(tmp_path / "hostname" / "x.jsonl"), f"{tmp_path / 'hostname'} is not a folder"),
@@ -281,9 +280,9 @@ def test_bad_sidecar_fails_before_weights_load(tiny_assets, tmp_path: Path):
 # -- measurement pieces --------------------------------------------------------------------------------
 def test_generated_tokens_stop_at_first_eos():
     new = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
-    assert _generated_tokens(new, 2) == [3, 4, 1]
-    assert _generated_tokens(new, [8, 2]) == [3, 4, 1]
-    assert _generated_tokens(new, None) == [4, 4, 4]
+    assert generated_tokens(new, 2) == [3, 4, 1]
+    assert generated_tokens(new, [8, 2]) == [3, 4, 1]
+    assert generated_tokens(new, None) == [4, 4, 4]
 
 
 def test_summarize_means_and_per_item():
@@ -661,7 +660,7 @@ def test_lmms_eval_bad_args_fail_before_loading(lmms):
 def test_doc_complexity():
     from PIL import Image, ImageDraw
 
-    from v2drop_eval.measure import doc_complexity
+    from v2drop_eval.plugin.sidecar import doc_complexity
 
     plain = Image.new("RGB", (300, 200), (200, 200, 200))
     busy = plain.copy()

@@ -3,7 +3,8 @@
 import pytest
 
 from v2drop_eval import DropSchedule
-from v2drop_eval.schedule import depth_scaled_presets, kept_count, preset_table
+from v2drop_eval.engine.schedule import kept_count
+from v2drop_eval.methods.presets import depth_scaled_presets, preset_table
 
 
 def test_parse_and_str_roundtrip():
@@ -91,7 +92,7 @@ def test_bad_schedules_name_the_value(text, match):
 def test_depth_and_preset_errors():
     with pytest.raises(ValueError, match=r"drop layer 40 is past the model's depth: it has 32 .* 1\.\.31"):
         DropSchedule.parse("3:0.5/40:0").tokens_per_layer(576, 32)
-    from v2drop_eval.families import FAMILY_NAMES
+    from v2drop_eval.engine.families import FAMILY_NAMES
 
     assert {"llava", "llava_hf", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "internvl", "internvl_hf"} <= set(FAMILY_NAMES)
     with pytest.raises(ValueError, match=f"unknown model family 'blip'; known families: {', '.join(FAMILY_NAMES)}$"):
@@ -126,7 +127,7 @@ def test_onevision_takes_the_qwen2_vl_derivation():
     """LLaVA-OneVision-7B's decoder has Qwen2-VL-7B's 28 layers; the derivation (layers 3/16/22, the LLaVA
     second-stage ratio, the first solved so the mean vision share over 28 layers is closest to the LLaVA
     budget's share of 576) depends on the depth alone, so it gives the same table (docs/methods.md)."""
-    from v2drop_eval.families import get_family
+    from v2drop_eval.engine.families import get_family
 
     assert get_family("llava_onevision").presets == "qwen2_vl"
     for budget, second in ((192, 0.3), (128, 0.25)):

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from sweep_fakes import sidecar_rows, write_point
 
-from v2drop_eval import stats
-from v2drop_eval.tables import build_tables
+from v2drop_eval.report import stats
+from v2drop_eval.report.build import build_tables
 
 
 def test_mean_interval_matches_the_binomial_error():

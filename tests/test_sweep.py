@@ -16,8 +16,9 @@ import yaml
 from sweep_fakes import install_fake_lmms_eval
 
 from v2drop_eval.cli import main, select_points
-from v2drop_eval.runner import is_done, run_sweep
-from v2drop_eval.sweep import ConfigError, expand, load_config, parse_config
+from v2drop_eval.sweep.config import ConfigError, expand, load_config, parse_config
+from v2drop_eval.sweep.layout import is_done
+from v2drop_eval.sweep.runner import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -129,7 +130,7 @@ def test_shipped_configs_are_valid():
 
 @pytest.mark.parametrize("change, message", [
     ({"bogus": 1}, "unknown key 'bogus'"),
-    ({"methods": ["none", "nosuchmethod"]}, "unknown method 'nosuchmethod'"),
+    ({"methods": ["none", "bogus"]}, "unknown method 'bogus'"),
     ({"metrics": ["l3"]}, "unknown metric 'l3'"),
     ({"models": [{"name": "m", "family": "blip", "pretrained": "x"}]}, "unknown family 'blip'"),
     ({"models": [{"name": "m", "family": "llava", "pretrained": "x", "layers": 3}]}, "unknown key 'layers'"),
@@ -377,9 +378,9 @@ def test_cli_dry_run(tmp_path, capsys):
 
 
 def test_cli_bad_config_runs_nothing(tmp_path, capsys):
-    path = write_cfg(tmp_path, methods=["none", "sparsevlm"])
+    path = write_cfg(tmp_path, methods=["none", "bogus"])
     assert main(["sweep", str(path)]) == 2
-    assert "unknown method 'sparsevlm'" in capsys.readouterr().err
+    assert "unknown method 'bogus'" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
 
 

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 from sweep_fakes import LLAVA_SCORES, sidecar_rows, task_metrics, write_point
 
+from v2drop_eval import DropSchedule
 from v2drop_eval.cli import main
-from v2drop_eval.results import load_sweep
-from v2drop_eval.schedule import DropSchedule
-from v2drop_eval.tables import accuracy_table, build_tables, efficiency_table, headline_score
+from v2drop_eval.report.build import build_tables
+from v2drop_eval.report.results import load_sweep
+from v2drop_eval.report.tables import accuracy_table, efficiency_table, headline_score
 
 TASKS = ["gqa", "scienceqa_img", "textvqa_val", "pope", "mme", "mmbench_en_dev"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -247,8 +248,8 @@ def test_missing_reference_point_fails_unless_allowed(fake_sweep: Path, capsys):
 def test_encoder_schedule_setting_and_vision_columns():
     """A point with stages inside the vision encoder is its own row ('+ encoder ...'); the unpruned row
     stays the baseline; the efficiency table carries the vision encoder's FLOPs and time."""
-    from v2drop_eval.results import PointResult
-    from v2drop_eval.tables import accuracy_table, efficiency_table
+    from v2drop_eval.report.results import PointResult
+    from v2drop_eval.report.tables import accuracy_table, efficiency_table
 
     def point(pid, method, encoder=None, budget=None, flops_=2e12, ms=30.0, score=0.5):
         samples = pd.DataFrame([{"batch_size": 2, "prefill_ms": 100.0, "decode_ms": 50.0, "total_ms": 150.0,
@@ -265,7 +266,7 @@ def test_encoder_schedule_setting_and_vision_columns():
     assert set(acc["setting"]) == {"full", "encoder 12:0.5/18:0.5", "128 + encoder 12:0.5"}
     assert acc.set_index("point").loc["m__none", "Average"] == pytest.approx(100.0)
     assert acc.set_index("point").loc["m__none__e1", "Average"] == pytest.approx(90.0)
-    from v2drop_eval.tables import to_markdown
+    from v2drop_eval.report.render import to_markdown
 
     assert "| m | V2Drop (encoder only) | encoder 12:0.5/18:0.5 |" in to_markdown(acc)
     eff = efficiency_table(points).set_index("point")

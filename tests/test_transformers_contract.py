@@ -25,8 +25,9 @@ from tiny import (
 )
 from transformers.cache_utils import DynamicCache
 
-from v2drop_eval import attach, contract
-from v2drop_eval.contract import (
+from v2drop_eval import attach
+from v2drop_eval.engine import contract
+from v2drop_eval.engine.contract import (
     CACHE_KWARGS,
     TransformersContractError,
     cache_of,

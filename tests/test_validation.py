@@ -25,7 +25,7 @@ def test_unsupported_model_class():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "nosuchmethod"}, f"unknown method 'nosuchmethod'; allowed: {', '.join(METHODS)}"),
+        ({"method": "bogus"}, f"unknown method 'bogus'; allowed: {', '.join(METHODS)}"),
         ({"metric": "l3"}, "unknown metric 'l3'; allowed: l2, l1, cosine"),
     ],
 )
@@ -117,8 +117,8 @@ def test_schedules_a_method_cannot_take(llava, method, schedule, match):
 
 
 def test_every_entry_point_refuses_with_the_same_words():
+    from v2drop_eval.methods.rules import validate
     from v2drop_eval.plugin.args import pop_drop_args
-    from v2drop_eval.validate import validate
 
     with pytest.raises(ValueError) as direct:
         validate("dart", "2:0.5/4:0")

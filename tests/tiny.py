@@ -20,7 +20,7 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
-from v2drop_eval.adapters import forward_takes
+from v2drop_eval.engine.adapters import forward_takes
 
 LAYERS = 6
 LLAVA_IMAGE_ID = 100

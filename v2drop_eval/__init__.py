@@ -10,10 +10,10 @@ __version__ = "0.1.0"
 # Lazy: lmms-eval imports ``v2drop_eval.plugin.manifest`` on every ``import lmms_eval.models``, and
 # ``v2drop-eval --help`` should not wait for torch. The public names load on first use.
 _LAZY = {
-    "DropSchedule": ("v2drop_eval.schedule", "DropSchedule"),
-    "DropHandle": ("v2drop_eval.engine", "DropHandle"),
-    "attach": ("v2drop_eval.engine", "attach"),
-    "flops": ("v2drop_eval.flops", None),
+    "DropSchedule": ("v2drop_eval.methods.presets", "DropSchedule"),  # with its presets installed
+    "DropHandle": ("v2drop_eval.engine.hooks", "DropHandle"),
+    "attach": ("v2drop_eval.methods.api", "attach"),
+    "flops": ("v2drop_eval.engine.flops", None),
 }
 
 

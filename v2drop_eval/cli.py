@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from v2drop_eval.executors import EXECUTORS
+from v2drop_eval.sweep.fields import EXECUTORS
 
 __all__ = ["main", "build_parser", "select_points", "DELEGATED", "USER_ERRORS", "DEBUG_FLAG"]
 
@@ -28,7 +28,7 @@ EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other tools in a pipe
 
 # Subcommands that own their argument parsing: ``v2drop-eval NAME ARGS`` calls ``module.main(ARGS)``.
 DELEGATED = {
-    "bench": ("v2drop_eval.bench", "time prefill/decode of the engine on synthetic inputs (see --help)"),
+    "bench": ("v2drop_eval.bench.run", "time prefill/decode of the engine on synthetic inputs (see --help)"),
     "demo": ("v2drop_eval.demo.__main__", "the embedded demo's models and task (see --help)"),
 }
 
@@ -89,8 +89,8 @@ def select_points(points: list, patterns: Sequence[str]) -> list:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from v2drop_eval.runner import dry_run, run_sweep
-    from v2drop_eval.sweep import ConfigError, expand, load_config
+    from v2drop_eval.sweep.config import ConfigError, expand, load_config
+    from v2drop_eval.sweep.runner import dry_run, run_sweep
 
     try:
         cfg = load_config(args.config, output=args.output)
@@ -113,14 +113,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 2
     executor = args.executor or cfg.executor
     if executor != "inline":
-        from v2drop_eval.executors import require_submitit
+        from v2drop_eval.sweep.jobs import require_submitit
 
         require_submitit(executor)  # before anything runs, dry run included
     if args.dry_run:
         if executor == "inline":
             dry_run(cfg, points, cfg.output)
         else:
-            from v2drop_eval.dispatch import dry_run_jobs
+            from v2drop_eval.sweep.dispatch import dry_run_jobs
 
             dry_run_jobs(cfg, points, cfg.output, executor)
         return 0
@@ -134,7 +134,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from v2drop_eval.status import format_status, status_json, sweep_status
+    from v2drop_eval.sweep.status import format_status, status_json, sweep_status
 
     if not args.results.is_dir():
         print(f"error: {args.results} is not a directory", file=sys.stderr)
@@ -145,7 +145,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_tables(args: argparse.Namespace) -> int:
-    from v2drop_eval.tables import write_tables
+    from v2drop_eval.report.build import write_tables
 
     if not args.results.is_dir():
         print(f"error: {args.results} is not a directory", file=sys.stderr)
@@ -165,7 +165,7 @@ def _cmd_tables(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from v2drop_eval.compare import compare_sweeps, format_comparison
+    from v2drop_eval.report.compare import compare_sweeps, format_comparison
 
     for folder in (args.results, args.reference):
         if not folder.is_dir():

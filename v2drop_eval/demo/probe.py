@@ -20,7 +20,7 @@ import torch
 
 from v2drop_eval.demo import model_path
 from v2drop_eval.demo.data import TEST_SEED, make_split
-from v2drop_eval.engine import attach
+from v2drop_eval.methods.api import attach
 from v2drop_eval.methods.v2drop import variation
 
 __all__ = ["probe"]
@@ -54,7 +54,7 @@ def _mean_by(values: list[float], keys: list[Any]) -> dict[Any, float]:
 @torch.no_grad()
 def probe(family: str = "llava", layer: int = 2, items: int = 150, thresholds: tuple[float, ...] = (0.5, 1, 1.5, 2, 3),
           shares: tuple[float, ...] = (0.5, 0.8), path: str | None = None) -> dict[str, Any]:
-    from v2drop_eval.demo.train import _messages
+    from v2drop_eval.demo.train import chat_messages
 
     model, processor = _load(family, path)
     image_id = model.config.image_token_id
@@ -63,7 +63,7 @@ def probe(family: str = "llava", layer: int = 2, items: int = 150, thresholds: t
     kept.update({f"mass {int(s * 100)}%": [] for s in shares})
     objects, qtypes = [], []
     for it in data:
-        text = processor.apply_chat_template(_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
+        text = processor.apply_chat_template(chat_messages(it, answer=False), tokenize=False, add_generation_prompt=True)
         inputs = processor(text=[text], images=[it.image], return_tensors="pt")
         objects.append(len(it.objects))
         qtypes.append(it.qtype)

@@ -282,7 +282,7 @@ def _vision_tower(model: nn.Module, family: str) -> nn.Module:
 
 
 # -- batches ------------------------------------------------------------------------------------------
-def _messages(item: Item, answer: bool, extra: list[tuple[str, str]] = ()) -> list[dict]:
+def chat_messages(item: Item, answer: bool, extra: list[tuple[str, str]] = ()) -> list[dict]:
     # The same shape lmms-eval's chat classes build: image part first, then the text. ``extra``
     # question / answer pairs about the same image follow as further turns (training only).
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text(item.question)}]}]
@@ -383,7 +383,7 @@ def encode(processor: Any, items: list[Item], answer: bool, extra: list[list[tup
     """Right-padded model inputs (so positions match an unpadded run) and each row's last real index."""
     tok = processor.tokenizer
     extra = extra or [[] for _ in items]
-    texts = [processor.apply_chat_template(_messages(it, answer, ex), tokenize=False, add_generation_prompt=not answer)
+    texts = [processor.apply_chat_template(chat_messages(it, answer, ex), tokenize=False, add_generation_prompt=not answer)
              for it, ex in zip(items, extra, strict=True)]
     side = tok.padding_side
     tok.padding_side = "right"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import NORMED_HIDDEN, PREV_KEYS, Method, ScoreContext
+from v2drop_eval.engine.method import NORMED_HIDDEN, PREV_KEYS, Method, ScoreContext
 from v2drop_eval.methods.fastv import SINGLE_STAGE_PRESETS
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ PRESETS: dict[str, dict[str | int, str]] = {
 class DART(Method):
     name = "dart"
     label = "DART"
+    style = ("tab:orange", "P")
     summary = "keeps the vision tokens least similar to a few pivot tokens (duplication-aware)"
     source = "Wen et al., arXiv 2502.11494 (EMNLP 2025); github.com/ZichenWen1/DART"
     needs = frozenset({PREV_KEYS, NORMED_HIDDEN})

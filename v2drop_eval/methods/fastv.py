@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import PREV_ATTENTION, Method, ScoreContext
+from v2drop_eval.engine.method import PREV_ATTENTION, Method, ScoreContext
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +22,7 @@ SINGLE_STAGE_PRESETS: dict[str, dict[str | int, str]] = {
 class FastV(Method):
     name = "fastv"
     label = "FastV"
+    style = ("tab:blue", "^")
     summary = "keeps the vision tokens the last query token attends to most at layer K-1"
     source = "Chen et al., 'An Image is Worth 1/2 Tokens After Layer 2', ECCV 2024"
     needs = frozenset({PREV_ATTENTION})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import PREV_ATTENTION_WEIGHTS, Method, ScoreContext
+from v2drop_eval.engine.method import PREV_ATTENTION_WEIGHTS, Method, ScoreContext
 from v2drop_eval.methods.fastv import SINGLE_STAGE_PRESETS
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class FastVAttn(Method):
     name = "fastv_attn"
     label = "FastV (eager)"
+    style = ("tab:green", "D")
     summary = "FastV's rule with its score from output_attentions at layer K-1 (that layer runs eager attention)"
     source = "Chen et al., 'An Image is Worth 1/2 Tokens After Layer 2', ECCV 2024 (published code path)"
     needs = frozenset({PREV_ATTENTION_WEIGHTS})

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from v2drop_eval.methods.base import Method
+from v2drop_eval.engine.method import Method
 
 
 class NoDrop(Method):
     name = "none"
     label = "Vanilla"
+    style = ("k", "*")
     summary = "drops nothing: the unpruned model, measured the same way"
     drops = False
 

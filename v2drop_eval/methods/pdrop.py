@@ -3,7 +3,7 @@ instruction token pays each alive vision token, computed with layer l's own quer
 (and rotary) on its input and averaged over heads; keep the top share. Prefill only.
 
 The score comes from calling layer l's attention module itself on its normed input with a recording
-kernel that stops after the scores (``v2drop_eval.signals``), so no model code is copied and it runs
+kernel that stops after the scores (``v2drop_eval.engine.signals``), so no model code is copied and it runs
 under sdpa, eager and flash alike.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import PROBE_ATTENTION, Method, ScoreContext
+from v2drop_eval.engine.method import PROBE_ATTENTION, Method, ScoreContext
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +44,7 @@ PRESETS: dict[str, dict[str | int, str]] = {
 class PyramidDrop(Method):
     name = "pdrop"
     label = "PDrop"
+    style = ("tab:purple", "v")
     summary = "keeps the vision tokens the last instruction token attends to most, with the stage layer's own q/k"
     source = "Xing et al., 'PyramidDrop', CVPR 2025"
     needs = frozenset({PROBE_ATTENTION})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import ROW_IDENTITY, Method, ScoreContext
+from v2drop_eval.engine.method import ROW_IDENTITY, Method, ScoreContext
 from v2drop_eval.methods.v2drop import PRESETS as V2DROP_PRESETS
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ def random_scores(row_keys: list[bytes], n: int, seed: int, layer: int, device: 
 class RandomDrop(Method):
     name = "random"
     label = "Random"
+    style = ("tab:gray", "s")
     summary = "keeps a seeded random subset (same count as the schedule)"
     needs = frozenset({ROW_IDENTITY})
     takes_seed = True

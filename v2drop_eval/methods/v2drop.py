@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import PREV_HIDDEN, Method, ScoreContext
+from v2drop_eval.engine.method import PREV_HIDDEN, Method, ScoreContext
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +64,7 @@ def variation(h_now: torch.Tensor, h_prev: torch.Tensor, metric: str = "l2") -> 
 class V2Drop(Method):
     name = "v2drop"
     label = "V2Drop"
+    style = ("tab:red", "o")
     summary = "keeps the vision tokens whose hidden state changed most through the previous layer"
     source = "Chen et al., arXiv 2509.01552 (CVPR 2026)"
     needs = frozenset({PREV_HIDDEN})

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.methods.base import Method
+from v2drop_eval.engine.method import Method
+from v2drop_eval.engine.schedule import ZipCounts
 
 if TYPE_CHECKING:
     import torch
-
-    from v2drop_eval.schedule import DropSchedule, ZipCounts
 
 # The encoder shape the counts were published for: CLIP-ViT-L/14 at 336 px.
 PRESET_PATCHES = 576
@@ -46,22 +45,26 @@ class VisionZip(Method):
     pre_llm = True
     presets = PRESETS
 
-    def schedule_problem(self, schedule: DropSchedule) -> str | None:
-        if schedule.pre_llm is None or schedule.llm_stages:
-            return (f"method visionzip takes one pre-LLM stage '0:D+C' (D dominant tokens with the [CLS], C "
-                    f"contextual), e.g. 0:108+20, or a budget (64, 128, 192); got schedule {schedule}")
-        return None
+    style = ("tab:olive", ">")
 
     def score(self, ctx: object) -> torch.Tensor:
         raise TypeError("visionzip does not score inside the decoder; it runs at the vision encoder's output")
+
+    def pre_llm_tokens(self, hidden: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor,
+                       dominant: int, contextual: int) -> torch.Tensor:
+        return visionzip_tokens(hidden, cls_attention, keys, dominant, contextual)
+
+    def pre_llm_problem(self, counts: ZipCounts, patches: int) -> str | None:
+        return check_counts(counts, patches)
+
+    def fit_pre_llm(self, counts: ZipCounts, patches: int) -> ZipCounts:
+        return fit_counts(counts, patches)
 
 
 def fit_counts(counts: ZipCounts, patches: int) -> ZipCounts:
     """The preset's counts for an encoder with ``patches`` patches per crop: unchanged at 576; otherwise
     the total ``round((D + C) x patches / 576)`` (at least 2) split in the preset's proportion (at least one
     contextual token, at least the [CLS] as dominant)."""
-    from v2drop_eval.schedule import ZipCounts
-
     if patches == PRESET_PATCHES:
         return counts
     total = max(2, min(patches, round(counts.tokens * patches / PRESET_PATCHES)))

@@ -17,10 +17,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from v2drop_eval.families import ENCODER_DROP_TYPES, FAMILIES, VISIONZIP_TYPES, lmms_siblings
-from v2drop_eval.methods import get_method
-from v2drop_eval.schedule import DropSchedule, fitted_preset
-from v2drop_eval.validate import (
+from v2drop_eval.engine.families import (
+    ENCODER_DROP_TYPES,
+    FAMILIES,
+    VISIONZIP_TYPES,
+    get_family,
+    lmms_siblings,
+)
+from v2drop_eval.engine.method import ORIGINAL, RENUMBERED
+from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, get_method
+from v2drop_eval.methods.presets import DropSchedule, fitted_preset
+from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
     DEFAULT_SEED,
     METHODS,
@@ -102,7 +109,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
         raise _fail(model_name, f"unknown model argument(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
     given = set(kwargs)
-    method = str(kwargs.pop("method", "v2drop")).strip().lower()
+    method = str(kwargs.pop("method", DEFAULT_METHOD)).strip().lower()
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
@@ -160,9 +167,9 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
             raise _fail(model_name, f"schedule={schedule_text}: {exc}") from None
         if schedule.is_empty:
             raise _fail(model_name, f"schedule={schedule_text} drops nothing; for the unpruned baseline use method=none")
-    elif encoder is not None and method == "v2drop" and "method" not in given:
+    elif encoder is not None and method == DEFAULT_METHOD and "method" not in given:
         schedule = DropSchedule(())  # encoder_schedule= alone: V2Drop inside the encoder, the decoder whole
-        method = "none"
+        method = BASELINE
     else:
         raise _fail(model_name, f"method={method} needs budget= (a published preset, e.g. budget=128) or "
                                 "schedule= (e.g. schedule=3:0.5/17:0.3/22:0); for the unpruned baseline use method=none")
@@ -210,7 +217,7 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
     family = next(f.name for f in siblings if model_type in f.model_types)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = int(text_config.num_hidden_layers)
-    _check_before_llm(args, config, model_type, pretrained, model_name)
+    _check_before_llm(args, config, model_type, family, pretrained, model_name)
     schedule, scaled = args.schedule, False
     if args.budget is not None and not args.schedule.is_empty:
         try:
@@ -232,7 +239,8 @@ def _patches(config: Any) -> int | None:
     return (int(size) // int(patch)) ** 2 if isinstance(size, int) and isinstance(patch, int) else None
 
 
-def _check_before_llm(args: DropArgs, config: Any, model_type: str, pretrained: str, model_name: str) -> None:
+def _check_before_llm(args: DropArgs, config: Any, model_type: str, family: str, pretrained: str,
+                      model_name: str) -> None:
     """encoder_schedule= and method=visionzip against the checkpoint's type and encoder depth (no weights)."""
     if args.encoder_schedule is not None:
         if model_type not in ENCODER_DROP_TYPES:
@@ -251,6 +259,7 @@ def _check_before_llm(args: DropArgs, config: Any, model_type: str, pretrained: 
     if args.schedule.pre_llm is not None and model_type not in VISIONZIP_TYPES:
         raise _fail(model_name, f"method={args.method} runs on {', '.join(VISIONZIP_TYPES)} checkpoints (a CLIP "
                                 f"[CLS] the authors' code reads); {pretrained} is {model_type!r}")
-    if args.positions == "renumbered" and model_type.startswith("qwen"):
-        raise _fail(model_name, "positions=renumbered is for 1-D rotary positions; Qwen-VL's M-RoPE positions are "
-                                "each patch's time / height / width, so its tokens keep their own (positions=original)")
+    if args.positions == RENUMBERED and get_family(family).mrope:
+        raise _fail(model_name, f"positions={RENUMBERED} is for 1-D rotary positions; {pretrained}'s M-RoPE positions "
+                                f"are each patch's time / height / width, so its tokens keep their own "
+                                f"(positions={ORIGINAL})")

@@ -41,7 +41,7 @@ class V2DropMixin:
     def _v2drop_pop_args(self, kwargs: dict[str, Any], pretrained: str, parent: type,
                          extra: Sequence[str] = (), **config_kwargs: Any) -> DropArgs:
         """Pop and check our model arguments, and the checkpoint's config, before any weights load."""
-        from v2drop_eval.measure import prepare_sidecar
+        from v2drop_eval.plugin.sidecar import prepare_sidecar
 
         args = pop_drop_args(kwargs, self._v2drop_family, parent, extra)
         args = check_checkpoint(args, pretrained, **config_kwargs)
@@ -61,7 +61,8 @@ class V2DropMixin:
     def _v2drop_attach(self, args: DropArgs, pretrained: str) -> None:
         """Attach the dropper and the timer to the loaded model."""
         from v2drop_eval import attach
-        from v2drop_eval.measure import GenerateTimer, SampleLog, sidecar_path, versions
+        from v2drop_eval.plugin.sidecar import SampleLog, sidecar_path
+        from v2drop_eval.plugin.timer import GenerateTimer, versions
 
         model = self.model
         self._v2drop_args = args
@@ -145,7 +146,7 @@ class V2DropMixin:
     def generate_until(self, requests: list[Any]) -> list[Any]:
         from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history
 
-        from v2drop_eval.measure import doc_complexity, sample_records
+        from v2drop_eval.plugin.sidecar import doc_complexity, sample_records
 
         logged_before = len(get_logged_metrics_history())
         answers: list[Any] = []
@@ -183,7 +184,7 @@ class V2DropMixin:
         """Means into lmms-eval's throughput summary; every record into the side-car."""
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-        from v2drop_eval.measure import summarize
+        from v2drop_eval.plugin.sidecar import summarize
 
         try:
             path = self._v2drop_log.flush()

@@ -1,0 +1,46 @@
+"""The one-call Python API: ``attach(model, schedule, method=...)`` returns a handle with ``detach()``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from v2drop_eval.engine.hooks import DropHandle
+from v2drop_eval.engine.schedule import DropSchedule
+from v2drop_eval.methods import DEFAULT_METHOD, get_method
+from v2drop_eval.methods.rules import (
+    DEFAULT_METRIC,
+    DEFAULT_SEED,
+    check_positions,
+    validate,
+    validate_encoder,
+)
+
+__all__ = ["attach", "DropHandle"]
+
+
+def attach(
+    model: nn.Module,
+    schedule: DropSchedule | str,
+    method: str = DEFAULT_METHOD,
+    metric: str = DEFAULT_METRIC,
+    seed: int = DEFAULT_SEED,
+    encoder_schedule: DropSchedule | str | None = None,
+    positions: str | None = None,
+) -> DropHandle:
+    """Make ``model`` drop vision tokens by ``schedule`` at every prefill; returns a handle to detach.
+
+    ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
+    l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``, ``visionzip``
+    with its one pre-LLM stage ``0:D+C``), or ``none`` (nothing changes; the unpruned baseline with the
+    same accounting). ``encoder_schedule`` (e.g. ``"12:0.5/18:0.5"``): V2Drop's stages inside the vision
+    encoder (its blocks), with any LLM method. ``positions``: where tokens removed before the LLM leave the
+    others, ``original`` (each keeps its position in the full prompt; the default, except for VisionZip)
+    or ``renumbered`` (``0..L-1`` over the shorter sequence, as VisionZip's code does; 1-D RoPE only).
+    Bad arguments raise ``ValueError`` naming them (the rules of ``v2drop_eval.methods.rules``); an
+    unsupported model ``TypeError``.
+    """
+    parsed = validate(method, schedule, metric, seed)
+    encoder = validate_encoder(encoder_schedule, method)
+    positions = check_positions(positions, method, encoder)
+    return DropHandle(model, parsed, get_method(method), metric=metric, seed=seed, encoder_schedule=encoder,
+                      positions=positions)

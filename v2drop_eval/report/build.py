@@ -1,0 +1,93 @@
+"""``v2drop-eval tables``: every table (Markdown, CSV, LaTeX) and plot of a sweep folder, with the points
+left out listed and why."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from v2drop_eval.methods import BASELINE
+from v2drop_eval.report import plots, stats
+from v2drop_eval.report.render import write_table
+from v2drop_eval.report.results import load_sweep, not_included
+from v2drop_eval.report.tables import (
+    accuracy_table,
+    comparison_table,
+    complexity_table,
+    efficiency_table,
+    row_key,
+)
+
+__all__ = ["TablesBuilt", "write_tables", "build_tables"]
+
+ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: perception + cognition, of 2800); "
+                    "[low, high]: 95% bootstrap interval over the items, where lmms-eval logged per-item scores of a "
+                    "mean metric; Average: mean over benchmarks of the score relative to the unpruned model, in %.")
+EFFICIENCY_CAPTION = ("Efficiency per item (batch timings shared among the batch's items). Prefill TFLOPs: "
+                      "2 x MACs of the LLM decoder layers at prefill, every token counted; Paper TFLOPs: "
+                      "MACs of the decoder layers counting vision tokens only (the papers' convention); Vision "
+                      "TFLOPs: 2 x MACs of the vision encoder and its projector / merger, every block with the "
+                      "tokens it ran; Vision encoder (ms): the encoder's forward.")
+
+COMPARISON_CAPTION = ("Paired comparisons at the same model and setting, on the items both methods answered "
+                      "(lmms-eval --log_samples): diff = A - B in points with its 95% paired bootstrap interval "
+                      f"({stats.RESAMPLES} resamples); p: exact McNemar test (0/1 scores); tie when the interval spans 0.")
+COMPLEXITY_CAPTION = ("Adaptive schedules: layer-averaged vision tokens kept per item against image complexity. "
+                      "corr: Pearson correlation with the object count (or edge density); kept@N: mean over items "
+                      "with N objects.")
+
+
+@dataclass
+class TablesBuilt:
+    """What :func:`write_tables` wrote, the points it left out ``(id, reason)``, and the models whose
+    reference (the unpruned baseline) point is among them or absent (their speed-up and Average are blank)."""
+
+    written: list[Path] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    no_reference: list[str] = field(default_factory=list)
+
+
+def write_tables(sweep_dir: str | Path, output: str | Path | None = None,
+                 headline: Mapping[str, str] | None = None) -> TablesBuilt:
+    """Write accuracy/efficiency tables (md, csv, tex) and plots (png) under ``sweep_dir/tables``.
+
+    A point that failed, is not run yet, or whose files do not pass the sweep's check is left out and
+    listed under each table with the reason; other bad files are named in a printed warning.
+    """
+    sweep_dir = Path(sweep_dir)
+    out = Path(output) if output is not None else sweep_dir / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    built = TablesBuilt()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        points = load_sweep(sweep_dir, built.missing)
+        built.missing += not_included(sweep_dir, [p.point_id for p in points] + [m for m, _ in built.missing])
+        acc = accuracy_table(points, headline)
+        eff = efficiency_table(points)
+        written = write_table(acc, out, "accuracy", ACCURACY_CAPTION, built.missing)
+        written += write_table(eff, out, "efficiency", EFFICIENCY_CAPTION, built.missing)
+        cmp = comparison_table(points, headline)
+        if not cmp.empty:
+            written += write_table(cmp, out, "comparisons", COMPARISON_CAPTION)
+        written += plots.tradeoff_plot(acc, eff, out / "tradeoff.png")
+        written += plots.vision_tokens_plot(points, out / "vision_tokens.png")
+        written += plots.complexity_plot(points, out / "tokens_vs_complexity.png")
+        cx = complexity_table(points)
+        if not cx.empty:
+            written += write_table(cx, out, "complexity", COMPLEXITY_CAPTION)
+    for w in caught:
+        if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
+            print(f"warning: {w.message}")
+    built.written = written
+    models = {row_key(p)["model"] for p in points} | {pid.split("__")[0] for pid, _ in built.missing}
+    with_reference = {row_key(p)["model"] for p in points if p.meta.get("method") == BASELINE}
+    built.no_reference = sorted(models - with_reference)
+    return built
+
+
+def build_tables(sweep_dir: str | Path, output: str | Path | None = None,
+                 headline: Mapping[str, str] | None = None) -> list[Path]:
+    """:func:`write_tables`, returning only the files written."""
+    return write_tables(sweep_dir, output, headline).written
