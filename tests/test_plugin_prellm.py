@@ -36,10 +36,10 @@ def test_args_visionzip_and_encoder_schedule(tiny_assets):
 @pytest.mark.parametrize(("family", "kwargs", "words"), [
     ("qwen2_vl", dict(method="visionzip", schedule="0:3+1"), "method=visionzip runs on llava checkpoints"),
     ("llava", dict(encoder_schedule="2:0.5"), "stages are before its blocks 1..1"),
-    ("qwen2_vl", dict(encoder_schedule="1:0.5", positions="renumbered"), "positions=renumbered is for 1-D"),
+    ("qwen2_vl", dict(encoder_schedule="1:0.5", positions="renumber"), "positions=renumber is for 1-D"),
     ("llava", dict(encoder_schedule="1:0.5", method="visionzip", budget=128), "does not combine with method=visionzip"),
     ("llava", dict(encoder_schedule="x"), "encoder_schedule=x: schedule stage 'x'"),
-    ("llava", dict(positions="original", budget=128), "applies to tokens removed before the LLM"),
+    ("llava", dict(positions="keep", budget=128), "applies to tokens removed before the LLM"),
 ])
 def test_bad_values_fail_before_loading(tiny_assets, family, kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -107,7 +107,7 @@ def test_lmms_eval_visionzip_llava(lmms):
     for name in ("zip_b1", "zip_b8"):
         rows = _check(runs[name], "llava", "visionzip", None, 16)
         assert {r["llm_vision_tokens"] for r in rows} == {4}  # 3 + 1 of 16 patches
-        assert {r["schedule"] for r in rows} == {"0:3+1"} and {r["positions"] for r in rows} == {"renumbered"}
+        assert {r["schedule"] for r in rows} == {"0:3+1"} and {r["positions"] for r in rows} == {"renumber"}
     assert max(r["batch_size"] for r in _sidecar(runs["zip_b8"])) > 1
     assert _answers(runs["zip_b8"]) == _answers(runs["zip_b1"])
 
@@ -126,7 +126,7 @@ def test_lmms_eval_encoder_schedule(lmms, key, family, method, per_image):
             per_image.setdefault(r["task"], {})[r["doc_id"]] = r["vision_tokens"]
     for run in (b1, b8):
         rows = _check(run, family, method, "1:0.5", per_image)
-        assert {r["positions"] for r in rows} == {"original"}
+        assert {r["positions"] for r in rows} == {"keep"}
         assert all(r["encoder_tokens_per_layer"][1] < r["encoder_tokens_per_layer"][0] for r in rows)
     assert max(r["batch_size"] for r in _sidecar(b8)) > 1
     kept = {run.name: {(r["task"], r["doc_id"]): (r["llm_vision_tokens"], r["encoder_tokens_per_layer"])

@@ -189,8 +189,8 @@ def hand_built(m, inputs, features: dict[str, torch.Tensor], dropped_rows: dict[
                for_generate: bool) -> dict:
     """The plain model's inputs with the placeholders of dropped tokens removed, by hand (one row at a
     time): ``inputs_embeds`` (text embeddings, reference features in the kept placeholders), the padding mask,
-    and positions (``original``: the full prompt's, as the model / generate numbers them, at the kept slots;
-    ``renumbered``: left out, so that the model numbers the shorter sequence itself)."""
+    and positions (``keep``: the full prompt's, as the model / generate numbers them, at the kept slots;
+    ``renumber``: left out, so that the model numbers the shorter sequence itself)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     B, S = ids.shape
     image_id, video_id = _image_ids(m)
@@ -219,7 +219,7 @@ def hand_built(m, inputs, features: dict[str, torch.Tensor], dropped_rows: dict[
         out_m[b, n - len(r):] = 1
         out_p[:, b, n - len(r):] = full_pos[:, b, r]
     out = {"inputs_embeds": out_e, "attention_mask": out_m}
-    if positions == "original":
+    if positions == "keep":
         out["position_ids"] = out_p if out_p.shape[0] == 3 else out_p[0]
     elif not for_generate:
         out["position_ids"] = (out_m.cumsum(1) - 1).clamp(min=0) * out_m
@@ -283,19 +283,19 @@ def test_encoder_dropping_equals_references(case, attn):
     family = case[0]
     m = model(family, attn)
     inputs = CASES[case]()
-    dropped = _check_against_hand_built(m, inputs, "original", encoder_schedule=ENCODER[family])
+    dropped = _check_against_hand_built(m, inputs, "keep", encoder_schedule=ENCODER[family])
     assert all(d.any() for d in dropped.values())
 
 
 @pytest.mark.parametrize("case", [("llava", "mixed"), ("next", "mixed")], ids="-".join)
 def test_encoder_dropping_renumbered(case):
-    _check_against_hand_built(model(case[0]), CASES[case](), "renumbered", encoder_schedule=ENCODER[case[0]])
+    _check_against_hand_built(model(case[0]), CASES[case](), "renumber", encoder_schedule=ENCODER[case[0]])
 
 
 @pytest.mark.parametrize("case", [("llava", "mixed"), ("qwen", "video"), ("qwen25", "mixed")], ids="-".join)
 def test_encoder_and_decoder_schedules_together(case):
     family = case[0]
-    _check_against_hand_built(model(family), CASES[case](), "original", method="v2drop", schedule="2:0.5/4:0.3",
+    _check_against_hand_built(model(family), CASES[case](), "keep", method="v2drop", schedule="2:0.5/4:0.3",
                               encoder_schedule=ENCODER[family])
 
 
@@ -395,7 +395,7 @@ def test_visionzip_tokens_equal_the_authors_selection(dominant, contextual):
     assert ref_indices.shape[1] == dominant
 
 
-@pytest.mark.parametrize("positions", ["renumbered", "original"])
+@pytest.mark.parametrize("positions", ["renumber", "keep"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", [("llava", "batch1"), ("llava", "mixed")], ids="-".join)
 def test_visionzip_equals_plain_model_on_its_tokens(case, attn, positions):
@@ -449,12 +449,12 @@ def test_visionzip_rows_equal_rows_alone():
     (tiny_internvl, dict(schedule="", method="none", encoder_schedule="1:0.5"), "pixel shuffle"),
     (tiny_qwen3_vl, dict(schedule="", method="none", encoder_schedule="1:0.5"), "DeepStack"),
     (tiny_llava, dict(schedule="", method="none", encoder_schedule="2:0.5"), "blocks 1..1"),
-    (tiny_qwen2_vl, dict(schedule="", method="none", encoder_schedule="1:0.5", positions="renumbered"), "M-RoPE"),
-    (tiny_llava, dict(schedule="2:0.5", method="v2drop", positions="original"), "before the LLM"),
+    (tiny_qwen2_vl, dict(schedule="", method="none", encoder_schedule="1:0.5", positions="renumber"), "M-RoPE"),
+    (tiny_llava, dict(schedule="2:0.5", method="v2drop", positions="keep"), "before the LLM"),
     (tiny_llava, dict(schedule="0:4+2", method="visionzip", encoder_schedule="1:0.5"), "does not combine"),
     (tiny_llava, dict(schedule="", method="none", encoder_schedule="1:t1:0.1:0.5"), "adaptive"),
     (tiny_llava, dict(schedule="0:12+6", method="visionzip"), "16 patches per crop"),
-    (tiny_llava, dict(schedule="2:0.5", method="v2drop", positions="sideways"), "allowed: original, renumbered"),
+    (tiny_llava, dict(schedule="2:0.5", method="v2drop", positions="sideways"), "allowed: keep, renumber"),
 ])
 def test_refusals(build, kwargs, match):
     m = build()

@@ -24,7 +24,7 @@ __all__ = ["BeforeLLM"]
 class BeforeLLM:
     """The hooks above for one model. ``select``: the pre-LLM method's selection
     (``Method.pre_llm_tokens``) for ``counts``; ``on_prefill(idx, valid)``: told the kept slots of each
-    prefill that removed something; ``positions``: ``original`` | ``renumbered`` (``engine/prellm.py``)."""
+    prefill that removed something; ``positions``: ``keep`` | ``renumber`` (``engine/prellm.py``)."""
 
     def __init__(self, adapter: ModelAdapter, encoder_schedule: DropSchedule | None, counts: ZipCounts | None,
                  select: Callable[..., torch.Tensor], positions: str,

@@ -32,7 +32,7 @@ from v2drop_eval.engine.adapters import ModelAdapter, adapter_for
 from v2drop_eval.engine.before_llm import BeforeLLM
 from v2drop_eval.engine.call import Call
 from v2drop_eval.engine.clock import DropperClock
-from v2drop_eval.engine.method import ORIGINAL, RENUMBERED, Method, ScoreContext
+from v2drop_eval.engine.method import Method, ScoreContext
 from v2drop_eval.engine.schedule import Adaptive, DropSchedule
 from v2drop_eval.engine.signals import Signals
 
@@ -45,7 +45,7 @@ class DropHandle:
     Made by ``v2drop_eval.attach``, which resolves the method by name and checks the arguments by the rules
     every entry point shares; here ``method`` is the :class:`Method` itself and ``schedule`` a parsed one.
     ``encoder_schedule``: stages inside the vision encoder (parsed); ``positions``: where tokens removed
-    before the LLM leave the others (``original`` | ``renumbered``; None: the method's rule).
+    before the LLM leave the others (``keep`` | ``renumber``; None: the method's rule, ``Method.positions``).
     """
 
     def __init__(self, model: nn.Module, schedule: DropSchedule, method: Method, metric: str, seed: int,
@@ -61,7 +61,7 @@ class DropHandle:
             problem = method.pre_llm_problem(schedule.pre_llm, refusals.patches_per_crop(spec))
             if problem:
                 raise ValueError(problem)
-        positions = positions or (RENUMBERED if method.pre_llm else ORIGINAL)
+        positions = positions or method.positions
         refusals.check_renumbering(positions, self.adapter.mrope)
         self.model, self.schedule, self.method = model, schedule, method.name
         self.encoder_schedule, self.positions = encoder_schedule, positions

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from v2drop_eval.engine.schedule import ZipCounts
 
 __all__ = ["Method", "ScoreContext", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_ATTENTION_WEIGHTS", "PREV_KEYS",
-           "PROBE_ATTENTION", "NORMED_HIDDEN", "ROW_IDENTITY", "POSITIONS", "ORIGINAL", "RENUMBERED"]
+           "PROBE_ATTENTION", "NORMED_HIDDEN", "ROW_IDENTITY", "POSITION_RULES", "KEEP", "RENUMBER"]
 
 # The signals the engine can provide at a drop layer l (all aligned with the alive slots ``[B, n]``).
 PREV_HIDDEN = "prev_hidden"  # [B, n, D] hidden states entering layer l-1
@@ -33,10 +33,11 @@ NORMED_HIDDEN = "normed_hidden"  # [B, n, D] the hidden states entering l, throu
 ROW_IDENTITY = "row_identity"  # (each row's real tokens as bytes, [B, n] ordinal among its vision tokens, table size)
 SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS, PROBE_ATTENTION, NORMED_HIDDEN, ROW_IDENTITY)
 
-# Where tokens removed before the LLM leave the others (``positions=``): each keeps its position in the
-# full prompt, or the shorter sequence is numbered 0..L-1 (LLaVA's and VisionZip's own code).
-ORIGINAL, RENUMBERED = "original", "renumbered"
-POSITIONS = (ORIGINAL, RENUMBERED)
+# How rotary positions follow tokens removed (``positions=``; ``Method.positions`` is the method's authors'
+# rule): "keep" (every token keeps its position in the full prompt) or "renumber" (the shorter sequence is
+# numbered again, closing the gaps: VisionZip's and LLaVA's own code before the LLM).
+KEEP, RENUMBER = "keep", "renumber"
+POSITION_RULES = (KEEP, RENUMBER)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Method:
     multi_stage: ClassVar[bool] = True  # False: exactly one drop stage
     adaptive: ClassVar[bool] = False  # takes adaptive stages (layer:tT:MIN:MAX)
     pre_llm: ClassVar[bool] = False  # drops before the LLM (its one stage is '0:D+C'), not inside the decoder
+    positions: ClassVar[str] = KEEP  # its authors' rule for positions (POSITION_RULES)
     takes_metric: ClassVar[bool] = False
     takes_seed: ClassVar[bool] = False
     # family preset table ('llava', 'qwen2_vl') -> budget -> schedule text

@@ -9,14 +9,14 @@ removes those rows from its inputs at the prefill, so the decoder runs a shorter
   the left with padding slots (zero embeddings, 0 in the attention mask), as left padding;
 - the 2D ``attention_mask`` gathered (built, ones and the padding slots, when the model passed None);
 - ``position_ids`` (``[B, S]``, or M-RoPE's ``[3 | 4, B, S]``) gathered, so every kept token keeps the
-  position it had in the full prompt (``positions="original"``), or renumbered ``0..L-1`` from each row's
-  first real token (``positions="renumbered"``, 1-D RoPE only: what LLaVA's and VisionZip's own code do);
+  position it had in the full prompt (``positions="keep"``), or renumbered ``0..L-1`` from each row's
+  first real token (``positions="renumber"``, 1-D RoPE only: what LLaVA's and VisionZip's own code do);
 - the decoder then builds its mask and cache over the shorter sequence; every decoder layer's
   ``DynamicCache`` holds the kept tokens only.
 
 At each decode step the 2D mask that ``generate`` extended over the full prompt is gathered at the kept
-slots plus the new tokens, and the new tokens' positions continue from the full prompt (``original``)
-or from the shortened one (``renumbered``, each row shifted by its own count of dropped tokens). A
+slots plus the new tokens, and the new tokens' positions continue from the full prompt (``keep``)
+or from the shortened one (``renumber``, each row shifted by its own count of dropped tokens). A
 prefill with nothing dropped leaves every input untouched (bit-identical to the plain model).
 """
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from v2drop_eval.engine import contract
-from v2drop_eval.engine.method import POSITIONS, RENUMBERED
+from v2drop_eval.engine.method import POSITION_RULES, RENUMBER
 
 __all__ = ["PreLLMGather"]
 
@@ -50,8 +50,8 @@ class PreLLMGather:
     prefill that dropped something (the LLM dropper rebases its layout on them)."""
 
     def __init__(self, decoder: nn.Module, positions: str, on_prefill: Callable[[torch.Tensor, torch.Tensor], None]):
-        if positions not in POSITIONS:
-            raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITIONS)}")
+        if positions not in POSITION_RULES:
+            raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITION_RULES)}")
         self.positions = positions
         self.on_prefill = on_prefill
         self.kept: _Kept | None = None
@@ -108,9 +108,9 @@ class PreLLMGather:
     def _positions_prefill(self, pid: torch.Tensor | None, idx: torch.Tensor, real: torch.Tensor,
                            S: int) -> torch.Tensor:
         B, n = idx.shape
-        if self.positions == RENUMBERED:
+        if self.positions == RENUMBER:
             if pid is not None and pid.dim() == 3:
-                raise ValueError("positions=renumbered is not defined for M-RoPE (3-D) positions; use original")
+                raise ValueError(f"positions={RENUMBER} is not defined for M-RoPE (3-D) positions; use keep")
             return (real.long().cumsum(1) - 1).clamp(min=0) * real
         if pid is None:  # the decoder would number the full prompt 0..S-1
             pid = torch.arange(S, device=idx.device)[None]
@@ -139,7 +139,7 @@ class PreLLMGather:
         pid = kwargs.get("position_ids")
         if pid is None:
             pid = (kept.seq_len + extra - q + torch.arange(q, device=embeds.device))[None].expand(B, q)
-        if self.positions == RENUMBERED:
+        if self.positions == RENUMBER:
             pid = pid.expand(B, q) - kept.dropped[:, None]
         out["position_ids"] = pid
         if isinstance(kwargs.get("cache_position"), torch.Tensor):

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers.cache_utils import DynamicCache
 
-from v2drop_eval.engine.method import ORIGINAL, RENUMBERED
+from v2drop_eval.engine.method import KEEP, RENUMBER
 
 __all__ = ["check_attention", "check_cache_type", "check_encoder", "check_renumbering",
            "patches_per_crop", "INPUTS_EMBEDS", "LABELS",
@@ -53,9 +53,9 @@ def check_encoder(model_class: str, spec: Any, encoder_schedule: Any, zip_counts
 
 def check_renumbering(positions: str, mrope: bool) -> None:
     """Refuse renumbered positions on a model whose positions are M-RoPE (time / height / width per patch)."""
-    if positions == RENUMBERED and mrope:
-        raise ValueError(f"positions={RENUMBERED} is for 1-D rotary positions; this model's M-RoPE positions are the "
-                         f"time / height / width of each patch, so its tokens keep their own (positions={ORIGINAL})")
+    if positions == RENUMBER and mrope:
+        raise ValueError(f"positions={RENUMBER} is for 1-D rotary positions; this model's M-RoPE positions are the "
+                         f"time / height / width of each patch, so its tokens keep their own (positions={KEEP})")
 
 
 def patches_per_crop(spec: Any) -> int:

@@ -34,8 +34,8 @@ def attach(
     with its one pre-LLM stage ``0:D+C``), or ``none`` (nothing changes; the unpruned baseline with the
     same accounting). ``encoder_schedule`` (e.g. ``"12:0.5/18:0.5"``): V2Drop's stages inside the vision
     encoder (its blocks), with any LLM method. ``positions``: where tokens removed before the LLM leave the
-    others, ``original`` (each keeps its position in the full prompt; the default, except for VisionZip)
-    or ``renumbered`` (``0..L-1`` over the shorter sequence, as VisionZip's code does; 1-D RoPE only).
+    others, ``keep`` (each keeps its position in the full prompt) or ``renumber`` (``0..L-1`` over the
+    shorter sequence, as VisionZip's code does; 1-D RoPE only); None: the method's authors' rule.
     Bad arguments raise ``ValueError`` naming them (the rules of ``v2drop_eval.methods.rules``); an
     unsupported model ``TypeError``.
     """

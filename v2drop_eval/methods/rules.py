@@ -12,14 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from v2drop_eval.engine.method import ORIGINAL, POSITIONS, RENUMBERED, Method
+from v2drop_eval.engine.method import POSITION_RULES, Method
 from v2drop_eval.engine.schedule import DropSchedule
 from v2drop_eval.methods import BASELINE, METHODS, get_method
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 
 __all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "check_seed",
-           "schedule_problem", "as_int", "local_model_problem", "validate_encoder", "check_positions", "POSITIONS",
-           "ORIGINAL", "RENUMBERED"]
+           "schedule_problem", "as_int", "local_model_problem", "validate_encoder", "check_positions",
+           "POSITION_RULES"]
 
 # ``attach``'s default seed: a method that does not use it may still be handed it.
 DEFAULT_SEED = 0
@@ -125,14 +125,14 @@ def validate_encoder(encoder_schedule: Any, method: Any = None) -> DropSchedule 
 
 
 def check_positions(positions: Any, method: Any, encoder_schedule: Any) -> str:
-    """``positions`` (None: the default, ``renumbered`` for a pre-LLM method as VisionZip's authors' code
-    does, else ``original``), refused when nothing is removed before the LLM. (A model whose positions are
-    M-RoPE refuses ``renumbered`` when it is loaded: ``engine.refusals.check_renumbering``.)"""
+    """``positions`` (None: the method's authors' rule, ``Method.positions``: ``renumber`` for VisionZip,
+    else ``keep``), refused when nothing is removed before the LLM. (A model whose positions are M-RoPE
+    refuses ``renumber`` when it is loaded: ``engine.refusals.check_renumbering``.)"""
     spec = get_method(method)
     if positions is None:
-        return RENUMBERED if spec.pre_llm else ORIGINAL
-    if positions not in POSITIONS:
-        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITIONS)}")
+        return spec.positions
+    if positions not in POSITION_RULES:
+        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITION_RULES)}")
     if not spec.pre_llm and encoder_schedule is None:
         raise ValueError(f"positions={positions} applies to tokens removed before the LLM ({_takers('pre_llm')} or "
                          f"encoder_schedule=); method={method} drops inside the decoder, where tokens keep their "

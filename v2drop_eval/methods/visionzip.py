@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from v2drop_eval.engine.method import Method
+from v2drop_eval.engine.method import RENUMBER, Method
 from v2drop_eval.engine.schedule import ZipCounts
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class VisionZip(Method):
     source = "Yang et al., CVPR 2025; github.com/dvlab-research/VisionZip"
     multi_stage = False
     pre_llm = True
+    positions = RENUMBER  # prepare_inputs_labels_for_multimodal numbers the shorter sequence 0..L-1
     presets = PRESETS
 
     style = ("tab:olive", ">")

@@ -24,7 +24,7 @@ from v2drop_eval.engine.families import (
     get_family,
     lmms_siblings,
 )
-from v2drop_eval.engine.method import ORIGINAL, RENUMBERED
+from v2drop_eval.engine.method import KEEP, RENUMBER
 from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, get_method
 from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
@@ -259,7 +259,7 @@ def _check_before_llm(args: DropArgs, config: Any, model_type: str, family: str,
     if args.schedule.pre_llm is not None and model_type not in VISIONZIP_TYPES:
         raise _fail(model_name, f"method={args.method} runs on {', '.join(VISIONZIP_TYPES)} checkpoints (a CLIP "
                                 f"[CLS] the authors' code reads); {pretrained} is {model_type!r}")
-    if args.positions == RENUMBERED and get_family(family).mrope:
-        raise _fail(model_name, f"positions={RENUMBERED} is for 1-D rotary positions; {pretrained}'s M-RoPE positions "
+    if args.positions == RENUMBER and get_family(family).mrope:
+        raise _fail(model_name, f"positions={RENUMBER} is for 1-D rotary positions; {pretrained}'s M-RoPE positions "
                                 f"are each patch's time / height / width, so its tokens keep their own "
-                                f"(positions={ORIGINAL})")
+                                f"(positions={KEEP})")
