@@ -2,10 +2,15 @@
 
 It reuses only the kept positions a dropping run recorded (``handle.last_layouts``), so it checks
 the gathering mechanics (masks, rotary, cache, decode) independently of how tokens were chosen.
+
+With ``renumber=True`` it also gives every layer the positions PyramidDrop's rule gives (the gaps that
+dropped tokens leave closed per row, decode positions moved down alike), computed here one row and one
+value at a time, and hands the layer the rotary pair the decoder's own rotary module makes of them.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from contextlib import contextmanager
 
 import torch
@@ -27,10 +32,62 @@ def allowed_keys(layouts: dict, attention_mask: torch.Tensor, num_layers: int) -
     return out
 
 
+def closed_values(ids: torch.Tensor, real: torch.Tensor, keep: torch.Tensor) -> list[list[int]]:
+    """Per row, the sorted position values only dropped tokens held (``ids [A, B, S]``)."""
+    out = []
+    for b in range(real.shape[0]):
+        held = {int(v) for a in range(ids.shape[0]) for v, r in zip(ids[a, b], real[b], strict=True) if r}
+        kept = {int(v) for a in range(ids.shape[0]) for v, k in zip(ids[a, b], keep[b], strict=True) if k}
+        out.append(sorted(held - kept))
+    return out
+
+
+def renumbered(ids: torch.Tensor, closed: list[list[int]]) -> torch.Tensor:
+    """Each value moved down by the closed values below it (``ids [A, B, n]``)."""
+    out = ids.clone()
+    for a in range(ids.shape[0]):
+        for b in range(ids.shape[1]):
+            out[a, b] = torch.tensor([v - bisect_left(closed[b], v) for v in ids[a, b].tolist()])
+    return out
+
+
 @contextmanager
-def masking_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str):
-    """Hooks that AND each layer's attention mask with ``allowed[layer]`` (plus new decode tokens)."""
+def masking_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str, renumber: bool = False):
+    """Hooks that AND each layer's attention mask with ``allowed[layer]`` (plus new decode tokens), and
+    with ``renumber`` give each layer PyramidDrop's renumbered positions."""
     hooks = []
+    rotary = model.model.language_model.rotary_emb
+    seen: dict = {"ids": None, "prefill": {}, "busy": False}
+
+    def record(module, args, kwargs):
+        if not seen["busy"]:
+            seen["ids"] = args[1] if len(args) > 1 else kwargs["position_ids"]
+
+    def axes(ids, B):
+        ids = ids[None] if ids.dim() == 2 else ids
+        return ids.expand(ids.shape[0], B, ids.shape[-1])
+
+    def positions(layer, kwargs, hidden):
+        """The layer's rotary pair and position ids, renumbered by the keys it keeps."""
+        B, q = hidden.shape[:2]
+        real, keep = allowed[0], allowed[layer]
+        if q == real.shape[1]:  # a prefill: what the ids held before anything was dropped
+            seen["prefill"] = {"rotary": axes(seen["ids"], B).clone()}
+            if isinstance(kwargs.get("position_ids"), torch.Tensor):
+                seen["prefill"]["text"] = axes(kwargs["position_ids"], B).clone()
+        out = {}
+        for key, ids in (("rotary", seen["ids"]), ("text", kwargs.get("position_ids"))):
+            if not isinstance(ids, torch.Tensor):
+                continue
+            new = renumbered(axes(ids, B), closed_values(seen["prefill"][key], real, keep))
+            new = new[0] if ids.dim() == 2 else new
+            if key == "text":
+                out["position_ids"] = new
+                continue
+            seen["busy"] = True
+            out["position_embeddings"] = rotary(hidden, position_ids=new)
+            seen["busy"] = False
+        return out
 
     def make(layer: int):
         def hook(module, args, kwargs):
@@ -56,12 +113,16 @@ def masking_reference(model, layers, allowed: dict[int, torch.Tensor], attn: str
             if attn == "eager":
                 m = torch.zeros(m.shape, dtype=hidden.dtype).masked_fill(~m, torch.finfo(hidden.dtype).min)
             kwargs = dict(kwargs, attention_mask=m)
+            if renumber and not torch.equal(allowed[layer], allowed[0]):
+                kwargs.update(positions(layer, kwargs, hidden))
             return args, kwargs
 
         return hook
 
     changed = [layer for layer in allowed if not torch.equal(allowed[layer], allowed[0])]
     first = min(changed, default=len(layers))
+    if renumber:
+        hooks.append(rotary.register_forward_pre_hook(record, with_kwargs=True))
     for layer in range(first, len(layers)):
         hooks.append(layers[layer].register_forward_pre_hook(make(layer), with_kwargs=True))
     try:

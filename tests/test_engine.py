@@ -28,6 +28,7 @@ from tiny import (
 )
 
 from v2drop_eval import DropSchedule, attach
+from v2drop_eval.engine.method import RENUMBER
 from v2drop_eval.methods import METHODS, get_method
 
 FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "next": tiny_llava_next,
@@ -126,34 +127,42 @@ def test_keep_all_is_bit_identical(case, attn):
             assert all(torch.equal(a, b) for a, b in zip(gen.logits, plain_gen.logits, strict=True))
 
 
-# Every method that drops, at a schedule it takes (V2Drop at two).
-DROPPING = [("v2drop", "2:0.5/4:0.3"), ("v2drop", "1:0.25/3:0"), ("random", "1:0.5/4:0"), ("fastv", "2:0.4"),
-            ("fastv_attn", "2:0.4"), ("pdrop", "2:0.5/4:0.3"), ("dart", "2:0.4")]
+# Every method that drops, at a schedule it takes (V2Drop at two), with the options that change what the
+# engine does (PyramidDrop's positions kept; DART's pivots, which keep all of an image of 4 tokens, within
+# the floor count so that the small Qwen images drop too).
+DROPPING = [("v2drop", "2:0.5/4:0.3", None), ("v2drop", "1:0.25/3:0", None), ("random", "1:0.5/4:0", None),
+            ("fastv", "2:0.4", None), ("fastv_attn", "2:0.4", None), ("pdrop", "2:0.5/4:0.3", None),
+            ("pdrop", "2:0.5/4:0.3", "kept_positions"), ("dart", "2:0.4", None), ("dart", "2:0.4", "exact_counts")]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", list(CASES), ids="-".join)
-@pytest.mark.parametrize(("method", "schedule"), DROPPING)
-def test_dropping_equals_masking_reference(case, attn, method, schedule):
+@pytest.mark.parametrize(("method", "schedule", "options"), DROPPING)
+def test_dropping_equals_masking_reference(case, attn, method, schedule, options):
     family, _ = case
     m = model(family, attn)
     inputs = CASES[case]()
-    with attach(m, schedule, method=method) as h, torch.no_grad():
+    with attach(m, schedule, method=method, options=options) as h, torch.no_grad():
         out = m(**inputs)
+        dropped_any = any(s["vision_per_layer"][-1] < s["vision_tokens"] for s in h.last_stats)
         prefill_layouts = dict(h.last_layouts)
         dropped = _generate(m, inputs)
         # generate's prefill may keep other tokens: it gives padded rows other rotary positions (DART's
         # key norms see them), so each run is checked against the reference of its own kept sets
         layouts = dict(h.last_layouts)
     layers = m.model.language_model.layers
-    with masking_reference(m, layers, allowed_keys(prefill_layouts, inputs["attention_mask"], LAYERS), attn), \
-            torch.no_grad():
+    # PyramidDrop's positions: the reference's too
+    renumber = get_method(method).positions_with(frozenset(options.split("+")) if options else frozenset()) == RENUMBER
+    with masking_reference(m, layers, allowed_keys(prefill_layouts, inputs["attention_mask"], LAYERS), attn,
+                           renumber), torch.no_grad():
         ref = m(**inputs)
-    with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), attn), torch.no_grad():
+    with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), attn, renumber), \
+            torch.no_grad():
         ref_gen = _generate(m, inputs)
     # Prefill: every real slot of the last layout against its original position.
     idx, valid = prefill_layouts[max(prefill_layouts)]
-    assert out.logits.shape[1] == idx.shape[1] < inputs["input_ids"].shape[1]
+    assert dropped_any or (method, options) == ("dart", None)  # DART keeps 4 pivots: all of a 4-token image
+    assert out.logits.shape[1] == idx.shape[1] < inputs["input_ids"].shape[1] or not dropped_any
     for b in range(idx.shape[0]):
         pos = idx[b][valid[b]]
         torch.testing.assert_close(out.logits[b][valid[b]], ref.logits[b, pos], atol=1e-4, rtol=0)
@@ -272,7 +281,7 @@ def test_use_cache_false_and_sampling_and_beams():
         assert sampled.shape == cached.shape
         beams = m.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
         assert beams.shape[0] == inputs["input_ids"].shape[0]
-        assert h.last_stats[0]["vision_per_layer"][-1] == 0
+        assert h.last_stats[0]["vision_per_layer"][-1] == 1  # V2Drop's ':0' keeps max(1, 0) tokens
 
 
 def test_detach_restores_model_exactly():
@@ -328,7 +337,7 @@ def test_long_qwen3_video_row_beside_an_image_row():
     with attach(m, "1:0.5/3:0") as h, torch.no_grad():
         out = m(**inputs).logits
         layouts, stats = dict(h.last_layouts), h.last_stats
-    assert [s["vision_per_layer"][:4] for s in stats] == [[4096, 2048, 2048, 0], [16, 8, 8, 0]]
+    assert [s["vision_per_layer"][:4] for s in stats] == [[4096, 2048, 2048, 1], [16, 8, 8, 1]]
     layers = m.model.language_model.layers
     with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), "sdpa"), \
             torch.no_grad():
@@ -361,6 +370,9 @@ def test_text_only_and_keep_zero():
     inputs = llava_inputs([2])
     with attach(m, "1:0") as h, torch.no_grad():
         m(**inputs)
+        assert h.last_stats[0]["vision_per_layer"] == [32] + [1] * (LAYERS - 1)  # as V2Drop's code: max(1, 0)
+    with attach(m, "1:0", options="zero_drops_all") as h, torch.no_grad():
+        m(**inputs)
         assert h.last_stats[0]["vision_per_layer"] == [32] + [0] * (LAYERS - 1)
 
 
@@ -381,8 +393,10 @@ def test_pdrop_uses_the_stage_layers_own_attention(attn):
 
 
 def _dart_reference(keys, normed, cand, text, keep):
-    """DART's greedy for one row with Python sets, the way its reference code reads (pivots by key L1
-    norm, then per pivot the least cosine-similar image tokens), with this project's budget split."""
+    """DART's greedy for one row with Python sets (pivots by key L1 norm, then per pivot the least
+    cosine-similar image tokens), with the options ``exact_counts`` (the pivots within floor(alive x r),
+    the remainder one each to the first) and ``pivots_in_order``, in float32 (``float32_scores``); each
+    row of a batch as its own (the authors' code, at batch size 1: tests/test_originals.py)."""
     l1 = keys.float().abs().sum(dim=(0, 2))  # [n]
     image = cand.nonzero()[:, 0].tolist()
     last = max(image)
@@ -402,7 +416,7 @@ def _dart_reference(keys, normed, cand, text, keep):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen", "internvl"])
-def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
+def test_dart_options_keep_what_their_greedy_rule_keeps_in_every_row(family, monkeypatch):
     from v2drop_eval.engine.method import NORMED_HIDDEN, PREV_KEYS
     from v2drop_eval.methods import dart
 
@@ -411,7 +425,8 @@ def test_dart_keeps_what_its_greedy_rule_keeps(family, monkeypatch):
     seen = []
     score = dart.DART.score
     monkeypatch.setattr(dart.DART, "score", lambda self, ctx: seen.append(ctx) or score(self, ctx))
-    with attach(m, "2:0.5", method="dart") as h, torch.no_grad():
+    with attach(m, "2:0.5", method="dart", options="exact_counts+pivots_in_order+float32_scores") as h, \
+            torch.no_grad():
         m(**inputs)
         idx, valid = h.last_layouts[2]
     ctx = seen[0]
@@ -435,7 +450,7 @@ def test_long_internvl_video_row_beside_an_image_row():
         layouts, stats = dict(h.last_layouts), h.last_stats
         alone = _generate(m, row_inputs(inputs, 0, "internvl"))
         assert h.last_stats[0]["vision_per_layer"] == stats[0]["vision_per_layer"]
-    assert stats[0]["vision_per_layer"] == [2048, 1024, 1024, 256, 256, 0]
+    assert stats[0]["vision_per_layer"] == [2048, 1024, 1024, 256, 256, 1]
     with masking_reference(m, m.model.language_model.layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS),
                            "sdpa"), torch.no_grad():
         ref = _generate(m, inputs)

@@ -44,7 +44,7 @@ INTERNVL_VISION = {"tiny_textvqa": [16, 112, 112, 48], "tiny_mme": [112, 112, 11
 # Qwen3-VL sizes images for patch 16 x merge 2 (multiples of 32 px): 56x56 -> 64x64 -> 4 tokens, ...
 QWEN3_VISION = {"tiny_textvqa": [4, 6, 6, 8], "tiny_mme": [6, 6, 6, 6, 8, 8]}
 SIDECAR_KEYS = {
-    "task", "doc_id", "model", "family", "method", "schedule", "budget", "metric", "seed",
+    "task", "doc_id", "model", "family", "method", "schedule", "budget", "metric", "seed", "options",
     "attn_implementation", "batch_size", "prefill_ms", "decode_ms", "generated_tokens", "total_ms",
     "vision_tokens", "vision_per_layer", "avg_vision_tokens", "tokens_per_layer", "prefill_flops",
     "prefill_flops_convention", "paper_macs", "kv_cache_bytes", "peak_memory_bytes", "device", "versions",
@@ -162,10 +162,10 @@ def test_checkpoint_depth_and_family(tiny_assets):
     # A budget's preset names layers of a 32-layer model: scaled to the 4 layers, same average for every method
     scaled = check_checkpoint(_pop(budget=128), str(tiny_assets["llava"]))
     assert scaled.preset_scaled and str(scaled.schedule) == "1:0.28/2:0.25/3:0"
-    for method in ("pdrop", "dart"):
+    for method, within in (("pdrop", 1.5), ("dart", 4)):  # each counted its own way; DART's count steps by 8
         other = check_checkpoint(_pop(budget=128, method=method), str(tiny_assets["llava"]))
-        assert other.preset_scaled and abs(other.schedule.average_tokens(576, 4)
-                                           - scaled.schedule.average_tokens(576, 4)) < 1.5
+        assert other.preset_scaled and abs(other.schedule.average_tokens(576, 4, method)
+                                           - scaled.schedule.average_tokens(576, 4)) <= within
     with pytest.raises(ValueError, match="'qwen2_vl' checkpoint.*use --model v2drop_qwen2_vl"):
         check_checkpoint(_pop(schedule=SCHEDULE), str(tiny_assets["qwen2_vl"]))
     with pytest.raises(ValueError, match="'internvl' checkpoint.*use --model v2drop_internvl"):
@@ -222,6 +222,29 @@ def test_method_metric_rule_is_shared():
             _pop(method=method, budget=128, **({"metric": metric} if metric else {}),
                  **({"seed": seed} if seed is not None else {}))
     check_drop_method("random", "l2", 0)  # attach's defaults, handed to any method
+
+
+def test_options_rule_is_shared():
+    """An option is taken by model args and attach alike, refused alike when unknown or not the method's."""
+    from tiny import tiny_llava
+
+    from v2drop_eval import attach
+
+    args = _pop(method="pdrop", budget=128, options="kept_positions+float32_scores")
+    assert args.options == {"kept_positions", "float32_scores"}
+    assert args.describe()["options"] == "float32_scores+kept_positions"  # declaration order
+    assert _pop(budget=128).describe()["options"] is None
+    for method, options, match in (("v2drop", "kept_positions", "option kept_positions applies to method=pdrop only, "
+                                                                "not method=v2drop"),
+                                   ("dart", "fast", "unknown option 'fast'; known options: float32_scores, exact_counts"),
+                                   ("random", "float32_scores", "option float32_scores applies to method=v2drop, method=fastv"),
+                                   ("none", "exact_counts", "not method=none")):
+        with pytest.raises(ValueError, match=f"^v2drop_llava: .*{match}"):
+            _pop(method=method, **({"budget": 128} if method != "none" else {}), options=options)
+        with pytest.raises(ValueError, match=match):
+            attach(tiny_llava("sdpa"), "2:0.5", method=method, options=options)
+    with attach(tiny_llava("sdpa"), "2:0.5", method="dart", options=["pivots_in_order"]) as h:
+        assert h.options == {"pivots_in_order"} and "options='pivots_in_order'" in repr(h)
 
 
 def test_attach_refuses_a_metric_its_method_ignores():
@@ -343,7 +366,7 @@ def test_timer_on_a_generate_call(tiny_assets):
     assert 0 < call.prefill_forward_ms <= call.prefill_ms < call.total_ms
     assert abs(call.prefill_ms + call.decode_ms - call.total_ms) < 1e-6
     assert call.generated_tokens == [4, 4] and call.peak_memory_bytes is None
-    assert [s["vision_per_layer"] for s in call.stats] == [[16, 8, 2, 0]] * 2
+    assert [s["vision_per_layer"] for s in call.stats] == [[16, 8, 2, 1]] * 2  # V2Drop's ":0" keeps one
     timer.remove()
     handle.detach()
     assert "generate" not in model.__dict__
@@ -526,7 +549,7 @@ def _check_run(run: Run, assets: dict[str, Any], family: str, method: str, sched
         expected_vision = LLAVA_VISION if family == "llava" else {"qwen3_vl": QWEN3_VISION, "internvl": INTERNVL_VISION}.get(
             family, QWEN_VISION)[r["task"]][r["doc_id"]]
         assert r["vision_tokens"] == expected_vision  # rows attributed to the right samples
-        assert r["vision_per_layer"] == sched.tokens_per_layer(expected_vision, 4)
+        assert r["vision_per_layer"] == sched.tokens_per_layer(expected_vision, 4, method)
         assert r["avg_vision_tokens"] == sum(r["vision_per_layer"]) / 4
         assert r["tokens_per_layer"] == [r["text_tokens"] + v for v in r["vision_per_layer"]]
         assert r["kv_cache_bytes"] > 0 and r["prefill_flops"] > r["paper_macs"] > 0

@@ -4,7 +4,7 @@ import pytest
 
 from v2drop_eval import DropSchedule
 from v2drop_eval.engine.schedule import kept_count
-from v2drop_eval.methods.presets import depth_scaled_presets, preset_table
+from v2drop_eval.methods.presets import depth_scaled_presets, pdrop_for, preset_table, single_stage_for
 
 
 def test_parse_and_str_roundtrip():
@@ -16,14 +16,19 @@ def test_parse_and_str_roundtrip():
 
 
 @pytest.mark.parametrize(
-    "budget,tokens,average",
-    [(192, [576] * 3 + [288] * 14 + [86] * 5 + [0] * 10, 193.4), (128, None, 130.7), (64, None, 66.4)],
+    "budget,tokens,average,exact",
+    [(192, [576] * 3 + [288] * 14 + [86] * 5 + [1] * 10, 193.75, 193.4), (128, None, 131.0, 130.7),
+     (64, None, 66.7, 66.4)],
 )
-def test_llava_presets_give_published_averages(budget, tokens, average):
+def test_llava_presets_give_published_averages(budget, tokens, average, exact):
+    """V2Drop's own count keeps one token at the ':0' stage (max(1, int(alive x r))); with exact_counts
+    (or zero_drops_all) it keeps none, the paper's 193 / 131 / 66 (design.md §1)."""
     s = DropSchedule.preset("llava", budget)
     if tokens:
         assert s.tokens_per_layer(576, 32) == tokens
     assert s.average_tokens(576, 32) == pytest.approx(average, abs=0.05)
+    for options in (["exact_counts"], ["zero_drops_all"]):
+        assert s.average_tokens(576, 32, options=options) == pytest.approx(exact, abs=0.05)
 
 
 def test_qwen_presets_and_fastv_presets():
@@ -43,11 +48,19 @@ def test_qwen_presets_and_fastv_presets():
 def test_depth_scaled_presets_are_the_committed_tables(family, layers):
     """The derivation reproduces the Qwen2-VL tables on their own 28 layers, and gives each family's own."""
     derived = depth_scaled_presets("qwen2_vl", layers)
-    for method in ("v2drop", "fastv", "pdrop"):
-        assert {str(k): v for k, v in preset_table(family, method).items()} == \
-            {str(k): v for k, v in derived[method].items()}, method
-    dart = preset_table(family, "dart")
-    assert {k: v for k, v in dart.items() if k != "paper"} == preset_table(family, "fastv")
+    for method in ("v2drop", "fastv", "pdrop", "dart"):
+        committed = {str(k): v for k, v in preset_table(family, method).items() if k != "paper"}
+        assert committed == {str(k): v for k, v in derived[method].items()}, method
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
+def test_llava_presets_of_the_other_methods_are_fitted_with_their_own_counts(budget):
+    """PyramidDrop: s, 2s, 3s within one token of V2Drop's average, lambda closest to 0.5; FastV and DART:
+    one stage at layer 2 closest to the budget, each counted by its own formula."""
+    target = DropSchedule.preset("llava", budget).average_tokens(576, 32)
+    assert DropSchedule.preset("llava", budget, method="pdrop") == pdrop_for(target, 576, 32, method="pdrop")
+    for method in ("fastv", "dart"):
+        assert DropSchedule.preset("llava", budget, method=method) == single_stage_for(budget, 576, 32, method=method)
 
 
 def test_derivation_depends_on_depth():

@@ -153,6 +153,11 @@ def test_shipped_configs_are_valid():
     ({"budgets": [192, 192]}, "names the same point twice"),
     ({"budgets": [], "schedules": ["3:t1.0:0.1:0.6/22:0"]}, "adaptive stages need method v2drop, not 'random'"),
     ({"output": "${V2DROP_TEST_UNSET_VAR}"}, "V2DROP_TEST_UNSET_VAR"),
+    ({"methods": [{"method": "v2drop", "options": [["kept_positions"]]}]},
+     "methods[0].options[0]: option kept_positions applies to method=pdrop only, not method=v2drop"),
+    ({"methods": [{"method": "pdrop", "options": ["bogus"]}]}, "methods[0].options[0]: unknown option 'bogus'"),
+    ({"methods": [{"method": "pdrop", "options": "kept_positions"}]}, "expected a list of option sets"),
+    ({"methods": [{"method": "pdrop", "options": [[], None]}]}, "the option set [] is listed twice"),
 ])
 def test_bad_configs_are_refused(change, message):
     with pytest.raises(ConfigError) as err:
@@ -621,3 +626,16 @@ def test_prepare_from_a_file_path(tmp_path, capsys, monkeypatch):
     path = write_cfg(tmp_path, prepare={"call": "build_it.py:build", "args": {"root": "built"}}, models=models)
     assert main(["sweep", str(path)]) == 0
     assert (tmp_path / "built").is_dir() and len(calls(tmp_path)) == 3
+
+
+def test_option_sets_expand_to_points():
+    raw = base_config(methods=["none", {"method": "pdrop", "options": [[], ["kept_positions"]]},
+                               {"method": "dart", "budgets": [128], "options": ["exact_counts+pivots_in_order"]}],
+                      budgets=[128])
+    points = {p.id: p for p in expand(parse(raw))}
+    base = points["m7b__pdrop__b128"]
+    kept = points["m7b__pdrop__b128__kept_positions"]
+    assert base.options is None and "options" not in base.model_args()
+    assert kept.options == "kept_positions" and kept.model_args().endswith("budget=128,options=kept_positions")
+    assert kept.to_dict()["options"] == "kept_positions"
+    assert points["m7b__dart__b128__exact_counts+pivots_in_order"].options == "exact_counts+pivots_in_order"

@@ -96,7 +96,7 @@ def test_tables_from_fake_results(fake_sweep: Path):
         "llava15_7b__none", "llava15_7b__v2drop__b192__l2", "llava15_7b__fastv__b192",
         "llava15_7b__v2drop__b128__l2", "llava15_7b__random__b128", "llava15_7b__v2drop__b64__l2",
         "llava15_7b__v2drop__s3-0.5_14-0.3_29-0__l2"]
-    assert list(acc.columns[6:]) == ["GQA", "SQA-IMG", "TextVQA", "POPE", "MME", "MMB", "Average"]
+    assert list(acc.columns[7:]) == ["GQA", "SQA-IMG", "TextVQA", "POPE", "MME", "MMB", "Average"]
     # Numbers checked against the raw result files.
     raw = raw_results(fake_sweep, "llava15_7b__v2drop__b128__l2")
     r = row(acc, "llava15_7b__v2drop__b128__l2")

@@ -34,13 +34,14 @@ PAD = 0
 QWEN3_DEEPSTACK = [0, 1, 2]
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 2,
-               feature_layer: int = -1) -> LlavaForConditionalGeneration:
+def tiny_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 2, feature_layer: int = -1,
+               image_size: int = 32) -> LlavaForConditionalGeneration:
+    """``image_size`` px square images, patch 8: (image_size / 8)^2 vision tokens each (16 by default)."""
     torch.manual_seed(seed)
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
-            image_size=32, patch_size=8, projection_dim=32,
+            image_size=image_size, patch_size=8, projection_dim=32,
         ),
         text_config=LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -157,21 +158,23 @@ def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def llava_inputs(images_per_row: list[int], text_lens: list[int] | None = None, seed: int = 0) -> dict:
-    """Rows of [text, image tokens..., text] with ``images_per_row[b]`` images each, left-padded."""
+def llava_inputs(images_per_row: list[int], text_lens: list[int] | None = None, seed: int = 0,
+                 image_size: int = 32) -> dict:
+    """Rows of [text, image tokens..., text] with ``images_per_row[b]`` images each, left-padded
+    (``image_size``: as the model was built with)."""
     gen = torch.Generator().manual_seed(seed)
     rows, n_images = [], 0
     for b, k in enumerate(images_per_row):
         t = (text_lens or [5] * len(images_per_row))[b]
         row = [1] + _text(gen, t)
         for _ in range(k):
-            row += [LLAVA_IMAGE_ID] * LLAVA_TOKENS_PER_IMAGE + _text(gen, 2)
+            row += [LLAVA_IMAGE_ID] * (image_size // 8) ** 2 + _text(gen, 2)
         rows.append(row + _text(gen, 3))
         n_images += k
     ids, mask = _left_pad(rows)
     out = {"input_ids": ids, "attention_mask": mask}
     if n_images:
-        out["pixel_values"] = torch.randn(n_images, 3, 32, 32, generator=gen)
+        out["pixel_values"] = torch.randn(n_images, 3, image_size, image_size, generator=gen)
     return out
 
 

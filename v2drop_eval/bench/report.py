@@ -23,7 +23,7 @@ from v2drop_eval.engine import flops
 from v2drop_eval.engine.atomic import write_text_atomic
 from v2drop_eval.engine.clock import PREFILL_CATEGORIES
 from v2drop_eval.engine.schedule import kept_count
-from v2drop_eval.methods import BASELINE
+from v2drop_eval.methods import BASELINE, options_text
 from v2drop_eval.methods.fastv import METHOD as _FASTV
 from v2drop_eval.methods.fastv_attn import METHOD as _FASTV_ATTN
 from v2drop_eval.methods.random_drop import METHOD as _RANDOM
@@ -71,23 +71,24 @@ def _after_encoder(tokens: int, encoder: Any) -> int:
 
 def summarize(shape: str, device: str, attn: str, batch_size: int, group: list[tuple], text_cfg: Any, layers: int,
               vision_tokens: int, text_tokens: int, scale: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
-    """The rows of one group: ``group`` holds (method, budget, schedule, per-repeat results[, encoder stages of
-    the whole model, encoder stages run]) per configuration. ``scale``: (decoder, encoder) layers of the whole
-    model over those of a slice; with either above 1 each row also has ``ttft_full_ms``, the time to first
-    token extrapolated to the whole model, and the vision encoder's share of it (``vision_share``)."""
+    """The rows of one group: ``group`` holds (method, budget, schedule, per-repeat results, options[, encoder
+    stages of the whole model, encoder stages run]) per configuration. ``scale``: (decoder, encoder) layers of
+    the whole model over those of a slice; with either above 1 each row also has ``ttft_full_ms``, the time to
+    first token extrapolated to the whole model, and the vision encoder's share of it (``vision_share``)."""
     rows, runs_of = [], {}
-    for method, budget, schedule, runs, *encoder in group:
+    for method, budget, schedule, runs, options, *encoder in group:
         if not runs:
             continue
         encoder_label, encoder_run = encoder if encoder else ("", None)
         drops = method not in (PLAIN, BASELINE)
         reaching = _after_encoder(vision_tokens, encoder_run)
-        vision = schedule.tokens_per_layer(reaching, layers) if drops else [reaching] * layers
+        vision = schedule.tokens_per_layer(reaching, layers, method, options) if drops else [reaching] * layers
         if runs[0].get("vision_per_layer") is not None:  # the engine's own count must agree with the arithmetic
             assert runs[0]["vision_per_layer"] == vision, (method, budget, runs[0]["vision_per_layer"], vision)
         row: dict[str, Any] = {
             "shape": shape, "device": device, "attn": attn, "batch_size": batch_size, "method": method,
-            "budget": budget, "schedule": str(schedule), "avg_vision_tokens": round(sum(vision) / len(vision), 2),
+            "budget": budget, "schedule": str(schedule), "options": options_text(options) or None,
+            "avg_vision_tokens": round(sum(vision) / len(vision), 2),
             "repeats": len(runs), **{k: round(statistics.median(r[k] for r in runs), 3) for k in TIMES},
             "prefill_flops": flops.prefill_flops(text_cfg, [text_tokens + v for v in vision]) * batch_size,
             "kv_cache_bytes": runs[0]["kv_cache_bytes"],

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval.bench.report import KEEP_ALL, PLAIN, summarize, write_outputs
+from v2drop_eval.bench.configs import BenchConfig, bench_configs, bench_options
+from v2drop_eval.bench.report import PLAIN, summarize, write_outputs
 from v2drop_eval.bench.shapes import (
     SHAPES,
-    Shape,
     build_model,
     encoder_pair,
     encoder_schedules_of,
@@ -46,11 +46,9 @@ from v2drop_eval.bench.shapes import (
     runs_on,
     vision_depth,
 )
-from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, METHODS, get_method
+from v2drop_eval.methods import METHODS
 from v2drop_eval.methods.api import attach
-from v2drop_eval.methods.fastv import METHOD as FASTV
-from v2drop_eval.methods.fastv_attn import METHOD as FASTV_ATTN
-from v2drop_eval.methods.presets import DropSchedule, preset_table, scaled_schedule
+from v2drop_eval.methods.presets import preset_table, scaled_schedule
 from v2drop_eval.methods.rules import validate, validate_encoder
 
 __all__ = ["SHAPES", "SHAPE_DEFAULTS", "PLAIN", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
@@ -73,52 +71,6 @@ SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2-vl-hires-slice": dict(attn="sdpa", batch_sizes="1", methods="none", budgets="128", repeats=3, warmup=1,
                                  new_tokens=2, extras=False, threads=1, time_budget=1500, encoder_schedules="default"),
 }
-
-
-@dataclass
-class _Config:
-    method: str
-    budget: str
-    schedule: DropSchedule
-    encoder_schedule: DropSchedule | None = None  # the stages run (on a slice: at its blocks)
-    encoder_label: str = ""  # the stages of the whole model the slice stands for
-    label: str = field(init=False)  # one name per configuration: "plain", "none", "v2drop@128", ...
-
-    def __post_init__(self) -> None:
-        self.label = self.method if self.budget == "-" else f"{self.method}@{self.budget}"
-
-
-def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool,
-             encoder_schedules: Sequence[str] = (), encoder_methods: Sequence[str] | None = None) -> list[_Config]:
-    out = _llm_configs(shape, methods, budgets, extras)
-    for text in encoder_schedules:
-        real, run = encoder_pair(text)
-        for cfg in [c for c in out if c.method != PLAIN and not c.encoder_label and c.budget != KEEP_ALL
-                    and not get_method(c.method).pre_llm and (encoder_methods is None or c.method in encoder_methods)]:
-            budget = f"{cfg.budget}+e{real}" if cfg.budget != "-" else f"e{real}"
-            out.append(_Config(cfg.method, budget, cfg.schedule, DropSchedule.parse(run), real))
-    return out
-
-
-def _llm_configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool) -> list[_Config]:
-    out = [_Config(PLAIN, "-", DropSchedule(()))] if extras else []
-    if BASELINE in methods:
-        out.append(_Config(BASELINE, "-", DropSchedule(())))
-    for budget in budgets:
-        for method in methods:
-            if method != BASELINE:
-                out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers)))
-    if DEFAULT_METHOD in methods and ({FASTV.name, FASTV_ATTN.name} & set(methods)):
-        # V2Drop at FastV's own one-stage schedule: the scorers compared at the same token counts.
-        for budget in budgets:
-            sched = scaled_schedule(shape.family, budget, FASTV.name, shape.layers)
-            out.append(_Config(DEFAULT_METHOD, f"{budget}@{FASTV.name}", sched))
-    v2 = [c for c in out if c.method == DEFAULT_METHOD]
-    if extras and v2:
-        # hooks on every layer, nothing dropped: the cost of the machinery alone
-        keep_all = DropSchedule(tuple((layer, 1.0) for layer, _ in v2[0].schedule.stages))
-        out.append(_Config(DEFAULT_METHOD, KEEP_ALL, keep_all))
-    return out
 
 
 class _Timer:
@@ -149,9 +101,9 @@ class _Timer:
             h.remove()
 
 
-def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda: bool) -> dict:
+def _measure(model: nn.Module, inputs: dict, cfg: BenchConfig, new_tokens: int, cuda: bool) -> dict:
     """One ``generate`` of ``new_tokens`` under ``cfg``: the figures of one repeat."""
-    handle = None if cfg.method == PLAIN else attach(model, cfg.schedule, method=cfg.method,
+    handle = None if cfg.method == PLAIN else attach(model, cfg.schedule, method=cfg.method, options=cfg.options,
                                                      encoder_schedule=cfg.encoder_schedule)
     top = _Timer(model, cuda)
     llm = _Timer(model.model.language_model, cuda)
@@ -250,13 +202,14 @@ def run_bench(
     extras: bool = True,
     guard: TimeGuard | None = None,
     log: Callable[[str], Any] = print,
+    options: str | None = None,
     encoder_schedules: Sequence[str] = (),
     encoder_methods: Sequence[str] | None = None,
 ) -> list[dict]:
     """Time every (attn, batch size, method, budget[, encoder schedule]) in one process; returns the rows.
-    ``encoder_schedules``: each configuration again with these stages inside the vision encoder
-    (``"real=slice"``: the stages of the whole model, and where the slice runs them), for the methods in
-    ``encoder_methods`` (None: all but VisionZip, which chooses the encoder's output itself)."""
+    ``options`` (``a+b``) go to each method that takes them. ``encoder_schedules``: each configuration again
+    with these stages inside the vision encoder (``"real=slice"``: the stages of the whole model, and where
+    the slice runs them), for the methods in ``encoder_methods`` (None: all but a pre-LLM method)."""
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
@@ -267,6 +220,7 @@ def run_bench(
     for text in encoder_schedules:
         for part in encoder_pair(text):
             validate_encoder(part)
+    per_method = bench_options(methods, options)
     check_device(device)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: repeats must be >= 1 and warmup >= 0")
@@ -282,7 +236,7 @@ def run_bench(
         for bs in batch_sizes:
             deadline = guard.group_deadline()
             inputs = make_inputs(model, shape, bs, device, torch_dtype)
-            configs = _configs(shape, methods, budgets, extras, encoder_schedules, encoder_methods)
+            configs = bench_configs(shape, methods, budgets, extras, per_method, encoder_schedules, encoder_methods)
             samples: dict[str, list[dict]] = {c.label: [] for c in configs}
             rep, last = 0, 0.0
             while rep < warmup + repeats:
@@ -297,7 +251,7 @@ def run_bench(
                 last = time.monotonic() - t0
                 rep += 1
                 log(f"[bench] {shape_name} {attn} bs={bs} repeat {rep}/{warmup + repeats} done ({last:.1f} s)")
-            group = [(c.method, c.budget, c.schedule, samples[c.label], c.encoder_label, c.encoder_schedule)
+            group = [(c.method, c.budget, c.schedule, samples[c.label], c.options, c.encoder_label, c.encoder_schedule)
                      for c in configs]
             scale = (shape.full_layers / shape.layers if shape.full_layers else 1.0,
                      shape.full_vision_layers / vision_depth(shape) if shape.full_vision_layers else 1.0)
@@ -338,6 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-schedules", default=None, metavar="LIST",
                    help="comma list of stages inside the vision encoder, each run with every configuration, e.g. "
                         "12:0.5/18:0.5; 'default': the shape's own (default: none)")
+    p.add_argument("--options", default=None, metavar="A+B",
+                   help="method options, '+'-separated, each given to the benched methods that take it "
+                        "(docs/methods.md; default: every method as its authors' code runs)")
     p.add_argument("--repeats", type=int, default=None, help="paired repeats (default 5; 7b-slice 10)")
     p.add_argument("--warmup", type=int, default=None, help="rounds not recorded (default 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32; 7b-slice 4)")
@@ -377,7 +334,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     rows = run_bench(
         args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=d["methods"].split(","),
         budgets=d["budgets"].split(",") if d["budgets"] else None, repeats=d["repeats"], warmup=d["warmup"],
-        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard, encoder_schedules=encoders,
+        new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard, options=args.options,
+        encoder_schedules=encoders,
     )
     info = {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
             "wall_s": round(time.monotonic() - t0, 1), "stopped_early": guard.stopped_early}

@@ -12,13 +12,32 @@ from typing import Any
 
 import torch
 
+from v2drop_eval.engine import refusals
 from v2drop_eval.engine.accounting import encoder_row_stats
 from v2drop_eval.engine.adapters import ModelAdapter
 from v2drop_eval.engine.encoder import EncoderHooks, EncoderRun
+from v2drop_eval.engine.method import KEEP, Method
 from v2drop_eval.engine.prellm import PreLLMGather
 from v2drop_eval.engine.schedule import DropSchedule, ZipCounts
 
-__all__ = ["BeforeLLM"]
+__all__ = ["BeforeLLM", "before_llm_checks"]
+
+
+def before_llm_checks(adapter: ModelAdapter, method: Method, options: frozenset[str], counts: ZipCounts | None,
+                      encoder_schedule: DropSchedule | None, positions: str | None) -> str:
+    """Refuse what the model's vision encoder cannot take (encoder stages, the pre-LLM method's counts) or
+    its positions cannot (renumbering M-RoPE); returns the positions in force, by default the method's
+    rule (on M-RoPE ``keep``: there is no 1-D sequence to renumber before the LLM)."""
+    spec = adapter.encoder
+    refusals.check_encoder(type(adapter.top).__name__, spec, encoder_schedule, counts)
+    if counts is not None:
+        problem = method.pre_llm_problem(counts, refusals.patches_per_crop(spec))
+        if problem:
+            raise ValueError(problem)
+    if positions is None:
+        positions = KEEP if adapter.mrope else method.positions_with(options)
+    refusals.check_renumbering(positions, adapter.mrope)
+    return positions
 
 
 class BeforeLLM:

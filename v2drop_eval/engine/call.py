@@ -34,6 +34,7 @@ class Call:
     real: torch.Tensor | None = None  # [B, S] the 2D padding mask (None: no padding)
     placeholders: dict[str, list[int]] = field(default_factory=dict)  # "image" / "video" -> per row
     prompt_vision: list[int] | None = None  # per row: placeholders in the prompt, when fewer reach the LLM
+    row_pos: torch.Tensor | None = None  # [B, S] each position's index among its row's real tokens
 
     @classmethod
     def start(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, clock: DropperClock,
@@ -48,7 +49,8 @@ class Call:
         idx = torch.arange(S, device=device).expand(B, S)
         valid = real if real is not None else torch.ones(B, S, dtype=torch.bool, device=device)
         layout = Layout(idx=idx, valid=valid, vision=vision & valid)
-        call = cls(seq_len=S, clock=clock, layout=layout, initial=layout, input_ids=input_ids, real=real)
+        call = cls(seq_len=S, clock=clock, layout=layout, initial=layout, input_ids=input_ids, real=real,
+                   row_pos=valid.long().cumsum(1) - 1)
         call.vision_alive.append(vision.sum(1).tolist())
         call.video_found = call._video(vision, input_ids, video_ids)
         call.text_real = ((~vision) & real).sum(1).tolist() if real is not None else (S - vision.sum(1)).tolist()
@@ -63,6 +65,7 @@ class Call:
         layout = Layout(idx=torch.arange(n, device=idx.device).expand(B, n), valid=valid, vision=vision)
         self.prompt_vision = self.vision_alive[0]
         self.seq_len, self.layout, self.initial = n, layout, layout
+        self.row_pos = valid.long().cumsum(1) - 1
         self.vision_alive = [vision.sum(1).tolist()]
         self.text_real = ((~vision) & valid).sum(1).tolist()
         if video_ids:

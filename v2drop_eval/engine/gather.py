@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["Layout", "gather_seq", "prefill_inputs", "prefill_mask", "decode_mask", "new_mask", "select"]
+if TYPE_CHECKING:
+    from v2drop_eval.engine.schedule import Adaptive
+
+__all__ = ["Layout", "gather_seq", "prefill_inputs", "prefill_mask", "decode_mask", "new_mask", "select", "adaptive_counts"]
 
 
 @dataclass
@@ -135,3 +139,16 @@ def _mask_surplus(m: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
     if m.dtype == torch.bool:
         return m | diag
     return m.masked_fill(diag, 0.0)
+
+
+def adaptive_counts(
+    scores: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, alive: torch.Tensor, stage: Adaptive
+) -> torch.Tensor:
+    """Per row: vision tokens whose score >= threshold x the row's mean text-token score, clamped to
+    [floor(alive x min), floor(alive x max)]. The reference does not depend on the image, so a plain
+    image (small variations) keeps fewer tokens than a busy one."""
+    text_mean = (scores * text).sum(1) / text.sum(1).clamp(min=1)
+    passing = ((scores >= stage.threshold * text_mean[:, None]) & candidates).sum(1)
+    lo = (alive * Fraction(repr(stage.min_ratio)).numerator) // Fraction(repr(stage.min_ratio)).denominator
+    hi = (alive * Fraction(repr(stage.max_ratio)).numerator) // Fraction(repr(stage.max_ratio)).denominator
+    return torch.minimum(torch.maximum(passing, lo), hi)

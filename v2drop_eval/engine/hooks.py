@@ -5,16 +5,15 @@ How it works (docs/design.md §2): the decoder builds one mask, one rotary (cos,
 each layer from the first drop layer on swaps them for copies gathered at the kept positions, and at
 a drop layer also gathers ``hidden_states``. The per-layer ``DynamicCache`` then simply holds fewer
 entries for later layers. At decode, each pruned layer's mask columns are gathered with its own kept
-positions plus the new tokens; rotary positions of new tokens stay the true ones.
+positions plus the new tokens; rotary positions of new tokens stay the true ones, unless the method
+renumbers its kept tokens (PyramidDrop: ``positions``).
 
 Rows of a batch may keep different numbers of tokens: the gathered batch is cut to the longest row and
 the shorter rows get surplus slots on the left, masked out as keys (each keeps its own diagonal so no
 attention row is empty). No transformers ``forward`` is copied; removing the hooks restores the model.
 
-Before the LLM: VisionZip (``method=visionzip``) and dropping inside the vision encoder
-(``encoder_schedule=``) send fewer tokens than placeholders; ``engine/encoder.py`` and
-``engine/prellm.py`` shorten the decoder's inputs, and the decoder stages above then run on that
-shorter sequence (its slots are the layout's coordinates from layer 0 on).
+Tokens removed before the LLM (VisionZip, ``encoder_schedule=``: ``engine/before_llm.py``) shorten the
+decoder's inputs; the decoder stages then run on that sequence (its slots are the layout's coordinates).
 """
 
 from __future__ import annotations
@@ -29,10 +28,11 @@ from torch import nn
 from v2drop_eval.engine import contract, gather, refusals
 from v2drop_eval.engine.accounting import row_stats
 from v2drop_eval.engine.adapters import ModelAdapter, adapter_for
-from v2drop_eval.engine.before_llm import BeforeLLM
+from v2drop_eval.engine.before_llm import BeforeLLM, before_llm_checks
 from v2drop_eval.engine.call import Call
 from v2drop_eval.engine.clock import DropperClock
-from v2drop_eval.engine.method import Method, ScoreContext
+from v2drop_eval.engine.method import FLOAT32_SCORES, OPTION_SEPARATOR, RENUMBER, Method, ScoreContext
+from v2drop_eval.engine.positions import Renumbering
 from v2drop_eval.engine.schedule import Adaptive, DropSchedule
 from v2drop_eval.engine.signals import Signals
 
@@ -43,26 +43,23 @@ class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them.
 
     Made by ``v2drop_eval.attach``, which resolves the method by name and checks the arguments by the rules
-    every entry point shares; here ``method`` is the :class:`Method` itself and ``schedule`` a parsed one.
-    ``encoder_schedule``: stages inside the vision encoder (parsed); ``positions``: where tokens removed
-    before the LLM leave the others (``keep`` | ``renumber``; None: the method's rule, ``Method.positions``).
+    every entry point shares; here ``method`` is the :class:`Method` itself, ``schedule`` a parsed one and
+    ``options`` the checked names of the method's options it runs with. ``encoder_schedule``: stages inside
+    the vision encoder (parsed); ``positions``: where tokens removed before the LLM leave the others
+    (``keep`` | ``renumber``; None: the method's rule, ``Method.positions_with(options)``).
     """
 
     def __init__(self, model: nn.Module, schedule: DropSchedule, method: Method, metric: str, seed: int,
-                 encoder_schedule: DropSchedule | None = None, positions: str | None = None):
+                 options: frozenset[str] = frozenset(), encoder_schedule: DropSchedule | None = None,
+                 positions: str | None = None):
         self.adapter: ModelAdapter = adapter_for(model)
         schedule.check_depth(self.adapter.num_layers)
+        self.options: frozenset[str] = frozenset(options)
         if getattr(model, "_v2drop_handle", None) is not None:
             raise RuntimeError("this model already has a dropper attached; call detach() on it first")
         refusals.check_attention(self.adapter.attn_implementation)
         spec = self.adapter.encoder
-        refusals.check_encoder(type(model).__name__, spec, encoder_schedule, schedule.pre_llm)
-        if schedule.pre_llm is not None:
-            problem = method.pre_llm_problem(schedule.pre_llm, refusals.patches_per_crop(spec))
-            if problem:
-                raise ValueError(problem)
-        positions = positions or method.positions
-        refusals.check_renumbering(positions, self.adapter.mrope)
+        positions = before_llm_checks(self.adapter, method, self.options, schedule.pre_llm, encoder_schedule, positions)
         self.model, self.schedule, self.method = model, schedule, method.name
         self.encoder_schedule, self.positions = encoder_schedule, positions
         self.metric, self.seed = metric, int(seed)
@@ -80,9 +77,12 @@ class DropHandle:
         self._cache_ref: weakref.ref | None = None
         self._hooks: list[Any] = []
         self._signals: Signals | None = None
+        self._renumber: Renumbering | None = None
 
         if self._dropping:  # first: it may refuse, and then nothing is installed yet
             self._hooks += self.adapter.install_extras(self._positions, self._llm.layers)
+            if self._method.positions_with(self.options) == RENUMBER:
+                self._renumber = Renumbering(self.adapter.decoder)
         self._before: BeforeLLM | None = None
         if spec is not None and spec.layout:
             self._before = BeforeLLM(self.adapter, encoder_schedule, schedule.pre_llm, method.pre_llm_tokens,
@@ -94,7 +94,7 @@ class DropHandle:
         if self._dropping:
             # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
             scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
-            self._signals = Signals(self.adapter, self._method, scored)
+            self._signals = Signals(self.adapter, self._method, scored, float32=FLOAT32_SCORES.name in self.options)
             start = self._llm.layers[0] - self._signals.first_hooked_layer_offset
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
@@ -110,6 +110,9 @@ class DropHandle:
         if self._signals is not None:
             self._signals.remove()
             self._signals = None
+        if self._renumber is not None:
+            self._renumber.remove()
+            self._renumber = None
         if getattr(self.model, "_v2drop_handle", None) is self:
             del self.model._v2drop_handle
         self._call = self._mode = None
@@ -121,8 +124,10 @@ class DropHandle:
         self.detach()
 
     def __repr__(self) -> str:
+        text = OPTION_SEPARATOR.join(o.name for o in self._method.options if o.name in self.options)
+        opts = f", options={text!r}" if self.options else ""
         encoder = f", encoder_schedule='{self.encoder_schedule}'" if self.encoder_schedule else ""
-        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}'{encoder}, metric={self.metric!r})"
+        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}'{encoder}, metric={self.metric!r}{opts})"
 
     # -- top-level hooks ----------------------------------------------------------------------
     def _on_top_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -196,6 +201,8 @@ class DropHandle:
 
     def _start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, clock: DropperClock) -> Call:
         call = Call.start(input_ids, attention_mask, clock, self.adapter.vision_token_ids, self.adapter.video_token_ids)
+        if self._renumber is not None:
+            self._renumber.start(call.initial.valid)
         if self._before is not None:
             call.placeholders = self._before.placeholders(input_ids, call.real)
         if self._signals is not None:
@@ -210,6 +217,8 @@ class DropHandle:
         call.clock.open("bookkeeping")
         try:
             call.rebase(idx, valid, self.adapter.video_token_ids)
+            if self._renumber is not None:
+                self._renumber.start(valid)
             if self._signals is not None:
                 self._signals.start(call.input_ids, call.real, call.ordinal, call.vision_alive[0], call.clock)
         finally:
@@ -251,7 +260,7 @@ class DropHandle:
                 return None
             call.clock.open("gather")
             try:
-                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs)
+                new_kwargs = self._gather_prefill_kwargs(call, stage, kwargs, hidden)
             finally:
                 call.clock.close()
             if new_kwargs is None and hidden is not given:
@@ -281,14 +290,17 @@ class DropHandle:
             candidates = lay.valid & lay.vision
             alive = candidates.sum(1)
             ratio = self._ratios[layer]
+            initial = torch.tensor(call.vision_alive[0], device=hidden.device)
             ctx = ScoreContext(layer=layer, hidden=hidden, candidates=candidates, text=lay.valid & ~lay.vision,
-                               idx=lay.idx, keep=None, metric=self.metric, seed=self.seed)
+                               idx=lay.idx, keep=None, metric=self.metric, seed=self.seed,
+                               ratios=tuple(r for d, r in self.schedule.stages if d <= layer), initial=initial,
+                               row_pos=call.row_pos.gather(1, lay.idx), options=self.options)
             raw = None
             if isinstance(ratio, Adaptive):
                 raw = self._score(call, ctx, kwargs)
-                keep_k = _adaptive_counts(raw, candidates, ctx.text, alive, ratio)
+                keep_k = gather.adaptive_counts(raw, candidates, ctx.text, alive, ratio)
             else:
-                keep_k = (alive * ratio.numerator) // ratio.denominator  # exact floor(alive * ratio)
+                keep_k = self._method.keep_counts(ctx)  # the method's own count (its authors' formula)
             if bool((keep_k == alive).all()):
                 call.layouts[layer] = lay
                 call.vision_alive.append(alive.tolist())
@@ -310,17 +322,20 @@ class DropHandle:
     def _score(self, call: Call, ctx: ScoreContext, kwargs: dict) -> torch.Tensor:
         # The layer's inputs for the slots before this drop (a probe runs the layer's attention on them).
         before = self._stage_of(ctx.layer - 1)
-        inputs = (self._gather_prefill_kwargs(call, before, kwargs) if before is not None else None) or kwargs
+        inputs = (self._gather_prefill_kwargs(call, before, kwargs, ctx.hidden) if before is not None else None) or kwargs
         ctx.signals = self._signals.collect(ctx.layer, ctx.hidden, inputs, ctx.idx)
         return self._method.score(ctx)
 
     # -- gathering inputs ---------------------------------------------------------------------
-    def _gather_prefill_kwargs(self, call: Call, stage: int, kwargs: dict) -> dict | None:
+    def _gather_prefill_kwargs(self, call: Call, stage: int, kwargs: dict, hidden: torch.Tensor) -> dict | None:
         lay = call.layouts[stage]
         if lay is call.initial:
             return None  # nothing dropped yet: leave the layer's inputs untouched
-        return gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
-                                     lambda obj, build: call.cached(stage, obj, build))
+        out = gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
+                                    lambda obj, build: call.cached(stage, obj, build))
+        if self._renumber is not None:
+            out = self._renumber.prefill_inputs(stage, lay.idx, lay.valid, hidden, kwargs, out)
+        return out
 
     def _gather_decode_kwargs(
         self, call: Call, stage: int, layer: int, hidden: torch.Tensor, cache: Any, kwargs: dict
@@ -336,7 +351,10 @@ class DropHandle:
         fmt, dtype = self.adapter.mask_format, self.adapter.top.dtype
         built = call.cached(stage, mask,
                             lambda: gather.decode_mask(lay, mask, call.seq_len, q_len, extra, fmt, dtype))
-        return {**kwargs, "attention_mask": built}
+        out = {**kwargs, "attention_mask": built}
+        if self._renumber is not None:
+            out = self._renumber.decode_inputs(stage, hidden, kwargs, out)
+        return out
 
     # -- accounting ---------------------------------------------------------------------------
     def _finish_stats(self, call: Call) -> None:
@@ -367,14 +385,12 @@ class DropHandle:
 
     @property
     def last_encoder_runs(self) -> list[Any]:
-        """The vision tower runs of the last prefill (``encoder.EncoderRun``: tokens per block, and per
-        encoder stage the original slots / rows kept from it), images first, then videos."""
+        """The vision tower runs of the last prefill (``encoder.EncoderRun``), images first, then videos."""
         return self._before.last_runs if self._before is not None else []
 
     @property
     def last_kept_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The prompt slots the decoder ran at the last prefill when tokens were removed before it
-        (``idx [B, S']`` original slot of each, ``valid``); None when it ran the whole prompt."""
+        """``(idx [B, S'], valid)``: the prompt slots the decoder ran when tokens were removed before it."""
         return self._before.kept_slots if self._before is not None else None
 
     def dropper_times(self) -> dict[str, float]:
@@ -382,15 +398,3 @@ class DropHandle:
         prefill and the decode steps after it so far; empty before the first prefill."""
         return self._call.clock.totals() if self._call is not None else {}
 
-
-def _adaptive_counts(
-    scores: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, alive: torch.Tensor, stage: Adaptive
-) -> torch.Tensor:
-    """Per row: vision tokens whose score >= threshold x the row's mean text-token score, clamped to
-    [floor(alive x min), floor(alive x max)]. The reference does not depend on the image, so a plain
-    image (small variations) keeps fewer tokens than a busy one."""
-    text_mean = (scores * text).sum(1) / text.sum(1).clamp(min=1)
-    passing = ((scores >= stage.threshold * text_mean[:, None]) & candidates).sum(1)
-    lo = (alive * Fraction(repr(stage.min_ratio)).numerator) // Fraction(repr(stage.min_ratio)).denominator
-    hi = (alive * Fraction(repr(stage.max_ratio)).numerator) // Fraction(repr(stage.max_ratio)).denominator
-    return torch.minimum(torch.maximum(passing, lo), hi)

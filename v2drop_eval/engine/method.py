@@ -10,16 +10,17 @@ Light on purpose: nothing here imports torch, so the registry can be read before
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import torch
 
-    from v2drop_eval.engine.schedule import ZipCounts
-
-__all__ = ["Method", "ScoreContext", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_ATTENTION_WEIGHTS", "PREV_KEYS",
-           "PROBE_ATTENTION", "NORMED_HIDDEN", "ROW_IDENTITY", "POSITION_RULES", "KEEP", "RENUMBER"]
+__all__ = ["Method", "ScoreContext", "Option", "FLOAT32_SCORES", "EXACT_COUNTS", "OPTION_SEPARATOR", "KEEP",
+           "RENUMBER", "POSITION_RULES", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_ATTENTION_WEIGHTS",
+           "PREV_KEYS", "PROBE_ATTENTION", "NORMED_HIDDEN", "ROW_IDENTITY"]
 
 # The signals the engine can provide at a drop layer l (all aligned with the alive slots ``[B, n]``).
 PREV_HIDDEN = "prev_hidden"  # [B, n, D] hidden states entering layer l-1
@@ -27,17 +28,34 @@ PREV_ATTENTION = "prev_attention"  # [B, n] last query row's attention at layer 
 # [B, n] the same row as published FastV reads it: layer l-1 run with eager attention at prefill, its
 # attention weights [B, H, n, n] (what ``output_attentions`` returns) averaged over heads, last row
 PREV_ATTENTION_WEIGHTS = "prev_attention_weights"
-PREV_KEYS = "prev_keys"  # [B, Hkv, n, hd] layer l-1's keys after rotary, as its attention kernel gets them
+PREV_KEYS = "prev_keys"  # [B, H, n, hd] layer l-1's keys after rotary, repeated to the query heads (as eager uses them)
 PROBE_ATTENTION = "probe_attention"  # [B, n] last query row's attention with layer l's own q/k on its input
 NORMED_HIDDEN = "normed_hidden"  # [B, n, D] the hidden states entering l, through the decoder's final norm
 ROW_IDENTITY = "row_identity"  # (each row's real tokens as bytes, [B, n] ordinal among its vision tokens, table size)
 SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS, PROBE_ATTENTION, NORMED_HIDDEN, ROW_IDENTITY)
 
 # How rotary positions follow tokens removed (``positions=``; ``Method.positions`` is the method's authors'
-# rule): "keep" (every token keeps its position in the full prompt) or "renumber" (the shorter sequence is
-# numbered again, closing the gaps: VisionZip's and LLaVA's own code before the LLM).
+# rule, the engine applies it): "keep" (every token keeps its own rotary position: V2Drop, FastV, DART as their
+# authors' code does) or "renumber" (the gaps the removed tokens leave are closed, per row: PyramidDrop after
+# each stage, VisionZip's and LLaVA's own code before the LLM; docs/design.md §2).
 KEEP, RENUMBER = "keep", "renumber"
 POSITION_RULES = (KEEP, RENUMBER)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A deliberate departure from a method's published rule: off by default, named, declared once (here
+    for the ones several methods take, in the method's file otherwise) and listed in docs/methods.md
+    with its measured effect."""
+
+    name: str
+    summary: str  # one line: what it changes
+
+
+OPTION_SEPARATOR = "+"  # between option names in one value (``a+b``): lmms-eval splits model args on commas
+FLOAT32_SCORES = Option("float32_scores", "score in float32 (the authors' code scores in the model's dtype)")
+EXACT_COUNTS = Option("exact_counts", "keep floor(alive x keep_ratio) at every stage, in exact decimal arithmetic "
+                                      "(the same count for every method at the same schedule)")
 
 
 @dataclass
@@ -53,6 +71,15 @@ class ScoreContext:
     metric: str
     seed: int
     signals: dict[str, Any] = field(default_factory=dict)
+    ratios: tuple[float, ...] = ()  # keep ratios of the fixed stages so far, this one last (empty: adaptive)
+    initial: torch.Tensor | None = None  # [B] vision tokens each row had before the first stage
+    row_pos: torch.Tensor | None = None  # [B, n] each slot's index among its row's real tokens (the row alone)
+    options: frozenset[str] = frozenset()  # the options the method runs with
+
+    @property
+    def alive(self) -> torch.Tensor:
+        """[B] alive vision tokens per row."""
+        return self.candidates.sum(1)
 
 
 class Method:
@@ -74,6 +101,7 @@ class Method:
     takes_seed: ClassVar[bool] = False
     # family preset table ('llava', 'qwen2_vl') -> budget -> schedule text
     presets: ClassVar[dict[str, dict[str | int, str]]] = {}
+    options: ClassVar[tuple[Option, ...]] = ()  # the named departures from its published rule it takes
     style: ClassVar[tuple[str, str]] = ("tab:brown", "X")  # (matplotlib colour, marker) in the plots
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
@@ -88,13 +116,51 @@ class Method:
         ``[B, N]`` and the block's keys averaged over heads ``[B, 1 + N, k]``."""
         raise TypeError(f"method {self.name} does not drop before the LLM")
 
-    def pre_llm_problem(self, counts: ZipCounts, patches: int) -> str | None:
-        """Why the pre-LLM ``counts`` cannot run on crops of ``patches`` patches (None if they can)."""
+    def pre_llm_problem(self, counts: Any, patches: int) -> str | None:
+        """Why the pre-LLM ``counts`` (``schedule.ZipCounts``) cannot run on crops of ``patches`` patches
+        (None if they can)."""
         return None
 
-    def fit_pre_llm(self, counts: ZipCounts, patches: int) -> ZipCounts:
+    def fit_pre_llm(self, counts: Any, patches: int) -> Any:
         """The preset's pre-LLM ``counts`` for an encoder with ``patches`` patches per crop."""
         return counts
 
+    # -- positions and counts -----------------------------------------------------------------
+    def positions_with(self, options: frozenset[str] = frozenset()) -> str:
+        """How kept tokens are positioned when the method runs with ``options`` (KEEP | RENUMBER)."""
+        return self.positions
+
+    def keep_count(self, alive: int, ratios: tuple[float, ...], initial: int,
+                   options: frozenset[str] = frozenset(), **row: Any) -> int:
+        """The method's own count: vision tokens a row keeps at a stage. ``ratios`` are the keep ratios of
+        the stages so far (this one last), ``alive`` the row's vision tokens before this stage, ``initial``
+        before the first. Default: ``floor(alive x ratio)`` in exact decimal arithmetic."""
+        return exact_floor(alive, ratios[-1])
+
+    def stage_keep(self, alive: int, ratios: tuple[float, ...], initial: int,
+                   options: frozenset[str] = frozenset(), **row: Any) -> int:
+        """What the engine and the schedule maths use: :meth:`keep_count` (or the exact floor under
+        ``exact_counts``), within [0, alive]; a stage of ratio 1 keeps every token."""
+        if alive <= 0:
+            return 0
+        if ratios[-1] >= 1:
+            return alive
+        if EXACT_COUNTS.name in options:
+            return exact_floor(alive, ratios[-1])
+        return max(0, min(alive, int(self.keep_count(alive, ratios, initial, options, **row))))
+
+    def keep_counts(self, ctx: ScoreContext) -> torch.Tensor:
+        """``[B]`` tokens each row of ``ctx`` keeps at this stage (:meth:`stage_keep` per row)."""
+        import torch
+
+        alive, initial = ctx.alive.tolist(), ctx.initial.tolist()
+        counts = [self.stage_keep(a, ctx.ratios, i, ctx.options) for a, i in zip(alive, initial, strict=True)]
+        return torch.tensor(counts, dtype=torch.long, device=ctx.candidates.device)
+
     def __repr__(self) -> str:
         return f"<method {self.name}>"
+
+
+def exact_floor(alive: int, ratio: float) -> int:
+    """``floor(alive x ratio)`` on the ratio's decimal form, free of float round-off (100 x 0.29 keeps 29)."""
+    return math.floor(alive * Fraction(repr(float(ratio))))

@@ -1,8 +1,9 @@
 """Drop schedules: at which decoder layers vision tokens are dropped, and how many survive.
 
 A schedule is an ordered list of ``(layer, keep_ratio)`` stages. Before ``layer`` runs, the vision
-tokens still alive are cut to ``floor(alive * keep_ratio)`` (exact decimal arithmetic, so
-``100 x 0.29`` keeps 29, not 28). Layer 0 never drops: transformers reads the cache length from it.
+tokens still alive are cut to the running method's count (``Method.stage_keep``: its authors' formula;
+``floor(alive * keep_ratio)`` in exact decimal arithmetic, so ``100 x 0.29`` keeps 29, not 28, under
+``exact_counts``). Layer 0 never drops: transformers reads the cache length from it.
 
 A stage may instead be adaptive (``layer:tTHRESHOLD:MIN:MAX``, V2Drop only): each image keeps the
 vision tokens whose variation is at least THRESHOLD x the mean variation of its own text tokens at
@@ -16,12 +17,14 @@ dominant plus C contextual tokens, so the LLM sees the shorter sequence from its
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 
-__all__ = ["DropSchedule", "Adaptive", "ZipCounts", "kept_count", "format_ratio", "parse_ratio", "install_preset_lookup"]
+from v2drop_eval.engine.method import Method, exact_floor
+
+__all__ = ["DropSchedule", "Adaptive", "ZipCounts", "kept_count", "format_ratio", "parse_ratio", "install_preset_lookup",
+           "install_method_lookup"]
 
 # (family, budget, method) -> schedule text; installed by v2drop_eval.methods.presets (see DropSchedule.preset).
 _PRESET_LOOKUP: Callable[[str, int | str, str], str] | None = None
@@ -33,9 +36,29 @@ def install_preset_lookup(lookup: Callable[[str, int | str, str], str]) -> None:
     _PRESET_LOOKUP = lookup
 
 
-def kept_count(alive: int, keep_ratio: float) -> int:
-    """``floor(alive * keep_ratio)`` computed on the ratio's decimal form, free of float round-off."""
-    return math.floor(alive * Fraction(repr(float(keep_ratio))))
+# method name ("": the default method) -> Method; installed by v2drop_eval.methods (the registry) so that a
+# schedule can count as a named method counts (``DropSchedule.tokens_per_layer``) without the engine
+# importing any method.
+_METHOD_LOOKUP: Callable[[str], Method] | None = None
+
+
+def install_method_lookup(lookup: Callable[[str], Method]) -> None:
+    """Where ``DropSchedule``'s counts find a method by name (the registry calls this once)."""
+    global _METHOD_LOOKUP
+    _METHOD_LOOKUP = lookup
+
+
+def _counting(method: Method | str) -> Method:
+    if isinstance(method, Method):
+        return method
+    if _METHOD_LOOKUP is None:
+        raise RuntimeError("counting as a named method needs the method registry: use v2drop_eval.DropSchedule, "
+                           "import v2drop_eval.methods first, or pass the Method itself")
+    return _METHOD_LOOKUP(method)
+
+
+# ``floor(alive * keep_ratio)`` on the ratio's decimal form (the adaptive bounds, the ``exact_counts`` option).
+kept_count = exact_floor
 
 
 def format_ratio(value: float) -> str:
@@ -258,20 +281,26 @@ class DropSchedule:
                     f"so layers must be in 1..{num_layers - 1}"
                 )
 
-    def tokens_per_layer(self, num_vision_tokens: int, num_layers: int) -> list[int]:
-        """Vision tokens entering each decoder layer."""
+    def tokens_per_layer(self, num_vision_tokens: int, num_layers: int, method: Method | str = "",
+                         options: Iterable[str] = ()) -> list[int]:
+        """Vision tokens entering each decoder layer when ``method`` (a name, ``""``: the default method, or
+        the :class:`Method`) runs this schedule with ``options``: each method counts with its authors'
+        formula (``Method.stage_keep``; docs/methods.md)."""
         if self.is_adaptive:
             raise ValueError(
                 f"schedule {self} is adaptive: its counts depend on each image; use bounds_per_layer() for the "
                 "range, and the handle's last_stats for what was kept"
             )
-        return self.bounds_per_layer(num_vision_tokens, num_layers)[0]
+        return self.bounds_per_layer(num_vision_tokens, num_layers, method, options)[0]
 
-    def bounds_per_layer(self, num_vision_tokens: int, num_layers: int) -> tuple[list[int], list[int]]:
+    def bounds_per_layer(self, num_vision_tokens: int, num_layers: int, method: Method | str = "",
+                         options: Iterable[str] = ()) -> tuple[list[int], list[int]]:
         """Fewest and most vision tokens entering each layer (equal for fixed schedules)."""
         self.check_depth(num_layers)
+        spec, opts = _counting(method), frozenset(options)
         ratios = dict(self.stages)
-        lo = hi = int(num_vision_tokens)
+        lo = hi = initial = int(num_vision_tokens)
+        so_far: list[float | Adaptive] = []
         los, his = [], []
         for layer in range(num_layers):
             r = ratios.get(layer)
@@ -280,14 +309,17 @@ class DropSchedule:
             elif isinstance(r, Adaptive):
                 lo, hi = kept_count(lo, r.min_ratio), kept_count(hi, r.max_ratio)
             elif r is not None:
-                lo, hi = kept_count(lo, r), kept_count(hi, r)
+                so_far.append(r)
+                lo = spec.stage_keep(lo, tuple(so_far), initial, opts)
+                hi = spec.stage_keep(hi, tuple(so_far), initial, opts)
             los.append(lo)
             his.append(hi)
         return los, his
 
-    def average_tokens(self, num_vision_tokens: int, num_layers: int) -> float:
+    def average_tokens(self, num_vision_tokens: int, num_layers: int, method: Method | str = "",
+                       options: Iterable[str] = ()) -> float:
         """Mean over decoder layers of the vision tokens each layer sees (the papers' "retained")."""
-        per_layer = self.tokens_per_layer(num_vision_tokens, num_layers)
+        per_layer = self.tokens_per_layer(num_vision_tokens, num_layers, method, options)
         return sum(per_layer) / len(per_layer)
 
     def __str__(self) -> str:

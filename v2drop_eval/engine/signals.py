@@ -13,6 +13,7 @@ the attention module's second output. Work done for a method is charged to the d
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -108,9 +109,11 @@ class AttentionTap:
     """Records, at one attention module, the last query row's head-averaged attention and/or the keys;
     or (``eager``) runs the module's prefill with eager attention and reads its attention weights."""
 
-    def __init__(self, attn_module: torch.nn.Module, attention: bool, keys: bool, eager: bool = False) -> None:
+    def __init__(self, attn_module: torch.nn.Module, attention: bool, keys: bool, eager: bool = False,
+                 float32: bool = False) -> None:
         self.module = attn_module
         self.want_attention, self.want_keys = attention, keys
+        self.float32 = float32  # score in float32 (the ``float32_scores`` option) instead of the model's dtype
         self.original_config = attn_module.config
         impl = self.original_config._attn_implementation or "eager"
         # The model's own eager function lives in its modeling file; other kernels are registered.
@@ -158,26 +161,37 @@ class AttentionTap:
             )
         with self.timed():
             # As published FastV: the head average of the whole map, then the last query's row.
-            self.weights_row = weights.mean(dim=1)[:, -1, :]
+            self.weights_row = (weights.float() if self.float32 else weights).mean(dim=1)[:, -1, :]
 
     def record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None) -> None:
+        """The last query row's attention, head-averaged, as eager attention computes it: ``q k^T``, scaled,
+        masked, softmax in float32 then back to the model's dtype, mean over heads (``float32``: all in
+        float32). Keys are kept repeated to the query heads, as the attention multiplies them."""
+        heads = query.shape[1]
         if self.want_keys:
-            self.keys = key.detach()
+            self.keys = key.detach().repeat_interleave(heads // key.shape[1], dim=1)
         if not self.want_attention:
             return
-        q = query[:, :, -1:, :].float()  # [B, H, 1, hd]
-        k = key.float()  # [B, Hkv, S, hd]
-        if k.shape[1] != q.shape[1]:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        logits = (q @ k.transpose(-1, -2)) * scale  # [B, H, 1, S]
+        dtype = torch.float32 if self.float32 else query.dtype
+        q = query[:, :, -1:, :].to(dtype)  # [B, H, 1, hd]
+        k = key.to(dtype)  # [B, Hkv, S, hd]
+        if k.shape[1] != heads:
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        logits = torch.matmul(q, k.transpose(-1, -2))  # [B, H, 1, S]
+        head_dim = q.shape[-1]
+        # FastV's and PyramidDrop's code divide by math.sqrt(head_dim); the model's own scaling otherwise.
+        if scaling is None or scaling == head_dim ** -0.5:
+            logits = logits / math.sqrt(head_dim)
+        else:
+            logits = logits * scaling
         if mask is not None:
             if mask.dim() == 2:  # flash-attention padding mask [B, S]
                 logits = logits.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
             else:
                 row = mask[:, :, -1:, : k.shape[-2]]
-                logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.float()
-        self.attention = logits.softmax(dim=-1).mean(dim=1)[:, 0, :]  # [B, S]
+                logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.to(dtype)
+        weights = logits.softmax(dim=-1, dtype=torch.float32).to(dtype)
+        self.attention = weights.mean(dim=1)[:, 0, :]  # [B, S]
 
     def take(self, what: str) -> torch.Tensor:
         value = getattr(self, what)
@@ -201,7 +215,7 @@ class AttentionTap:
 class Signals:
     """What one method needs, for one attached model: taps installed, state kept between layers."""
 
-    def __init__(self, adapter: ModelAdapter, method: Method, drop_layers: tuple[int, ...]) -> None:
+    def __init__(self, adapter: ModelAdapter, method: Method, drop_layers: tuple[int, ...], float32: bool = False) -> None:
         self.adapter = adapter
         self.needs = method.needs
         self.drop_layers = set(drop_layers)
@@ -210,9 +224,10 @@ class Signals:
         eager = PREV_ATTENTION_WEIGHTS in self.needs
         for layer in drop_layers:
             if prev_attention or prev_keys or eager:
-                self.taps[layer - 1] = AttentionTap(self._parts(layer - 1)[1], prev_attention, prev_keys, eager=eager)
+                self.taps[layer - 1] = AttentionTap(self._parts(layer - 1)[1], prev_attention, prev_keys, eager=eager,
+                                                    float32=float32)
             if PROBE_ATTENTION in self.needs:
-                self.taps[layer] = AttentionTap(self._parts(layer)[1], attention=True, keys=False)
+                self.taps[layer] = AttentionTap(self._parts(layer)[1], attention=True, keys=False, float32=float32)
         self.prev_hidden: torch.Tensor | None = None
         self.rows: tuple[list[bytes], torch.Tensor, int] | None = None
 

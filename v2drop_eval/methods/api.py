@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
 from v2drop_eval.engine.hooks import DropHandle
@@ -10,6 +12,7 @@ from v2drop_eval.methods import DEFAULT_METHOD, get_method
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
     DEFAULT_SEED,
+    check_drop_method,
     check_positions,
     validate,
     validate_encoder,
@@ -24,6 +27,7 @@ def attach(
     method: str = DEFAULT_METHOD,
     metric: str = DEFAULT_METRIC,
     seed: int = DEFAULT_SEED,
+    options: str | Iterable[str] | None = None,
     encoder_schedule: DropSchedule | str | None = None,
     positions: str | None = None,
 ) -> DropHandle:
@@ -32,15 +36,20 @@ def attach(
     ``method``: any registered method (``v2drop_eval.methods.METHODS``: ``v2drop`` with ``metric`` l2 |
     l1 | cosine, ``random`` with ``seed``, ``fastv``, ``fastv_attn``, ``pdrop``, ``dart``, ``visionzip``
     with its one pre-LLM stage ``0:D+C``), or ``none`` (nothing changes; the unpruned baseline with the
-    same accounting). ``encoder_schedule`` (e.g. ``"12:0.5/18:0.5"``): V2Drop's stages inside the vision
-    encoder (its blocks), with any LLM method. ``positions``: where tokens removed before the LLM leave the
-    others, ``keep`` (each keeps its position in the full prompt) or ``renumber`` (``0..L-1`` over the
-    shorter sequence, as VisionZip's code does; 1-D RoPE only); None: the method's authors' rule.
-    Bad arguments raise ``ValueError`` naming them (the rules of ``v2drop_eval.methods.rules``); an
-    unsupported model ``TypeError``.
+    same accounting). Each method picks what its authors' code picks; ``options`` (names, or ``"a+b"``;
+    ``v2drop_eval.methods.OPTIONS``) turn on the method's named departures from that rule, e.g.
+    ``float32_scores``, ``exact_counts`` (docs/methods.md). ``encoder_schedule`` (e.g. ``"12:0.5/18:0.5"``):
+    V2Drop's stages inside the vision encoder (its blocks), with any LLM method. ``positions``: where tokens
+    removed before the LLM leave the others, ``keep`` (each keeps its position in the full prompt) or
+    ``renumber`` (``0..L-1`` over the shorter sequence, as VisionZip's code does; 1-D RoPE only); None: the
+    method's authors' rule. Bad arguments raise ``ValueError`` naming them (the rules of
+    ``v2drop_eval.methods.rules``); an unsupported model ``TypeError``.
     """
-    parsed = validate(method, schedule, metric, seed)
+    if options is not None and not isinstance(options, str):
+        options = list(options)
+    parsed = validate(method, schedule, metric, seed, options=options)
+    chosen = check_drop_method(method, options=options)
     encoder = validate_encoder(encoder_schedule, method)
     positions = check_positions(positions, method, encoder)
-    return DropHandle(model, parsed, get_method(method), metric=metric, seed=seed, encoder_schedule=encoder,
-                      positions=positions)
+    return DropHandle(model, parsed, get_method(method), metric=metric, seed=seed, options=chosen,
+                      encoder_schedule=encoder, positions=positions)

@@ -9,7 +9,7 @@ installs the lookup behind ``DropSchedule.preset`` (the schedule type is the eng
 from __future__ import annotations
 
 from v2drop_eval.engine.families import PRESET_SHAPES, preset_family
-from v2drop_eval.engine.schedule import DropSchedule, install_preset_lookup, kept_count
+from v2drop_eval.engine.schedule import DropSchedule, install_preset_lookup
 from v2drop_eval.methods import DEFAULT_METHOD, REGISTRY, get_method
 
 __all__ = ["DropSchedule", "preset_table", "preset_text", "scaled_schedule", "fitted_preset", "single_stage_for",
@@ -20,9 +20,9 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
     """The preset for ``budget``, with its layers scaled to ``num_layers`` when the model is shallower.
 
     V2Drop (and random, which shares its presets) scale the preset's layers. Every other method then
-    spends the same layer-averaged vision-token count as that scaled V2Drop schedule: single-stage
-    methods (FastV, DART) keep one stage (layer 2 of 32, scaled) with the matching share; multi-stage
-    ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01).
+    spends the same layer-averaged vision-token count as that scaled V2Drop schedule, counted with its own
+    formula: single-stage methods (FastV, DART) keep one stage (layer 2 of 32, scaled) with the matching
+    share; multi-stage ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01).
     """
     ref_tokens, ref_layers = PRESET_SHAPES[family]
     if num_layers == ref_layers or get_method(method).pre_llm:  # a pre-LLM stage does not depend on depth
@@ -35,27 +35,36 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
     if spec.multi_stage:
         layers = _scale_layers(DropSchedule.preset(family, budget, method=method), num_layers, ref_layers).layers
         fits = [DropSchedule(tuple((layer, r / 100) for layer in layers)) for r in range(1, 100)]
-        return min(fits, key=lambda s: abs(s.average_tokens(ref_tokens, num_layers) - target))
-    return single_stage_for(target, ref_tokens, num_layers, layer=max(1, round(2 * num_layers / ref_layers)))
+        return min(fits, key=lambda s: abs(s.average_tokens(ref_tokens, num_layers, method) - target))
+    return single_stage_for(target, ref_tokens, num_layers, layer=max(1, round(2 * num_layers / ref_layers)),
+                            method=method)
 
 
-def single_stage_for(target: float, tokens: int, num_layers: int, layer: int = 2) -> DropSchedule:
-    """One stage at ``layer`` whose layer-averaged count over ``num_layers`` layers is closest to ``target``
-    (``tokens`` vision tokens): the kept count rounded, then the shortest 4-decimal ratio that keeps it."""
-    keep = round((target * num_layers - layer * tokens) / (num_layers - layer))
-    ratio = round(keep / tokens + 5e-5, 4)
-    while kept_count(tokens, ratio) > keep:
-        ratio = round(ratio - 1e-4, 4)
+def single_stage_for(target: float, tokens: int, num_layers: int, layer: int = 2, method: str = "") -> DropSchedule:
+    """One stage at ``layer`` whose layer-averaged count over ``num_layers`` layers, counted as ``method``
+    counts (``""``: the default method; ``tokens`` vision tokens), is closest to ``target``; of the 4-decimal
+    ratios that keep that count, the smallest at or above the share it keeps (the shortest ratio that keeps
+    it under a floor)."""
+    spec = get_method(method or DEFAULT_METHOD)
+    by_count: dict[int, list[float]] = {}
+    for step in range(1, 10_000):
+        ratio = step / 10_000
+        by_count.setdefault(spec.stage_keep(tokens, (ratio,), tokens), []).append(ratio)
+    keep = min(by_count, key=lambda k: (abs((layer * tokens + (num_layers - layer) * k) / num_layers - target), k))
+    above = [r for r in by_count[keep] if r >= keep / tokens]
+    ratio = min(above) if above else max(by_count[keep])
     return DropSchedule(((layer, ratio),))
 
 
-def pdrop_for(target: float, tokens: int, num_layers: int) -> DropSchedule:
+def pdrop_for(target: float, tokens: int, num_layers: int, method: str = "") -> DropSchedule:
     """PyramidDrop's shape, stages at s, 2s, 3s (s >= 2) with one ratio lambda (to 0.01), within one token
-    of ``target`` layer-averaged; of those, lambda closest to the paper's 0.5 (then the closer average)."""
+    of ``target`` layer-averaged (counted as ``method`` counts, ``""``: the default method); of those,
+    lambda closest to the paper's 0.5 (then the closer average)."""
     fits = [DropSchedule(tuple((k * step, r / 100) for k in (1, 2, 3)))
             for step in range(2, (num_layers - 1) // 3 + 1) for r in range(1, 100)]
-    fits = [f for f in fits if abs(f.average_tokens(tokens, num_layers) - target) <= 1]
-    return min(fits, key=lambda f: (abs(f.stages[0][1] - 0.5), abs(f.average_tokens(tokens, num_layers) - target)))
+    averages = {f: f.average_tokens(tokens, num_layers, method) for f in fits}
+    fits = [f for f in fits if abs(averages[f] - target) <= 1]
+    return min(fits, key=lambda f: (abs(f.stages[0][1] - 0.5), abs(averages[f] - target)))
 
 
 def depth_scaled_presets(base: str, num_layers: int) -> dict[str, dict[str | int, str]]:
@@ -66,16 +75,19 @@ def depth_scaled_presets(base: str, num_layers: int) -> dict[str, dict[str | int
       later ratios kept, the first-stage ratio solved (to 0.01) so that the layer-averaged vision fraction is
       closest to the budget's (192 -> 1/3, 128 -> 2/9 of 576; ``default`` -> what ``base``'s default keeps on
       its own depth);
-    - one-stage methods (FastV, DART): one stage at layer 2 matched to that target count;
-    - other multi-stage methods (PyramidDrop): three stages s, 2s, 3s matched to the new V2Drop schedule's count.
+    - one-stage methods (FastV, DART): one stage at layer 2 matched to that target count, by each one's count;
+    - other multi-stage methods (PyramidDrop): three stages s, 2s, 3s matched to the new V2Drop schedule's
+      count, by each one's count.
     Returns ``{method: {budget: schedule text}}`` for every registered method with a table for ``base``
     (budgets of the reference table only; a method's own extra keys such as ``paper`` are not derived).
     """
     reference = get_method(DEFAULT_METHOD)
     tokens, base_layers = PRESET_SHAPES[base]
-    ref: dict[str | int, str] = {}
-    single: dict[str | int, str] = {}
-    pyramid: dict[str | int, str] = {}
+    out: dict[str, dict[str | int, str]] = {}
+    derived = [(name, spec) for name, spec in REGISTRY.items()
+               if spec.drops and not spec.pre_llm and base in spec.presets]
+    for name, _ in derived:
+        out[name] = {}
     for budget, text in reference.presets[base].items():
         sched = DropSchedule.parse(text)
         target = budget if isinstance(budget, int) else sched.average_tokens(tokens, base_layers)
@@ -83,13 +95,14 @@ def depth_scaled_presets(base: str, num_layers: int) -> dict[str, dict[str | int
         rest = layers.stages[1:]
         fits = [DropSchedule(((layers.layers[0], r / 100), *rest)) for r in range(1, 101)]
         v2 = min(fits, key=lambda f: abs(f.average_tokens(tokens, num_layers) - target))
-        ref[budget] = str(v2)
-        single[budget] = str(single_stage_for(target, tokens, num_layers))
-        pyramid[budget] = str(pdrop_for(v2.average_tokens(tokens, num_layers), tokens, num_layers))
-    out: dict[str, dict[str | int, str]] = {}
-    for name, spec in REGISTRY.items():
-        if spec.drops and not spec.pre_llm and base in spec.presets:
-            out[name] = ref if spec.presets is reference.presets else pyramid if spec.multi_stage else single
+        for name, spec in derived:
+            if spec.presets is reference.presets:
+                fit = v2
+            elif spec.multi_stage:
+                fit = pdrop_for(v2.average_tokens(tokens, num_layers), tokens, num_layers, method=name)
+            else:
+                fit = single_stage_for(target, tokens, num_layers, method=name)
+            out[name][budget] = str(fit)
     return out
 
 

@@ -1,12 +1,14 @@
-"""``random``: the seeded random baseline, at any schedule (the presets are V2Drop's)."""
+"""``random``: the seeded random baseline, at any schedule. Its presets and its counts are V2Drop's
+(``max(1, int(alive x ratio))``), so it keeps as many tokens as V2Drop at the same schedule."""
 
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from v2drop_eval.engine.method import ROW_IDENTITY, Method, ScoreContext
+from v2drop_eval.engine.method import EXACT_COUNTS, ROW_IDENTITY, Method, ScoreContext
 from v2drop_eval.methods.v2drop import PRESETS as V2DROP_PRESETS
+from v2drop_eval.methods.v2drop import ZERO_DROPS_ALL, v2drop_count
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +34,11 @@ class RandomDrop(Method):
     needs = frozenset({ROW_IDENTITY})
     takes_seed = True
     presets = V2DROP_PRESETS
+    options = (EXACT_COUNTS, ZERO_DROPS_ALL)
+
+    def keep_count(self, alive: int, ratios: tuple[float, ...], initial: int,
+                   options: frozenset[str] = frozenset(), **row: Any) -> int:
+        return v2drop_count(alive, ratios[-1], options)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         # Keyed on each token's ordinal among its row's vision tokens: batch-independent.

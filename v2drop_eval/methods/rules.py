@@ -14,12 +14,12 @@ from typing import Any
 
 from v2drop_eval.engine.method import POSITION_RULES, Method
 from v2drop_eval.engine.schedule import DropSchedule
-from v2drop_eval.methods import BASELINE, METHODS, get_method
+from v2drop_eval.methods import BASELINE, METHODS, OPTIONS, get_method, parse_options
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 
-__all__ = ["METHODS", "METRICS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "check_seed",
-           "schedule_problem", "as_int", "local_model_problem", "validate_encoder", "check_positions",
-           "POSITION_RULES"]
+__all__ = ["METHODS", "METRICS", "OPTIONS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "check_seed",
+           "schedule_problem", "as_int", "local_model_problem", "validate_encoder",
+           "check_positions", "POSITION_RULES"]
 
 # ``attach``'s default seed: a method that does not use it may still be handed it.
 DEFAULT_SEED = 0
@@ -68,10 +68,11 @@ def schedule_problem(spec: Method, schedule: DropSchedule) -> str | None:
     return None
 
 
-def check_drop_method(method: Any, metric: Any = None, seed: Any = None) -> None:
+def check_drop_method(method: Any, metric: Any = None, seed: Any = None, options: Any = None) -> frozenset[str]:
     """Raise ``ValueError`` unless ``method`` is registered, ``metric`` (None: not given) is known and
-    only given to a method that takes one, and ``seed`` (None: not given) is an integer >= 0 given only
-    to a method that takes one. ``attach``'s defaults (metric ``l2``, seed 0) count as not given."""
+    only given to a method that takes one, ``seed`` (None: not given) is an integer >= 0 given only
+    to a method that takes one, and every option is known and taken by the method. ``attach``'s
+    defaults (metric ``l2``, seed 0) count as not given. Returns the options, parsed."""
     spec = get_method(method)
     if metric is not None:
         if metric not in METRICS:
@@ -82,15 +83,16 @@ def check_drop_method(method: Any, metric: Any = None, seed: Any = None) -> None
         check_seed(seed)
         if not spec.takes_seed and as_int(seed) != DEFAULT_SEED:
             raise ValueError(f"seed={as_int(seed)} applies to {_takers('takes_seed')} only, not method={method}")
+    return parse_options(options, method)
 
 
 def validate(method: Any, schedule: DropSchedule | str | None = None, metric: Any = None, seed: Any = None,
-             num_layers: int | None = None) -> DropSchedule | None:
+             num_layers: int | None = None, options: Any = None) -> DropSchedule | None:
     """The one rule every entry point applies (``attach``, model args, sweep configs, the bench):
-    ``method``, ``metric`` and ``seed`` as :func:`check_drop_method`; ``schedule`` (None: not given)
-    parsed, taken by the method (stage count, adaptive stages) and, with ``num_layers``, within the
+    ``method``, ``metric``, ``seed`` and ``options`` as :func:`check_drop_method`; ``schedule`` (None: not
+    given) parsed, taken by the method (stage count, adaptive stages) and, with ``num_layers``, within the
     model's depth. Returns the parsed schedule. Raises ``ValueError`` naming the bad value."""
-    check_drop_method(method, metric, seed)
+    check_drop_method(method, metric, seed, options)
     if schedule is None:
         return None
     parsed = DropSchedule.parse(schedule)
@@ -124,13 +126,14 @@ def validate_encoder(encoder_schedule: Any, method: Any = None) -> DropSchedule 
     return parsed
 
 
-def check_positions(positions: Any, method: Any, encoder_schedule: Any) -> str:
-    """``positions`` (None: the method's authors' rule, ``Method.positions``: ``renumber`` for VisionZip,
-    else ``keep``), refused when nothing is removed before the LLM. (A model whose positions are M-RoPE
-    refuses ``renumber`` when it is loaded: ``engine.refusals.check_renumbering``.)"""
+def check_positions(positions: Any, method: Any, encoder_schedule: Any) -> str | None:
+    """``positions`` checked (None: not given; the engine then applies the method's authors' rule,
+    ``Method.positions``: ``renumber`` for VisionZip, else ``keep``); refused when nothing is removed
+    before the LLM. (A model whose positions are M-RoPE refuses ``renumber`` when it is loaded:
+    ``engine.refusals.check_renumbering``.)"""
     spec = get_method(method)
     if positions is None:
-        return spec.positions
+        return None
     if positions not in POSITION_RULES:
         raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITION_RULES)}")
     if not spec.pre_llm and encoder_schedule is None:

@@ -1,11 +1,23 @@
 """``v2drop``: V2Drop (arXiv 2509.01552, CVPR 2026) keeps the vision tokens that changed most through
-the previous layer (docs/design.md §1)."""
+the previous layer (docs/design.md §1).
+
+The authors' rule, xuyang-liu16/V2Drop@219e03e, ``llava/model/language_model/V2Drop.py`` (the same lines
+in ``Qwen2-VL/Qwen2VL_V2Drop/modeling_qwen2_vl_self.py``), on the hidden states entering layers l and l-1
+(the latter after its own drop), in the model's dtype::
+
+    l2_diff_candidate = torch.norm(current_candidates - prev_candidates, p=2, dim=-1)[0]
+    k = max(1, int(self.image_token_amount_after_selection * keep_ratio))
+    topk_values, topk_indices = torch.topk(l2_diff_candidate, k=k, largest=True)
+
+so a row keeps ``max(1, int(alive x ratio))`` (float product), a ``:0`` stage keeping one token. Kept
+tokens keep their positions (``position_ids = position_ids[:, keep_indexs]``).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from v2drop_eval.engine.method import PREV_HIDDEN, Method, ScoreContext
+from v2drop_eval.engine.method import EXACT_COUNTS, FLOAT32_SCORES, PREV_HIDDEN, Method, Option, ScoreContext
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +46,7 @@ PRESETS: dict[str, dict[str | int, str]] = {
         128: "3:0.22/16:0.25/22:0",
     },
     # Qwen3-VL-8B (36 decoder layers): the Qwen2-VL presets' layers scaled to 36, the same later ratios, the
-    # first ratio solved again to the same vision fraction (schedule.depth_scaled_presets; tests check it).
+    # first ratio solved again to the same vision fraction (presets.depth_scaled_presets; tests check it).
     "qwen3_vl": {
         "default": "4:0.24/21:0.05/28:0",
         192: "4:0.42/21:0.3/28:0",
@@ -43,17 +55,22 @@ PRESETS: dict[str, dict[str | int, str]] = {
 }
 
 
-def variation(h_now: torch.Tensor, h_prev: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+ZERO_DROPS_ALL = Option("zero_drops_all", "a stage of keep ratio 0 keeps no vision token (the authors' code keeps "
+                                          "max(1, int(alive x ratio)): one token at ratio 0)")
+
+
+def variation(h_now: torch.Tensor, h_prev: torch.Tensor, metric: str = "l2", float32: bool = False) -> torch.Tensor:
     """V2Drop's token variation ``v_i = dist(h_i(l), h_i(l-1))`` over the hidden dim -> ``[B, n]``.
 
     ``h(l)`` is the residual stream entering layer l, ``h(l-1)`` the one entering layer l-1, so the
-    variation is the size of layer l-1's whole update to the token.
+    variation is the size of layer l-1's whole update to the token. In the model's dtype as the authors'
+    ``torch.norm(current - prev, p=2, dim=-1)``; ``float32``: upcast first.
     """
     import torch
 
-    now, prev = h_now.float(), h_prev.float()
+    now, prev = (h_now.float(), h_prev.float()) if float32 else (h_now, h_prev)
     if metric == "l2":
-        return (now - prev).norm(dim=-1)
+        return torch.norm(now - prev, p=2, dim=-1)
     if metric == "l1":
         return (now - prev).abs().sum(dim=-1)
     if metric == "cosine":
@@ -71,9 +88,21 @@ class V2Drop(Method):
     adaptive = True
     takes_metric = True
     presets = PRESETS
+    options = (FLOAT32_SCORES, EXACT_COUNTS, ZERO_DROPS_ALL)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        return variation(ctx.hidden, ctx.signals[PREV_HIDDEN], ctx.metric)
+        return variation(ctx.hidden, ctx.signals[PREV_HIDDEN], ctx.metric, FLOAT32_SCORES.name in ctx.options)
+
+    def keep_count(self, alive: int, ratios: tuple[float, ...], initial: int,
+                   options: frozenset[str] = frozenset(), **row: Any) -> int:
+        return v2drop_count(alive, ratios[-1], options)
+
+
+def v2drop_count(alive: int, ratio: float, options: frozenset[str] = frozenset()) -> int:
+    """``max(1, int(alive x ratio))`` as V2Drop's code counts (``zero_drops_all``: 0 at ratio 0)."""
+    if ratio == 0 and ZERO_DROPS_ALL.name in options:
+        return 0
+    return max(1, int(alive * float(ratio)))
 
 
 METHOD = V2Drop()

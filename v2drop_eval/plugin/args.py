@@ -25,7 +25,7 @@ from v2drop_eval.engine.families import (
     lmms_siblings,
 )
 from v2drop_eval.engine.method import KEEP, RENUMBER
-from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, get_method
+from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, get_method, options_text
 from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
@@ -33,6 +33,7 @@ from v2drop_eval.methods.rules import (
     METHODS,
     METRICS,
     as_int,
+    check_drop_method,
     check_positions,
     local_model_problem,
     validate,
@@ -42,7 +43,8 @@ from v2drop_eval.methods.rules import (
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
            "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "sidecar", "warmup", "encoder_schedule", "positions")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "sidecar", "warmup", "encoder_schedule",
+            "positions")
 
 @dataclass(frozen=True)
 class DropArgs:
@@ -57,6 +59,7 @@ class DropArgs:
     sidecar: str | None
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
+    options: frozenset[str] = frozenset()  # the method's named departures from its authors' rule
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
     encoder_schedule: DropSchedule | None = None  # V2Drop's stages inside the vision encoder
     positions: str | None = None  # given positions= (None: the method's default)
@@ -78,6 +81,7 @@ class DropArgs:
             "budget": self.budget,
             "metric": self.metric,
             "seed": self.seed,
+            "options": options_text(self.options) or None,
             "encoder_schedule": None if self.encoder_schedule is None else str(self.encoder_schedule),
             "positions": self.positions,
         }
@@ -113,8 +117,11 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
+    options = kwargs.pop("options", None)
+    options = None if options is None else str(options)  # "a+b": lmms-eval splits model args on commas
     try:
-        validate(method, metric=metric, seed=seed)
+        validate(method, metric=metric, seed=seed, options=options)
+        options = check_drop_method(method, options=options)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
     spec = get_method(method)
@@ -167,7 +174,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
             raise _fail(model_name, f"schedule={schedule_text}: {exc}") from None
         if schedule.is_empty:
             raise _fail(model_name, f"schedule={schedule_text} drops nothing; for the unpruned baseline use method=none")
-    elif encoder is not None and method == DEFAULT_METHOD and "method" not in given:
+    elif encoder is not None and method == DEFAULT_METHOD and "method" not in given and not options:
         schedule = DropSchedule(())  # encoder_schedule= alone: V2Drop inside the encoder, the decoder whole
         method = BASELINE
     else:
@@ -182,7 +189,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
     return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
-                    sidecar=sidecar, warmup=warmup, encoder_schedule=encoder, positions=positions)
+                    sidecar=sidecar, warmup=warmup, options=options, encoder_schedule=encoder, positions=positions)
 
 
 def _has_preset(family: str, budget: Any, method: str) -> bool:

@@ -67,7 +67,7 @@ class V2DropMixin:
         model = self.model
         self._v2drop_args = args
         self._v2drop_handle = attach(model, args.schedule, method=args.method, metric=args.engine_metric,
-                                     seed=args.engine_seed, encoder_schedule=args.encoder_schedule,
+                                     seed=args.engine_seed, options=args.options, encoder_schedule=args.encoder_schedule,
                                      positions=args.positions)
         handle = self._v2drop_handle
         self._v2drop_timer = GenerateTimer(model, lambda: handle.last_stats)

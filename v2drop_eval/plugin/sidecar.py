@@ -5,7 +5,7 @@ side-car imports it from here. Light (no torch): the sweep and the tables read s
 Written by :class:`SampleLog`, all records so far each time, atomically (a temporary file in the same folder,
 then ``os.replace``), so a reader never sees half a file.
 
-Version 3 adds the vision encoder: ``vision_ms`` (its forwards of the batch, inside ``prefill_ms``, from the
+Version 4 adds the vision encoder: ``vision_ms`` (its forwards of the batch, inside ``prefill_ms``, from the
 dropper's encoder hooks, CUDA events on a GPU), ``vision_flops`` per sample (``flops.VISION_CONVENTION``),
 ``encoder_tokens_per_layer``, ``llm_vision_tokens`` (the vision tokens that reach the LLM, fewer than
 ``vision_tokens`` when tokens are removed before it) and ``positions`` (how those tokens are positioned).
@@ -33,8 +33,10 @@ __all__ = ["SIDECAR_VERSION", "SIDECAR_SUFFIX", "SIDECAR_GLOB", "SampleLog", "sa
            "prepare_sidecar", "doc_complexity"]
 
 # Version of the record layout (``sidecar_version`` in every record); records without it are version 1.
-# 3: the vision encoder's fields (see above).
-SIDECAR_VERSION = 3
+# 3: ``options`` (the method's named options, null: its authors' rule); records before 3 carry no ``options``
+# and ran the project's earlier counts and positions (docs/methods.md, "Checked token by token against the originals").
+# 4: the vision encoder's fields (see above).
+SIDECAR_VERSION = 4
 SIDECAR_SUFFIX = "_v2drop_samples.jsonl"
 # Every side-car of a run (ranks included); not lmms-eval's own samples_<task>.jsonl (a task may be named v2drop_*).
 SIDECAR_GLOB = "*_v2drop_samples*.jsonl"

@@ -49,7 +49,7 @@ def tradeoff_plot(accuracy: pd.DataFrame, efficiency: pd.DataFrame, path: Path) 
     if accuracy.empty or efficiency.empty:
         warnings.warn(f"no points to plot; {path.name} not written", stacklevel=2)
         return []
-    df = accuracy[["point", "model", "method", "setting", "metric", "seed", "Average"]].merge(
+    df = accuracy[["point", "model", "method", "setting", "metric", "seed", "options", "Average"]].merge(
         efficiency[["point", "prefill_tflops"]], on="point", how="left")
     df["prefill_tflops"] = pd.to_numeric(df["prefill_tflops"], errors="coerce")
     models = list(dict.fromkeys(df["model"]))
@@ -61,11 +61,12 @@ def tradeoff_plot(accuracy: pd.DataFrame, efficiency: pd.DataFrame, path: Path) 
         sub = sub.assign(x=sub["prefill_tflops"] / float(ref.iloc[0]) * 100 if relative else sub["prefill_tflops"],
                          kind=sub["setting"].map(_kind))
         n_lines = 0
-        for (method, metric, seed, kind), g in sub.groupby(["method", "metric", "seed", "kind"], sort=False,
-                                                            dropna=False):
+        for (method, metric, seed, options, kind), g in sub.groupby(["method", "metric", "seed", "options", "kind"],
+                                                                     sort=False, dropna=False):
             g = g.sort_values("x")
             color, marker = _style(method)
-            label = method + (f" ({metric})" if metric else "") + (f" seed {seed}" if seed != "" else "")
+            label = (method + (f" ({metric})" if metric else "") + (f" seed {seed}" if seed != "" else "")
+                     + (f" [{options}]" if options else ""))
             if method == BASELINE:
                 ax.plot(g["x"], g["Average"], marker=marker, color=color, linestyle="none", markersize=12,
                         label="unpruned", zorder=5)

@@ -25,7 +25,7 @@ from v2drop_eval.report.tables import (
 __all__ = ["to_markdown", "to_latex", "write_table"]
 
 _KEY_LABELS = {"model": "Model", "method": "Method", "setting": "Tokens / schedule", "metric": "Metric",
-               "seed": "Seed"}
+               "seed": "Seed", "options": "Options"}
 _DIGITS = {"p": 3, "corr": 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
            "paper_tmacs": 3, "vision_tflops": 3}
 
@@ -41,7 +41,7 @@ def _fmt(value: Any, digits: int) -> str:
 def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
     """Header, formatted rows and which columns are numeric (method labels, empty key columns dropped)."""
     cols = [c for c in df.columns if c != "point" and not c.endswith((CI_LO, CI_HI))]
-    cols = [c for c in cols if not (c in ("metric", "seed") and (df[c].astype(str) == "").all())]
+    cols = [c for c in cols if not (c in ("metric", "seed", "options") and (df[c].astype(str) == "").all())]
     numeric = [c not in _KEY_LABELS and c != "device" and pd.api.types.is_numeric_dtype(df[c]) for c in cols]
     header = [_KEY_LABELS.get(c) or EFFICIENCY_COLUMNS.get(c) or COMPARISON_COLUMNS.get(c) or c for c in cols]
     rows = []

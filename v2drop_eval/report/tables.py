@@ -62,7 +62,7 @@ TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "te
 # From the method registry: the baseline first, then the methods in registry order.
 METHOD_LABELS = {name: m.label for name, m in REGISTRY.items()}
 METHOD_ORDER = {name: i for i, name in enumerate(REGISTRY)}
-KEY_COLS = ["model", "method", "setting", "metric", "seed"]
+KEY_COLS = ["model", "method", "setting", "metric", "seed", "options"]
 # A row of the baseline behind stages inside the vision encoder: its setting starts with ENCODER_SETTING.
 ENCODER_SETTING = "encoder "
 ENCODER_ONLY_LABEL = f"{REGISTRY[DEFAULT_METHOD].label} (encoder only)"
@@ -118,7 +118,7 @@ def row_key(p: PointResult) -> dict[str, Any]:
     m = p.meta
     return {"model": m.get("model_name") or p.point_id.split("__")[0], "method": m["method"],
             "setting": _setting(m), "metric": m.get("metric") or "", "seed": "" if m.get("seed") is None else m["seed"],
-            "point": p.point_id}
+            "options": m.get("options") or "", "point": p.point_id}
 
 
 def _sort(df: pd.DataFrame) -> pd.DataFrame:
@@ -130,7 +130,7 @@ def _sort(df: pd.DataFrame) -> pd.DataFrame:
             return (1, -float(s), "")
         return (2, 0.0, s)
     order = df.apply(lambda r: (r["model"], budget_rank(str(r["setting"])), METHOD_ORDER.get(r["method"], 9),
-                                str(r["metric"]), str(r["seed"])), axis=1)
+                                str(r["metric"]), str(r["seed"]), str(r["options"])), axis=1)
     return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
 
 
@@ -235,8 +235,8 @@ def comparison_table(points: Sequence[PointResult], headline: Mapping[str, str] 
 def _label(p: PointResult) -> str:
     """A method's name in a comparison: its label, with its metric or seed where it has one."""
     k = row_key(p)
-    extra = k["metric"] or (f"seed {k['seed']}" if k["seed"] != "" else "")
-    return METHOD_LABELS.get(k["method"], k["method"]) + (f" ({extra})" if extra else "")
+    extra = [e for e in (k["metric"], f"seed {k['seed']}" if k["seed"] != "" else "", k["options"]) if e]
+    return METHOD_LABELS.get(k["method"], k["method"]) + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _task_order(tasks: list[str]) -> list[str]:

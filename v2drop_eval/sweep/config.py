@@ -59,7 +59,8 @@ TOP_KEYS = {
     "description": "free text, ignored",
     "output": "sweep output directory; default results/<name>",
     "models": "list of models (keys below)",
-    "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds: [...]}}",
+    "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds/options: "
+               "[...]}}",
     "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; a method's own named presets such as 'paper')",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
     "encoder_schedules": "V2Drop stages inside the vision encoder, 'block:ratio/...' strings or none (no stage); "
@@ -112,8 +113,8 @@ class SweepConfig:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def grid(self, method: str) -> dict[str, list[Any]]:
-        """``budgets``, ``schedules``, ``encoder_schedules``, ``metrics``, ``seeds`` of ``method`` (its own,
-        else the config's)."""
+        """``budgets``, ``schedules``, ``encoder_schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else
+        the config's), and its ``options`` sets (its own only; default: the authors' rule alone)."""
         own = self.overrides.get(method, {})
         return {
             "budgets": own.get("budgets", self.budgets),
@@ -121,6 +122,7 @@ class SweepConfig:
             "encoder_schedules": own.get("encoder_schedules", self.encoder_schedules),
             "metrics": own.get("metrics", self.metrics),
             "seeds": own.get("seeds", self.seeds),
+            "options": own.get("options", [None]),
         }
 
     def command(self, point: Point, output_path: str | Path) -> list[str]:
@@ -337,18 +339,20 @@ def expand(cfg: SweepConfig) -> list[Point]:
                     continue
                 settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
                 settings += [(None, s) for s in grid["schedules"]]
-                for budget, schedule in settings:
-                    base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, encoder_schedule=enc)
+                for (budget, schedule), options in ((s, o) for s in settings for o in grid["options"]):
+                    base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, options=options,
+                                 encoder_schedule=enc)
                     stem = f"{model.name}__{method}__{base.label}{tail}"
+                    opt = f"__{options}" if options else ""  # the authors' rule keeps its id
                     if spec.takes_metric:
                         for metric in grid["metrics"]:
-                            points.append(_with(base, id=f"{stem}__{metric}", metric=metric))
+                            points.append(_with(base, id=f"{stem}__{metric}{opt}", metric=metric))
                     elif spec.takes_seed:
                         for seed in grid["seeds"]:
                             suffix = f"__seed{seed}" if seed != 0 else ""
-                            points.append(_with(base, id=stem + suffix, seed=seed))
+                            points.append(_with(base, id=stem + suffix + opt, seed=seed))
                     else:
-                        points.append(_with(base, id=stem))
+                        points.append(_with(base, id=stem + opt))
     return points
 
 

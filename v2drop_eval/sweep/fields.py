@@ -9,13 +9,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from v2drop_eval.engine.families import FAMILY_NAMES, get_family
-from v2drop_eval.methods import BASELINE
+from v2drop_eval.methods import BASELINE, options_text, parse_options
 from v2drop_eval.methods.presets import DropSchedule
 from v2drop_eval.methods.rules import METHODS, METRICS, check_seed, validate_encoder
 from v2drop_eval.sweep.points import ModelSpec
 
 __all__ = ["EXECUTORS", "SLURM_KEYS", "FAMILY_MODELS", "MODEL_KEYS", "METHOD_KEYS", "OWN_MODEL_ARGS", "ID_RE",
-           "substitute", "as_list", "int_at_least", "parse_metrics", "parse_seeds", "parse_budgets", "parse_methods",
+           "substitute", "as_list", "int_at_least", "parse_metrics", "parse_seeds", "parse_option_sets", "parse_budgets", "parse_methods",
            "parse_encoder_schedules",
            "parse_models", "parse_schedules", "parse_executor", "parse_slurm"]
 
@@ -41,7 +41,7 @@ SLURM_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
 }
 # lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
 FAMILY_MODELS = {name: get_family(name).lmms_model for name in FAMILY_NAMES}
-METHOD_KEYS = ("budgets", "schedules", "encoder_schedules", "metrics", "seeds")
+METHOD_KEYS = ("budgets", "schedules", "encoder_schedules", "metrics", "seeds", "options")
 MODEL_KEYS = {
     "name": "model id used in point ids (letters, digits, '.', '-', single '_')",
     "family": f"model family, one of {', '.join(sorted(FAMILY_MODELS))}",
@@ -50,7 +50,7 @@ MODEL_KEYS = {
     "num_layers": "decoder layer count, for the depth check; default: read offline with AutoConfig",
     "model_args": "extra model args (mapping), e.g. {device_map: cpu, attn_implementation: sdpa}",
 }
-OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "encoder_schedule"}
+OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "options", "encoder_schedule"}
 ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?!_))*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -134,6 +134,28 @@ def parse_encoder_schedules(value: Any, where: str, errors: list[str]) -> list[s
     return out
 
 
+def parse_option_sets(value: Any, method: str, where: str, errors: list[str]) -> list[str | None]:
+    """``options: [[], [kept_positions], float32_scores+exact_counts]``: one point per set; an empty set (or
+    null) is the authors' rule."""
+    if not isinstance(value, list):
+        errors.append(f"{where}: expected a list of option sets, e.g. [[], [float32_scores]]")
+        return [None]
+    sets: list[str | None] = []
+    for i, item in enumerate(value):
+        try:
+            chosen = parse_options(item, method) if method in METHODS else frozenset()
+        except ValueError as exc:
+            errors.append(f"{where}[{i}]: {exc}")
+            continue
+        text = options_text(chosen) or None
+        if text in sets:
+            errors.append(f"{where}[{i}]: the option set {text or '[]'} is listed twice")
+        sets.append(text)
+    if not sets and not errors:
+        errors.append(f"{where}: at least one option set is needed ([] for the authors' rule)")
+    return sets or [None]
+
+
 def parse_budgets(value: Any, where: str, errors: list[str]) -> list[int | str]:
     budgets: list[int | str] = []
     for b in as_list(value, where, errors):
@@ -171,6 +193,8 @@ def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, d
                 grid["metrics"] = parse_metrics(item["metrics"], f"{where}.metrics", errors)
             if "seeds" in item:
                 grid["seeds"] = parse_seeds(item["seeds"], f"{where}.seeds", errors)
+            if "options" in item:
+                grid["options"] = parse_option_sets(item["options"], name, f"{where}.options", errors)
             overrides[name] = grid
         else:
             name = str(item)

@@ -33,6 +33,7 @@ class Point:
     metric: str | None = None
     seed: int | None = None
     encoder_schedule: str | None = None
+    options: str | None = None  # the method's named options, "a+b" (None: its authors' rule)
 
     @property
     def label(self) -> str:
@@ -55,6 +56,8 @@ class Point:
             args["seed"] = self.seed
         if self.encoder_schedule is not None:
             args["encoder_schedule"] = self.encoder_schedule
+        if self.options:
+            args["options"] = self.options
         args.update(dict(self.model.model_args))
         return ",".join(f"{k}={v}" for k, v in args.items())
 
@@ -71,6 +74,7 @@ class Point:
             "metric": self.metric,
             "seed": self.seed,
             "encoder_schedule": self.encoder_schedule,
+            "options": self.options,
             "model_args": self.model_args(),
         }
 
