@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-oldest test-latest lock lint sweep tables demo train-demo bench bench-gpu
+.PHONY: install test test-all test-next test-oldest test-latest lock lint sweep tables demo train-demo bench bench-gpu
 
 # Everything installs from the lock, so a machine next month gets what CI tested. torch and torchvision
 # are pinned together (an unpinned torch pulls a CUDA build, and a torchvision of another release does
@@ -22,11 +22,20 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 install: $(VENV)/.installed
 
+# Two tiers (CONTRIBUTING.md, "Tests"). `make test`: the fast tier, every property on every family, method
+# and kernel through the grids' all-pairs cover (tests/grid.py), at most 5 minutes on 2 cores; `make
+# test-all`: the full grids and the slow end-to-end runs (lmms-eval, sweeps, the demo config). Each prints
+# its wall time last. PYTEST_ARGS=... passes more (a -k, --durations=25).
+FAST := -m "not slow and not grid_full"
+PYTEST_ARGS ?=
 test: install
-	$(PY) -m pytest -q
+	V2DROP_TEST_TIER="make test (fast tier)" $(PY) -m pytest -q $(FAST) $(PYTEST_ARGS)
+
+test-all: install
+	V2DROP_TEST_TIER="make test-all (full grids + slow)" $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Regenerate the lock from pyproject.toml with today's releases (uv, in a venv of its own), then run
-# `make test` and `make test-latest`.
+# `make install test-all test-oldest test-latest`.
 UV_VENV := .venv-uv
 $(UV_VENV)/bin/uv:
 	$(PYTHON) -m venv $(UV_VENV)
@@ -34,10 +43,10 @@ $(UV_VENV)/bin/uv:
 
 lock: $(UV_VENV)/bin/uv
 	printf '%s\n' $(TORCH_PINS) | $(UV_VENV)/bin/uv pip compile pyproject.toml - --extra test \
-		--universal --python-version 3.11 --custom-compile-command "make lock" -q -o $(LOCK)
+		--universal --python-version 3.11 --upgrade --custom-compile-command "make lock" -q -o $(LOCK)
 
-# The engine's tests on the oldest transformers that pyproject.toml admits: a venv of its own that holds
-# only that transformers (and what it needs) in front of the locked venv's packages.
+# The engine's tests (fast tier) on the oldest transformers that pyproject.toml admits: a venv of its own
+# that holds only that transformers (and what it needs) in front of the locked venv's packages.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_TRANSFORMERS = $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 ENGINE_TESTS := tests/test_transformers_contract.py tests/test_engine.py tests/test_validation.py
@@ -46,11 +55,13 @@ test-oldest: install
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"))')" \
 		> $$($(OLDEST_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/locked-venv.pth
-	$(OLDEST_VENV)/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)"
+	# with the kernels release it declares: the lock's newer kernels breaks its hub-kernels import
+	$(OLDEST_VENV)/bin/python -m pip install -q "transformers[hub-kernels]==$(OLDEST_TRANSFORMERS)"
 	$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
-	$(OLDEST_VENV)/bin/python -m pytest -q $(ENGINE_TESTS)
+	V2DROP_TEST_TIER="make test-oldest (engine, fast tier)" $(OLDEST_VENV)/bin/python -m pytest -q $(FAST) $(PYTEST_ARGS) \
+		$(ENGINE_TESTS)
 
-# The suite against the newest releases that pyproject.toml admits (not the lock), in a fresh venv.
+# The fast tier against the newest releases that pyproject.toml admits (not the lock), in a fresh venv.
 # A failure names every package whose version differs from the lock.
 LATEST_VENV ?= .venv-latest
 test-latest:
@@ -58,12 +69,20 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_PINS) -e ".[test]"
 	$(LATEST_VENV)/bin/python tools/lockdiff.py $(LOCK)
-	$(LATEST_VENV)/bin/python -m pytest -q || { \
+	V2DROP_TEST_TIER="make test-latest (fast tier)" $(LATEST_VENV)/bin/python -m pytest -q $(FAST) $(PYTEST_ARGS) || { \
 		echo "make test-latest FAILED on the newest releases that pyproject.toml admits; they differ from $(LOCK) in:"; \
 		$(LATEST_VENV)/bin/python tools/lockdiff.py $(LOCK) --quiet; exit 1; }
 
+# The upstream canary: the fast tier on the newest releases beyond pyproject.toml's caps and the lock
+# (transformers, lmms-eval, accelerate, filelock, torch with its torchvision), one verdict a package:
+# "raise the cap" or the tests that fail with it (tools/canary.py). Information: exits 0 (CANARY_ARGS=--strict).
+NEXT_VENV ?= .venv-next
+CANARY_ARGS ?=
+test-next: install
+	$(PY) tools/canary.py --base $(VENV) --venv $(NEXT_VENV) --lock $(LOCK) $(CANARY_ARGS)
+
 lint: install
-	$(VENV)/bin/ruff check v2drop_eval tests
+	$(VENV)/bin/ruff check v2drop_eval tests tools
 
 # The research loop. `make sweep CONFIG=configs/llava15_7b.yaml` (add OUTPUT=dir to redirect),
 # then `make tables RESULTS=results/llava15_7b`. Both resume / rebuild from what is on disk.

@@ -69,9 +69,9 @@ def build(family: str, seed: int, dtype: torch.dtype) -> tuple[torch.nn.Module, 
 
 
 def stages(family: str, method: str, schedule: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-           options: str | None = None, attach_fn=attach) -> list[Stage]:
+           options: str | None = None, attach_fn=attach, positions: str | None = None) -> list[Stage]:
     """The engine's and the original's kept sets at every stage of ``schedule`` (``attach_fn``: another
-    engine's ``attach``, e.g. an older checkout's, called without options when none are given)."""
+    engine's ``attach``, e.g. an older checkout's, called without options or positions when none are given)."""
     model, inputs, image_id = build(family, seed, dtype)
     decoder = model.model.language_model
     layers = decoder.layers
@@ -96,7 +96,8 @@ def stages(family: str, method: str, schedule: str, seed: int = 0, dtype: torch.
     hooks += [layer.self_attn.register_forward_hook(attn_weights(i)) for i, layer in enumerate(layers)]
     hooks.append(decoder.rotary_emb.register_forward_pre_hook(
         lambda m, a, k: rotary_ids.append(a[1] if len(a) > 1 else k["position_ids"]), with_kwargs=True))
-    kwargs = {"method": method} if options is None else {"method": method, "options": options}
+    kwargs = {"method": method, **({} if options is None else {"options": options}),
+              **({} if positions is None else {"positions": positions})}
     handle = attach_fn(model, schedule, **kwargs)
     hooks += [layer.register_forward_pre_hook(capture(after, i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:

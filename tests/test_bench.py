@@ -2,8 +2,10 @@
 figures with intervals, verdicts and files (no timing assertions)."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,16 +100,16 @@ def test_bench_other_methods_spend_the_same_budget(tmp_path):
 def test_bench_gives_each_method_the_options_it_takes(tmp_path):
     main(["--shape", "tiny", "--attn", "sdpa", "--batch-sizes", "1", "--methods", "none,v2drop,pdrop", "--budgets",
           "128", "--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--extras", "no", "--output", str(tmp_path),
-          "--options", "kept_positions+exact_counts"])
+          "--options", "float32_scores+exact_counts"])
     rows = json.loads((tmp_path / "cpu-tiny.json").read_text())["rows"]
     by = {(r["method"], r["budget"]): r for r in rows}
-    assert by[("pdrop", "128")]["options"] == "exact_counts+kept_positions"
-    assert by[("v2drop", "128")]["options"] == "exact_counts" and by[("none", "-")]["options"] is None
+    assert by[("pdrop", "128")]["options"] == "float32_scores+exact_counts"
+    assert by[("v2drop", "128")]["options"] == "float32_scores+exact_counts" and by[("none", "-")]["options"] is None
     with pytest.raises(ValueError, match="unknown option 'fast'"):
         main(["--shape", "tiny", "--options", "fast"])
-    with pytest.raises(ValueError, match=r"option kept_positions applies to pdrop only; none of the benched methods "
+    with pytest.raises(ValueError, match=r"option pivots_in_order applies to dart only; none of the benched methods "
                                          r"\(none, v2drop\) takes it"):
-        main(["--shape", "tiny", "--methods", "none,v2drop", "--options", "kept_positions"])
+        main(["--shape", "tiny", "--methods", "none,v2drop", "--options", "pivots_in_order"])
 
 
 def test_verdicts_read_the_interval():
@@ -135,8 +137,50 @@ def test_bench_rejects_bad_input():
         main(["--shape", "gpt"])
     with pytest.raises(ValueError, match="unknown method 'sparse'"):
         main(["--shape", "tiny", "--methods", "none,sparse"])
-    with pytest.raises(ValueError, match="threads=0 is not allowed"):
+    with pytest.raises(ValueError, match="--threads 0 is not allowed; give a number >= 1"):
         main(["--shape", "tiny", "--threads", "0"])
+    cores = os.cpu_count()
+    with pytest.raises(ValueError, match=f"--threads 999 is more than this machine's {cores} CPU core"):
+        main(["--shape", "tiny", "--threads", "999"])
+    for dtype in ("fp16", "int8"):
+        with pytest.raises(ValueError, match=f"--dtype '{dtype}' is not allowed; allowed: float32, float16, bfloat16"):
+            main(["--shape", "tiny", "--dtype", dtype])
+    with pytest.raises(ValueError, match="--batch-sizes '0': '0' is not allowed; give integers >= 1"):
+        main(["--shape", "tiny", "--batch-sizes", "0"])
+    with pytest.raises(ValueError, match="--batch-sizes '1,,2': an empty item"):
+        main(["--shape", "tiny", "--batch-sizes", "1,,2"])
+    with pytest.raises(ValueError, match="--attn 'sdpa,flash': unknown attention 'flash'"):
+        main(["--shape", "tiny", "--attn", "sdpa,flash"])
+    for flag, value in (("--repeats", "0"), ("--new-tokens", "0"), ("--warmup", "-1"), ("--time-budget", "0")):
+        with pytest.raises(ValueError, match=f"{flag} {value} is not allowed"):
+            main(["--shape", "tiny", flag, value])
+
+
+def test_bench_output_checked_before_timing(tmp_path, monkeypatch, capsys):
+    """A folder that cannot be written is refused before any model is built (bench and the GPU suite)."""
+    import v2drop_eval.bench.run as bench_run
+    from v2drop_eval.bench.gpu import main as gpu_main
+    from v2drop_eval.cli import main as cli_main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(bench_run, "build_model", lambda *a, **k: pytest.fail("measured before the check"))
+    assert cli_main(["bench", "--shape", "tiny", "--output", str(blocker / "out")]) == 2
+    assert f"--output {blocker / 'out'}: cannot write there" in capsys.readouterr().err
+    assert gpu_main(["--dry-run", "--output", str(blocker / "out")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+
+
+def test_bench_write_failure_keeps_the_measurements(tmp_path):
+    from v2drop_eval.bench.report import write_outputs
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="the measurements are saved in (.+\\.json)") as info:
+        write_outputs([], {"utc": "x"}, "tiny", "cpu", blocker / "out")
+    saved = Path(str(info.value).rsplit(" ", 1)[1])
+    assert json.loads(saved.read_text())["shape"] == "tiny"
+    saved.unlink()
 
 
 def test_gpu_suite_dry_run(tmp_path):

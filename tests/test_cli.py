@@ -53,12 +53,26 @@ def test_compare_same_and_different(tmp_path: Path, capsys):
     write_point(tmp_path / "a", "m__v2drop__s2-0.5__l2", v2, {"gqa": 0.4})
     write_point(tmp_path / "b", "m__v2drop__s2-0.5__l2", v2, {"gqa": 0.41})
     write_point(tmp_path / "b", "m__fastv__s2-0.5", {**meta, "method": "fastv", "schedule": "2:0.5"}, {"gqa": 0.3})
-    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
-    out = capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1  # scores differ: make demo fails
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "error: the sweeps differ" in captured.err
     lines = {line.split()[0]: line for line in out.splitlines()[2:-1]}
     assert lines["m__none"].endswith("50.00     50.00  same")
     assert lines["m__v2drop__s2-0.5__l2"].endswith("41.00     40.00  different")
     assert lines["m__fastv__s2-0.5"].endswith("missing here")
     assert out.splitlines()[-1] == "3 scores: 1 same, 1 different, 1 missing here"
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nope")]) == 2
+    # within a tolerance of 1.5 points v2drop is the same, but fastv is still missing here
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--tolerance", "1.5"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "3 scores: 2 same, 1 missing here"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 scores: 2 same"
+    # a folder of sweeps is not a sweep
+    for d in ("a", "b"):
+        (tmp_path / d / "sweep.json").write_text("{}")
+    assert main(["compare", str(tmp_path), str(tmp_path / "b")]) == 2
+    assert "is a folder of sweeps (a, b), not one sweep" in capsys.readouterr().err
+    assert main(["tables", str(tmp_path), "--allow-missing"]) == 2
+    assert "is a folder of sweeps (a, b)" in capsys.readouterr().err and not (tmp_path / "tables").exists()
     assert json.loads((tmp_path / "a" / "m__none" / "point.json").read_text())["status"] == "ok"

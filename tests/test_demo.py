@@ -144,7 +144,8 @@ def test_demo_config_short_run(tmp_path):
     assert "3 points" in proc.stdout + proc.stderr
     from v2drop_eval.cli import main
 
-    assert main(["tables", str(out)]) == 0
+    assert main(["tables", str(out)]) == 1  # a subset of the grid (--only): the rest named as missing
+    assert main(["tables", str(out), "--allow-missing"]) == 0
     acc = (out / "tables" / "accuracy.csv").read_text()
     assert "demo_llava__none" in acc and "demo_qwen2_vl__none" in acc and "demo_llava__v2drop__s2-t1" in acc
     rows = [json.loads(line) for line in next((out / "demo_llava__none").rglob("*_v2drop_samples.jsonl"))

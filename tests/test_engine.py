@@ -7,7 +7,8 @@ import functools
 
 import pytest
 import torch
-from reference import allowed_keys, masking_reference
+from grid import grid
+from reference import allowed_keys, drop_reference, layouts_and_hosts, masking_reference
 from tiny import (
     LAYERS,
     QWEN3_DEEPSTACK,
@@ -28,8 +29,9 @@ from tiny import (
 )
 
 from v2drop_eval import DropSchedule, attach
+from v2drop_eval.engine.families import FAMILIES as SUPPORTED
 from v2drop_eval.engine.method import RENUMBER
-from v2drop_eval.methods import METHODS, get_method
+from v2drop_eval.methods import DEFAULT_METHOD, METHODS, get_method
 
 FAMILIES = {"llava": tiny_llava, "qwen": tiny_qwen2_vl, "qwen25": tiny_qwen2_5_vl, "next": tiny_llava_next,
             "onevision": tiny_llava_onevision, "next_video": tiny_llava_next_video, "qwen3": tiny_qwen3_vl,
@@ -82,6 +84,8 @@ CASES = {
     ("qwen3", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
     ("qwen3moe", "mixed"): lambda: qwen3_inputs(QWEN3_MIXED, seed=1),
 }
+# Families whose decoders take one rotary position per token (the others use M-RoPE).
+ONE_D_POSITIONS = {"llava", "next", "onevision", "next_video", "internvl"}
 # The batch-row test runs these cases of each family.
 ROW_CASES = [("llava", "mixed"), ("qwen", "mixed"), ("qwen", "video"), ("qwen25", "mixed"), ("qwen25", "video"),
              ("next", "mixed"), ("onevision", "mixed"), ("onevision", "video"), ("next_video", "mixed"),
@@ -108,60 +112,113 @@ def _generate(m, inputs, **kw):
         )
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("case", ROW_CASES, ids="-".join)
-def test_keep_all_is_bit_identical(case, attn):
+ATTNS = ("sdpa", "eager")
+# The methods that drop inside the decoder (VisionZip removes tokens before it: tests/test_prellm.py).
+DECODER_METHODS = [m for m in METHODS if not get_method(m).pre_llm]
+
+
+def _schedule(method: str, multi: str = "2:0.5/4:0.3", single: str = "2:0.4") -> str:
+    return multi if get_method(method).multi_stage else single
+
+
+# Every method that drops (read from the registry), at a schedule it takes; the default method also at a
+# schedule that starts at layer 1 and keeps nothing from layer 3 on, SparseVLM's merged tokens also from the
+# first layer on. With the attach arguments that change what the engine does (positions kept where the
+# authors renumber, and renumbered where they keep; DART's pivots, which keep all of an image of 4 tokens,
+# within the floor count so that the small Qwen images drop too).
+DROPPING = [(m, _schedule(m), None) for m in DECODER_METHODS if get_method(m).drops] + [
+    (DEFAULT_METHOD, "1:0.25/3:0", None), ("pdrop", _schedule("pdrop"), "positions=keep"),
+    ("v2drop", _schedule("v2drop"), "positions=renumber"), ("dart", _schedule("dart"), "options=exact_counts"),
+    ("sparsevlm", "1:0.3/3:0", None), ("sparsevlm", _schedule("sparsevlm"), "positions=keep")]
+
+
+def _ids(value) -> str:
+    return "-".join(value) if isinstance(value, tuple) else str(value)
+
+
+# The grids' facets: in `make test` every case runs on both kernels and every method on every family
+# and on both kernels (tests/grid.py); `make test-all` runs the full product.
+FACETS = {"case": lambda p: p[0], "family": lambda p: p[0][0], "attn": lambda p: p[1], "method": lambda p: p[2:]}
+PAIRS = [("case", "attn"), ("family", "method"), ("method", "attn")]
+
+
+def test_every_supported_class_and_method_is_in_the_grids():
+    """A new model class needs a tiny builder and cases here; a new method enters the grids by the registry."""
+    built = {type(model(family, "sdpa")).__name__ for family in FAMILIES}
+    assert {c for f in SUPPORTED.values() for c in f.classes} <= built
+    assert {m for m in DECODER_METHODS if get_method(m).drops} == {m for m, _, _ in DROPPING}
+    assert {c[0] for c in CASES} == set(FAMILIES) == {c[0] for c in ROW_CASES}
+
+
+@functools.cache
+def _plain(case: tuple[str, str], attn: str):
     m = model(case[0], attn)
     inputs = CASES[case]()
     with torch.no_grad():
-        plain = m(**inputs).logits
-        plain_gen = _generate(m, inputs)
-        for method in METHODS:
-            if get_method(method).pre_llm:
-                continue  # VisionZip always merges before the LLM: tests/test_prellm.py
-            schedule = "2:1.0/4:1.0" if get_method(method).multi_stage else "2:1.0"
-            with attach(m, schedule, method=method):
-                assert torch.equal(m(**inputs).logits, plain)
-                gen = _generate(m, inputs)
-            assert torch.equal(gen.sequences, plain_gen.sequences)
-            assert all(torch.equal(a, b) for a, b in zip(gen.logits, plain_gen.logits, strict=True))
+        return m(**inputs).logits, _generate(m, inputs)
 
 
-# Every method that drops, at a schedule it takes (V2Drop at two), with the options that change what the
-# engine does (PyramidDrop's positions kept; DART's pivots, which keep all of an image of 4 tokens, within
-# the floor count so that the small Qwen images drop too).
-DROPPING = [("v2drop", "2:0.5/4:0.3", None), ("v2drop", "1:0.25/3:0", None), ("random", "1:0.5/4:0", None),
-            ("fastv", "2:0.4", None), ("fastv_attn", "2:0.4", None), ("pdrop", "2:0.5/4:0.3", None),
-            ("pdrop", "2:0.5/4:0.3", "kept_positions"), ("dart", "2:0.4", None), ("dart", "2:0.4", "exact_counts")]
+@pytest.mark.parametrize(("case", "attn", "method"), grid(
+    [(case, attn, method) for case in ROW_CASES for attn in ATTNS for method in DECODER_METHODS], FACETS, PAIRS),
+    ids=_ids)
+def test_keep_all_is_bit_identical(case, attn, method):
+    m = model(case[0], attn)
+    inputs = CASES[case]()
+    plain, plain_gen = _plain(case, attn)
+    with attach(m, _schedule(method, "2:1.0/4:1.0", "2:1.0"), method=method), torch.no_grad():
+        assert torch.equal(m(**inputs).logits, plain)
+        gen = _generate(m, inputs)
+    assert torch.equal(gen.sequences, plain_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(gen.logits, plain_gen.logits, strict=True))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("case", list(CASES), ids="-".join)
-@pytest.mark.parametrize(("method", "schedule", "options"), DROPPING)
-def test_dropping_equals_masking_reference(case, attn, method, schedule, options):
+# Pinned in `make test`: DART on padded batches (generate's prefill gives padded rows other rotary
+# positions, which DART's key norms see).
+PINNED = [(case, attn, "dart", _schedule("dart"), None) for case in (("llava", "padded"), ("qwen", "padded"))
+          for attn in ATTNS]
+
+
+@pytest.mark.parametrize(("case", "attn", "method", "schedule", "given"), grid(
+    [(case, attn, *ms) for case in CASES for attn in ATTNS for ms in DROPPING], FACETS, PAIRS, PINNED), ids=_ids)
+def test_dropping_equals_masking_reference(case, attn, method, schedule, given):
     family, _ = case
     m = model(family, attn)
     inputs = CASES[case]()
-    with attach(m, schedule, method=method, options=options) as h, torch.no_grad():
+    kwargs = dict([given.split("=")]) if given else {}
+    with attach(m, schedule, method=method, **kwargs) as h, torch.no_grad():
         out = m(**inputs)
+        # Each slot's mask position (merged tokens can move slots), and how merged tokens were made.
+        prefill_layouts, prefill_transfers = layouts_and_hosts(h), dict(h.last_transfers)
         dropped_any = any(s["vision_per_layer"][-1] < s["vision_tokens"] for s in h.last_stats)
-        prefill_layouts = dict(h.last_layouts)
         dropped = _generate(m, inputs)
         # generate's prefill may keep other tokens: it gives padded rows other rotary positions (DART's
         # key norms see them), so each run is checked against the reference of its own kept sets
-        layouts = dict(h.last_layouts)
+        layouts, transfers = layouts_and_hosts(h), dict(h.last_transfers)
+        renumbers, rotary = h.renumbers, (h.adapter.rotary if h.renumbers else None)
+        # The given rule, else the authors'; merged tokens are not renumbered under the Qwen-VLs' M-RoPE.
+        rule = kwargs.get("positions", get_method(method).positions)
+        assert renumbers == (rule == RENUMBER and (family in ONE_D_POSITIONS or not get_method(method).merges))
+    assert bool(prefill_transfers) == get_method(method).merges
     layers = m.model.language_model.layers
-    # PyramidDrop's positions: the reference's too
-    renumber = get_method(method).positions_with(frozenset(options.split("+")) if options else frozenset()) == RENUMBER
-    with masking_reference(m, layers, allowed_keys(prefill_layouts, inputs["attention_mask"], LAYERS), attn,
-                           renumber), torch.no_grad():
+    spec = get_method(method)
+    if spec.merges:  # merged tokens, and positions numbered along the slots where they are renumbered
+
+        def reference(lay: dict, moved: dict):
+            allowed = allowed_keys(lay, inputs["attention_mask"], LAYERS)
+            return drop_reference(m, layers, allowed, attn, moved, rotary)
+    else:  # renumbered positions: the reference closes the gaps as PyramidDrop's code does
+
+        def reference(lay: dict, moved: dict):
+            allowed = allowed_keys(lay, inputs["attention_mask"], LAYERS)
+            return masking_reference(m, layers, allowed, attn, renumbers)
+
+    with reference(prefill_layouts, prefill_transfers), torch.no_grad():
         ref = m(**inputs)
-    with masking_reference(m, layers, allowed_keys(layouts, inputs["attention_mask"], LAYERS), attn, renumber), \
-            torch.no_grad():
+    with reference(layouts, transfers), torch.no_grad():
         ref_gen = _generate(m, inputs)
-    # Prefill: every real slot of the last layout against its original position.
+    # Prefill: every real slot of the last layout against its position in the reference.
     idx, valid = prefill_layouts[max(prefill_layouts)]
-    assert dropped_any or (method, options) == ("dart", None)  # DART keeps 4 pivots: all of a 4-token image
+    assert dropped_any or (method, given) == ("dart", None)  # DART keeps 4 pivots: all of a 4-token image
     assert out.logits.shape[1] == idx.shape[1] < inputs["input_ids"].shape[1] or not dropped_any
     for b in range(idx.shape[0]):
         pos = idx[b][valid[b]]
@@ -172,13 +229,13 @@ def test_dropping_equals_masking_reference(case, attn, method, schedule, options
         torch.testing.assert_close(step_d, step_r, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).drops and not get_method(m).pre_llm])
-@pytest.mark.parametrize("case", ROW_CASES, ids="-".join)
-def test_batch_rows_equal_rows_alone(case, method, attn):
+@pytest.mark.parametrize(("case", "attn", "method"), grid(
+    [(case, attn, m) for case in ROW_CASES for attn in ATTNS for m in DECODER_METHODS if get_method(m).drops],
+    FACETS, PAIRS), ids=_ids)
+def test_batch_rows_equal_rows_alone(case, attn, method):
     m = model(case[0], attn)
     inputs = CASES[case]()
-    schedule = "2:0.5/4:0.3" if get_method(method).multi_stage else "2:0.4"
+    schedule = _schedule(method)
     # min_new_tokens: a row that meets EOS early would otherwise be padded in the batch and stop alone.
     with attach(m, schedule, method=method) as h, torch.no_grad():
         batch = _generate(m, inputs, min_new_tokens=4)
@@ -295,8 +352,7 @@ def test_detach_restores_model_exactly():
     with torch.no_grad():
         plain = m(**inputs).logits
     hooks_before = hooks()
-    for method, schedule in [("v2drop", "2:0.5"), ("fastv", "2:0.5"), ("random", "1:0.1/3:0"), ("pdrop", "2:0.5/4:0.5"),
-                             ("dart", "3:0.5")]:
+    for method, schedule, _ in DROPPING:
         h = attach(m, schedule, method=method)
         with torch.no_grad():
             m(**inputs)

@@ -4,9 +4,12 @@
 gives it; dropping under it must match dropping under sdpa. The real kernel runs only on a GPU.
 """
 
+import functools
+
 import flash_emulation
 import pytest
 import torch
+from grid import grid
 from tiny import (
     internvl_inputs,
     llava_inputs,
@@ -19,6 +22,7 @@ from tiny import (
 )
 
 from v2drop_eval import attach
+from v2drop_eval.methods import METHODS, get_method
 
 CASES = {
     "llava-batch1": (tiny_llava, lambda: llava_inputs([1])),
@@ -39,21 +43,34 @@ def _run(model, inputs, schedule, method):
         return out, gen, dict(h.last_layouts)
 
 
-# Every method that drops; single-stage ones at one stage (the last layout checked is then layer 2's).
-METHOD_SCHEDULES = {"v2drop": "2:0.5/4:0.3", "random": "2:0.5/4:0.3", "fastv": "2:0.4", "fastv_attn": "2:0.4",
-                    "pdrop": "2:0.5/4:0.3", "dart": "2:0.4"}
+# Every method that drops (from the registry); single-stage ones at one stage (the last layout checked is
+# then layer 2's).
+# Methods that drop inside the decoder (VisionZip and encoder stages on the flash path: tests/test_prellm.py).
+METHOD_SCHEDULES = {m: "2:0.5/4:0.3" if get_method(m).multi_stage else "2:0.4" for m in METHODS
+                    if get_method(m).drops and not get_method(m).pre_llm}
 
 
-@pytest.mark.parametrize("method", list(METHOD_SCHEDULES))
-@pytest.mark.parametrize("case", list(CASES))
+@functools.cache
+def _model(build):
+    return build("sdpa")
+
+
+# `make test`: every case, and every method on every family (tests/grid.py); `make test-all`: the product.
+@pytest.mark.parametrize(("case", "method"), grid(
+    [(case, method) for case in CASES for method in METHOD_SCHEDULES],
+    {"case": lambda p: p[0], "family": lambda p: p[0].split("-")[0], "method": lambda p: p[1]},
+    [("case", "case"), ("family", "method")]))
 def test_flash_path_matches_sdpa(case, method):
     build, make_inputs = CASES[case]
     inputs = make_inputs()
-    model = build("sdpa")
+    model = _model(build)  # one model per family, back on sdpa after each case
     schedule = METHOD_SCHEDULES[method]
     ref_out, ref_gen, ref_layouts = _run(model, inputs, schedule, method)
     model.set_attn_implementation(flash_emulation.NAME)
-    out, gen, layouts = _run(model, inputs, schedule, method)
+    try:
+        out, gen, layouts = _run(model, inputs, schedule, method)
+    finally:
+        model.set_attn_implementation("sdpa")
     assert out.shape == ref_out.shape
     for layer, (idx, valid) in ref_layouts.items():
         assert torch.equal(layouts[layer][0][valid], idx[valid])

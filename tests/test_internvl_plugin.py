@@ -84,8 +84,9 @@ def test_video_and_image_rows_in_one_batch_equal_rows_alone(plugin):
 
 
 def test_batch_size_refused_below_one(tiny_assets):
+    from v2drop_eval.plugin.args import ModelArgsError
     from v2drop_eval.plugin.internvl import V2DropInternVL
 
     for bad in (0, "auto", "-2"):
-        with pytest.raises(ValueError, match=f"batch_size={bad} is not allowed; give an integer >= 1"):
+        with pytest.raises(ModelArgsError, match=f"batch_size={bad} is not allowed; give an integer >= 1"):
             V2DropInternVL(pretrained=str(tiny_assets["internvl"]), schedule=SCHEDULE, batch_size=bad, device="cpu")

@@ -93,6 +93,13 @@ def _original_counts(method: str, schedule: DropSchedule, n0: int) -> list[int]:
             llava = get_retained_image_token_llava(state, keys, 2, alive, None, reduction)
             assert len(original) == len(llava)  # the two files' shares are the same number
             alive = len(original)
+        elif method == "sparsevlm":
+            # Its count is a share of the alive tokens (the presets keep the original's absolute counts at 576:
+            # tests/test_sparsevlm.py), capped as attn_postprocess_topk caps it; the recycled tokens are
+            # sparse_layer's: int(int(d x 0.3) + 1) / 10) + 1 of the d dropped, counted as image tokens.
+            keep = min(int(alive * Fraction(repr(ratio))), alive - 1)
+            merge_token_num_stage1 = int((alive - keep) * 0.3) + 1
+            alive = keep + int(merge_token_num_stage1 / 10) + 1
         counts.append(alive)
     return counts
 
@@ -139,7 +146,7 @@ def test_dart_visits_pivots_in_python_set_order_unless_told():
 # -- PyramidDrop's positions -------------------------------------------------------------------------
 def test_pdrop_positions_are_pyramiddrops_at_prefill_and_decode():
     """At batch size 1 the kept tokens of each stage are numbered arange(cur_len) and decode positions
-    move down by the tokens dropped, as pdrop_rank_drop and pdrop_forward do; ``kept_positions`` keeps
+    move down by the tokens dropped, as pdrop_rank_drop and pdrop_forward do; ``positions=keep`` keeps
     the gathered positions."""
     model = tiny_llava("sdpa", image_size=64)
     inputs = llava_inputs([1], image_size=64)
@@ -165,7 +172,7 @@ def test_pdrop_positions_are_pyramiddrops_at_prefill_and_decode():
             assert int(stage1) == int(pdrop_decode_shift(n0, ratio_list, 0, true))
             assert int(stage2) == int(pdrop_decode_shift(n0, ratio_list, 1, stage1))
         seen.clear()
-        with attach(model, "2:0.5/4:0.5", method="pdrop", options="kept_positions"), torch.no_grad():
+        with attach(model, "2:0.5/4:0.5", method="pdrop", positions="keep"), torch.no_grad():
             model(**inputs)
         assert len(seen) == 1  # the model's own call only: positions are gathered, not renumbered
     finally:

@@ -450,7 +450,6 @@ def test_visionzip_rows_equal_rows_alone():
     (tiny_qwen3_vl, dict(schedule="", method="none", encoder_schedule="1:0.5"), "DeepStack"),
     (tiny_llava, dict(schedule="", method="none", encoder_schedule="2:0.5"), "blocks 1..1"),
     (tiny_qwen2_vl, dict(schedule="", method="none", encoder_schedule="1:0.5", positions="renumber"), "M-RoPE"),
-    (tiny_llava, dict(schedule="2:0.5", method="v2drop", positions="keep"), "before the LLM"),
     (tiny_llava, dict(schedule="0:4+2", method="visionzip", encoder_schedule="1:0.5"), "does not combine"),
     (tiny_llava, dict(schedule="", method="none", encoder_schedule="1:t1:0.1:0.5"), "adaptive"),
     (tiny_llava, dict(schedule="0:12+6", method="visionzip"), "16 patches per crop"),

@@ -100,7 +100,7 @@ def test_encoder_schedules_and_visionzip_points():
 
 
 def test_shipped_configs_are_valid():
-    expected = {"llava15_7b": 20, "qwen2vl_7b": 12, "qwen3vl_8b": 9, "ablation_layers": 7, "ablation_metric": 4}
+    expected = {"llava15_7b": 23, "qwen2vl_7b": 14, "qwen3vl_8b": 9, "ablation_layers": 7, "ablation_metric": 4}
     for name, n in expected.items():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         points = expand(cfg)
@@ -119,11 +119,13 @@ def test_shipped_configs_are_valid():
                                     "qwen2vl_7b__v2drop__b128__e8-0.5_16-0.5__l2",
                                     "qwen2vl_7b__fastv__b192", "qwen2vl_7b__fastv__b128",
                                     "qwen2vl_7b__pdrop__b192", "qwen2vl_7b__pdrop__b128",
-                                    "qwen2vl_7b__dart__b192", "qwen2vl_7b__dart__b128"]  # visionzip: skipped, noted
+                                    "qwen2vl_7b__dart__b192", "qwen2vl_7b__dart__b128",
+                                    "qwen2vl_7b__sparsevlm__b192", "qwen2vl_7b__sparsevlm__b128"]  # visionzip: noted
     assert any("skips method visionzip" in n for n in load_config(CONFIGS / "qwen2vl_7b.yaml").notes)
     llava = expand(load_config(CONFIGS / "llava15_7b.yaml"))
     assert {p.id for p in llava} >= {"llava15_7b__visionzip__b128", "llava15_7b__none__e12-0.5_18-0.5"}
-    assert "method=pdrop,budget=128" in qwen[-3].model_args() and "method=dart,budget=192" in qwen[-2].model_args()
+    assert "method=pdrop,budget=128" in qwen[-5].model_args() and "method=dart,budget=192" in qwen[-4].model_args()
+    assert "method=sparsevlm,budget=128" in qwen[-1].model_args()
     smoke = load_config(CONFIGS / "smoke.yaml")
     assert len(expand(smoke)) >= 4
 
@@ -153,10 +155,13 @@ def test_shipped_configs_are_valid():
     ({"budgets": [192, 192]}, "names the same point twice"),
     ({"budgets": [], "schedules": ["3:t1.0:0.1:0.6/22:0"]}, "adaptive stages need method v2drop, not 'random'"),
     ({"output": "${V2DROP_TEST_UNSET_VAR}"}, "V2DROP_TEST_UNSET_VAR"),
-    ({"methods": [{"method": "v2drop", "options": [["kept_positions"]]}]},
-     "methods[0].options[0]: option kept_positions applies to method=pdrop only, not method=v2drop"),
+    ({"methods": [{"method": "v2drop", "options": [["pivots_in_order"]]}]},
+     "methods[0].options[0]: option pivots_in_order applies to method=dart only, not method=v2drop"),
+    ({"methods": [{"method": "pdrop", "positions": ["kept"]}]},
+     "methods[0].positions: positions='kept' is not allowed; allowed: keep, renumber"),
+    ({"methods": [{"method": "pdrop", "positions": ["keep", "keep"]}]}, "positions=keep is listed twice"),
     ({"methods": [{"method": "pdrop", "options": ["bogus"]}]}, "methods[0].options[0]: unknown option 'bogus'"),
-    ({"methods": [{"method": "pdrop", "options": "kept_positions"}]}, "expected a list of option sets"),
+    ({"methods": [{"method": "pdrop", "options": "exact_counts"}]}, "expected a list of option sets"),
     ({"methods": [{"method": "pdrop", "options": [[], None]}]}, "the option set [] is listed twice"),
 ])
 def test_bad_configs_are_refused(change, message):
@@ -255,7 +260,7 @@ def test_run_resume_and_layout(tmp_path):
     assert fake.calls == [".tmp-" + p.id for p in points]
     out = cfg.output
     assert sorted(x.name for x in out.iterdir()) == sorted(
-        [".sweep.lock", "sweep.json", "sweep.yaml", *(p.id for p in points)])
+        [".sweep.lock", "sweep.json", "sweep.origin.json", "sweep.yaml", *(p.id for p in points)])
     meta = json.loads((out / "m7b__v2drop__b128__l2" / "point.json").read_text())
     assert meta["status"] == "ok" and meta["budget"] == 128 and meta["metric"] == "l2"
     assert meta["results_files"] == ["v2drop_llava/20250101_000000_results.json"]
@@ -629,13 +634,16 @@ def test_prepare_from_a_file_path(tmp_path, capsys, monkeypatch):
 
 
 def test_option_sets_expand_to_points():
-    raw = base_config(methods=["none", {"method": "pdrop", "options": [[], ["kept_positions"]]},
+    raw = base_config(methods=["none", {"method": "pdrop", "options": [[], ["exact_counts"]], "positions": [None, "keep"]},
                                {"method": "dart", "budgets": [128], "options": ["exact_counts+pivots_in_order"]}],
                       budgets=[128])
     points = {p.id: p for p in expand(parse(raw))}
     base = points["m7b__pdrop__b128"]
-    kept = points["m7b__pdrop__b128__kept_positions"]
-    assert base.options is None and "options" not in base.model_args()
-    assert kept.options == "kept_positions" and kept.model_args().endswith("budget=128,options=kept_positions")
-    assert kept.to_dict()["options"] == "kept_positions"
+    kept = points["m7b__pdrop__b128__positions-keep"]
+    both = points["m7b__pdrop__b128__exact_counts__positions-keep"]
+    assert base.options is None and "options" not in base.model_args() and "positions" not in base.model_args()
+    assert kept.positions == "keep" and kept.model_args().endswith("budget=128,positions=keep")
+    assert kept.to_dict()["positions"] == "keep" and kept.to_dict()["options"] is None
+    assert both.model_args().endswith("budget=128,options=exact_counts,positions=keep")
+    assert points["m7b__pdrop__b128__exact_counts"].positions is None
     assert points["m7b__dart__b128__exact_counts+pivots_in_order"].options == "exact_counts+pivots_in_order"

@@ -152,7 +152,12 @@ def test_bad_files_are_named_and_skipped(fake_sweep: Path, capsys):
     (fake_sweep / ".tmp-llava15_7b__x" / "m" / "a_results.json").write_text("{}")
     (fake_sweep / "_failed" / "p" / "m").mkdir(parents=True)
     (fake_sweep / "_failed" / "p" / "m" / "a_results.json").write_text("{}")
-    assert main(["tables", str(fake_sweep)]) == 0
+    # without --allow-missing: refused, each point left out named, nothing written
+    assert main(["tables", str(fake_sweep)]) == 1
+    err = capsys.readouterr().err
+    assert "2 point(s) not included of 7" in err and "--allow-missing" in err
+    assert "llava15_7b__fastv__b192: side-car" in err and not (fake_sweep / "tables").exists()
+    assert main(["tables", str(fake_sweep), "--allow-missing"]) == 0
     out = capsys.readouterr().out
     assert ("not included: llava15_7b__v2drop__b64__l2: 20250101_000000_results.json is not valid JSON"
             in out)
@@ -184,8 +189,11 @@ def test_missing_baseline_and_sidecar(tmp_path: Path):
 
 
 def test_empty_directory(tmp_path: Path, capsys):
-    assert main(["tables", str(tmp_path)]) == 0
-    assert "no readable *_results.json" in capsys.readouterr().out
+    assert main(["tables", str(tmp_path)]) == 1  # nothing to tabulate: refused, nothing written
+    assert "error: no finished point in" in capsys.readouterr().err and not (tmp_path / "tables").exists()
+    assert main(["tables", str(tmp_path), "--allow-missing"]) == 0
+    captured = capsys.readouterr()
+    assert "no readable *_results.json" in captured.out and "the tables are empty" in captured.err
     assert (tmp_path / "tables" / "accuracy.md").exists()
     assert main(["tables", str(tmp_path / "nope")]) == 2
 
@@ -225,7 +233,9 @@ def test_failed_and_pending_points_are_listed(fake_sweep: Path, capsys):
     (failed / "error.json").write_text(json.dumps({"error": "lmms-eval exited with status 1"}))
     (fake_sweep / "sweep.json").write_text(json.dumps({"points": {
         "llava15_7b__none": {"status": "done"}, "llava15_7b__fastv__b64": {"status": "pending"}}}))
-    assert main(["tables", str(fake_sweep)]) == 0
+    assert main(["tables", str(fake_sweep)]) == 1
+    assert "  llava15_7b__fastv__b64: not run yet" in capsys.readouterr().err
+    assert main(["tables", str(fake_sweep), "--allow-missing"]) == 0
     out = capsys.readouterr().out
     assert "not included: llava15_7b__fastv__b128: failed: lmms-eval exited with status 1" in out
     assert "not included: llava15_7b__fastv__b64: not run yet" in out
@@ -238,8 +248,8 @@ def test_missing_reference_point_fails_unless_allowed(fake_sweep: Path, capsys):
     results.write_text(results.read_text()[:100])  # truncated: the reference row is gone
     assert main(["tables", str(fake_sweep)]) == 1
     captured = capsys.readouterr()
-    assert "not included: llava15_7b__none:" in captured.out
-    assert "error: no reference (none) point for model(s) llava15_7b" in captured.err and "--allow-missing" in captured.err
+    assert "  llava15_7b__none:" in captured.err
+    assert "no reference (none) point for model(s) llava15_7b" in captured.err and "--allow-missing" in captured.err
     assert main(["tables", str(fake_sweep), "--allow-missing"]) == 0
     assert "warning: no reference (none) point" in capsys.readouterr().err
     assert (fake_sweep / "tables" / "accuracy.md").exists()

@@ -35,7 +35,7 @@ QWEN3_DEEPSTACK = [0, 1, 2]
 
 
 def tiny_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 2, feature_layer: int = -1,
-               image_size: int = 32) -> LlavaForConditionalGeneration:
+               image_size: int = 32, layers: int = LAYERS) -> LlavaForConditionalGeneration:
     """``image_size`` px square images, patch 8: (image_size / 8)^2 vision tokens each (16 by default)."""
     torch.manual_seed(seed)
     cfg = LlavaConfig(
@@ -44,8 +44,8 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 2, featur
             image_size=image_size, patch_size=8, projection_dim=32,
         ),
         text_config=LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, pad_token_id=PAD, max_position_embeddings=512,
+            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, pad_token_id=PAD, max_position_embeddings=1024,
         ),
         image_token_id=LLAVA_IMAGE_ID,
         vision_feature_layer=feature_layer,

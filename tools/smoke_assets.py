@@ -592,7 +592,7 @@ def build_tasks(out: Path) -> Path:
 def build_tiny_assets(root: Path | str, qwen2_5: bool = True) -> dict[str, Any]:
     """Build every tiny asset under ``root`` (skipping parts already built) and describe them.
 
-    Returns ``{"llava": Path, "qwen2_vl": Path, "qwen2_5_vl": Path | None, "qwen3_vl": Path, "internvl": Path,
+    Returns ``{"root": Path, "llava": Path, "qwen2_vl": Path, "qwen2_5_vl": Path | None, "qwen3_vl": Path, "internvl": Path,
     "llava_onevision": Path, "include_path": Path, "tasks": ["tiny_textvqa", "tiny_mme"], "video_tasks": ["tiny_video"],
     "num_layers": 4, "docs": {task: count}}``.
     """
@@ -600,7 +600,7 @@ def build_tiny_assets(root: Path | str, qwen2_5: bool = True) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     done = root / "assets.json"
     info: dict[str, Any] = {
-        "llava": root / "llava", "qwen2_vl": root / "qwen2_vl",
+        "root": root, "llava": root / "llava", "qwen2_vl": root / "qwen2_vl",
         "qwen2_5_vl": root / "qwen2_5_vl" if qwen2_5 else None, "qwen3_vl": root / "qwen3_vl",
         "internvl": root / "internvl", "llava_onevision": root / "llava_onevision",
         "include_path": root / "tasks", "tasks": list(TINY_TASKS), "video_tasks": list(VIDEO_TASKS),

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--executor", default=None, choices=list(EXECUTORS),
                     help="where points run: inline (here, the default), local (submitit jobs on this machine, "
                          "--jobs at a time) or slurm (a job array); overrides the config's executor")
+    sw.add_argument("--force", action="store_true",
+                    help="run into a folder that holds another sweep (refused otherwise); says what it mixes")
     sw.add_argument("--wait", action="store_true",
                     help="slurm: wait for the submitted jobs and report them (default: submit and return)")
     sw.set_defaults(func=_cmd_sweep)
@@ -67,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("results", type=Path, help="sweep directory, e.g. results/smoke")
     tb.add_argument("--output", type=Path, default=None, help="where to write (default: RESULTS/tables)")
     tb.add_argument("--allow-missing", action="store_true",
-                    help="exit 0 even when a model's reference (none) point is missing")
+                    help="build the tables even when grid points are missing (never run, failed, damaged, made "
+                         "with other settings), a model's reference (none) point is missing, or none finished; "
+                         "each is listed")
     tb.set_defaults(func=_cmd_tables)
 
     cp = sub.add_parser("compare", help="accuracy per point of a sweep against a reference sweep (same or different)")
     cp.add_argument("results", type=Path, help="sweep directory, e.g. results/demo-run")
     cp.add_argument("reference", type=Path, help="reference sweep directory, e.g. results/demo")
+    cp.add_argument("--tolerance", type=float, default=None, metavar="T",
+                    help="scores within T (in the tables' units, e.g. points of %%) count as the same (default 1e-9)")
     cp.set_defaults(func=_cmd_compare)
 
     for name, (_, text) in DELEGATED.items():
@@ -107,6 +113,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         cfg.limit = int(args.limit) if args.limit >= 1 else args.limit
+        cfg.raw["limit"] = cfg.limit  # the saved sweep.yaml says what ran (status and tables check points by it)
     points = select_points(expand(cfg), args.only)
     if not points:
         print(f"error: no point of {args.config} matches {args.only}", file=sys.stderr)
@@ -117,6 +124,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
         require_submitit(executor)  # before anything runs, dry run included
     if args.dry_run:
+        from v2drop_eval.sweep.origin import owner_problem
+
+        error, note = owner_problem(cfg, cfg.output, args.force)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if note:
+            print(f"note: {note}")
+        from v2drop_eval.sweep.point import preflight_problems
+
+        if not cfg.prepare:  # with a prepare step the files may not exist yet: checked when it has run
+            problems = preflight_problems(cfg, points)
+            if problems:
+                print("error: " + "; ".join(problems), file=sys.stderr)
+                return 2
         if executor == "inline":
             dry_run(cfg, points, cfg.output)
         else:
@@ -126,7 +148,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the running point, then exit
     try:
-        report = run_sweep(cfg, points, cfg.output, jobs=args.jobs, executor=executor, wait=args.wait)
+        report = run_sweep(cfg, points, cfg.output, jobs=args.jobs, executor=executor, wait=args.wait,
+                           force=args.force)
     except KeyboardInterrupt:
         print("interrupted; finished points are kept, run the same command to resume", file=sys.stderr)
         return 130
@@ -145,33 +168,49 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_tables(args: argparse.Namespace) -> int:
-    from v2drop_eval.report.build import write_tables
+    from v2drop_eval.report.build import IncompleteSweep, write_tables
 
     if not args.results.is_dir():
         print(f"error: {args.results} is not a directory", file=sys.stderr)
         return 2
-    built = write_tables(args.results, args.output)
+    try:
+        built = write_tables(args.results, args.output, allow_missing=args.allow_missing)
+    except IncompleteSweep as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for path in built.written:
         print(path)
     for pid, why in built.missing:
         print(f"not included: {pid}: {why}")
-    if built.no_reference:
-        level = "warning" if args.allow_missing else "error"
-        print(f"{level}: no reference (none) point for model(s) {', '.join(built.no_reference)}: their speed-up "
-              "and Average are blank" + ("" if args.allow_missing else "; run it, or pass --allow-missing"),
+    if built.missing:
+        print(f"warning: {len(built.missing)} point(s) not included (listed above and under each table)",
               file=sys.stderr)
-        return 0 if args.allow_missing else 1
+    if not built.points:
+        print(f"warning: no finished point in {args.results}: the tables are empty", file=sys.stderr)
+    if built.no_reference:
+        print(f"warning: no reference (none) point for model(s) {', '.join(built.no_reference)}: their speed-up "
+              "and Average are blank", file=sys.stderr)
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from v2drop_eval.report.compare import compare_sweeps, format_comparison
+    from v2drop_eval.report.build import check_sweep_folder
+    from v2drop_eval.report.compare import SAME_TOLERANCE, compare_sweeps, format_comparison
 
+    tolerance = SAME_TOLERANCE if args.tolerance is None else args.tolerance
+    if not tolerance >= 0:
+        print(f"error: --tolerance {args.tolerance} is not allowed; give a number >= 0", file=sys.stderr)
+        return 2
     for folder in (args.results, args.reference):
         if not folder.is_dir():
             print(f"error: {folder} is not a directory", file=sys.stderr)
             return 2
-    print(format_comparison(compare_sweeps(args.results, args.reference), args.results, args.reference))
+        check_sweep_folder(folder)
+    df = compare_sweeps(args.results, args.reference, tolerance)
+    print(format_comparison(df, args.results, args.reference))
+    if df.empty or (df["verdict"] != "same").any():
+        print("error: the sweeps differ (or there is nothing to compare); see the verdicts above", file=sys.stderr)
+        return 1
     return 0
 
 

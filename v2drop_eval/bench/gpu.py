@@ -14,12 +14,13 @@ Table 5 beside the measured figures). A time guard shortens the repeats so the w
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from v2drop_eval.bench.report import RANDOM, V2DROP, write_outputs
+from v2drop_eval.bench.report import RANDOM, V2DROP, check_writable, write_outputs
 from v2drop_eval.bench.run import TimeGuard, machine_info, pin_threads, run_bench
 from v2drop_eval.bench.shapes import SHAPES, runs_on
 from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, METHODS
@@ -146,8 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, default=330.0, metavar="S",
                    help="seconds the timing may take in all (default 330: 6 minutes with model set-up)")
     args = p.parse_args(argv)
+    if not args.time_budget > 0:
+        p.error(f"--time-budget {args.time_budget:g} is not allowed; give a number of seconds > 0")
     out = Path(args.output or ("results/bench-dry-run" if args.dry_run else "results/bench"))
-    run_suite(out, dry_run=args.dry_run, time_budget_s=args.time_budget)
+    try:
+        check_writable(out)  # before the first timing: device time is scarce
+        run_suite(out, dry_run=args.dry_run, time_budget_s=args.time_budget)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

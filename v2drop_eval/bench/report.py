@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from v2drop_eval.methods.random_drop import METHOD as _RANDOM
 from v2drop_eval.methods.v2drop import METHOD as _V2DROP
 from v2drop_eval.report import stats
 
-__all__ = ["summarize", "targets", "cross_checks", "verdict", "to_markdown", "write_outputs", "MIN_REPEATS",
+__all__ = ["check_writable", "summarize", "targets", "cross_checks", "verdict", "to_markdown", "write_outputs", "MIN_REPEATS",
            "SHARE_BOUND", "EFFICIENCY_BOUND", "TARGET_BUDGET"]
 
 # The methods the targets name (docs/bench.md): V2Drop, its random control, and FastV as published.
@@ -81,6 +83,8 @@ def summarize(shape: str, device: str, attn: str, batch_size: int, group: list[t
             continue
         encoder_label, encoder_run = encoder if encoder else ("", None)
         drops = method not in (PLAIN, BASELINE)
+        # The method's own counting (its authors' formula; SparseVLM's recycled tokens count as vision tokens),
+        # of the tokens that reach the decoder.
         reaching = _after_encoder(vision_tokens, encoder_run)
         vision = schedule.tokens_per_layer(reaching, layers, method, options) if drops else [reaching] * layers
         if runs[0].get("vision_per_layer") is not None:  # the engine's own count must agree with the arithmetic
@@ -286,13 +290,35 @@ def to_markdown(rows: list[dict], info: dict, shape: str, device: str, extra: st
     return "\n".join(lines) + "\n"
 
 
+def check_writable(out_dir: Path, option: str = "--output") -> None:
+    """Create ``out_dir`` and write a probe file in it: a measurement never starts into a folder it
+    cannot save to. ``ValueError`` naming the folder and ``option``."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-check-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise ValueError(f"{option} {out_dir}: cannot write there ({exc.strerror or exc}); nothing was "
+                         "measured, give a writable folder") from None
+
+
 def write_outputs(rows: list[dict], info: dict, shape: str, device: str, out_dir: Path, extra_md: str = "",
                   extra_json: dict | None = None) -> tuple[Path, Path]:
-    """``<out>/<device>-<shape>.json`` (machine, rows, targets) and the Markdown beside it, atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{device}-{shape}"
+    """``<out>/<device>-<shape>.json`` (machine, rows, targets) and the Markdown beside it, atomically.
+    If the folder cannot be written (it was checked before timing; it may have gone since), the JSON is
+    saved to a fallback file in the temporary folder and ``OSError`` names it: no measurement is lost."""
+    stem = f"{device}-{shape}"
     payload = {"machine": info, "shape": shape, "device": device, "rows": rows, "targets": targets(rows),
                **(extra_json or {})}
-    json_path = write_text_atomic(stem.with_suffix(".json"), json.dumps(payload, indent=1))
-    md_path = write_text_atomic(stem.with_suffix(".md"), to_markdown(rows, info, shape, device, extra_md))
+    text = json.dumps(payload, indent=1)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path = write_text_atomic(out_dir / f"{stem}.json", text)
+        md_path = write_text_atomic(out_dir / f"{stem}.md", to_markdown(rows, info, shape, device, extra_md))
+    except OSError as exc:
+        fd, fallback = tempfile.mkstemp(prefix=f"v2drop-bench-{stem}-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        raise OSError(f"cannot write the bench results to {out_dir} ({exc.strerror or exc}); the measurements "
+                      f"are saved in {fallback}") from None
     return json_path, md_path

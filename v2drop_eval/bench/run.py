@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from v2drop_eval.bench.configs import BenchConfig, bench_configs, bench_options
-from v2drop_eval.bench.report import PLAIN, summarize, write_outputs
+from v2drop_eval.bench.options import ATTNS, DTYPES, check_args, check_device
+from v2drop_eval.bench.report import PLAIN, check_writable, summarize, write_outputs
 from v2drop_eval.bench.shapes import (
     SHAPES,
     build_model,
@@ -51,7 +52,7 @@ from v2drop_eval.methods.api import attach
 from v2drop_eval.methods.presets import preset_table, scaled_schedule
 from v2drop_eval.methods.rules import validate, validate_encoder
 
-__all__ = ["SHAPES", "SHAPE_DEFAULTS", "PLAIN", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
+__all__ = ["DTYPES", "ATTNS", "check_args", "SHAPES", "SHAPE_DEFAULTS", "PLAIN", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
 
 # Per-shape defaults of the command line (any flag given wins). ``extras``: also time ``plain`` (no
 # hooks) and V2Drop with hooks on and nothing dropped (``keep1.0``), cross-checks of the hooks' cost.
@@ -180,14 +181,6 @@ class TimeGuard:
         return now + (self.start + self.budget_s - now) / max(1, self.groups - self.done)
 
 
-def check_device(device: str) -> None:
-    """ValueError unless ``device`` is cpu, or cuda on a machine that has it."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-
-
 def run_bench(
     shape_name: str,
     device: str = "cpu",
@@ -202,6 +195,7 @@ def run_bench(
     extras: bool = True,
     guard: TimeGuard | None = None,
     log: Callable[[str], Any] = print,
+    on_group: Callable[[list[dict]], Any] | None = None,
     options: str | None = None,
     encoder_schedules: Sequence[str] = (),
     encoder_methods: Sequence[str] | None = None,
@@ -209,7 +203,8 @@ def run_bench(
     """Time every (attn, batch size, method, budget[, encoder schedule]) in one process; returns the rows.
     ``options`` (``a+b``) go to each method that takes them. ``encoder_schedules``: each configuration again
     with these stages inside the vision encoder (``"real=slice"``: the stages of the whole model, and where
-    the slice runs them), for the methods in ``encoder_methods`` (None: all but a pre-LLM method)."""
+    the slice runs them), for the methods in ``encoder_methods`` (None: all but a pre-LLM method).
+    ``on_group``: called with the rows so far after each (attn, batch size) group (to save them at once)."""
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
@@ -258,6 +253,8 @@ def run_bench(
             rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, shape.vision_tokens,
                                   shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0), scale=scale))
             guard.done += 1
+            if on_group is not None:
+                on_group(list(rows))
         del model
         if cuda:
             torch.cuda.empty_cache()
@@ -300,10 +297,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32; 7b-slice 4)")
     p.add_argument("--extras", default=None, choices=["yes", "no"],
                    help="also time plain (no hooks) and keep1.0 (default yes; 7b-slice no)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads, pinned (default: the CPU count; 7b-slice 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, pinned, at most the CPU count (default: the CPU count; 7b-slice 1)")
+    p.add_argument("--force-threads", action="store_true", help="allow --threads above the CPU count")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop repeats early so the timing ends within S seconds (default: no limit; 7b-slice 1500)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on cpu, float16 on cuda)")
+    p.add_argument("--dtype", default=None, help=f"{' | '.join(DTYPES)} (default: float32 on cpu, float16 on cuda)")
     p.add_argument("--output", default="results/bench", help="output folder (default results/bench)")
 
 
@@ -323,23 +322,30 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     d = resolve(args)
+    lists = check_args(args, d)  # before machine_info asks CUDA for the GPU's name
+    attns, batch_sizes = lists["attns"], lists["batch_sizes"]
+    out = Path(args.output)
+    check_writable(out)  # before the first timing: a long run must not end in a failed write
     threads = pin_threads(d["threads"])
-    attns = d["attn"].split(",")
-    batch_sizes = [int(b) for b in str(d["batch_sizes"]).split(",")]
-    check_device(args.device)  # before machine_info asks CUDA for the GPU's name
     info_start = machine_info(args.device)
     guard = TimeGuard(d["time_budget"], len(attns) * len(batch_sizes))
     t0 = time.monotonic()
     encoders = encoder_schedules_of(args.shape, d["encoder_schedules"])
+
+    def info(partial: bool) -> dict[str, Any]:
+        return {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
+                "wall_s": round(time.monotonic() - t0, 1), "stopped_early": list(guard.stopped_early),
+                **({"partial": True} if partial else {})}
+
+    # each group's rows are saved as soon as they exist: an interrupted run keeps what it measured
     rows = run_bench(
-        args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=d["methods"].split(","),
-        budgets=d["budgets"].split(",") if d["budgets"] else None, repeats=d["repeats"], warmup=d["warmup"],
+        args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=lists["methods"],
+        budgets=lists["budgets"], repeats=d["repeats"], warmup=d["warmup"],
         new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard, options=args.options,
         encoder_schedules=encoders,
+        on_group=lambda so_far: write_outputs(so_far, info(True), args.shape, args.device, out),
     )
-    info = {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
-            "wall_s": round(time.monotonic() - t0, 1), "stopped_early": guard.stopped_early}
-    json_path, md_path = write_outputs(rows, info, args.shape, args.device, Path(args.output))
+    json_path, md_path = write_outputs(rows, info(False), args.shape, args.device, out)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0

@@ -71,6 +71,9 @@ class ModelAdapter:
     extras: tuple[Callable[[nn.Module, Any, Positions, tuple[int, ...]], list[Any]], ...] = ()
     encoder: EncoderSpec | None = None  # the vision encoder (None: the family's encoder is not described)
     mrope: bool = False  # the decoder's positions are M-RoPE (3 rows: time, height, width)
+    # The decoder's rotary module, (hidden, position ids [B, n]) -> (cos, sin), where positions are one number
+    # per token; None for multimodal rotary (M-RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL), which cannot be renumbered.
+    rotary: Callable[[Any, Any], Any] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -119,6 +122,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     video_id = _token_id(config, "video")
     videos = () if video_id is None else (video_id,)
     extras = (install_deepstack,) if fam.deepstack else ()
+    # Renumbering needs one position per token; M-RoPE (three per token) is known from the family, since
+    # transformers 5.0's rotary module does not carry mrope_section.
+    rotary = None if fam.mrope else getattr(decoder, "rotary_emb", None)
     return ModelAdapter(
         encoder=encoder_for(model),
         mrope=fam.mrope,
@@ -130,6 +136,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         vision_token_ids=(image_id, *videos),
         video_token_ids=videos,
         extras=extras,
+        rotary=rotary,
     )
 
 

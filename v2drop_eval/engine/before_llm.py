@@ -23,21 +23,21 @@ from v2drop_eval.engine.schedule import DropSchedule, ZipCounts
 __all__ = ["BeforeLLM", "before_llm_checks"]
 
 
-def before_llm_checks(adapter: ModelAdapter, method: Method, options: frozenset[str], counts: ZipCounts | None,
+def before_llm_checks(adapter: ModelAdapter, method: Method, counts: ZipCounts | None,
                       encoder_schedule: DropSchedule | None, positions: str | None) -> str:
     """Refuse what the model's vision encoder cannot take (encoder stages, the pre-LLM method's counts) or
-    its positions cannot (renumbering M-RoPE); returns the positions in force, by default the method's
-    rule (on M-RoPE ``keep``: there is no 1-D sequence to renumber before the LLM)."""
+    its positions cannot (renumbering M-RoPE before the LLM); returns the positions of the tokens that
+    reach the LLM, by default the method's rule (on M-RoPE ``keep``: there is no 1-D sequence to renumber)."""
     spec = adapter.encoder
     refusals.check_encoder(type(adapter.top).__name__, spec, encoder_schedule, counts)
     if counts is not None:
         problem = method.pre_llm_problem(counts, refusals.patches_per_crop(spec))
         if problem:
             raise ValueError(problem)
-    if positions is None:
-        positions = KEEP if adapter.mrope else method.positions_with(options)
-    refusals.check_renumbering(positions, adapter.mrope)
-    return positions
+    rule = positions or (KEEP if adapter.mrope else method.positions)
+    if counts is not None or (encoder_schedule is not None and not encoder_schedule.is_empty):
+        refusals.check_renumbering(rule, adapter.mrope)
+    return rule
 
 
 class BeforeLLM:

@@ -6,11 +6,13 @@ the dropper's clock. A prefill starts one (:meth:`Call.start`); when tokens are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from v2drop_eval.engine.accounting import row_stats
 from v2drop_eval.engine.clock import DropperClock
 from v2drop_eval.engine.gather import Layout
 
@@ -35,6 +37,7 @@ class Call:
     placeholders: dict[str, list[int]] = field(default_factory=dict)  # "image" / "video" -> per row
     prompt_vision: list[int] | None = None  # per row: placeholders in the prompt, when fewer reach the LLM
     row_pos: torch.Tensor | None = None  # [B, S] each position's index among its row's real tokens
+    transfers: dict[int, Any] = field(default_factory=dict)  # drop layer -> merged tokens placed (merging.Transfer)
 
     @classmethod
     def start(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, clock: DropperClock,
@@ -88,3 +91,17 @@ class Call:
         if not video_ids:
             return [0] * ids.shape[0]
         return (vision & torch.isin(ids, torch.tensor(video_ids, device=ids.device))).sum(1).tolist()
+
+    def stats_builder(self, text_config: Any, elem: int, num_layers: int, layers: list[int],
+                      encoder: Callable[[], list[dict[str, Any]] | None] | None) -> Callable[[], list[dict[str, Any]]]:
+        """What builds the prefill's per-row accounting (``accounting.row_stats``, the encoder's rows merged in)."""
+        args = (text_config, elem, num_layers, layers, self.vision_alive, self.text_real)
+        video, prompt_vision = self.video_found, self.prompt_vision
+
+        def build() -> list[dict[str, Any]]:
+            rows = row_stats(*args, self.clock.totals(), video_found=video, prompt_vision=prompt_vision)
+            for row, extra in zip(rows, (encoder and encoder()) or [], strict=False):
+                row.update(extra)
+            return rows
+
+        return build

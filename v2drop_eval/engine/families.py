@@ -49,7 +49,7 @@ class Family:
     aliases: tuple[str, ...] = ()  # other names accepted in sweep configs and DropSchedule.preset
     adapter: str = ""  # how adapters.py reads the model (``llava`` or ``qwen2_vl``); "" = the preset table's name
     deepstack: bool = False  # the decoder adds vision features after its first layers (Qwen3-VL's DeepStack)
-    mrope: bool = False  # the decoder's positions are M-RoPE (time, height, width of each patch)
+    mrope: bool = False  # M-RoPE: three position numbers per token (the Qwen-VLs), not one
 
     @property
     def adapter_family(self) -> str:

@@ -13,16 +13,25 @@ import torch
 if TYPE_CHECKING:
     from v2drop_eval.engine.schedule import Adaptive
 
-__all__ = ["Layout", "gather_seq", "prefill_inputs", "prefill_mask", "decode_mask", "new_mask", "select", "adaptive_counts"]
+__all__ = ["Layout", "adaptive_counts", "gather_seq", "prefill_inputs", "prefill_mask", "decode_mask", "new_mask", "select"]
 
 
 @dataclass
 class Layout:
     """Which original positions occupy the slots of the (rectangular) gathered batch."""
 
-    idx: torch.Tensor  # [B, n] original positions
+    idx: torch.Tensor  # [B, n] original positions (a merged token: its anchor's; see ``v2drop_eval.engine.merging``)
     valid: torch.Tensor  # [B, n] a real token (False for padding and surplus slots)
     vision: torch.Tensor  # [B, n] droppable vision token (never the row's last position)
+    # [B, n] the prompt positions whose mask rows and columns the slots take, increasing along each row's
+    # real slots; None: ``idx``. They differ only where merged tokens are placed out of position order
+    # (renumbered positions, ``v2drop_eval.engine.merging``).
+    host: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """``[B, n]`` the prompt position whose mask row and column each slot takes."""
+        return self.idx if self.host is None else self.host
 
 
 def select(lay: Layout, scores: torch.Tensor, keep_k: torch.Tensor) -> tuple[Layout, torch.Tensor]:
@@ -41,7 +50,21 @@ def select(lay: Layout, scores: torch.Tensor, keep_k: torch.Tensor) -> tuple[Lay
     sort_key = keep.long() * (n_cur + torch.arange(n_cur, device=keep.device))
     pos = sort_key.argsort(dim=1, stable=True)[:, n_cur - n_new :]
     kept = keep.gather(1, pos)
-    return Layout(idx=lay.idx.gather(1, pos), valid=kept, vision=lay.vision.gather(1, pos) & kept), pos
+    host = None if lay.host is None else lay.host.gather(1, pos)
+    return Layout(idx=lay.idx.gather(1, pos), valid=kept, vision=lay.vision.gather(1, pos) & kept, host=host), pos
+
+
+def adaptive_counts(
+    scores: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, alive: torch.Tensor, stage: Adaptive
+) -> torch.Tensor:
+    """Per row: vision tokens whose score >= threshold x the row's mean text-token score, clamped to
+    [floor(alive x min), floor(alive x max)]. The reference does not depend on the image, so a plain
+    image (small variations) keeps fewer tokens than a busy one."""
+    text_mean = (scores * text).sum(1) / text.sum(1).clamp(min=1)
+    passing = ((scores >= stage.threshold * text_mean[:, None]) & candidates).sum(1)
+    lo = (alive * Fraction(repr(stage.min_ratio)).numerator) // Fraction(repr(stage.min_ratio)).denominator
+    hi = (alive * Fraction(repr(stage.max_ratio)).numerator) // Fraction(repr(stage.max_ratio)).denominator
+    return torch.minimum(torch.maximum(passing, lo), hi)
 
 
 def gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -78,11 +101,12 @@ def prefill_mask(lay: Layout, mask: torch.Tensor | None, fmt: str, dtype: torch.
         if not surplus:
             return None  # causal over the kept slots, which keep their order
         return new_mask(lay.valid, q_len=n, extra=0, fmt=fmt, dtype=dtype)
+    keys = lay.keys
     if mask.dim() == 2:  # flash-attention padding mask [B, S]
-        return mask.expand(B, -1).gather(1, lay.idx) * lay.valid
+        return mask.expand(B, -1).gather(1, keys) * lay.valid
     m = mask.expand(B, -1, -1, -1)
-    m = m.gather(2, lay.idx[:, None, :, None].expand(B, m.shape[1], n, m.shape[-1]))
-    m = m.gather(3, lay.idx[:, None, None, :].expand(B, m.shape[1], n, n))
+    m = m.gather(2, keys[:, None, :, None].expand(B, m.shape[1], n, m.shape[-1]))
+    m = m.gather(3, keys[:, None, None, :].expand(B, m.shape[1], n, n))
     return _mask_surplus(m, lay.valid, n) if surplus else m
 
 
@@ -95,7 +119,7 @@ def decode_mask(lay: Layout, mask: torch.Tensor | None, seq_len: int, q_len: int
             return None
         return new_mask(lay.valid, q_len=q_len, extra=extra, fmt=fmt, dtype=dtype)
     tail = torch.arange(seq_len, seq_len + extra, device=lay.idx.device).expand(B, extra)
-    cols = torch.cat([lay.idx, tail], dim=1)
+    cols = torch.cat([lay.keys, tail], dim=1)
     valid = torch.cat([lay.valid, torch.ones_like(tail, dtype=torch.bool)], dim=1)
     if mask.dim() == 2:
         return mask.expand(B, -1).gather(1, cols) * valid
@@ -139,16 +163,3 @@ def _mask_surplus(m: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
     if m.dtype == torch.bool:
         return m | diag
     return m.masked_fill(diag, 0.0)
-
-
-def adaptive_counts(
-    scores: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, alive: torch.Tensor, stage: Adaptive
-) -> torch.Tensor:
-    """Per row: vision tokens whose score >= threshold x the row's mean text-token score, clamped to
-    [floor(alive x min), floor(alive x max)]. The reference does not depend on the image, so a plain
-    image (small variations) keeps fewer tokens than a busy one."""
-    text_mean = (scores * text).sum(1) / text.sum(1).clamp(min=1)
-    passing = ((scores >= stage.threshold * text_mean[:, None]) & candidates).sum(1)
-    lo = (alive * Fraction(repr(stage.min_ratio)).numerator) // Fraction(repr(stage.min_ratio)).denominator
-    hi = (alive * Fraction(repr(stage.max_ratio)).numerator) // Fraction(repr(stage.max_ratio)).denominator
-    return torch.minimum(torch.maximum(passing, lo), hi)

@@ -5,8 +5,8 @@ How it works (docs/design.md §2): the decoder builds one mask, one rotary (cos,
 each layer from the first drop layer on swaps them for copies gathered at the kept positions, and at
 a drop layer also gathers ``hidden_states``. The per-layer ``DynamicCache`` then simply holds fewer
 entries for later layers. At decode, each pruned layer's mask columns are gathered with its own kept
-positions plus the new tokens; rotary positions of new tokens stay the true ones, unless the method
-renumbers its kept tokens (PyramidDrop: ``positions``).
+positions plus the new tokens; rotary positions of new tokens stay the true ones, unless positions are
+renumbered (``positions=renumber``, PyramidDrop's and SparseVLM's rule: ``positions.py``).
 
 Rows of a batch may keep different numbers of tokens: the gathered batch is cut to the longest row and
 the shorter rows get surplus slots on the left, masked out as keys (each keeps its own diagonal so no
@@ -25,14 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from v2drop_eval.engine import contract, gather, refusals
-from v2drop_eval.engine.accounting import row_stats
+from v2drop_eval.engine import contract, gather, merging, refusals
 from v2drop_eval.engine.adapters import ModelAdapter, adapter_for
 from v2drop_eval.engine.before_llm import BeforeLLM, before_llm_checks
 from v2drop_eval.engine.call import Call
 from v2drop_eval.engine.clock import DropperClock
-from v2drop_eval.engine.method import FLOAT32_SCORES, OPTION_SEPARATOR, RENUMBER, Method, ScoreContext
-from v2drop_eval.engine.positions import Renumbering
+from v2drop_eval.engine.method import FLOAT32_SCORES, OPTION_SEPARATOR, Method, ScoreContext
+from v2drop_eval.engine.positions import Renumbering, renumbering
 from v2drop_eval.engine.schedule import Adaptive, DropSchedule
 from v2drop_eval.engine.signals import Signals
 
@@ -43,10 +42,10 @@ class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them.
 
     Made by ``v2drop_eval.attach``, which resolves the method by name and checks the arguments by the rules
-    every entry point shares; here ``method`` is the :class:`Method` itself, ``schedule`` a parsed one and
-    ``options`` the checked names of the method's options it runs with. ``encoder_schedule``: stages inside
-    the vision encoder (parsed); ``positions``: where tokens removed before the LLM leave the others
-    (``keep`` | ``renumber``; None: the method's rule, ``Method.positions_with(options)``).
+    every entry point shares; here ``method`` is the :class:`Method` itself, ``schedule`` a parsed one,
+    ``options`` the checked names of the method's options it runs with, ``encoder_schedule`` the stages
+    inside the vision encoder (parsed) and ``positions`` (``keep`` | ``renumber``; None: the method's own
+    rule) how rotary positions follow tokens removed, in the decoder and before it (``engine/positions.py``).
     """
 
     def __init__(self, model: nn.Module, schedule: DropSchedule, method: Method, metric: str, seed: int,
@@ -59,13 +58,16 @@ class DropHandle:
             raise RuntimeError("this model already has a dropper attached; call detach() on it first")
         refusals.check_attention(self.adapter.attn_implementation)
         spec = self.adapter.encoder
-        positions = before_llm_checks(self.adapter, method, self.options, schedule.pre_llm, encoder_schedule, positions)
+        pre_llm_positions = before_llm_checks(self.adapter, method, schedule.pre_llm, encoder_schedule, positions)
         self.model, self.schedule, self.method = model, schedule, method.name
         self.encoder_schedule, self.positions = encoder_schedule, positions
         self.metric, self.seed = metric, int(seed)
         self.text_config = self.adapter.text_config
         self._last_stats: list[dict[str, Any]] | Any = []  # or a builder, run on first read (see last_stats)
         self.last_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Drop layers where the method merged tokens at the last prefill -> how the slots were filled (tests'
+        # masking references read it).
+        self.last_transfers: dict[int, merging.Transfer] = {}
         self._method = method
         self._llm = DropSchedule(schedule.llm_stages)  # the decoder's stages
         self._ratios: dict[int, Fraction | Adaptive] = {
@@ -81,12 +83,11 @@ class DropHandle:
 
         if self._dropping:  # first: it may refuse, and then nothing is installed yet
             self._hooks += self.adapter.install_extras(self._positions, self._llm.layers)
-            if self._method.positions_with(self.options) == RENUMBER:
-                self._renumber = Renumbering(self.adapter.decoder)
+            self._renumber = renumbering(method, positions, self.adapter, type(model).__name__)
         self._before: BeforeLLM | None = None
         if spec is not None and spec.layout:
             self._before = BeforeLLM(self.adapter, encoder_schedule, schedule.pre_llm, method.pre_llm_tokens,
-                                     positions, self._rebase)
+                                     pre_llm_positions, self._rebase)
             self._hooks.append(self._before)
         top = self.adapter.top
         self._hooks.append(top.register_forward_pre_hook(self._on_top_call, with_kwargs=True))
@@ -95,7 +96,7 @@ class DropHandle:
             # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
             scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
             self._signals = Signals(self.adapter, self._method, scored, float32=FLOAT32_SCORES.name in self.options)
-            start = self._llm.layers[0] - self._signals.first_hooked_layer_offset
+            start = self._signals.first_hooked_layer(self._llm.layers[0])
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
                 self._hooks.append(hook)
@@ -165,8 +166,7 @@ class DropHandle:
             return
         if self._call is None or self._cache_ref is None or self._cache_ref() is not cache:
             raise ValueError(refusals.FOREIGN_CACHE)
-        if input_ids.shape[1] > 1 and torch.isin(input_ids, self._vision_ids(input_ids)).any():
-            raise ValueError(refusals.CHUNKED)
+        refusals.check_decode_tokens(input_ids, self.adapter.vision_token_ids)
         self._call.gathered.clear()
         self._mode = "decode"
 
@@ -196,18 +196,19 @@ class DropHandle:
             return None
         return call.layout.idx, call.layout.valid
 
-    def _vision_ids(self, ref: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.adapter.vision_token_ids, device=ref.device)
-
     def _start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, clock: DropperClock) -> Call:
         call = Call.start(input_ids, attention_mask, clock, self.adapter.vision_token_ids, self.adapter.video_token_ids)
-        if self._renumber is not None:
-            self._renumber.start(call.initial.valid)
         if self._before is not None:
             call.placeholders = self._before.placeholders(input_ids, call.real)
-        if self._signals is not None:
-            self._signals.start(input_ids, call.real, call.ordinal, call.vision_alive[0], clock)
+        self._restart(call)
         return call
+
+    def _restart(self, call: Call) -> None:
+        """Renumbering and signals follow the call's (initial or rebased) layout."""
+        if self._renumber is not None:
+            self._renumber.start(call.initial.valid)
+        if self._signals is not None:
+            self._signals.start(call.input_ids, call.real, call.ordinal, call.vision_alive[0], call.clock)
 
     def _rebase(self, idx: torch.Tensor, valid: torch.Tensor) -> None:
         """Tokens were removed before the LLM: the layout is rebased on the decoder's shorter sequence."""
@@ -217,10 +218,7 @@ class DropHandle:
         call.clock.open("bookkeeping")
         try:
             call.rebase(idx, valid, self.adapter.video_token_ids)
-            if self._renumber is not None:
-                self._renumber.start(valid)
-            if self._signals is not None:
-                self._signals.start(call.input_ids, call.real, call.ordinal, call.vision_alive[0], call.clock)
+            self._restart(call)
         finally:
             call.clock.close()
 
@@ -254,7 +252,7 @@ class DropHandle:
             given = hidden
             if layer in self._ratios:
                 hidden = self._drop(call, layer, hidden, kwargs)
-            self._signals.before_layer(layer, hidden)
+            self._signals.before_layer(layer, hidden, call.layout)
             stage = self._stage_of(layer)
             if stage is None:
                 return None
@@ -312,7 +310,11 @@ class DropHandle:
         call.clock.open("gather")
         try:
             new, pos = gather.select(lay, raw, keep_k)
-            hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+            renumber = self._renumber is not None
+            hidden, new, transfer = merging.next_slots(self._method, ctx, raw, lay, new, pos, hidden, renumber, call.clock)
+            if transfer is not None:  # merged tokens join the kept ones and count as vision tokens from here on
+                call.transfers[layer] = transfer
+                keep_k = keep_k + (transfer.merged >= 0).sum(1)
             call.layout = call.layouts[layer] = new
             call.vision_alive.append(keep_k.tolist())
         finally:
@@ -334,7 +336,7 @@ class DropHandle:
         out = gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
                                     lambda obj, build: call.cached(stage, obj, build))
         if self._renumber is not None:
-            out = self._renumber.prefill_inputs(stage, lay.idx, lay.valid, hidden, kwargs, out)
+            out = self._renumber.prefill_inputs(stage, lay.keys, lay.valid, hidden, kwargs, out)
         return out
 
     def _gather_decode_kwargs(
@@ -359,20 +361,12 @@ class DropHandle:
     # -- accounting ---------------------------------------------------------------------------
     def _finish_stats(self, call: Call) -> None:
         layers = list(self._ratios) if self._dropping else []
-        elem = torch.finfo(self.adapter.top.dtype).bits // 8
-        args = (self.text_config, elem, self.adapter.num_layers, layers, call.vision_alive, call.text_real)
-        video = call.video_found
         encoder = self._before.row_stats(call.placeholders) if self._before is not None else None
-
-        def build() -> list[dict[str, Any]]:
-            rows = row_stats(*args, call.clock.totals(), video_found=video, prompt_vision=call.prompt_vision)
-            for row, extra in zip(rows, (encoder and encoder()) or [], strict=False):
-                row.update(extra)
-            return rows
-
         # Built on first read: on CUDA the clock's events are read only then, never inside the forward.
-        self._last_stats = build
+        self._last_stats = call.stats_builder(self.text_config, torch.finfo(self.adapter.top.dtype).bits // 8,
+                                              self.adapter.num_layers, layers, encoder)
         self.last_layouts = {layer: (lay.idx, lay.valid) for layer, lay in call.layouts.items()}
+        self.last_transfers = dict(call.transfers)
 
     @property
     def last_stats(self) -> list[dict[str, Any]]:
@@ -392,6 +386,11 @@ class DropHandle:
     def last_kept_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(idx [B, S'], valid)``: the prompt slots the decoder ran when tokens were removed before it."""
         return self._before.kept_slots if self._before is not None else None
+
+    @property
+    def renumbers(self) -> bool:
+        """Whether positions are renumbered after a drop (``positions=``; ``v2drop_eval.engine.positions``)."""
+        return self._renumber is not None
 
     def dropper_times(self) -> dict[str, float]:
         """Milliseconds of the dropper's own work per category (``clock.CATEGORIES``) at the last

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Method", "ScoreContext", "Option", "FLOAT32_SCORES", "EXACT_COUNTS", "OPTION_SEPARATOR", "KEEP",
-           "RENUMBER", "POSITION_RULES", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION", "PREV_ATTENTION_WEIGHTS",
-           "PREV_KEYS", "PROBE_ATTENTION", "NORMED_HIDDEN", "ROW_IDENTITY"]
+__all__ = ["Method", "ScoreContext", "QueryContext", "Merge", "Option", "FLOAT32_SCORES", "EXACT_COUNTS",
+           "OPTION_SEPARATOR", "KEEP", "RENUMBER", "POSITION_RULES", "SIGNALS", "PREV_HIDDEN", "PREV_ATTENTION",
+           "PREV_ATTENTION_WEIGHTS", "PREV_KEYS", "PREV_QUERY_ATTENTION", "PROBE_ATTENTION", "NORMED_HIDDEN",
+           "ROW_IDENTITY"]
 
 # The signals the engine can provide at a drop layer l (all aligned with the alive slots ``[B, n]``).
 PREV_HIDDEN = "prev_hidden"  # [B, n, D] hidden states entering layer l-1
@@ -32,13 +33,18 @@ PREV_KEYS = "prev_keys"  # [B, H, n, hd] layer l-1's keys after rotary, repeated
 PROBE_ATTENTION = "probe_attention"  # [B, n] last query row's attention with layer l's own q/k on its input
 NORMED_HIDDEN = "normed_hidden"  # [B, n, D] the hidden states entering l, through the decoder's final norm
 ROW_IDENTITY = "row_identity"  # (each row's real tokens as bytes, [B, n] ordinal among its vision tokens, table size)
-SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS, PROBE_ATTENTION, NORMED_HIDDEN, ROW_IDENTITY)
+# ([B, R, n], [B, R]) the attention rows of the method's query tokens (``Method.query_rows``, chosen once per
+# prefill from the decoder's input embeddings) at layer l-1: softmax over every key, averaged over heads, in
+# the model's dtype; the second tensor says which of a row's R slots hold a query token
+PREV_QUERY_ATTENTION = "prev_query_attention"
+SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS, PREV_QUERY_ATTENTION, PROBE_ATTENTION,
+           NORMED_HIDDEN, ROW_IDENTITY)
 
-# How rotary positions follow tokens removed (``positions=``; ``Method.positions`` is the method's authors'
-# rule, the engine applies it): "keep" (every token keeps its own rotary position: V2Drop, FastV, DART as their
-# authors' code does) or "renumber" (the gaps the removed tokens leave are closed, per row: PyramidDrop after
-# each stage, VisionZip's and LLaVA's own code before the LLM; docs/design.md §2).
-KEEP, RENUMBER = "keep", "renumber"
+# How rotary positions follow a drop (``positions=``, default ``Method.positions``; ``engine/positions.py``):
+KEEP = "keep"  # each token keeps its own rotary position (V2Drop, FastV, DART as their authors' code does)
+# the gaps the removed tokens leave are closed, per row (PyramidDrop, SparseVLM; VisionZip's and LLaVA's own
+# code before the LLM; docs/design.md §2)
+RENUMBER = "renumber"
 POSITION_RULES = (KEEP, RENUMBER)
 
 
@@ -80,6 +86,31 @@ class ScoreContext:
     def alive(self) -> torch.Tensor:
         """[B] alive vision tokens per row."""
         return self.candidates.sum(1)
+
+
+@dataclass
+class QueryContext:
+    """A prefill's input, as :meth:`Method.query_rows` sees it (original positions ``[B, S]``)."""
+
+    embeddings: torch.Tensor  # [B, S, D] the hidden states entering decoder layer 0
+    vision: torch.Tensor  # [B, S] real vision tokens
+    text: torch.Tensor  # [B, S] real non-vision tokens
+
+
+@dataclass
+class Merge:
+    """Tokens a method adds at a drop layer (:meth:`Method.merge`): each a weighted sum of the hidden
+    states entering the layer. They count as vision tokens from then on (later stages may drop them).
+
+    Where they sit: with kept positions, each at the position of its ``anchor`` (a token dropped at this
+    layer), in position order; with renumbered positions, right after the row's last vision token (before
+    the text that follows it), in the order given. Either way the anchor's position is its identity in
+    ``DropHandle.last_layouts``.
+    """
+
+    weights: torch.Tensor  # [B, M, n] over the slots of the ScoreContext (zero outside a merged token's sources)
+    valid: torch.Tensor  # [B, M] whether row b has its m-th merged token
+    anchor: torch.Tensor  # [B, M] slot of a token dropped at this layer (any slot where ``valid`` is False)
 
 
 class Method:
@@ -125,11 +156,34 @@ class Method:
         """The preset's pre-LLM ``counts`` for an encoder with ``patches`` patches per crop."""
         return counts
 
-    # -- positions and counts -----------------------------------------------------------------
-    def positions_with(self, options: frozenset[str] = frozenset()) -> str:
-        """How kept tokens are positioned when the method runs with ``options`` (KEEP | RENUMBER)."""
-        return self.positions
+    # -- a method that reads the attention rows of prompt tokens it chooses ----------------------------
+    def query_rows(self, ctx: QueryContext) -> torch.Tensor:
+        """``[B, S]`` bool: the prompt tokens whose attention rows ``PREV_QUERY_ATTENTION`` records. Only
+        non-vision tokens (they are never dropped, so the rows exist at every stage)."""
+        raise NotImplementedError(f"method {self.name} needs {PREV_QUERY_ATTENTION} but chooses no query rows")
 
+    def merge(self, ctx: ScoreContext, scores: torch.Tensor, kept: torch.Tensor) -> Merge | None:
+        """Tokens to add after the engine kept ``kept [B, n]`` (bool over the slots of ``ctx``) by
+        ``scores``; None (the default) adds none."""
+        return None
+
+    @property
+    def merges(self) -> bool:
+        """Whether the method adds merged tokens (it overrides :meth:`merge`)."""
+        return type(self).merge is not Method.merge
+
+    def merged_count(self, dropped: int) -> int:
+        """How many merged tokens a stage that drops ``dropped`` vision tokens adds (the schedule maths count
+        them: ``DropSchedule.tokens_per_layer``); 0 for a method that merges none."""
+        return 0
+
+    def refit(self, scaled: Any, target: float, num_vision_tokens: int, num_layers: int) -> Any:
+        """For a model shallower than the presets' (``methods.presets.scaled_schedule``): this method's preset
+        with its layers already scaled (a ``DropSchedule``; typed ``Any`` because ``engine/schedule.py`` imports
+        this module), refitted to the layer-averaged ``target``; None: the default refit."""
+        return None
+
+    # -- counts ---------------------------------------------------------------------------------
     def keep_count(self, alive: int, ratios: tuple[float, ...], initial: int,
                    options: frozenset[str] = frozenset(), **row: Any) -> int:
         """The method's own count: vision tokens a row keeps at a stage. ``ratios`` are the keep ratios of

@@ -1,22 +1,29 @@
-"""Position handling after a drop: renumber the kept tokens' rotary positions so that the gaps the dropped
-tokens leave are closed, per row, at prefill and at every decode step.
+"""Position handling after a drop: with ``positions=renumber`` the kept tokens' rotary positions are
+renumbered so that the gaps the dropped tokens leave are closed, per row, at prefill and at every decode step.
 
-What it does: the engine (``hooks.DropHandle``) creates one :class:`Renumbering` per attached model when the
-running method's ``Method.positions_with(options)`` is ``RENUMBER`` (``engine/method.py``); otherwise
-(``KEEP``, the default of every method but PyramidDrop, and PyramidDrop under its ``kept_positions``
-option) nothing here runs and each kept token keeps its own rotary position (the engine gathers the
-model's cos/sin). Renumbered is PyramidDrop's rule (Cooperx521/PyramidDrop@6444f30,
-``llava/model/modeling_llama_pdrop.py``): after a stage a row's kept tokens are numbered
-``arange(cur_len)`` and decode positions are shifted down by the tokens dropped. For each stage it
-replaces a layer's ``position_embeddings`` (cos, sin) and ``position_ids`` by renumbered ones.
+Which rule runs (:func:`renumbering`): the one the user names (``positions=keep|renumber``: ``attach``, the
+model args, sweep configs), else the method's authors' rule (``Method.positions``): ``renumber`` for
+PyramidDrop (Cooperx521/PyramidDrop@6444f30, ``llava/model/modeling_llama_pdrop.py``: after a stage a row's
+kept tokens are numbered ``arange(cur_len)`` and decode positions are shifted down by the tokens dropped)
+and SparseVLM (Gumpest/SparseVLMs v1.5: ``position_ids[:, :len(kept)]``, decode at the layer's cache
+length), ``keep`` for the others; under ``keep`` nothing here runs and each kept token keeps its own
+rotary position (the engine gathers the model's cos/sin). For each stage :class:`Renumbering` replaces a
+layer's ``position_embeddings`` (cos, sin) and ``position_ids`` by renumbered ones.
 
 Read for any rotary family (docs/design.md §2): a position value that only dropped tokens held is taken
 off the number line and every value above it moves down by one. With 1-D positions numbered 0..S-1
-(LLaVA, InternVL, the text of every family) that is exactly PyramidDrop's ``arange(cur_len)``, and a
+(LLaVA, InternVL, the text of every family) that is exactly the originals' ``arange(cur_len)``, and a
 decode position moves down by the number of tokens dropped. With M-RoPE's 3-D positions (Qwen2-VL,
 Qwen2.5-VL, Qwen3-VL; no published PyramidDrop code covers them) a value is gone only when no kept
 token holds it on any axis: an image's remaining grid keeps its shape, and the text after it moves down
 by the rows and columns that emptied entirely.
+
+Merged tokens (SparseVLM's recycled ones, ``merging.py``) sit after the row's last kept vision token and
+take their mask row and column from ``Layout.keys`` (the kept positions plus borrowed dropped ones, in
+order); renumbering reads those keys, so with 1-D positions the slots are numbered along the row, as the
+original appends its recycled tokens. On M-RoPE a merged token has no place on the image grid: there a
+merging method keeps positions (a recycled token at its cluster centre's, as ModelTC/llmc's SparseVLM), and
+``positions=renumber`` is refused.
 
 The new ids go through the decoder's own rotary module (``decoder.rotary_emb``), so cos and sin come
 from the model's code. Nothing is renumbered while nothing is dropped (keep ratio 1 stays bit-identical).
@@ -30,8 +37,22 @@ import torch
 from torch import nn
 
 from v2drop_eval.engine import contract
+from v2drop_eval.engine.adapters import ModelAdapter
+from v2drop_eval.engine.method import KEEP, RENUMBER, Method
 
-__all__ = ["Renumbering", "closed_gaps", "renumber"]
+__all__ = ["Renumbering", "renumbering", "closed_gaps", "renumber"]
+
+
+def renumbering(method: Method, asked: str | None, adapter: ModelAdapter, model_name: str) -> Renumbering | None:
+    """The renumbering a drop of ``method`` runs with (None: positions kept): ``asked`` (``positions=``; None:
+    the method's own rule). ``ValueError`` where renumbering cannot place the method's merged tokens (M-RoPE)."""
+    rule = asked or method.positions
+    if rule == RENUMBER and adapter.rotary is None and method.merges:
+        if asked is not None:
+            raise ValueError(f"positions=renumber cannot place method {method.name}'s merged tokens on {model_name}'s "
+                             "multimodal rotary positions (M-RoPE): use positions=keep (its default there)")
+        rule = KEEP
+    return Renumbering(adapter.decoder) if rule == RENUMBER else None
 
 
 def closed_gaps(pos: torch.Tensor, real: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -129,8 +150,8 @@ class Renumbering:
 
     def prefill_inputs(self, stage: int, idx: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor,
                        kwargs: dict, out: dict) -> dict:
-        """``out`` (a layer's inputs gathered at the slots ``idx``/``valid`` of ``stage``) with the rotary
-        pair and ``position_ids`` renumbered; ``kwargs`` are the layer's inputs as the model built them."""
+        """``out`` (a layer's inputs gathered at the slots ``idx``/``valid`` of ``stage``: ``Layout.keys``) with
+        the rotary pair and ``position_ids`` renumbered; ``kwargs`` are the layer's inputs as the model built them."""
         B = idx.shape[0]
         if self._prefill is None:
             if self.ids is None:

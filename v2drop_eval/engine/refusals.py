@@ -11,7 +11,7 @@ from v2drop_eval.engine.method import KEEP, RENUMBER
 
 __all__ = ["check_attention", "check_cache_type", "check_encoder", "check_renumbering",
            "patches_per_crop", "INPUTS_EMBEDS", "LABELS",
-           "FOREIGN_CACHE", "CHUNKED"]
+           "FOREIGN_CACHE", "CHUNKED", "check_decode_tokens"]
 
 INPUTS_EMBEDS = "inputs_embeds without input_ids is not supported: vision tokens are found from input_ids; pass input_ids"
 LABELS = ("labels= with dropping is not supported: logits exist only for the kept positions; compute the loss "
@@ -19,6 +19,14 @@ LABELS = ("labels= with dropping is not supported: logits exist only for the kep
 FOREIGN_CACHE = ("continuing generation from a cache this dropper did not prefill is not supported (chunked prefill, "
                  "a pre-filled cache from another run)")
 CHUNKED = "vision tokens after the prefill (chunked prefill) are not supported"
+
+
+def check_decode_tokens(input_ids: Any, vision_token_ids: tuple[int, ...]) -> None:
+    """Refuse vision tokens in a call after the prefill (a chunked prefill: nothing was dropped for them)."""
+    import torch
+
+    if input_ids.shape[1] > 1 and torch.isin(input_ids, torch.tensor(vision_token_ids, device=input_ids.device)).any():
+        raise ValueError(CHUNKED)
 
 
 def check_attention(impl: str) -> None:

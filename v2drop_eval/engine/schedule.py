@@ -285,7 +285,7 @@ class DropSchedule:
                          options: Iterable[str] = ()) -> list[int]:
         """Vision tokens entering each decoder layer when ``method`` (a name, ``""``: the default method, or
         the :class:`Method`) runs this schedule with ``options``: each method counts with its authors'
-        formula (``Method.stage_keep``; docs/methods.md)."""
+        formula (``Method.stage_keep``, plus the tokens it merges, ``Method.merged_count``; docs/methods.md)."""
         if self.is_adaptive:
             raise ValueError(
                 f"schedule {self} is adaptive: its counts depend on each image; use bounds_per_layer() for the "
@@ -310,8 +310,7 @@ class DropSchedule:
                 lo, hi = kept_count(lo, r.min_ratio), kept_count(hi, r.max_ratio)
             elif r is not None:
                 so_far.append(r)
-                lo = spec.stage_keep(lo, tuple(so_far), initial, opts)
-                hi = spec.stage_keep(hi, tuple(so_far), initial, opts)
+                lo, hi = (_after_stage(spec, n, tuple(so_far), initial, opts) for n in (lo, hi))
             los.append(lo)
             his.append(hi)
         return los, his
@@ -328,3 +327,10 @@ class DropSchedule:
 
 def _ratio_text(ratio: float | Adaptive | ZipCounts) -> str:
     return str(ratio) if isinstance(ratio, (Adaptive, ZipCounts)) else format_ratio(ratio)
+
+
+def _after_stage(spec: Method, alive: int, ratios: tuple[float, ...], initial: int, options: frozenset[str]) -> int:
+    """Vision tokens after a stage: those ``spec`` keeps, plus the merged tokens it adds (SparseVLM's recycled
+    ones count as vision tokens from the stage on)."""
+    keep = spec.stage_keep(alive, ratios, initial, options)
+    return keep + spec.merged_count(alive - keep)

@@ -7,7 +7,10 @@ PyramidDrop's probe the layer's own attention module is called on the layer's no
 wrapper stops right after recording: the layer's real q/k projections, norms and rotary, no copied code.
 For published FastV (``PREV_ATTENTION_WEIGHTS``) the wrapper runs that one layer's prefill with the
 model's own eager attention instead, and the weights are read where ``output_attentions`` reads them:
-the attention module's second output. Work done for a method is charged to the dropper's clock.
+the attention module's second output. For ``PREV_QUERY_ATTENTION`` the wrapper records the attention
+rows of the prompt tokens the method chose (``Method.query_rows``, asked once per prefill with the
+decoder's input embeddings), with the mask the kernel got. Work done for a method is charged to the
+dropper's clock.
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from v2drop_eval.engine import contract
 from v2drop_eval.engine.adapters import ModelAdapter
 from v2drop_eval.engine.clock import DropperClock
+from v2drop_eval.engine.gather import Layout
 from v2drop_eval.engine.method import (
     NORMED_HIDDEN,
     PREV_ATTENTION,
     PREV_ATTENTION_WEIGHTS,
     PREV_HIDDEN,
     PREV_KEYS,
+    PREV_QUERY_ATTENTION,
     PROBE_ATTENTION,
     ROW_IDENTITY,
     Method,
+    QueryContext,
 )
 
 __all__ = ["AttentionTap", "Signals", "TAP_ATTENTION", "additive_mask"]
@@ -105,14 +111,36 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torc
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def _rows_bias(mask: torch.Tensor | None, rows: torch.Tensor, q_len: int, k_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1|H, R, k_len]`` additive bias of query ``rows [B, R]`` from the mask the kernel got: a 4D bool or
+    float mask (its rows), or None / a 2D padding mask (causal, and padding keys out)."""
+    B, R = rows.shape
+    if mask is not None and mask.dim() == 4:
+        m = mask.expand(B, -1, -1, -1)
+        m = m.gather(2, rows[:, None, :, None].expand(B, m.shape[1], R, m.shape[-1]))[..., :k_len]
+        if m.dtype != torch.bool:
+            return m.to(dtype)
+        allowed = m
+    else:
+        keys = torch.arange(k_len, device=rows.device)
+        allowed = keys[None, None, :] <= (rows + (k_len - q_len))[:, :, None]  # [B, R, k_len]
+        if mask is not None:
+            allowed = allowed & mask.bool()[:, None, :k_len]
+        allowed = allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=rows.device).masked_fill(~allowed, float("-inf"))
+
+
 class AttentionTap:
-    """Records, at one attention module, the last query row's head-averaged attention and/or the keys;
-    or (``eager``) runs the module's prefill with eager attention and reads its attention weights."""
+    """Records, at one attention module, the last query row's head-averaged attention, the keys and/or the
+    head-averaged attention of chosen query rows (``rows``); or (``eager``) runs the module's prefill with
+    eager attention and reads its attention weights."""
 
     def __init__(self, attn_module: torch.nn.Module, attention: bool, keys: bool, eager: bool = False,
-                 float32: bool = False) -> None:
+                 rows: bool = False, float32: bool = False) -> None:
         self.module = attn_module
-        self.want_attention, self.want_keys = attention, keys
+        self.want_attention, self.want_keys, self.want_rows = attention, keys, rows
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, R] query slots, [B, R] which are real)
+        self.rows_attention: torch.Tensor | None = None
         self.float32 = float32  # score in float32 (the ``float32_scores`` option) instead of the model's dtype
         self.original_config = attn_module.config
         impl = self.original_config._attn_implementation or "eager"
@@ -170,6 +198,8 @@ class AttentionTap:
         heads = query.shape[1]
         if self.want_keys:
             self.keys = key.detach().repeat_interleave(heads // key.shape[1], dim=1)
+        if self.want_rows and self.rows is not None:
+            self._record_rows(query, key, mask, scaling)
         if not self.want_attention:
             return
         dtype = torch.float32 if self.float32 else query.dtype
@@ -193,6 +223,19 @@ class AttentionTap:
         weights = logits.softmax(dim=-1, dtype=torch.float32).to(dtype)
         self.attention = weights.mean(dim=1)[:, 0, :]  # [B, S]
 
+    def _record_rows(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float | None) -> None:
+        # As SparseVLM computes its raters' attention: (q k^T) x scale plus the mask, softmax over every key,
+        # mean over heads, all in the model's dtype.
+        rows = self.rows[0]
+        B, H, S, hd = query.shape
+        q = query.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], hd))
+        k = key if key.shape[1] == H else key.repeat_interleave(H // key.shape[1], dim=1)
+        scale = scaling if scaling is not None else hd ** -0.5
+        logits = (q @ k.transpose(-1, -2)) * scale
+        logits = logits + _rows_bias(mask, rows, S, k.shape[-2], logits.dtype)
+        self.rows_attention = logits.softmax(dim=-1).mean(dim=1)  # [B, R, S]
+
     def take(self, what: str) -> torch.Tensor:
         value = getattr(self, what)
         setattr(self, what, None)
@@ -201,7 +244,8 @@ class AttentionTap:
         return value
 
     def clear(self) -> None:
-        self.attention = self.keys = self.weights_row = None
+        self.attention = self.keys = self.weights_row = self.rows_attention = None
+        self.rows = None
         self.mode = None
         self._expect_weights = False
 
@@ -217,24 +261,29 @@ class Signals:
 
     def __init__(self, adapter: ModelAdapter, method: Method, drop_layers: tuple[int, ...], float32: bool = False) -> None:
         self.adapter = adapter
+        self.method = method
         self.needs = method.needs
         self.drop_layers = set(drop_layers)
         self.taps: dict[int, AttentionTap] = {}
         prev_attention, prev_keys = PREV_ATTENTION in self.needs, PREV_KEYS in self.needs
         eager = PREV_ATTENTION_WEIGHTS in self.needs
+        rows = PREV_QUERY_ATTENTION in self.needs
         for layer in drop_layers:
-            if prev_attention or prev_keys or eager:
+            if prev_attention or prev_keys or eager or rows:
                 self.taps[layer - 1] = AttentionTap(self._parts(layer - 1)[1], prev_attention, prev_keys, eager=eager,
-                                                    float32=float32)
+                                                    rows=rows, float32=float32)
             if PROBE_ATTENTION in self.needs:
                 self.taps[layer] = AttentionTap(self._parts(layer)[1], attention=True, keys=False, float32=float32)
         self.prev_hidden: torch.Tensor | None = None
         self.rows: tuple[list[bytes], torch.Tensor, int] | None = None
+        self.query: torch.Tensor | None = None  # [B, S] the method's query tokens (PREV_QUERY_ATTENTION)
 
-    @property
-    def first_hooked_layer_offset(self) -> int:
-        """How many layers before the first drop layer the engine must watch (1 for PREV_* signals)."""
-        return 1 if self.needs & {PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS} else 0
+    def first_hooked_layer(self, first_drop: int) -> int:
+        """The first decoder layer the engine must watch for a first drop at ``first_drop``: layer 0 when the
+        method picks query rows from the input embeddings, the layer before for the other PREV_* signals."""
+        if PREV_QUERY_ATTENTION in self.needs and self.drop_layers:
+            return 0
+        return first_drop - (1 if self.needs & {PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS} else 0)
 
     def _parts(self, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
         module = self.adapter.layers[layer]
@@ -253,16 +302,38 @@ class Signals:
             rows = input_ids.cpu() if real is None else [r[m] for r, m in zip(input_ids.cpu(), real.cpu(), strict=True)]
             self.rows = ([r.numpy().tobytes() for r in rows], ordinal, max(found) or 1)
 
-    def before_layer(self, layer: int, hidden: torch.Tensor) -> None:
-        """Called with the hidden states entering ``layer`` (after any drop there) at prefill."""
+    def before_layer(self, layer: int, hidden: torch.Tensor, layout: Layout) -> None:
+        """Called with the hidden states entering ``layer`` (after any drop there) at prefill, and the
+        layout of their slots."""
+        if layer == 0 and PREV_QUERY_ATTENTION in self.needs and self.drop_layers:
+            self.query = self._query_rows(hidden, layout)
         if layer + 1 in self.drop_layers:
             if PREV_HIDDEN in self.needs:
                 self.prev_hidden = hidden
             tap = self.taps.get(layer)
             if tap is not None and PREV_ATTENTION_WEIGHTS in self.needs:
                 tap.mode = "eager"  # this layer's prefill only: decode steps pass through to the model's kernel
-            elif tap is not None and self.needs & {PREV_ATTENTION, PREV_KEYS}:
+            elif tap is not None and self.needs & {PREV_ATTENTION, PREV_KEYS, PREV_QUERY_ATTENTION}:
+                if PREV_QUERY_ATTENTION in self.needs:
+                    tap.rows = self._query_slots(layout)
                 tap.mode = "record"
+
+    def _query_rows(self, embeddings: torch.Tensor, layout: Layout) -> torch.Tensor:
+        real = layout.valid
+        ctx = QueryContext(embeddings=embeddings, vision=layout.vision & real, text=real & ~layout.vision)
+        query = self.method.query_rows(ctx)
+        if query.shape != real.shape or query.dtype != torch.bool or bool((query & ~ctx.text).any()):
+            raise ValueError(f"method {self.method.name}'s query_rows must return a [batch, seq] bool mask of real "
+                             "non-vision tokens")
+        return query
+
+    def _query_slots(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, R] the slots of the query tokens, [B, R] which are real) in ``layout``, in slot order."""
+        here = self.query.gather(1, layout.idx) & layout.valid & ~layout.vision
+        n = here.shape[1]
+        R = max(int(here.sum(1).max()), 1)
+        slots = torch.where(here, torch.arange(n, device=here.device), n).sort(dim=1).values[:, :R]
+        return slots.clamp(max=n - 1), slots < n
 
     def collect(self, layer: int, hidden: torch.Tensor, kwargs: dict, idx: torch.Tensor) -> dict[str, Any]:
         """The signals for dropping before ``layer``; ``kwargs`` are the layer's inputs for the slots
@@ -276,6 +347,10 @@ class Signals:
             out[PREV_ATTENTION_WEIGHTS] = self.taps[layer - 1].take("weights_row").to(hidden.device)
         if PREV_KEYS in self.needs:
             out[PREV_KEYS] = self.taps[layer - 1].take("keys")
+        if PREV_QUERY_ATTENTION in self.needs:
+            tap = self.taps[layer - 1]
+            valid = tap.rows[1] if tap.rows is not None else None
+            out[PREV_QUERY_ATTENTION] = (tap.take("rows_attention").to(hidden.device), valid)
         if PROBE_ATTENTION in self.needs:
             out[PROBE_ATTENTION] = self._probe(layer, hidden, kwargs)
         if NORMED_HIDDEN in self.needs:
@@ -304,6 +379,7 @@ class Signals:
     def clear(self) -> None:
         self.prev_hidden = None
         self.rows = None
+        self.query = None
         for tap in self.taps.values():
             tap.clear()
 

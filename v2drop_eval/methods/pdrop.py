@@ -19,7 +19,8 @@ and at decode (``pdrop_forward``) ``cur_position_ids - (cur_visual_length[idx] -
 ``image_token_ratio_list`` is the cumulative share of the original count (``[1.0, 0.5, 0.25, 0.125]``
 for the paper's lambda = 0.5): a schedule's per-stage keep ratios stand for their running products, and
 stage s keeps ``int(N0 x r1 x ... x rs)`` of the row's ``N0`` vision tokens. Kept tokens are renumbered
-(the engine closes the gaps the dropped ones leave, per row, at prefill and decode; docs/design.md §2).
+(the engine closes the gaps the dropped ones leave, per row, at prefill and decode; docs/design.md §2);
+``positions=keep`` keeps each kept token's own position instead.
 """
 
 from __future__ import annotations
@@ -30,11 +31,9 @@ from typing import TYPE_CHECKING, Any
 from v2drop_eval.engine.method import (
     EXACT_COUNTS,
     FLOAT32_SCORES,
-    KEEP,
     PROBE_ATTENTION,
     RENUMBER,
     Method,
-    Option,
     ScoreContext,
 )
 
@@ -67,10 +66,6 @@ PRESETS: dict[str, dict[str | int, str]] = {
 }
 
 
-KEPT_POSITIONS = Option("kept_positions", "kept tokens keep their own rotary positions (the authors' code renumbers "
-                                          "them 0..n-1 after each stage, and shifts decode positions alike)")
-
-
 def pdrop_count(initial: int, ratios: tuple[float, ...]) -> int:
     """``int(N0 x image_token_ratio_list[s + 1])``: the running product of the stage ratios (exact, as the
     decimal list a PyramidDrop user writes) times the row's original count, truncated."""
@@ -88,14 +83,11 @@ class PyramidDrop(Method):
     source = "Xing et al., 'PyramidDrop', CVPR 2025"
     needs = frozenset({PROBE_ATTENTION})
     presets = PRESETS
-    options = (FLOAT32_SCORES, EXACT_COUNTS, KEPT_POSITIONS)
-    positions = RENUMBER
+    options = (FLOAT32_SCORES, EXACT_COUNTS)
+    positions = RENUMBER  # positions=keep: each kept token keeps its own (docs/methods.md, "Options")
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         return ctx.signals[PROBE_ATTENTION]
-
-    def positions_with(self, options: frozenset[str] = frozenset()) -> str:
-        return KEEP if KEPT_POSITIONS.name in options else RENUMBER
 
     def keep_count(self, alive: int, ratios: tuple[float, ...], initial: int,
                    options: frozenset[str] = frozenset(), **row: Any) -> int:

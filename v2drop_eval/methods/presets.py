@@ -22,7 +22,8 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
     V2Drop (and random, which shares its presets) scale the preset's layers. Every other method then
     spends the same layer-averaged vision-token count as that scaled V2Drop schedule, counted with its own
     formula: single-stage methods (FastV, DART) keep one stage (layer 2 of 32, scaled) with the matching
-    share; multi-stage ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01).
+    share; multi-stage ones (PyramidDrop) scale their own layers and refit their one ratio (to 0.01), unless
+    the method refits itself (``Method.refit``: SparseVLM solves its first ratio, counting its recycled tokens).
     """
     ref_tokens, ref_layers = PRESET_SHAPES[family]
     if num_layers == ref_layers or get_method(method).pre_llm:  # a pre-LLM stage does not depend on depth
@@ -33,7 +34,11 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
         return v2
     target = v2.average_tokens(ref_tokens, num_layers)
     if spec.multi_stage:
-        layers = _scale_layers(DropSchedule.preset(family, budget, method=method), num_layers, ref_layers).layers
+        own = _scale_layers(DropSchedule.preset(family, budget, method=method), num_layers, ref_layers)
+        refit = spec.refit(own, target, ref_tokens, num_layers)
+        if refit is not None:  # a method with its own counting (SparseVLM's recycled tokens)
+            return refit
+        layers = own.layers
         fits = [DropSchedule(tuple((layer, r / 100) for layer in layers)) for r in range(1, 100)]
         return min(fits, key=lambda s: abs(s.average_tokens(ref_tokens, num_layers, method) - target))
     return single_stage_for(target, ref_tokens, num_layers, layer=max(1, round(2 * num_layers / ref_layers)),
@@ -148,7 +153,8 @@ def preset_text(family: str, budget: int | str, method: str = "") -> str:
     key = _budget_key(budget)
     if key not in table:
         known = ", ".join(str(k) for k in table) or "none"
-        raise ValueError(f"no preset for budget {budget!r} in family {preset_family(family)!r} for method "
+        shared = "" if preset_family(family) == family else f" (its preset table is {preset_family(family)}'s)"
+        raise ValueError(f"no preset for budget {budget!r} in family {family!r}{shared} for method "
                          f"{method}; known budgets: {known}")
     return table[key]
 

@@ -7,21 +7,23 @@ with the same words wherever it is given.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from v2drop_eval.engine.families import FAMILIES, get_family, lmms_siblings
 from v2drop_eval.engine.method import POSITION_RULES, Method
 from v2drop_eval.engine.schedule import DropSchedule
 from v2drop_eval.methods import BASELINE, METHODS, OPTIONS, get_method, parse_options
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 
-__all__ = ["METHODS", "METRICS", "OPTIONS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method", "check_seed",
-           "schedule_problem", "as_int", "local_model_problem", "validate_encoder",
-           "check_positions", "POSITION_RULES"]
+__all__ = ["METHODS", "METRICS", "OPTIONS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method",
+           "check_seed", "schedule_problem", "as_int", "local_model_problem", "checkpoint_family_problem",
+           "validate_encoder", "POSITION_RULES"]
 
-# ``attach``'s default seed: a method that does not use it may still be handed it.
+# The seed a method that takes one uses when none is given.
 DEFAULT_SEED = 0
 
 
@@ -68,31 +70,37 @@ def schedule_problem(spec: Method, schedule: DropSchedule) -> str | None:
     return None
 
 
-def check_drop_method(method: Any, metric: Any = None, seed: Any = None, options: Any = None) -> frozenset[str]:
+def check_drop_method(method: Any, metric: Any = None, seed: Any = None, options: Any = None,
+                      positions: Any = None) -> frozenset[str]:
     """Raise ``ValueError`` unless ``method`` is registered, ``metric`` (None: not given) is known and
-    only given to a method that takes one, ``seed`` (None: not given) is an integer >= 0 given only
-    to a method that takes one, and every option is known and taken by the method. ``attach``'s
-    defaults (metric ``l2``, seed 0) count as not given. Returns the options, parsed."""
+    given only to a method that takes one, ``seed`` (None: not given) is an integer >= 0 given only
+    to a method that takes one, and every option is known and taken by the method. The one rule for
+    metric and seed: an argument a method does not use is refused, whatever its value (``metric=l2``
+    with ``method=random`` too), so that no run silently ignores it. ``positions``
+    (None: the method's own rule) must be a position rule. Returns the options, parsed."""
+    if positions is not None and positions not in POSITION_RULES:
+        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITION_RULES)} "
+                         "(default: the method's authors' rule)")
     spec = get_method(method)
     if metric is not None:
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-        if not spec.takes_metric and metric != DEFAULT_METRIC:
+        if not spec.takes_metric:
             raise ValueError(f"metric={metric} applies to {_takers('takes_metric')} only, not method={method}")
     if seed is not None:
         check_seed(seed)
-        if not spec.takes_seed and as_int(seed) != DEFAULT_SEED:
+        if not spec.takes_seed:
             raise ValueError(f"seed={as_int(seed)} applies to {_takers('takes_seed')} only, not method={method}")
     return parse_options(options, method)
 
 
 def validate(method: Any, schedule: DropSchedule | str | None = None, metric: Any = None, seed: Any = None,
-             num_layers: int | None = None, options: Any = None) -> DropSchedule | None:
+             num_layers: int | None = None, options: Any = None, positions: Any = None) -> DropSchedule | None:
     """The one rule every entry point applies (``attach``, model args, sweep configs, the bench):
     ``method``, ``metric``, ``seed`` and ``options`` as :func:`check_drop_method`; ``schedule`` (None: not
     given) parsed, taken by the method (stage count, adaptive stages) and, with ``num_layers``, within the
     model's depth. Returns the parsed schedule. Raises ``ValueError`` naming the bad value."""
-    check_drop_method(method, metric, seed, options)
+    check_drop_method(method, metric, seed, options, positions)
     if schedule is None:
         return None
     parsed = DropSchedule.parse(schedule)
@@ -126,23 +134,6 @@ def validate_encoder(encoder_schedule: Any, method: Any = None) -> DropSchedule 
     return parsed
 
 
-def check_positions(positions: Any, method: Any, encoder_schedule: Any) -> str | None:
-    """``positions`` checked (None: not given; the engine then applies the method's authors' rule,
-    ``Method.positions``: ``renumber`` for VisionZip, else ``keep``); refused when nothing is removed
-    before the LLM. (A model whose positions are M-RoPE refuses ``renumber`` when it is loaded:
-    ``engine.refusals.check_renumbering``.)"""
-    spec = get_method(method)
-    if positions is None:
-        return None
-    if positions not in POSITION_RULES:
-        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITION_RULES)}")
-    if not spec.pre_llm and encoder_schedule is None:
-        raise ValueError(f"positions={positions} applies to tokens removed before the LLM ({_takers('pre_llm')} or "
-                         f"encoder_schedule=); method={method} drops inside the decoder, where tokens keep their "
-                         "positions")
-    return positions
-
-
 def _looks_local(pretrained: str) -> bool:
     """A folder path rather than a hub id (``org/name``: at most one '/', no leading '.', '/' or '~')."""
     return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1 or os.sep != "/" and os.sep in pretrained
@@ -158,3 +149,19 @@ def local_model_problem(pretrained: str) -> str | None:
     if _looks_local(pretrained):
         return f"pretrained={pretrained}: no such folder {path}"
     return None
+
+
+def checkpoint_family_problem(pretrained: str, family: str) -> str | None:
+    """Why the local checkpoint ``pretrained`` is not of ``family`` (its ``config.json``'s ``model_type``
+    is none of the family's lmms-eval model's), or None (the same, a hub id, or no config to read)."""
+    path = Path(pretrained).expanduser() / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a local folder with a config: the plugin checks it when it loads
+    accepted = tuple(t for f in lmms_siblings(family) for t in f.model_types)
+    if model_type in accepted:
+        return None
+    others = [f.name for f in FAMILIES.values() if model_type in f.model_types]
+    return (f"pretrained={pretrained} is a {model_type!r} checkpoint, not family {get_family(family).name} "
+            f"(model_type {' or '.join(accepted)})" + (f"; use family {others[0]}" if others else ""))

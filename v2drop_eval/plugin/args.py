@@ -12,8 +12,10 @@ fails in seconds and lmms-eval writes no results file.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,22 +31,60 @@ from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, get_method, options_te
 from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
-    DEFAULT_SEED,
     METHODS,
     METRICS,
     as_int,
     check_drop_method,
-    check_positions,
     local_model_problem,
     validate,
     validate_encoder,
 )
 
-__all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "pop_drop_args", "check_checkpoint",
-           "allowed_args"]
+__all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "EXIT_USER_ERROR", "ModelArgsError",
+           "user_errors", "pop_drop_args", "check_batch_size", "check_checkpoint", "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "sidecar", "warmup", "encoder_schedule",
-            "positions")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "positions", "sidecar", "warmup",
+            "encoder_schedule")
+EXIT_USER_ERROR = 2
+
+
+class ModelArgsError(SystemExit):
+    """A user error in a class's model arguments: the lmms-eval process ends with status 2 and the message.
+
+    lmms-eval 0.7.3 runs the whole evaluation inside ``except Exception`` and then exits 0 without results,
+    so a ``ValueError`` from a constructor would look like success to a script or a SLURM array. A
+    ``SystemExit`` is not an ``Exception``: it passes through. Python prints nothing for an integer exit
+    status, so :func:`user_errors` prints the message on stderr first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USER_ERROR)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Around a class's argument handling: a ``ValueError`` (a bad argument, named with what is allowed)
+    becomes :class:`ModelArgsError`, its one line printed on stderr."""
+    try:
+        yield
+    except ValueError as exc:
+        message = " ".join(str(exc).split("\n"))
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise ModelArgsError(message) from None
+
+
+def check_batch_size(model_name: str, value: Any) -> int:
+    """lmms-eval's ``--batch_size`` as our classes take it: an integer >= 1 (they batch themselves, so
+    ``auto`` is not supported); anything else is refused rather than run at batch size 1."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise _fail(model_name, f"batch_size={value} is not allowed; give an integer >= 1 "
+                                "(--batch_size; 'auto' is not supported by the v2drop classes)")
+    return int(text)
+
 
 @dataclass(frozen=True)
 class DropArgs:
@@ -60,17 +100,9 @@ class DropArgs:
     warmup: int
     num_layers: int | None = None  # filled in by check_checkpoint
     options: frozenset[str] = frozenset()  # the method's named departures from its authors' rule
+    positions: str | None = None  # keep | renumber; None: the method's authors' rule
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
     encoder_schedule: DropSchedule | None = None  # V2Drop's stages inside the vision encoder
-    positions: str | None = None  # given positions= (None: the method's default)
-
-    @property
-    def engine_metric(self) -> str:
-        return self.metric or DEFAULT_METRIC
-
-    @property
-    def engine_seed(self) -> int:
-        return DEFAULT_SEED if self.seed is None else int(self.seed)
 
     def describe(self) -> dict[str, Any]:
         """The side-car's description of the run."""
@@ -119,8 +151,10 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     seed = as_int(kwargs.pop("seed", None))  # lmms-eval reads seed=-1 as -1.0
     options = kwargs.pop("options", None)
     options = None if options is None else str(options)  # "a+b": lmms-eval splits model args on commas
+    positions = kwargs.pop("positions", None)
+    positions = None if positions is None else str(positions).strip().lower()
     try:
-        validate(method, metric=metric, seed=seed, options=options)
+        validate(method, metric=metric, seed=seed, options=options, positions=positions)
         options = check_drop_method(method, options=options)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
@@ -140,11 +174,8 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     sidecar = None if sidecar is None else str(sidecar)
 
     encoder_text = kwargs.pop("encoder_schedule", None)
-    positions = kwargs.pop("positions", None)
-    positions = None if positions is None else str(positions).strip().lower()
     try:
         encoder = validate_encoder(None if encoder_text is None else str(encoder_text), method)
-        check_positions(positions, method, encoder)
     except ValueError as exc:
         raise _fail(model_name, str(exc)) from None
 
@@ -214,7 +245,11 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
     problem = local_model_problem(str(pretrained))
     if problem:  # before transformers, which would report a missing folder as a bad repo id
         raise _fail(model_name, problem)
-    config = AutoConfig.from_pretrained(pretrained, **config_kwargs)
+    try:
+        config = AutoConfig.from_pretrained(pretrained, **config_kwargs)
+    except OSError as exc:  # a hub id not cached offline, a folder without config.json, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _fail(model_name, f"pretrained={pretrained}: cannot read its config ({first[:200]})") from None
     model_type = getattr(config, "model_type", None)
     if model_type not in accepted:
         others = [f.lmms_model for f in FAMILIES.values() if model_type in f.model_types]
@@ -266,7 +301,8 @@ def _check_before_llm(args: DropArgs, config: Any, model_type: str, family: str,
     if args.schedule.pre_llm is not None and model_type not in VISIONZIP_TYPES:
         raise _fail(model_name, f"method={args.method} runs on {', '.join(VISIONZIP_TYPES)} checkpoints (a CLIP "
                                 f"[CLS] the authors' code reads); {pretrained} is {model_type!r}")
-    if args.positions == RENUMBER and get_family(family).mrope:
-        raise _fail(model_name, f"positions={RENUMBER} is for 1-D rotary positions; {pretrained}'s M-RoPE positions "
-                                f"are each patch's time / height / width, so its tokens keep their own "
-                                f"(positions={KEEP})")
+    removes_before = args.encoder_schedule is not None or args.schedule.pre_llm is not None
+    if args.positions == RENUMBER and removes_before and get_family(family).mrope:
+        raise _fail(model_name, f"positions={RENUMBER} before the LLM is for 1-D rotary positions; {pretrained}'s "
+                                f"M-RoPE positions are each patch's time / height / width, so the tokens that reach "
+                                f"its decoder keep their own (positions={KEEP})")

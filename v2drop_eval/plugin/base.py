@@ -22,7 +22,14 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
-from v2drop_eval.plugin.args import FAMILIES, DropArgs, check_checkpoint, pop_drop_args
+from v2drop_eval.plugin.args import (
+    FAMILIES,
+    DropArgs,
+    check_batch_size,
+    check_checkpoint,
+    pop_drop_args,
+    user_errors,
+)
 
 __all__ = ["V2DropMixin"]
 
@@ -40,9 +47,18 @@ class V2DropMixin:
     # -- construction -------------------------------------------------------------------------
     def _v2drop_pop_args(self, kwargs: dict[str, Any], pretrained: str, parent: type,
                          extra: Sequence[str] = (), **config_kwargs: Any) -> DropArgs:
-        """Pop and check our model arguments, and the checkpoint's config, before any weights load."""
+        """Pop and check our model arguments, and the checkpoint's config, before any weights load; a bad
+        one ends the process with status 2 and its one-line message (:class:`~v2drop_eval.plugin.args.
+        ModelArgsError`: lmms-eval would catch a ValueError and exit 0)."""
+        with user_errors():
+            return self._v2drop_check_args(kwargs, pretrained, parent, extra, **config_kwargs)
+
+    def _v2drop_check_args(self, kwargs: dict[str, Any], pretrained: str, parent: type,
+                           extra: Sequence[str] = (), **config_kwargs: Any) -> DropArgs:
         from v2drop_eval.plugin.sidecar import prepare_sidecar
 
+        if "batch_size" in kwargs:
+            kwargs["batch_size"] = check_batch_size(FAMILIES[self._v2drop_family].lmms_model, kwargs["batch_size"])
         args = pop_drop_args(kwargs, self._v2drop_family, parent, extra)
         args = check_checkpoint(args, pretrained, **config_kwargs)
         if args.preset_scaled:
@@ -66,8 +82,8 @@ class V2DropMixin:
 
         model = self.model
         self._v2drop_args = args
-        self._v2drop_handle = attach(model, args.schedule, method=args.method, metric=args.engine_metric,
-                                     seed=args.engine_seed, options=args.options, encoder_schedule=args.encoder_schedule,
+        self._v2drop_handle = attach(model, args.schedule, method=args.method, metric=args.metric,
+                                     seed=args.seed, options=args.options, encoder_schedule=args.encoder_schedule,
                                      positions=args.positions)
         handle = self._v2drop_handle
         self._v2drop_timer = GenerateTimer(model, lambda: handle.last_stats)

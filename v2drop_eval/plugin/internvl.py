@@ -44,10 +44,9 @@ class V2DropInternVL(V2DropMixin, InternVLHf):
     def __init__(self, pretrained: str = "OpenGVLab/InternVL3-8B-hf", batch_size: int | str = 1,
                  **kwargs: Any) -> None:
         config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+        kwargs["batch_size"] = batch_size  # checked (an integer >= 1) with the other arguments
         args = self._v2drop_pop_args(kwargs, pretrained, InternVLHf, **config_kwargs)
-        requested = int(batch_size) if str(batch_size).strip().isdigit() else 0
-        if requested < 1:
-            raise ValueError(f"v2drop_internvl: batch_size={batch_size} is not allowed; give an integer >= 1")
+        requested = kwargs.pop("batch_size")
         super().__init__(pretrained=pretrained, batch_size=1, **kwargs)  # the parent asserts batch size 1
         self.batch_size_per_gpu = requested  # our generate_until batches
         self._v2drop_attach(args, pretrained)

@@ -22,7 +22,9 @@ from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as Qwen2_5_VLChat
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as Qwen2_5_VLSimple
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as Qwen2VLSimple
 
+from v2drop_eval.plugin.args import FAMILIES, user_errors
 from v2drop_eval.plugin.base import V2DropMixin
+from v2drop_eval.plugin.video import qwen_video_reading
 
 __all__ = ["V2DropQwen2VL", "V2DropQwen2_5_VL", "V2DropQwen2_5_VLChat"]
 
@@ -31,8 +33,10 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 class _QwenCommon(V2DropMixin):
     def _v2drop_generate_batch(self, requests: list[Any]) -> list[Any]:
-        # The lmms-eval parent's generate_until (the class after V2DropMixin in the MRO).
-        return super(V2DropMixin, self).generate_until(requests)
+        # The lmms-eval parent's generate_until (the class after V2DropMixin in the MRO), with a video
+        # reader that exists and short clips sampled at the frames they have.
+        with qwen_video_reading(FAMILIES[self._v2drop_family].lmms_model):
+            return super(V2DropMixin, self).generate_until(requests)
 
     def _v2drop_after_load(self) -> None:
         self.processor.tokenizer.padding_side = "left"
@@ -49,8 +53,9 @@ class V2DropQwen2VL(_QwenCommon, Qwen2VLSimple):
         args = self._v2drop_pop_args(kwargs, pretrained, Qwen2VLSimple, extra=("attn_implementation",))
         attn = kwargs.pop("attn_implementation", None)
         if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"v2drop_qwen2_vl: attn_implementation={attn!r} is not allowed; "
-                             f"allowed: {'|'.join(ATTN_IMPLEMENTATIONS)}")
+            with user_errors():
+                raise ValueError(f"v2drop_qwen2_vl: attn_implementation={attn!r} is not allowed; "
+                                 f"allowed: {'|'.join(ATTN_IMPLEMENTATIONS)}")
         if attn == "flash_attention_2":
             kwargs["use_flash_attention_2"] = True
         super().__init__(pretrained=pretrained, **kwargs)

@@ -17,7 +17,9 @@ from typing import Any
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as Qwen3VLChat
 from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as Qwen3VLSimple
 
+from v2drop_eval.plugin.args import FAMILIES
 from v2drop_eval.plugin.base import V2DropMixin
+from v2drop_eval.plugin.video import qwen_video_reading
 
 __all__ = ["V2DropQwen3VL", "V2DropQwen3VLChat"]
 
@@ -31,8 +33,10 @@ class _Qwen3Common(V2DropMixin):
         self._v2drop_attach(args, pretrained)
 
     def _v2drop_generate_batch(self, requests: list[Any]) -> list[Any]:
-        # The lmms-eval parent's generate_until (the class after V2DropMixin in the MRO).
-        return super(V2DropMixin, self).generate_until(requests)
+        # The lmms-eval parent's generate_until (the class after V2DropMixin in the MRO), with a video
+        # reader that exists and short clips sampled at the frames they have (plugin/video.py).
+        with qwen_video_reading(FAMILIES[self._v2drop_family].lmms_model):
+            return super(V2DropMixin, self).generate_until(requests)
 
 
 class V2DropQwen3VL(_Qwen3Common, Qwen3VLSimple):

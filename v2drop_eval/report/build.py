@@ -11,7 +11,7 @@ from pathlib import Path
 from v2drop_eval.methods import BASELINE
 from v2drop_eval.report import plots, stats
 from v2drop_eval.report.render import write_table
-from v2drop_eval.report.results import load_sweep, not_included
+from v2drop_eval.report.results import grid_settings, load_sweep, not_included, sweeps_inside
 from v2drop_eval.report.tables import (
     accuracy_table,
     comparison_table,
@@ -20,7 +20,20 @@ from v2drop_eval.report.tables import (
     row_key,
 )
 
-__all__ = ["TablesBuilt", "write_tables", "build_tables"]
+__all__ = ["TablesBuilt", "IncompleteSweep", "write_tables", "build_tables", "check_sweep_folder"]
+
+
+class IncompleteSweep(RuntimeError):
+    """Tables asked of a sweep with points missing (never run, failed, damaged, stale) or without
+    results at all, without ``allow_missing``; the message lists them."""
+
+
+def check_sweep_folder(folder: Path) -> None:
+    """ValueError for a folder that holds sweeps rather than points (``results/`` for ``results/smoke``)."""
+    inside = sweeps_inside(folder)
+    if inside:
+        raise ValueError(f"{folder} is a folder of sweeps ({', '.join(inside)}), not one sweep; give one of them, "
+                         f"e.g. {folder / inside[0]}")
 
 ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: perception + cognition, of 2800); "
                     "[low, high]: 95% bootstrap interval over the items, where lmms-eval logged per-item scores of a "
@@ -47,23 +60,36 @@ class TablesBuilt:
     written: list[Path] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
     no_reference: list[str] = field(default_factory=list)
+    points: int = 0  # points in the tables
 
 
 def write_tables(sweep_dir: str | Path, output: str | Path | None = None,
-                 headline: Mapping[str, str] | None = None) -> TablesBuilt:
+                 headline: Mapping[str, str] | None = None, allow_missing: bool = True) -> TablesBuilt:
     """Write accuracy/efficiency tables (md, csv, tex) and plots (png) under ``sweep_dir/tables``.
 
-    A point that failed, is not run yet, or whose files do not pass the sweep's check is left out and
-    listed under each table with the reason; other bad files are named in a printed warning.
+    A point that failed, is not run yet (the saved config's grid says which), was made with other
+    settings than the sweep's config, or whose files do not pass the sweep's check is left out and listed
+    under each table with the reason; other bad files are named in a printed warning. Without
+    ``allow_missing``, any such point, a model without its reference point, or no point at all raises
+    :class:`IncompleteSweep` before anything is written. A folder of sweeps raises ``ValueError``.
     """
     sweep_dir = Path(sweep_dir)
+    check_sweep_folder(sweep_dir)
     out = Path(output) if output is not None else sweep_dir / "tables"
-    out.mkdir(parents=True, exist_ok=True)
     built = TablesBuilt()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        points = load_sweep(sweep_dir, built.missing)
-        built.missing += not_included(sweep_dir, [p.point_id for p in points] + [m for m, _ in built.missing])
+        grid = grid_settings(sweep_dir)
+        points = load_sweep(sweep_dir, built.missing, grid)
+        built.missing += not_included(sweep_dir, [p.point_id for p in points] + [m for m, _ in built.missing],
+                                      list(grid or ()))
+        models = {row_key(p)["model"] for p in points} | {pid.split("__")[0] for pid, _ in built.missing}
+        with_reference = {row_key(p)["model"] for p in points if p.meta.get("method") == BASELINE}
+        built.no_reference = sorted(models - with_reference)
+        built.points = len(points)
+        if not allow_missing and (built.missing or built.no_reference or not points):
+            raise IncompleteSweep(_incomplete(sweep_dir, points, built))
+        out.mkdir(parents=True, exist_ok=True)
         acc = accuracy_table(points, headline)
         eff = efficiency_table(points)
         written = write_table(acc, out, "accuracy", ACCURACY_CAPTION, built.missing)
@@ -81,10 +107,21 @@ def write_tables(sweep_dir: str | Path, output: str | Path | None = None,
         if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
             print(f"warning: {w.message}")
     built.written = written
-    models = {row_key(p)["model"] for p in points} | {pid.split("__")[0] for pid, _ in built.missing}
-    with_reference = {row_key(p)["model"] for p in points if p.meta.get("method") == BASELINE}
-    built.no_reference = sorted(models - with_reference)
     return built
+
+
+def _incomplete(sweep_dir: Path, points: list, built: TablesBuilt) -> str:
+    if not points and not built.missing:
+        return f"no finished point in {sweep_dir} (nothing to tabulate); pass --allow-missing for empty tables"
+    lines = [f"{sweep_dir}: {len(built.missing)} point(s) not included" + (f" of {len(points) + len(built.missing)}"
+                                                                            if points else "")]
+    lines += [f"  {pid}: {why}" for pid, why in built.missing]
+    if built.no_reference:
+        lines.append(f"  no reference ({BASELINE}) point for model(s) {', '.join(built.no_reference)}: their "
+                     "speed-up and Average would be blank")
+    lines.append("finish the sweep (v2drop-eval sweep CONFIG resumes it), or pass --allow-missing for tables "
+                 "without them")
+    return "\n".join(lines)
 
 
 def build_tables(sweep_dir: str | Path, output: str | Path | None = None,

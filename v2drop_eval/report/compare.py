@@ -1,7 +1,8 @@
 """Compare a sweep's accuracy with a reference sweep's, point by point (``v2drop-eval compare``).
 
 ``make demo`` ends with this against the committed ``results/demo``: each point's headline score in
-both, and whether it is the same (to 1e-9) or different, or missing from one side.
+both, and whether it is the same (to 1e-9, or ``--tolerance``) or different, or missing from one side;
+`v2drop-eval compare` exits 1 unless every score is the same, so the demo's check can fail.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _scores(sweep_dir: Path) -> dict[tuple[str, str], float]:
     return {(r["point"], t): float(r[t]) for _, r in acc.iterrows() for t in tasks if not pd.isna(r[t])}
 
 
-def compare_sweeps(results: str | Path, reference: str | Path) -> pd.DataFrame:
+def compare_sweeps(results: str | Path, reference: str | Path, tolerance: float = SAME_TOLERANCE) -> pd.DataFrame:
     """One row per (point, benchmark) in either sweep: ``point, benchmark, reference, this_run, verdict``
     (``same``, ``different``, ``missing here``, ``not in reference``)."""
     new, ref = _scores(Path(results)), _scores(Path(reference))
@@ -42,7 +43,7 @@ def compare_sweeps(results: str | Path, reference: str | Path) -> pd.DataFrame:
         elif key not in ref:
             verdict = "not in reference"
         else:
-            verdict = "same" if abs(a - b) <= SAME_TOLERANCE else "different"
+            verdict = "same" if abs(a - b) <= tolerance else "different"
         rows.append({"point": key[0], "benchmark": key[1], "reference": a, "this_run": b, "verdict": verdict})
     return pd.DataFrame(rows, columns=["point", "benchmark", "reference", "this_run", "verdict"])
 

@@ -20,14 +20,16 @@ import pandas as pd
 
 from v2drop_eval.methods import BASELINE, REGISTRY
 from v2drop_eval.plugin.sidecar import SIDECAR_GLOB, is_sidecar, read_sidecar
-from v2drop_eval.sweep.layout import ERROR_FILE, FAILED_DIR, POINT_FILE, STATUS_FILE
-from v2drop_eval.sweep.pointcheck import check_point_files, writes_sidecar
+from v2drop_eval.sweep.config import expand
+from v2drop_eval.sweep.layout import CONFIG_FILE, ERROR_FILE, FAILED_DIR, POINT_FILE, STATUS_FILE
+from v2drop_eval.sweep.pointcheck import check_point_files, point_settings, settings_problem, writes_sidecar
+from v2drop_eval.sweep.status import saved_config
 
 __all__ = ["PointResult", "load_sweep", "not_included", "parse_model_args", "adaptive_points", "complexity",
-           "SIDECAR_GLOB"]
+           "SIDECAR_GLOB", "sweeps_inside", "grid_settings"]
 
 _SKIP_DIRS = (FAILED_DIR, "tables")
-_META_KEYS = ("model_name", "family", "method", "budget", "schedule", "metric", "seed", "options", "encoder_schedule")
+_META_KEYS = ("model_name", "family", "method", "budget", "schedule", "metric", "seed", "options", "positions", "encoder_schedule")
 
 
 @dataclass
@@ -132,7 +134,7 @@ def _normalise_meta(meta: dict[str, Any]) -> dict[str, Any]:
             out[key] = int(value)
         elif isinstance(value, float) and value.is_integer():
             out[key] = int(value)
-    for key in ("schedule", "metric", "method", "family", "options", "encoder_schedule"):
+    for key in ("schedule", "metric", "method", "family", "options", "positions", "encoder_schedule"):
         if out[key] is not None and not isinstance(out[key], str):
             out[key] = str(out[key])
         if isinstance(out[key], str) and out[key].strip() in ("", "None", "null"):
@@ -151,7 +153,7 @@ def _meta_from_run(point_id: str, config: dict[str, Any], samples: pd.DataFrame)
     meta: dict[str, Any] = {k: args.get(k) for k in _META_KEYS}
     if not samples.empty:
         first = samples.iloc[0].to_dict()
-        for key in ("family", "method", "budget", "schedule", "metric", "seed", "options", "encoder_schedule"):
+        for key in ("family", "method", "budget", "schedule", "metric", "seed", "options", "positions", "encoder_schedule"):
             if meta.get(key) is None and first.get(key) is not None and not pd.isna(first.get(key)):
                 meta[key] = first[key]
     pretrained = args.get("pretrained") or config.get("model") or point_id
@@ -190,9 +192,28 @@ def _point_dirs(sweep_dir: Path) -> list[Path]:
 
 
 
-def load_sweep(sweep_dir: str | Path, excluded: list[tuple[str, str]] | None = None) -> list[PointResult]:
+def sweeps_inside(folder: str | Path) -> list[str]:
+    """The sweeps directly under ``folder`` (sub-folders with a ``sweep.yaml`` or ``sweep.json``) when
+    ``folder`` is not a sweep itself (has neither); [] for a sweep folder."""
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).is_file() or (folder / STATUS_FILE).is_file():
+        return []
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and ((d / CONFIG_FILE).is_file() or (d / STATUS_FILE).is_file()))
+
+
+def grid_settings(sweep_dir: str | Path) -> dict[str, dict[str, Any]] | None:
+    """Point id -> settings of every grid point of the config the sweep saved (None: no readable config)."""
+    cfg = saved_config(Path(sweep_dir))
+    return None if cfg is None else {p.id: point_settings(cfg, p) for p in expand(cfg)}
+
+
+def load_sweep(sweep_dir: str | Path, excluded: list[tuple[str, str]] | None = None,
+               grid: dict[str, dict[str, Any]] | None = None) -> list[PointResult]:
     """Every point under ``sweep_dir`` whose files pass the check, in folder-name order; the others go
-    into ``excluded`` as ``(point id, reason)``."""
+    into ``excluded`` as ``(point id, reason)``. ``grid`` (:func:`grid_settings`): a grid point made with
+    other settings than the sweep's config is left out too, so no table mixes settings (package versions
+    aside; a point that recorded none, made by an older version, is taken)."""
     sweep_dir = Path(sweep_dir)
     points = []
     for point_dir in _point_dirs(sweep_dir):
@@ -203,6 +224,9 @@ def load_sweep(sweep_dir: str | Path, excluded: list[tuple[str, str]] | None = N
         problem = check_point_files(point_dir, tasks, need_sidecar).problem
         if problem is None and meta is not None and meta.get("status") not in (None, "ok"):
             problem = f"{POINT_FILE} says status {meta.get('status')!r}"
+        if problem is None and meta is not None and grid and point_dir.name in grid:
+            problem = settings_problem(meta.get("settings"), grid[point_dir.name], ignore=("versions",),
+                                       unrecorded_ok=True)
         if problem is not None:
             if excluded is not None:
                 excluded.append((point_dir.name, problem))
@@ -215,17 +239,20 @@ def load_sweep(sweep_dir: str | Path, excluded: list[tuple[str, str]] | None = N
     return points
 
 
-def not_included(sweep_dir: str | Path, loaded: Sequence[str]) -> list[tuple[str, str]]:
+def not_included(sweep_dir: str | Path, loaded: Sequence[str], grid: Sequence[str] = ()) -> list[tuple[str, str]]:
     """``(point id, reason)`` for the points the sweep knows of but that have no loaded result: the
-    last failure recorded under ``_failed/``, or the status in ``sweep.json`` (pending, redo)."""
+    last failure recorded under ``_failed/``, the status in ``sweep.json`` (pending, redo), or a point
+    of the saved config's ``grid`` that never ran."""
     sweep_dir = Path(sweep_dir)
-    out: dict[str, str] = {}
+    out: dict[str, str] = {pid: "not run yet" for pid in grid}
     for error in sorted((sweep_dir / FAILED_DIR).glob(f"*/{ERROR_FILE}")):
         data = _read_json(error) or {}
+        grid = [g for g in grid if g != error.parent.name]
         out[error.parent.name] = f"failed: {data.get('error') or 'see ' + str(error)}"
     status = _read_json(sweep_dir / STATUS_FILE) if (sweep_dir / STATUS_FILE).is_file() else None
+    failed = set(out) - set(grid)
     for pid, entry in ((status or {}).get("points") or {}).items():
-        if pid in out or not isinstance(entry, dict) or entry.get("status") == "done":
+        if pid in failed or not isinstance(entry, dict) or entry.get("status") == "done":
             continue
         state = entry.get("status", "pending")
         out[pid] = "not run yet" if state == "pending" else f"{state}: {entry.get('error') or ''}".rstrip(": ")

@@ -118,7 +118,13 @@ def row_key(p: PointResult) -> dict[str, Any]:
     m = p.meta
     return {"model": m.get("model_name") or p.point_id.split("__")[0], "method": m["method"],
             "setting": _setting(m), "metric": m.get("metric") or "", "seed": "" if m.get("seed") is None else m["seed"],
-            "options": m.get("options") or "", "point": p.point_id}
+            "options": variant_text(m), "point": p.point_id}
+
+
+def variant_text(meta: dict[str, Any]) -> str:
+    """The tables' Options cell: the method's named options and a ``positions=`` rule given to it."""
+    given = f"positions={meta['positions']}" if meta.get("positions") else ""
+    return "+".join(t for t in (meta.get("options") or "", given) if t)
 
 
 def _sort(df: pd.DataFrame) -> pd.DataFrame:

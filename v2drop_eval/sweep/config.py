@@ -23,7 +23,7 @@ from v2drop_eval.methods import METHODS, get_method
 from v2drop_eval.methods.presets import fitted_preset
 from v2drop_eval.methods.rules import (
     METRICS,
-    check_positions,
+    checkpoint_family_problem,
     local_model_problem,
     validate,
     validate_encoder,
@@ -59,8 +59,8 @@ TOP_KEYS = {
     "description": "free text, ignored",
     "output": "sweep output directory; default results/<name>",
     "models": "list of models (keys below)",
-    "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds/options: "
-               "[...]}}",
+    "methods": f"methods, any of {', '.join(METHODS)}; or {{method: NAME, budgets/schedules/metrics/seeds/options/"
+               "positions: [...]}}",
     "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; a method's own named presets such as 'paper')",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
     "encoder_schedules": "V2Drop stages inside the vision encoder, 'block:ratio/...' strings or none (no stage); "
@@ -111,10 +111,12 @@ class SweepConfig:
     slurm: dict[str, Any] = field(default_factory=lambda: parse_slurm(None, []))
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    source: str = "<config>"  # the config file it was read from
 
     def grid(self, method: str) -> dict[str, list[Any]]:
         """``budgets``, ``schedules``, ``encoder_schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else
-        the config's), and its ``options`` sets (its own only; default: the authors' rule alone)."""
+        the config's), and its ``options`` sets and ``positions`` rules (its own only; default: the authors'
+        rule alone)."""
         own = self.overrides.get(method, {})
         return {
             "budgets": own.get("budgets", self.budgets),
@@ -123,6 +125,7 @@ class SweepConfig:
             "metrics": own.get("metrics", self.metrics),
             "seeds": own.get("seeds", self.seeds),
             "options": own.get("options", [None]),
+            "positions": own.get("positions", [None]),
         }
 
     def command(self, point: Point, output_path: str | Path) -> list[str]:
@@ -159,7 +162,7 @@ def load_config(path: str | Path, output: str | Path | None = None) -> SweepConf
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc}") from None
     return parse_config(raw, default_name=path.stem, output=output, source=str(path))
 
@@ -242,13 +245,15 @@ def parse_config(
         batch_size=batch_size,
         num_processes=num_processes, jobs=jobs, include_path=include_path, lmms_eval_args=extra,
         env={str(k): str(v) for k, v in env.items()}, timeout=timeout, prepare=prepare, executor=executor,
-        slurm=slurm, raw=raw,
+        slurm=slurm, raw=raw, source=source,
     )
     for i, model in enumerate(models):
         problem = local_model_problem(model.pretrained)
         if problem and prepare:  # the prepare step may build it; the runner checks again after it
             cfg.notes.append(f"model {model.name}: {problem} yet (prepare {prepare['call']} is to build it)")
         elif problem:
+            errors.append(f"models[{i}] ({model.name}): {problem}")
+        elif problem := checkpoint_family_problem(model.pretrained, model.family):
             errors.append(f"models[{i}] ({model.name}): {problem}")
     for m in methods:
         if m in METHODS and get_method(m).drops and not cfg.grid(m)["budgets"] and not cfg.grid(m)["schedules"]:
@@ -286,7 +291,6 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
                 cfg.notes.append(note)
         elif depth is None:
             cfg.notes.append(f"model {model.name}: depth check skipped (no num_layers)")
-        positions = dict(model.model_args).get("positions")
         for method in cfg.methods:
             grid = cfg.grid(method)
             for enc in grid["encoder_schedules"]:
@@ -296,8 +300,7 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
                                      + (f" at encoder_schedule {enc}" if enc else "") + f": {why}")
                     continue
                 try:
-                    encoder = validate_encoder(enc, method)
-                    check_positions(positions, method, encoder)
+                    validate_encoder(enc, method)
                 except ValueError as exc:
                     errors.append(f"model {model.name}, method {method}: {exc}")
             if not get_method(method).drops or family_skips(model.family, method, None):
@@ -339,11 +342,13 @@ def expand(cfg: SweepConfig) -> list[Point]:
                     continue
                 settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
                 settings += [(None, s) for s in grid["schedules"]]
-                for (budget, schedule), options in ((s, o) for s in settings for o in grid["options"]):
+                variants = [(o, p) for o in grid["options"] for p in grid["positions"]]
+                for (budget, schedule), (options, positions) in ((s, v) for s in settings for v in variants):
                     base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, options=options,
-                                 encoder_schedule=enc)
+                                 positions=positions, encoder_schedule=enc)
                     stem = f"{model.name}__{method}__{base.label}{tail}"
-                    opt = f"__{options}" if options else ""  # the authors' rule keeps its id
+                    # the authors' rule keeps its id
+                    opt = (f"__{options}" if options else "") + (f"__positions-{positions}" if positions else "")
                     if spec.takes_metric:
                         for metric in grid["metrics"]:
                             points.append(_with(base, id=f"{stem}__{metric}{opt}", metric=metric))

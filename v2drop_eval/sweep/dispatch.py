@@ -15,8 +15,10 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,6 +33,7 @@ from v2drop_eval.sweep.jobs import (
     run_point_job,
     sbatch_script,
     slurm_parameters,
+    stop_local_job,
 )
 from v2drop_eval.sweep.layout import (
     ERROR_FILE,
@@ -40,7 +43,8 @@ from v2drop_eval.sweep.layout import (
     TMP_PREFIX,
     JobRecord,
     now,
-    point_state,
+    point_lock,
+    point_state_for,
     read_error,
     read_job,
     remove,
@@ -48,7 +52,7 @@ from v2drop_eval.sweep.layout import (
     write_job,
     write_status,
 )
-from v2drop_eval.sweep.point import PointOutcome, SweepReport, outcome_line, prepare
+from v2drop_eval.sweep.point import PointOutcome, SweepReport, outcome_line, prepare, print_dry_run_header
 from v2drop_eval.sweep.points import Point
 
 __all__ = ["settle_jobs", "record_dead_job", "run_jobs", "dry_run_jobs", "POLL_S"]
@@ -73,16 +77,23 @@ def settle_jobs(out: Path, log: TextIO) -> dict[str, JobRecord]:
         state, detail = job_state(record, refresh=False)
         if state != "ended":
             live[point_id] = record
-        elif tmp.exists():  # its job may have finished the point since we looked
-            error = record_dead_job(out, point_id, record, detail)
+        elif (error := record_dead_job(out, point_id, record, detail)) is not None:
             print(f"{point_id}: {error}; recorded as failed, to be resubmitted", file=log, flush=True)
     return live
 
 
-def record_dead_job(out: Path, point_id: str, record: JobRecord, detail: str) -> str:
+def record_dead_job(out: Path, point_id: str, record: JobRecord, detail: str) -> str | None:
     """Move the point's folder to ``_failed/<point-id>`` with an ``error.json`` naming the job and why
-    it ended; return the error."""
+    it ended; return the error (None: the job finished its point just before)."""
+    with point_lock(out, point_id):
+        return _record_dead_job_locked(out, point_id, record, detail)
+
+
+def _record_dead_job_locked(out: Path, point_id: str, record: JobRecord, detail: str) -> str | None:
     tmp = out / (TMP_PREFIX + point_id)
+    if not tmp.exists():
+        return None
+    record = read_job(tmp) or record  # with the pid and group the job wrote when it started
     error = f"{record.executor} job {record.job_id} ended ({detail}) before its point finished"
     log_tail = tail(tmp / LOG_NAME) or job_log_tail(record)
     write_json_atomic(tmp / ERROR_FILE, {
@@ -95,6 +106,21 @@ def record_dead_job(out: Path, point_id: str, record: JobRecord, detail: str) ->
     return error
 
 
+@contextlib.contextmanager
+def _sigint_ignored_by_children(executor: str) -> Iterator[None]:
+    """Local jobs: submitit's controllers start (at the end of ``ex.batch()``) ignoring SIGINT, which they
+    inherit, so a terminal's Ctrl-C to the sweep's process group prints no traceback of theirs; the sweep
+    ends its jobs itself (SIGTERM to each job's group). This process ignores SIGINT for those milliseconds."""
+    if executor != "local" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _env_fix(executor: str) -> dict[str, str | None]:
     # submitit's local executor sets CUDA_VISIBLE_DEVICES itself ("" without gpus_per_node); a local
     # job sees the GPUs this sweep sees. SLURM sets it from the allocation: keep that.
@@ -103,7 +129,7 @@ def _env_fix(executor: str) -> dict[str, str | None]:
 
 def _outcome_on_disk(out: Path, point: Point, cfg: SweepConfig, record: JobRecord) -> PointOutcome:
     """What a job whose folder has left ``.tmp-`` did: done, failed (its ``error.json``), or cancelled."""
-    if point_state(out / point.id, cfg.tasks)[0] == "done":
+    if point_state_for(cfg, point, out)[0] == "done":
         try:
             seconds = float(json.loads((out / point.id / POINT_FILE).read_text()).get("seconds") or 0)
         except (OSError, ValueError):
@@ -123,7 +149,7 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
     for all; ``slurm``: one job array (``array_parallelism`` at a time), then wait only with ``wait``."""
     total = len(points)
     index = {p.id: i for i, p in enumerate(points, 1)}
-    states = {p.id: point_state(out / p.id, cfg.tasks) for p in points}
+    states = {p.id: point_state_for(cfg, p, out) for p in points}
     queue = [p for p in points if states[p.id][0] != "done" and p.id not in live]
     ours = {p.id for p in points}
     live = {pid: rec for pid, rec in live.items() if pid in ours}
@@ -156,16 +182,19 @@ def run_jobs(cfg: SweepConfig, points: list[Point], out: Path, log: TextIO, jobs
             tmp = out / (TMP_PREFIX + p.id)
             remove(tmp)
             tmp.mkdir()
+        tokens = [uuid.uuid4().hex for _ in batch]  # only the job holding its point's token may finish it
         try:
-            with ex.batch():  # slurm: one job array; local: one process per point
-                submitted = [ex.submit(run_point_job, cfg, p, out, _env_fix(executor)) for p in batch]
+            with _sigint_ignored_by_children(executor), ex.batch():  # slurm: one job array; local: a process each
+                submitted = [ex.submit(run_point_job, cfg, p, out, _env_fix(executor), token)
+                             for p, token in zip(batch, tokens, strict=True)]
         except Exception as exc:  # sbatch refused it (bad partition, account, ...): nothing was submitted
             for p in batch:
                 remove(out / (TMP_PREFIX + p.id))
             raise RuntimeError(f"{executor}: submitting {len(batch)} point(s) failed: "
                                f"{' '.join(str(exc).split())[:500]}") from None
-        for p, job in zip(batch, submitted, strict=True):
-            record = JobRecord(executor=executor, job_id=str(job.job_id), submitted=now(), logs=str(job.paths.folder))
+        for p, job, token in zip(batch, submitted, tokens, strict=True):
+            record = JobRecord(executor=executor, job_id=str(job.job_id), submitted=now(), logs=str(job.paths.folder),
+                               token=token)
             write_job(out / (TMP_PREFIX + p.id), record)
             live[p.id], handles[p.id] = record, job
             print(f"[{index[p.id]}/{total}] submit {p.id} -> {executor} job {job.job_id}", file=log, flush=True)
@@ -212,36 +241,45 @@ def _follow(out: Path, point: Point, cfg: SweepConfig, record: JobRecord) -> Poi
     """The outcome of a point's job once it has one; None while it is queued or running."""
     tmp = out / (TMP_PREFIX + point.id)
     if tmp.exists():
+        fresh = read_job(tmp)  # the job adds its pid and process group once it starts
+        record = fresh if fresh is not None and fresh.token == record.token else record
         state, detail = job_state(record, refresh=False)
         if state != "ended":
             return None
-        if tmp.exists():
-            error = record_dead_job(out, point.id, record, detail)
+        error = record_dead_job(out, point.id, record, detail)
+        if error is not None:
             return PointOutcome(point, "failed", 0.0, error)
     return _outcome_on_disk(out, point, cfg, record)
 
 
 def _interrupted(out: Path, executor: str, live: dict[str, JobRecord], handles: dict[str, Any], log: TextIO) -> None:
-    """Ctrl-C or SIGTERM while waiting: local jobs are this machine's, so they are cancelled and their
-    folders removed; SLURM jobs keep running (``status`` follows them, the next run waits for them)."""
+    """Ctrl-C or SIGTERM while waiting: local jobs are this machine's, so they are ended (their whole
+    process groups, then checked gone) and their folders removed; SLURM jobs keep running (``status``
+    follows them, the next run waits for them). A local job that cannot be ended keeps its folder and
+    record: ``status`` shows it running and the next run waits for it, never runs the point beside it."""
     if executor != "local" or not live:
         if live:
             print(f"interrupted: {len(live)} {executor} job(s) keep running; `v2drop-eval status {out}` "
                   "follows them", file=sys.stderr)
         return
-    for point_id, record in live.items():
+    for point_id in live:  # submitit's own cancel (SIGINT to the controller) first; ignored where SIGINT is
         if point_id in handles:
             with contextlib.suppress(Exception):
                 handles[point_id].cancel(check=False)
-        else:
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(record.job_id), signal.SIGINT)
-    deadline = time.monotonic() + _CANCEL_WAIT_S
-    while time.monotonic() < deadline and any(job_state(r)[0] != "ended" for r in live.values()):
-        time.sleep(0.2)
-    for point_id in live:
-        remove(out / (TMP_PREFIX + point_id))  # cancelled: nothing of it may look done or failed
-    print(f"interrupted: cancelled {len(live)} local job(s); finished points are kept", file=log, flush=True)
+    alive = []
+    for point_id, record in live.items():
+        tmp = out / (TMP_PREFIX + point_id)
+        if not stop_local_job(tmp, record, grace_s=_CANCEL_WAIT_S / 2):
+            alive.append(point_id)
+            continue
+        with point_lock(out, point_id):
+            job = read_job(tmp)
+            if job is None or job.token == record.token:
+                remove(tmp)  # cancelled: nothing of it may look done or failed
+    ended = len(live) - len(alive)
+    print(f"interrupted: cancelled {ended} local job(s), their processes are gone; finished points are kept"
+          + (f"; {len(alive)} could not be ended ({', '.join(alive)}): `v2drop-eval status {out}` shows them "
+             "running, the next run waits for them" if alive else ""), file=log, flush=True)
 
 
 def dry_run_jobs(cfg: SweepConfig, points: Sequence[Point], out: Path, executor: str,
@@ -249,15 +287,11 @@ def dry_run_jobs(cfg: SweepConfig, points: Sequence[Point], out: Path, executor:
     """What a run with ``executor`` would submit: every point's state and command, the executor's
     settings and, for slurm, the sbatch script of the job array."""
     log = log or sys.stdout
-    print(f"sweep {cfg.name}: {len(points)} points -> {out} (executor {executor})", file=log)
-    for note in cfg.notes:
-        print(f"note: {note}", file=log)
-    if cfg.prepare:
-        print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log)
+    print_dry_run_header(cfg, points, out, log, executor)
     todo = []
     for i, p in enumerate(points, 1):
         record = read_job(out / (TMP_PREFIX + p.id))
-        state, why = point_state(out / p.id, cfg.tasks)
+        state, why = point_state_for(cfg, p, out)
         if record is not None and state != "done":
             live, detail = job_state(record)
             what = (f"{live}: {record.executor} job {record.job_id}, not submitted again" if live != "ended"

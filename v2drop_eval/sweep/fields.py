@@ -8,10 +8,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from v2drop_eval.engine.families import FAMILY_NAMES, get_family
+from v2drop_eval.engine.families import FAMILY_NAMES, LMMS_MODELS, get_family
 from v2drop_eval.methods import BASELINE, options_text, parse_options
 from v2drop_eval.methods.presets import DropSchedule
-from v2drop_eval.methods.rules import METHODS, METRICS, check_seed, validate_encoder
+from v2drop_eval.methods.rules import METHODS, METRICS, POSITION_RULES, check_seed, validate_encoder
 from v2drop_eval.sweep.points import ModelSpec
 
 __all__ = ["EXECUTORS", "SLURM_KEYS", "FAMILY_MODELS", "MODEL_KEYS", "METHOD_KEYS", "OWN_MODEL_ARGS", "ID_RE",
@@ -41,7 +41,7 @@ SLURM_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
 }
 # lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
 FAMILY_MODELS = {name: get_family(name).lmms_model for name in FAMILY_NAMES}
-METHOD_KEYS = ("budgets", "schedules", "encoder_schedules", "metrics", "seeds", "options")
+METHOD_KEYS = ("budgets", "schedules", "encoder_schedules", "metrics", "seeds", "options", "positions")
 MODEL_KEYS = {
     "name": "model id used in point ids (letters, digits, '.', '-', single '_')",
     "family": f"model family, one of {', '.join(sorted(FAMILY_MODELS))}",
@@ -50,7 +50,7 @@ MODEL_KEYS = {
     "num_layers": "decoder layer count, for the depth check; default: read offline with AutoConfig",
     "model_args": "extra model args (mapping), e.g. {device_map: cpu, attn_implementation: sdpa}",
 }
-OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "options", "encoder_schedule"}
+OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "options", "positions", "encoder_schedule"}
 ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?!_))*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -134,8 +134,23 @@ def parse_encoder_schedules(value: Any, where: str, errors: list[str]) -> list[s
     return out
 
 
+def parse_position_rules(value: Any, where: str, errors: list[str]) -> list[str | None]:
+    """``positions: [null, keep]``: one point per rule; null is the method's authors' rule (the default)."""
+    rules: list[str | None] = []
+    for item in as_list(value, where, errors):
+        rule = None if item is None else str(item).strip().lower()
+        if rule is not None and rule not in POSITION_RULES:
+            errors.append(f"{where}: positions={item!r} is not allowed; allowed: {', '.join(POSITION_RULES)} "
+                          "(null: the method's authors' rule)")
+        elif rule in rules:
+            errors.append(f"{where}: positions={rule} is listed twice")
+        else:
+            rules.append(rule)
+    return rules or [None]
+
+
 def parse_option_sets(value: Any, method: str, where: str, errors: list[str]) -> list[str | None]:
-    """``options: [[], [kept_positions], float32_scores+exact_counts]``: one point per set; an empty set (or
+    """``options: [[], [float32_scores], float32_scores+exact_counts]``: one point per set; an empty set (or
     null) is the authors' rule."""
     if not isinstance(value, list):
         errors.append(f"{where}: expected a list of option sets, e.g. [[], [float32_scores]]")
@@ -195,6 +210,8 @@ def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, d
                 grid["seeds"] = parse_seeds(item["seeds"], f"{where}.seeds", errors)
             if "options" in item:
                 grid["options"] = parse_option_sets(item["options"], name, f"{where}.options", errors)
+            if "positions" in item:
+                grid["positions"] = parse_position_rules(item["positions"], f"{where}.positions", errors)
             overrides[name] = grid
         else:
             name = str(item)
@@ -235,6 +252,14 @@ def parse_models(value: Any, errors: list[str]) -> list[ModelSpec]:
         if not isinstance(pretrained, str) or not pretrained:
             errors.append(f"{where}: pretrained (a hub id or a local folder) is required")
             continue
+        if "," in pretrained or "=" in pretrained:
+            errors.append(f"{where}: pretrained={pretrained!r}: lmms-eval splits model args on ',' and '=', so a "
+                          "path with either cannot be passed; rename or link the folder")
+        model = m.get("model")
+        served = [n for lm in LMMS_MODELS.values() if lm.id == FAMILY_MODELS[family] for n in (lm.id, *lm.aliases)]
+        if model is not None and model not in served:
+            errors.append(f"{where}: model {model!r} is not an lmms-eval model of family {family}; allowed: "
+                          f"{', '.join(served)} (or leave model out)")
         num_layers = m.get("num_layers")
         if num_layers is not None:
             num_layers = int_at_least(num_layers, f"{where}: num_layers", errors)

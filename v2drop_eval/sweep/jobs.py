@@ -7,7 +7,10 @@ submitit is an optional extra.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterable
@@ -21,6 +24,7 @@ from v2drop_eval.sweep.layout import (
     TMP_PREFIX,
     JobRecord,
     now,
+    point_lock,
     read_job,
     remove,
     tail,
@@ -33,7 +37,7 @@ if TYPE_CHECKING:
     from v2drop_eval.sweep.points import Point
 
 __all__ = ["INSTALL_HINT", "require_submitit", "make_executor", "slurm_parameters", "sbatch_script", "job_state",
-           "refresh_jobs", "job_log_tail", "run_point_job"]
+           "refresh_jobs", "job_log_tail", "local_alive", "stop_local_job", "run_point_job"]
 
 INSTALL_HINT = "pip install -e \".[slurm]\" (or pip install 'submitit>=1.5')"
 # States a SLURM job is alive in (sacct); UNKNOWN (sacct cannot tell yet) counts as alive: never submit twice.
@@ -130,6 +134,65 @@ def _proc_alive(pid: int | None, marker: str) -> bool:
     return marker in cmdline
 
 
+def _group_alive(pgid: int | None) -> bool:
+    """Some process of the group ``pgid`` still runs, zombies aside (never this process's own group)."""
+    if not pgid or pgid == os.getpgrp():
+        return False
+    if sys.platform == "linux":
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:  # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def local_alive(record: JobRecord) -> bool:
+    """A local job still runs: its submitit controller, its job process, or anything of its process group
+    (the lmms-eval run and its ranks; they outlive a controller or job process killed alone)."""
+    return (_proc_alive(int(record.job_id), "submitit") or _proc_alive(record.pid, "submitit")
+            or _group_alive(record.pgid))
+
+
+def _signal_job(record: JobRecord, sig: int) -> None:
+    targets = [(os.killpg, record.pgid)] if record.pgid and record.pgid != os.getpgrp() else []
+    targets += [(os.kill, pid) for pid in (record.pid, int(record.job_id))
+                if pid and _proc_alive(pid, "submitit")]
+    for kill, pid in targets:
+        try:
+            kill(pid, sig)
+        except OSError:
+            pass
+
+
+def stop_local_job(folder: Path, record: JobRecord, grace_s: float = 10.0) -> bool:
+    """End a local job for good: SIGTERM to its process group, job process and controller, SIGKILL after
+    ``grace_s``; True once none of them is left. The record is read again from ``folder`` each round,
+    since a job that has just started writes its pid and group there."""
+    deadline, sig = time.monotonic() + grace_s, signal.SIGTERM
+    while True:
+        fresh = read_job(folder)
+        if fresh is not None and fresh.token == record.token:
+            record = fresh
+        if not local_alive(record):
+            return True
+        if time.monotonic() > deadline:
+            if sig == signal.SIGKILL:
+                return False
+            sig, deadline = signal.SIGKILL, time.monotonic() + 5.0
+        _signal_job(record, sig)
+        time.sleep(0.2)
+
+
 def refresh_jobs(records: Iterable[JobRecord]) -> None:
     """Ask SLURM about all these jobs in one ``sacct`` call (then :func:`job_state` reads the answer)."""
     slurm = [r for r in records if r.executor == "slurm"]
@@ -145,8 +208,7 @@ def job_state(record: JobRecord, refresh: bool = True) -> tuple[str, str]:
     (a SLURM state such as TIMEOUT, OUT_OF_MEMORY, CANCELLED) or why the job counts as ended.
     ``refresh=False``: use the answer of the last :func:`refresh_jobs`."""
     if record.executor == "local":
-        alive = _proc_alive(int(record.job_id), "submitit") or _proc_alive(record.pid, "submitit")
-        return ("running", "RUNNING") if alive else ("ended", "its processes are gone")
+        return ("running", "RUNNING") if local_alive(record) else ("ended", "its processes are gone")
     if refresh:
         refresh_jobs([record])
     watcher = require_submitit(record.executor).SlurmJob.watcher
@@ -169,18 +231,40 @@ def job_log_tail(record: JobRecord, lines: int = 15) -> str:
 
 
 # -- the job ---------------------------------------------------------------------------------------
-def run_point_job(cfg: SweepConfig, point: Point, out: Path, env_fix: dict[str, str | None]) -> dict[str, Any]:
+def _own_session() -> None:
+    """Make this job process the leader of a session of its own, so that the sweep (or ``status``) can
+    end, or see, the job with everything it started as one process group; a terminal's Ctrl-C reaches
+    the sweep only, which cancels its jobs. SIGTERM and SIGINT then end the job quietly (submitit
+    ignores SIGTERM in a job; the point's ``finally`` still ends its lmms-eval process). Local jobs only:
+    SLURM ends a job's whole cgroup itself, and submitit's SIGTERM/USR2 handling there stays as it is."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "local":
+        return  # a SLURM task, or called in-process (tests): leave the session and signals alone
+    with contextlib.suppress(OSError):
+        os.setsid()
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def run_point_job(cfg: SweepConfig, point: Point, out: Path, env_fix: dict[str, str | None],
+                  token: str | None = None) -> dict[str, Any]:
     """What each submitted job runs: the point, exactly as inline (``runner.run_point_in``), into its
     ``.tmp-<point-id>`` folder, which the sweep created and recorded the job in. ``env_fix``: variables
     to set (None: unset) before the config's ``env``; local jobs get the sweep's CUDA_VISIBLE_DEVICES
-    back, which submitit's local executor overwrites."""
+    back, which submitit's local executor overwrites. ``token``: this submission's (in its record); a job
+    whose folder is gone or holds another submission's record was cancelled, and does nothing."""
     import socket
 
+    _own_session()
     tmp = out / (TMP_PREFIX + point.id)
-    tmp.mkdir(parents=True, exist_ok=True)
+    if not tmp.is_dir():
+        return {"status": "cancelled", "error": f"{tmp} is gone: the sweep cancelled this job", "seconds": 0.0}
     deadline = time.monotonic() + _RECORD_WAIT_S
     record = read_job(tmp)
-    while record is None and time.monotonic() < deadline:  # the sweep writes it right after submitting
+    while record is None and time.monotonic() < deadline and tmp.is_dir():  # written right after submitting
         time.sleep(0.2)
         record = read_job(tmp)
     if record is None:
@@ -188,9 +272,13 @@ def run_point_job(cfg: SweepConfig, point: Point, out: Path, env_fix: dict[str, 
 
         env = submitit.JobEnvironment()
         record = JobRecord(executor=str(env.cluster), job_id=str(env.job_id), submitted=now(),
-                           logs=str(out / SUBMITIT_DIR / str(env.job_id)))
-    record.pid, record.host, record.started = os.getpid(), socket.gethostname(), now()
-    write_job(tmp, record)
+                           logs=str(out / SUBMITIT_DIR / str(env.job_id)), token=token)
+    with point_lock(out, point.id):
+        if not tmp.is_dir() or (token is not None and record.token != token):
+            return {"status": "cancelled", "error": "the sweep cancelled or resubmitted this point", "seconds": 0.0}
+        record.pid, record.host, record.started = os.getpid(), socket.gethostname(), now()
+        record.pgid = os.getpgrp() if os.getpgrp() == os.getpid() else None  # a group of its own only
+        write_job(tmp, record)
     for entry in tmp.iterdir():  # what an earlier attempt of a requeued job left
         if entry.name != JOB_FILE and not entry.name.startswith("."):
             remove(entry)
@@ -201,5 +289,6 @@ def run_point_job(cfg: SweepConfig, point: Point, out: Path, env_fix: dict[str, 
         else:
             env[key] = value
     env.update(cfg.env)
-    outcome = run_point_in(cfg, point, out, subprocess_run, env, tmp)
+    runner = functools.partial(subprocess_run, new_session=False)  # its lmms-eval stays in the job's group
+    outcome = run_point_in(cfg, point, out, runner, env, tmp, token=record.token)
     return {"status": outcome.status, "error": outcome.error, "seconds": outcome.seconds}

@@ -3,9 +3,11 @@
 Layout under the sweep directory ``OUT``:
 
 - ``OUT/<point-id>/``: a finished point: lmms-eval's ``<model>/<timestamp>_results.json``, the plugin's
-  side-car JSONL, ``lmms_eval.log`` and ``point.json``. The folder appears only by an atomic rename of
-  ``OUT/.tmp-<point-id>/`` once the run has exited 0 *and* written results for every task, so a point
-  killed half-way is never counted as done; its temp folder is removed on the next run, unless it
+  side-car JSONL, ``lmms_eval.log`` and ``point.json`` (with the settings that made it). The folder
+  appears only by an atomic rename of ``OUT/.tmp-<point-id>/`` once the run has exited 0 *and* written
+  results for every task, so a point killed half-way is never counted as done, and a rerun replaces
+  the whole folder (the old one is first renamed aside to ``OUT/.replaced-<point-id>``), so a folder
+  never holds two runs. A point is done only for the settings it recorded; its temp folder is removed on the next run, unless it
   holds a ``job.json`` whose job is still queued or running (executors ``local``/``slurm``; their
   logs are under ``OUT/.submitit/<job id>/``).
 - ``OUT/_failed/<point-id>/``: the last failed attempt (its log and ``error.json``); retried next run.
@@ -29,14 +31,15 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock, Timeout
 
 from v2drop_eval.engine.atomic import write_json_atomic, write_text_atomic
-from v2drop_eval.sweep.pointcheck import check_point_files, writes_sidecar
+from v2drop_eval.sweep.pointcheck import check_point_files, point_settings, settings_problem, writes_sidecar
 
 if TYPE_CHECKING:
     from v2drop_eval.sweep.config import SweepConfig
     from v2drop_eval.sweep.points import Point
 
 __all__ = ["POINT_FILE", "ERROR_FILE", "STATUS_FILE", "CONFIG_FILE", "LOG_NAME", "FAILED_DIR", "TMP_PREFIX",
-           "JOB_FILE", "SUBMITIT_DIR", "LOCK_FILE", "PID_FILE", "JobRecord", "read_job", "write_job", "point_state",
+           "REPLACED_PREFIX", "replace_dir", "point_state_for", "point_lock",
+           "JOB_FILE", "SUBMITIT_DIR", "cause_line", "LOCK_FILE", "PID_FILE", "JobRecord", "read_job", "write_job", "point_state",
            "is_done", "tail", "remove", "now", "fmt_time", "sweep_lock", "lock_holder", "write_status",
            "read_error"]
 
@@ -47,10 +50,15 @@ CONFIG_FILE = "sweep.yaml"
 LOG_NAME = "lmms_eval.log"
 FAILED_DIR = "_failed"
 TMP_PREFIX = ".tmp-"
+REPLACED_PREFIX = ".replaced-"  # a finished point's folder, renamed aside while its rerun takes its place
 JOB_FILE = "job.json"
 SUBMITIT_DIR = ".submitit"  # submitit's pickles, submission scripts and job logs, per job id
 LOCK_FILE, PID_FILE = ".sweep.lock", ".sweep.pid"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # lmms-eval colours its log lines
+# A line that says why a run failed: a Python exception ("ValueError: ..."), an lmms-eval ERROR record,
+# or its "Tasks not found" / "not found" messages.
+_LOG_PREFIX = re.compile(r"^.*?\|\s*ERROR\s*\|\s*\S+\s+-\s+(?:Error during evaluation:\s*)?")  # loguru's time | level | where -
+_CAUSE = re.compile(r"(?:\b[A-Za-z_][\w.]*(?:Error|Exception)\b:\s*\S|\|\s*ERROR\s*\||not found|[Nn]o such )")
 
 
 # -- small helpers -------------------------------------------------------------------------------------
@@ -72,12 +80,34 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
+def cause_line(log_tail: str) -> str | None:
+    """The last line of a failed run's log that says why (an exception, an ERROR record), or None."""
+    for line in reversed(_ANSI.sub("", log_tail).splitlines()):
+        if _CAUSE.search(line):
+            text = " ".join(_LOG_PREFIX.sub("", line).split())
+            return text if len(text) <= 300 else text[:297] + "..."
+    return None
+
+
 def remove(path: Path) -> None:
     """Remove a file or a folder tree, if there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Make ``src`` the folder ``dst``: the old ``dst`` is renamed aside first and removed after, so at
+    every moment ``dst`` is either the whole old run or the whole new one, never a mix of both."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    aside = dst.with_name(REPLACED_PREFIX + dst.name)
+    remove(aside)
+    os.replace(dst, aside)
+    os.replace(src, dst)
+    remove(aside)
 
 
 def read_error(out: Path, point_id: str) -> dict[str, Any] | None:
@@ -102,6 +132,16 @@ class JobRecord:
     pid: int | None = None  # the job's own process on its node (local: liveness check)
     host: str | None = None
     started: str | None = None
+    pgid: int | None = None  # the job's own process group (session): cancelling ends all of it
+    token: str | None = None  # this submission's: only the job holding it may finish the point
+
+
+def point_lock(out: Path, point_id: str) -> FileLock:
+    """The lock a job holds while it finishes its point (token check, rename) and the sweep holds while
+    it removes or fails the point's ``.tmp-`` folder: a cancelled job never lands after the sweep moved on."""
+    folder = out / SUBMITIT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(folder / f"{point_id}.lock", timeout=60)
 
 
 def read_job(folder: Path) -> JobRecord | None:
@@ -117,9 +157,12 @@ def write_job(folder: Path, record: JobRecord) -> None:
 
 
 # -- a point's state -----------------------------------------------------------------------------------
-def point_state(point_dir: Path, tasks: Sequence[str] | None = None) -> tuple[str, str | None]:
+def point_state(point_dir: Path, tasks: Sequence[str] | None = None,
+                settings: dict[str, Any] | None = None) -> tuple[str, str | None]:
     """``("todo", None)`` (never finished), ``("done", None)``, or ``("redo", why)``: a finished point
-    whose files no longer pass the check (``tasks``: the config's, else those in ``point.json``)."""
+    whose files no longer pass the check (``tasks``: the config's, else those in ``point.json``), or
+    made with other settings than ``settings`` (:func:`~v2drop_eval.sweep.pointcheck.point_settings`;
+    None: not checked)."""
     if not point_dir.exists():
         return "todo", None
     try:
@@ -134,12 +177,19 @@ def point_state(point_dir: Path, tasks: Sequence[str] | None = None) -> tuple[st
         return "redo", f"results file(s) missing: {', '.join(gone) or '(none listed)'}"
     need_sidecar = bool(meta.get("sidecars")) or writes_sidecar(str(meta.get("lmms_model")))
     problem = check_point_files(point_dir, tasks if tasks is not None else meta.get("tasks"), need_sidecar).problem
+    if problem is None and settings is not None:
+        problem = settings_problem(meta.get("settings"), settings)
     return ("redo", problem) if problem else ("done", None)
 
 
-def is_done(point_dir: Path, tasks: Sequence[str] | None = None) -> bool:
+def point_state_for(cfg: SweepConfig, point: Point, out: Path) -> tuple[str, str | None]:
+    """:func:`point_state` of ``point`` of sweep ``cfg`` in ``out``: its files and its settings."""
+    return point_state(out / point.id, cfg.tasks, point_settings(cfg, point))
+
+
+def is_done(point_dir: Path, tasks: Sequence[str] | None = None, settings: dict[str, Any] | None = None) -> bool:
     """A finished point whose files pass the check (see :func:`point_state`)."""
-    return point_state(point_dir, tasks)[0] == "done"
+    return point_state(point_dir, tasks, settings)[0] == "done"
 
 
 # -- one sweep per folder ------------------------------------------------------------------------------
@@ -191,7 +241,7 @@ def _write_status_locked(cfg: SweepConfig, points: Sequence[Point], out: Path, s
     for p in points:
         entry: dict[str, Any] = {"status": "pending"}
         previous = entries.get(p.id) if isinstance(entries.get(p.id), dict) else {}
-        state, why = point_state(out / p.id, cfg.tasks)
+        state, why = point_state_for(cfg, p, out)
         if state == "done":
             entry = {"status": "done"}
             if "seconds" in previous and previous.get("status") == "done":  # a run of an earlier sweep

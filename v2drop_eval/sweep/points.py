@@ -34,6 +34,7 @@ class Point:
     seed: int | None = None
     encoder_schedule: str | None = None
     options: str | None = None  # the method's named options, "a+b" (None: its authors' rule)
+    positions: str | None = None  # keep | renumber (None: the method's authors' rule)
 
     @property
     def label(self) -> str:
@@ -58,6 +59,8 @@ class Point:
             args["encoder_schedule"] = self.encoder_schedule
         if self.options:
             args["options"] = self.options
+        if self.positions:
+            args["positions"] = self.positions
         args.update(dict(self.model.model_args))
         return ",".join(f"{k}={v}" for k, v in args.items())
 
@@ -75,6 +78,7 @@ class Point:
             "seed": self.seed,
             "encoder_schedule": self.encoder_schedule,
             "options": self.options,
+            "positions": self.positions,
             "model_args": self.model_args(),
         }
 

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TextIO
 
-import yaml
 from tqdm import tqdm
 
 from v2drop_eval.sweep import dispatch
@@ -22,21 +21,22 @@ from v2drop_eval.sweep.config import SweepConfig
 from v2drop_eval.sweep.fields import EXECUTORS
 from v2drop_eval.sweep.jobs import require_submitit
 from v2drop_eval.sweep.layout import (
-    CONFIG_FILE,
     TMP_PREFIX,
     JobRecord,
     fmt_time,
-    point_state,
+    point_state_for,
     remove,
     sweep_lock,
     write_status,
 )
+from v2drop_eval.sweep.origin import owner_problem, save_config
 from v2drop_eval.sweep.point import (
     PointOutcome,
     RunFn,
     SweepReport,
     outcome_line,
     prepare,
+    print_dry_run_header,
     run_point_in,
     stop_all,
     subprocess_run,
@@ -49,13 +49,9 @@ __all__ = ["run_sweep", "dry_run"]
 def dry_run(cfg: SweepConfig, points: Sequence[Point], out: Path, log: TextIO | None = None) -> None:
     """Print every point, whether it is done, and the exact command that would run it."""
     log = log or sys.stdout
-    print(f"sweep {cfg.name}: {len(points)} points -> {out}", file=log)
-    for note in cfg.notes:
-        print(f"note: {note}", file=log)
-    if cfg.prepare:
-        print(f"prepare: {cfg.prepare['call']}({cfg.prepare['args']})", file=log)
+    print_dry_run_header(cfg, points, out, log)
     for i, p in enumerate(points, 1):
-        state, why = point_state(out / p.id, cfg.tasks)
+        state, why = point_state_for(cfg, p, out)
         print(f"[{i}/{len(points)}] {p.id} ({'to redo: ' + why if why else state})", file=log)
         print(f"    {cfg.shell_command(p, out / (TMP_PREFIX + p.id))}", file=log)
     log.flush()
@@ -70,12 +66,14 @@ def run_sweep(
     jobs: int | None = None,
     executor: str | None = None,
     wait: bool = False,
+    force: bool = False,
 ) -> SweepReport:
     """Run every point not yet done, in order (``jobs`` at a time, default the config's ``jobs``);
     a failed point is recorded and the sweep goes on. ``executor`` (default the config's): ``inline``
     runs them here; ``local`` and ``slurm`` submit them as jobs (:mod:`v2drop_eval.sweep.dispatch`), and
     wait for them (``local`` always, ``slurm`` with ``wait``). A point whose job is queued or running
-    is never started again."""
+    is never started again. A folder of another sweep is refused (RuntimeError naming both) unless
+    ``force`` (:mod:`v2drop_eval.sweep.origin`)."""
     log = log or sys.stdout
     jobs = cfg.jobs if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -86,10 +84,19 @@ def run_sweep(
     if executor != "inline":
         require_submitit(executor)
     out = Path(out if out is not None else cfg.output)
+    error, _ = owner_problem(cfg, out, force)
+    if error:
+        raise RuntimeError(error)
     out.mkdir(parents=True, exist_ok=True)
     with sweep_lock(out):
+        error, note = owner_problem(cfg, out, force)  # again, now that no other run can write it
+        if error:
+            raise RuntimeError(error)
+        if note:
+            print(f"note: {note}", file=log, flush=True)
         live = dispatch.settle_jobs(out, log)
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.raw, sort_keys=False))
+        save_config(cfg, out)
+        write_status(cfg, points, out, {})  # every point listed before the first runs (a kill -9 keeps the grid)
         if executor == "inline":
             return _run_locked(cfg, list(points), out, runner, log, jobs, live)
         return dispatch.run_jobs(cfg, list(points), out, log, jobs, executor, wait, live)
@@ -139,7 +146,7 @@ class _Progress:
 def _run_locked(cfg: SweepConfig, points: list[Point], out: Path, runner: RunFn, log: TextIO,
                 jobs: int, live: dict[str, JobRecord]) -> SweepReport:
     total = len(points)
-    states = {p.id: point_state(out / p.id, cfg.tasks) for p in points}
+    states = {p.id: point_state_for(cfg, p, out) for p in points}
     todo = {pid for pid, (state, _) in states.items() if state != "done" and pid not in live}
     redo = [pid for pid in todo if states[pid][0] == "redo"]
     waiting = sum(p.id in live for p in points)
