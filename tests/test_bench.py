@@ -12,7 +12,7 @@ import pytest
 from v2drop_eval import DropSchedule
 from v2drop_eval.bench.report import targets, verdict
 from v2drop_eval.bench.run import main, rotated, scaled_schedule
-from v2drop_eval.methods import METHODS
+from v2drop_eval.methods import METHODS, get_method
 
 REQUIRED = {"method", "budget", "attn", "batch_size", "prefill_ms", "decode_ms_per_token", "speedup",
             "flops_speedup", "efficiency", "kv_cache_bytes", "llm_prefill_ms", "generate_ms", "peak_memory_bytes",
@@ -90,7 +90,9 @@ def test_bench_other_methods_spend_the_same_budget(tmp_path):
     assert ("plain", "-") not in by and ("v2drop", "keep1.0") not in by
     v2 = by[("v2drop", "128")]
     for method in METHODS:
-        if method != "none":  # layer-averaged vision tokens within 1.5 of v2drop's (DART's count steps by 8: 4)
+        if get_method(method).pre_llm:  # VisionZip: the authors' counts, 108 + 20 at every layer
+            assert by[(method, "128")]["avg_vision_tokens"] == 128
+        elif method != "none":  # layer-averaged vision tokens within 1.5 of v2drop's (DART's count steps by 8: 4)
             within = 4 if method == "dart" else 1.5
             assert abs(by[(method, "128")]["avg_vision_tokens"] - v2["avg_vision_tokens"]) <= within, method
 
@@ -191,8 +193,14 @@ def test_gpu_suite_dry_run(tmp_path):
         payload = json.loads((tmp_path / f"cpu-{shape}.json").read_text())
         assert payload["machine"]["dry_run"] is True
         rows = payload["rows"]
+        zip_ = {("visionzip", "128")} if shape == "tiny" else set()
         assert {(r["method"], r["budget"]) for r in rows} == {("none", "-"), ("v2drop", "128@fastv")} | {
-            (m, "128") for m in METHODS if m != "none"}
+            (m, "128") for m in METHODS if m not in ("none", "visionzip")} | zip_ | {
+            ("none", "e1:0.5"), ("v2drop", "128+e1:0.5"), ("v2drop", "128@fastv+e1:0.5")}
+        encoded = [r for r in rows if r.get("encoder_schedule")]
+        full = {r["batch_size"]: r["vision_flops"] for r in rows if (r["method"], r["budget"]) == ("none", "-")}
+        assert encoded and all(r["vision_flops"] < full[r["batch_size"]] for r in encoded)
+        assert all(r["vision_ms"] > 0 and 0 < r["vision_share"] < 1 for r in rows)
         assert {r["batch_size"] for r in rows} == {1, 2} and {r["attn"] for r in rows} == {"sdpa"}
         for r in rows:
             for key in ("prefill_ms", "llm_prefill_ms", "decode_ms_per_token", "generate_ms", "dropper_share",

@@ -45,7 +45,9 @@ def _run(model, inputs, schedule, method):
 
 # Every method that drops (from the registry); single-stage ones at one stage (the last layout checked is
 # then layer 2's).
-METHOD_SCHEDULES = {m: "2:0.5/4:0.3" if get_method(m).multi_stage else "2:0.4" for m in METHODS if get_method(m).drops}
+# Methods that drop inside the decoder (VisionZip and encoder stages on the flash path: tests/test_prellm.py).
+METHOD_SCHEDULES = {m: "2:0.5/4:0.3" if get_method(m).multi_stage else "2:0.4" for m in METHODS
+                    if get_method(m).drops and not get_method(m).pre_llm}
 
 
 @functools.cache

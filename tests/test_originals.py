@@ -104,7 +104,9 @@ def _original_counts(method: str, schedule: DropSchedule, n0: int) -> list[int]:
     return counts
 
 
-PRESETS = [(family, method, budget) for method, spec in REGISTRY.items() if spec.drops
+# Decoder stages only: a pre-LLM method's D + C per crop is checked against its own transcription
+# (tests/test_prellm.py, tests/visionzip_reference.py).
+PRESETS = [(family, method, budget) for method, spec in REGISTRY.items() if spec.drops and not spec.pre_llm
            for family, table in spec.presets.items() for budget in table]
 
 

@@ -82,13 +82,30 @@ def test_expand_schedules_and_seeds():
     assert cmd[-3:] == ["--log_samples", "--limit", "8"]  # given in lmms_eval_args too: once
 
 
+def test_encoder_schedules_and_visionzip_points():
+    """encoder_schedules combine with every setting of a method (``__e<slug>`` in the id, ``encoder_schedule=``
+    in the model args); VisionZip takes budgets and refuses an encoder schedule, with its location named."""
+    cfg = parse(base_config(methods=["none", "v2drop", {"method": "visionzip", "encoder_schedules": ["none"]}],
+                            budgets=[128], encoder_schedules=["none", "12:0.5/18:0.5"]))
+    by_id = {p.id: p for p in expand(cfg)}
+    assert list(by_id) == ["m7b__none", "m7b__none__e12-0.5_18-0.5", "m7b__v2drop__b128__l2",
+                           "m7b__v2drop__b128__e12-0.5_18-0.5__l2", "m7b__visionzip__b128"]
+    assert by_id["m7b__none__e12-0.5_18-0.5"].model_args().endswith("method=none,encoder_schedule=12:0.5/18:0.5")
+    assert by_id["m7b__visionzip__b128"].model_args().endswith("method=visionzip,budget=128")
+    assert by_id["m7b__v2drop__b128__e12-0.5_18-0.5__l2"].to_dict()["encoder_schedule"] == "12:0.5/18:0.5"
+    with pytest.raises(ConfigError, match="method visionzip: encoder_schedule=12:0.5 does not combine"):
+        parse(base_config(methods=["visionzip"], budgets=[128], encoder_schedules=["12:0.5"]))
+    with pytest.raises(ConfigError, match="encoder_schedules: encoder_schedule=3:t1:0.1:0.5: encoder stages"):
+        parse(base_config(encoder_schedules=["3:t1:0.1:0.5"]))
+
+
 def test_shipped_configs_are_valid():
-    expected = {"llava15_7b": 19, "qwen2vl_7b": 11, "qwen3vl_8b": 9, "ablation_layers": 7, "ablation_metric": 4}
+    expected = {"llava15_7b": 23, "qwen2vl_7b": 14, "qwen3vl_8b": 9, "ablation_layers": 7, "ablation_metric": 4}
     for name, n in expected.items():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         points = expand(cfg)
         assert len(points) == n, name
-        assert sum(p.method == "none" for p in points) == 1
+        assert sum(p.method == "none" and p.encoder_schedule is None for p in points) == 1
     layers = expand(load_config(CONFIGS / "ablation_layers.yaml"))
     assert {p.schedule for p in layers if p.schedule} == {
         "4:0.5/14:0.3/30:0", "3:0.5/14:0.3/29:0", "3:0.5/15:0.3/27:0", "3:0.5/16:0.3/24:0",
@@ -96,11 +113,17 @@ def test_shipped_configs_are_valid():
     metric = expand(load_config(CONFIGS / "ablation_metric.yaml"))
     assert {p.metric for p in metric if p.metric} == {"l1", "l2", "cosine"}
     qwen = expand(load_config(CONFIGS / "qwen2vl_7b.yaml"))
-    assert [p.id for p in qwen] == ["qwen2vl_7b__none", "qwen2vl_7b__v2drop__b192__l2", "qwen2vl_7b__v2drop__b128__l2",
+    assert [p.id for p in qwen] == ["qwen2vl_7b__none", "qwen2vl_7b__none__e8-0.5_16-0.5",
+                                    "qwen2vl_7b__v2drop__b192__l2", "qwen2vl_7b__v2drop__b128__l2",
+                                    "qwen2vl_7b__v2drop__b192__e8-0.5_16-0.5__l2",
+                                    "qwen2vl_7b__v2drop__b128__e8-0.5_16-0.5__l2",
                                     "qwen2vl_7b__fastv__b192", "qwen2vl_7b__fastv__b128",
                                     "qwen2vl_7b__pdrop__b192", "qwen2vl_7b__pdrop__b128",
                                     "qwen2vl_7b__dart__b192", "qwen2vl_7b__dart__b128",
-                                    "qwen2vl_7b__sparsevlm__b192", "qwen2vl_7b__sparsevlm__b128"]
+                                    "qwen2vl_7b__sparsevlm__b192", "qwen2vl_7b__sparsevlm__b128"]  # visionzip: noted
+    assert any("skips method visionzip" in n for n in load_config(CONFIGS / "qwen2vl_7b.yaml").notes)
+    llava = expand(load_config(CONFIGS / "llava15_7b.yaml"))
+    assert {p.id for p in llava} >= {"llava15_7b__visionzip__b128", "llava15_7b__none__e12-0.5_18-0.5"}
     assert "method=pdrop,budget=128" in qwen[-5].model_args() and "method=dart,budget=192" in qwen[-4].model_args()
     assert "method=sparsevlm,budget=128" in qwen[-1].model_args()
     smoke = load_config(CONFIGS / "smoke.yaml")

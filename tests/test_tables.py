@@ -253,3 +253,32 @@ def test_missing_reference_point_fails_unless_allowed(fake_sweep: Path, capsys):
     assert main(["tables", str(fake_sweep), "--allow-missing"]) == 0
     assert "warning: no reference (none) point" in capsys.readouterr().err
     assert (fake_sweep / "tables" / "accuracy.md").exists()
+
+
+def test_encoder_schedule_setting_and_vision_columns():
+    """A point with stages inside the vision encoder is its own row ('+ encoder ...'); the unpruned row
+    stays the baseline; the efficiency table carries the vision encoder's FLOPs and time."""
+    from v2drop_eval.report.results import PointResult
+    from v2drop_eval.report.tables import accuracy_table, efficiency_table
+
+    def point(pid, method, encoder=None, budget=None, flops_=2e12, ms=30.0, score=0.5):
+        samples = pd.DataFrame([{"batch_size": 2, "prefill_ms": 100.0, "decode_ms": 50.0, "total_ms": 150.0,
+                                 "generated_tokens": 5, "avg_vision_tokens": 576, "vision_tokens": 576,
+                                 "prefill_flops": 8e12, "paper_macs": 3.8e12, "kv_cache_bytes": 1,
+                                 "vision_flops": flops_, "vision_ms": ms}] * 2)
+        meta = {"model_name": "m", "family": "llava", "method": method, "budget": budget, "schedule": None,
+                "metric": None, "seed": None, "encoder_schedule": encoder}
+        return PointResult(pid, Path(pid), meta, {"gqa": {"exact_match,none": score}}, {}, samples, [], {})
+
+    points = [point("m__none", "none"), point("m__none__e1", "none", "12:0.5/18:0.5", flops_=1e12, score=0.45),
+              point("m__v2drop__b128__e1", "v2drop", "12:0.5", budget=128, flops_=1.5e12, score=0.4)]
+    acc = accuracy_table(points)
+    assert set(acc["setting"]) == {"full", "encoder 12:0.5/18:0.5", "128 + encoder 12:0.5"}
+    assert acc.set_index("point").loc["m__none", "Average"] == pytest.approx(100.0)
+    assert acc.set_index("point").loc["m__none__e1", "Average"] == pytest.approx(90.0)
+    from v2drop_eval.report.render import to_markdown
+
+    assert "| m | V2Drop (encoder only) | encoder 12:0.5/18:0.5 |" in to_markdown(acc)
+    eff = efficiency_table(points).set_index("point")
+    assert eff.loc["m__none__e1", "vision_tflops"] == pytest.approx(1.0)
+    assert eff.loc["m__none", "vision_ms"] == pytest.approx(15.0)  # a batch of 2 shares its 30 ms

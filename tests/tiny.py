@@ -34,12 +34,13 @@ PAD = 0
 QWEN3_DEEPSTACK = [0, 1, 2]
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 32, layers: int = LAYERS) -> LlavaForConditionalGeneration:
+def tiny_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 2, feature_layer: int = -1,
+               image_size: int = 32, layers: int = LAYERS) -> LlavaForConditionalGeneration:
     """``image_size`` px square images, patch 8: (image_size / 8)^2 vision tokens each (16 by default)."""
     torch.manual_seed(seed)
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
             image_size=image_size, patch_size=8, projection_dim=32,
         ),
         text_config=LlamaConfig(
@@ -47,7 +48,7 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 32, layers: 
             num_key_value_heads=2, vocab_size=128, pad_token_id=PAD, max_position_embeddings=1024,
         ),
         image_token_id=LLAVA_IMAGE_ID,
-        vision_feature_layer=-1,
+        vision_feature_layer=feature_layer,
     )
     model = LlavaForConditionalGeneration(cfg).float().eval()
     model.set_attn_implementation(attn)
@@ -55,7 +56,7 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 32, layers: 
     return model
 
 
-def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGeneration:
+def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0, vision_layers: int = 2) -> Qwen2VLForConditionalGeneration:
     torch.manual_seed(seed)
     cfg = Qwen2VLConfig(
         text_config=dict(
@@ -64,7 +65,7 @@ def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGen
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+            depth=vision_layers, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
             temporal_patch_size=2, in_channels=3,
         ),
         image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
@@ -76,7 +77,9 @@ def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGen
     return model
 
 
-def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0, vision_layers: int = 2,
+                    full_attention: tuple[int, ...] = (1,)) -> Qwen2_5_VLForConditionalGeneration:
+    """Window attention in every vision block but ``full_attention`` (windows of 2x2 merge groups)."""
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
@@ -85,8 +88,9 @@ def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForCondition
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
-            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16, fullatt_block_indexes=[1],
+            depth=vision_layers, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+            fullatt_block_indexes=list(full_attention),
         ),
         image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
         vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, pad_token_id=PAD,
@@ -331,12 +335,13 @@ def _finish(model, attn: str):
     return model
 
 
-def tiny_llava_next(attn: str = "sdpa", seed: int = 0):
+def tiny_llava_next(attn: str = "sdpa", seed: int = 0, vision_layers: int = 2):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                                       num_attention_heads=2,
                                        image_size=ANYRES_TILE, patch_size=8, projection_dim=32).to_dict(),
         text_config=_anyres_text(), image_token_index=ANYRES_IMAGE_ID, image_grid_pinpoints=ANYRES_PINPOINTS,
         vision_feature_layer=-1, vision_feature_select_strategy="default",

@@ -22,7 +22,8 @@ from typing import Any
 
 from v2drop_eval.bench.report import RANDOM, V2DROP, check_writable, write_outputs
 from v2drop_eval.bench.run import TimeGuard, machine_info, pin_threads, run_bench
-from v2drop_eval.methods import BASELINE, METHODS
+from v2drop_eval.bench.shapes import SHAPES, runs_on
+from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, METHODS
 
 __all__ = ["SUITE", "DRY_RUN", "GPU", "PAPER_TABLE5", "flash_available", "run_suite", "main"]
 
@@ -32,6 +33,8 @@ SUITE = {"llava-1.5-7b": "tiny", "qwen2-vl-7b": "tiny-qwen"}
 DRY_RUN = dict(device="cpu", dtype="float32", new_tokens=2, repeats=1, warmup=0, batch_sizes=(1, 2))
 GPU = dict(device="cuda", dtype="bfloat16", new_tokens=32, repeats=8, warmup=1, batch_sizes=(1, 8))
 BUDGET = "128"
+# V2Drop inside the vision encoder (each shape's own stages; the dry run's stand-ins at theirs), for these.
+ENCODER_METHODS = (BASELINE, DEFAULT_METHOD)
 
 # The V2Drop paper's Table 5 (LLaVA-1.5-7B, MMBench, 128 tokens, one A100; docs/bench.md): LLM
 # generation latency over the benchmark (the paper states -30.5%; its rounded seconds give -31.5%),
@@ -120,9 +123,12 @@ def run_suite(out_dir: Path, dry_run: bool = False, time_budget_s: float = 330.0
     for shape, stand_in in SUITE.items():
         t0 = time.monotonic()
         info = machine_info(setting["device"])
-        rows = run_bench(stand_in if dry_run else shape, setting["device"], attns=attns, batch_sizes=setting["batch_sizes"],
-                         methods=METHODS, budgets=[BUDGET], repeats=setting["repeats"], warmup=setting["warmup"],
-                         new_tokens=setting["new_tokens"], dtype=setting["dtype"], extras=False, guard=guard, log=log)
+        run = stand_in if dry_run else shape
+        rows = run_bench(run, setting["device"], attns=attns, batch_sizes=setting["batch_sizes"],
+                         methods=[m for m in METHODS if runs_on(m, SHAPES[run])], budgets=[BUDGET],
+                         repeats=setting["repeats"], warmup=setting["warmup"], new_tokens=setting["new_tokens"],
+                         dtype=setting["dtype"], extras=False, guard=guard, log=log,
+                         encoder_schedules=[SHAPES[run].encoder_schedule], encoder_methods=ENCODER_METHODS)
         info.update(dry_run=dry_run, stands_in_for=shape if dry_run else None, dtype=setting["dtype"],
                     threads_pinned=threads, wall_s=round(time.monotonic() - t0, 1),
                     stopped_early=list(guard.stopped_early), attn_tried=attns,

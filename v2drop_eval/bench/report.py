@@ -24,6 +24,7 @@ import numpy as np
 from v2drop_eval.engine import flops
 from v2drop_eval.engine.atomic import write_text_atomic
 from v2drop_eval.engine.clock import PREFILL_CATEGORIES
+from v2drop_eval.engine.schedule import kept_count
 from v2drop_eval.methods import BASELINE, options_text
 from v2drop_eval.methods.fastv import METHOD as _FASTV
 from v2drop_eval.methods.fastv_attn import METHOD as _FASTV_ATTN
@@ -63,18 +64,29 @@ def _dropper_ms(run: dict) -> float | None:
     return None if d is None else sum(d.get(c, 0.0) for c in PREFILL_CATEGORIES)
 
 
-def summarize(shape: str, device: str, attn: str, batch_size: int,
-              group: list[tuple[str, str, Any, list[dict], frozenset[str]]], text_cfg: Any, layers: int,
-              vision_tokens: int, text_tokens: int) -> list[dict]:
-    """The rows of one group: ``group`` holds (method, budget, schedule, per-repeat results, options) per
-    configuration."""
+def _after_encoder(tokens: int, encoder: Any) -> int:
+    """Vision tokens an image keeps through encoder stages (``engine/encoder.py``: floor, at least one)."""
+    for _, ratio in (encoder.stages if encoder is not None else ()):
+        tokens = max(min(1, tokens), kept_count(tokens, ratio))
+    return tokens
+
+
+def summarize(shape: str, device: str, attn: str, batch_size: int, group: list[tuple], text_cfg: Any, layers: int,
+              vision_tokens: int, text_tokens: int, scale: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
+    """The rows of one group: ``group`` holds (method, budget, schedule, per-repeat results, options[, encoder
+    stages of the whole model, encoder stages run]) per configuration. ``scale``: (decoder, encoder) layers of
+    the whole model over those of a slice; with either above 1 each row also has ``ttft_full_ms``, the time to
+    first token extrapolated to the whole model, and the vision encoder's share of it (``vision_share``)."""
     rows, runs_of = [], {}
-    for method, budget, schedule, runs, options in group:
+    for method, budget, schedule, runs, options, *encoder in group:
         if not runs:
             continue
+        encoder_label, encoder_run = encoder if encoder else ("", None)
         drops = method not in (PLAIN, BASELINE)
-        # The method's own counting (its authors' formula; SparseVLM's recycled tokens count as vision tokens).
-        vision = schedule.tokens_per_layer(vision_tokens, layers, method, options) if drops else [vision_tokens] * layers
+        # The method's own counting (its authors' formula; SparseVLM's recycled tokens count as vision tokens),
+        # of the tokens that reach the decoder.
+        reaching = _after_encoder(vision_tokens, encoder_run)
+        vision = schedule.tokens_per_layer(reaching, layers, method, options) if drops else [reaching] * layers
         if runs[0].get("vision_per_layer") is not None:  # the engine's own count must agree with the arithmetic
             assert runs[0]["vision_per_layer"] == vision, (method, budget, runs[0]["vision_per_layer"], vision)
         row: dict[str, Any] = {
@@ -94,6 +106,24 @@ def summarize(shape: str, device: str, attn: str, batch_size: int,
             row["dropper_ms"] = round(statistics.median(_dropper_ms(r) for r in runs), 4)
             row["dropper_share"], row["dropper_share_ci"] = _median_ci(
                 [_dropper_ms(r) / r["llm_prefill_ms"] for r in runs], 6)
+        if encoder_label:
+            row["encoder_schedule"] = encoder_label
+        if runs[0].get("vision_ms") is not None:
+            row["vision_ms"] = round(statistics.median(r["vision_ms"] for r in runs), 3)
+            row["vision_flops"] = runs[0]["vision_flops"]
+            llm_scale, vision_scale = scale
+            if llm_scale != 1.0 or vision_scale != 1.0:
+                # the blocks of a kind have one shape: their time scales with their count (the rest stays)
+                full = [r["prefill_ms"] + (vision_scale - 1) * r["vision_ms"] + (llm_scale - 1) * r["llm_prefill_ms"]
+                        for r in runs]
+                for r, f in zip(runs, full, strict=True):
+                    r["ttft_full_ms"] = f
+                row["ttft_full_ms"] = round(statistics.median(full), 1)
+                row["vision_share"], row["vision_share_ci"] = _median_ci(
+                    [vision_scale * r["vision_ms"] / f for r, f in zip(runs, full, strict=True)], 4)
+            else:
+                row["vision_share"], row["vision_share_ci"] = _median_ci(
+                    [r["vision_ms"] / r["prefill_ms"] for r in runs], 4)
         row["samples"] = {k: [round(r[k], 4) for r in runs] for k in TIMES}
         row["samples"]["dropper_ms"] = [None if _dropper_ms(r) is None else round(_dropper_ms(r), 4) for r in runs]
         rows.append(row)
@@ -110,6 +140,8 @@ def _compare(rows: list[dict], runs_of: dict) -> None:
     for row in rows:
         runs = runs_of[(row["method"], row["budget"])]
         key = (row["method"], row["budget"])
+        if none is not None and runs[0].get("ttft_full_ms") is not None:
+            row["ttft_full_speedup"], row["ttft_full_speedup_ci"] = _median_ci(_paired(none, runs, "ttft_full_ms"), 3)
         if none is not None and base_flops:
             row["speedup"], row["speedup_ci"] = _median_ci(_paired(none, runs, "prefill_ms"), 3)
             row["llm_speedup"], row["llm_speedup_ci"] = _median_ci(_paired(none, runs, "llm_prefill_ms"), 3)
@@ -207,13 +239,17 @@ def _fmt(value: float | None, ci: Sequence[float] | None, percent: bool, signed:
 
 
 COLUMNS = ["attn", "batch_size", "method", "budget", "schedule", "avg_vision_tokens", "repeats", "prefill_ms",
-           "llm_prefill_ms", "decode_ms_per_token", "generate_ms", "dropper_ms", "dropper_share", "llm_speedup",
-           "flops_speedup", "efficiency", "generate_change", "over_v2drop", "kv_cache_bytes", "peak_memory_bytes"]
+           "llm_prefill_ms", "vision_ms", "decode_ms_per_token", "generate_ms", "dropper_ms", "dropper_share",
+           "speedup", "llm_speedup", "flops_speedup", "efficiency", "generate_change", "over_v2drop", "vision_tflops",
+           "vision_share", "ttft_full_ms", "ttft_full_speedup", "kv_cache_bytes", "peak_memory_bytes"]
 _WITH_CI = {"dropper_share": (True, False), "llm_speedup": (False, False), "efficiency": (False, False),
-            "generate_change": (True, True), "over_v2drop": (True, True)}
+            "generate_change": (True, True), "over_v2drop": (True, True), "speedup": (False, False),
+            "vision_share": (True, False), "ttft_full_speedup": (False, False)}
 
 
 def _cell(row: dict, col: str) -> str:
+    if col == "vision_tflops":
+        return "-" if row.get("vision_flops") is None else f"{row['vision_flops'] / 1e12:.4g}"
     v = row.get(col)
     if col in _WITH_CI:
         return _fmt(v, row.get(col + "_ci"), *_WITH_CI[col])
@@ -227,13 +263,19 @@ def to_markdown(rows: list[dict], info: dict, shape: str, device: str, extra: st
              "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
              "Paired, interleaved repeats (every configuration once per repeat, the order rotated each repeat). "
              "Times: medians over the repeats. Figures with [low, high]: the median of per-repeat ratios with its "
-             "95% bootstrap interval. `prefill_ms`: time to first token; `llm_prefill_ms`: the LLM decoder's "
+             "95% bootstrap interval. `prefill_ms`: time to first token (`generate` entry to the end of its first "
+             "forward, the vision encoder included); `llm_prefill_ms`: the LLM decoder's "
              "prefill alone; `dropper_ms`: the dropper's own work at the prefill, timed inside its hooks "
              "(scoring with its signal taps, top-k, gathers, masks, rotary and cache bookkeeping); "
              "`dropper_share` = dropper_ms / llm_prefill_ms per repeat; `llm_speedup`: `none` over the row, "
              "paired; `flops_speedup`: analytic (" + flops.CONVENTION + "); `efficiency` = llm_speedup / "
              "flops_speedup; `generate_change`: generation latency against `none`; `over_v2drop`: the row's LLM "
-             "prefill over V2Drop's at FastV's schedule (budget `B@fastv`).", "",
+             "prefill over V2Drop's at FastV's schedule (budget `B@fastv`). `vision_ms`: the vision encoder's "
+             "forward; `vision_tflops`: its FLOPs (" + flops.VISION_CONVENTION + "); budget `B+eS`: with "
+             "V2Drop's stages S inside the vision encoder; `speedup`: `none`'s time to first token over the "
+             "row's, paired; on a slice shape `ttft_full_ms` extrapolates the time to first token to the whole "
+             "model (block time x block count) and `vision_share` is the encoder's share of it (else of "
+             "`prefill_ms`).", "",
              "| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
     lines += ["| " + " | ".join(_cell(r, c) for c in COLUMNS) + " |" for r in rows]
     lines += ["", "## Targets at budget 128 (verdict from the 95% interval: met / missed / undecided)", ""]

@@ -13,7 +13,11 @@ width on a CPU; ``small`` for quick checks). Everything runs in one process with
 Timing: forward pre/post hooks on the top model time each forward call of ``generate``; the first
 is the prefill (time to first token), the rest are decode steps. Hooks on the LLM decoder time the
 decoder alone (``llm_prefill_ms``), which is what the analytic FLOPs describe. On CUDA these outer
-stamps follow ``torch.cuda.synchronize()`` (the dropper's own hooks never synchronize).
+stamps follow ``torch.cuda.synchronize()`` (the dropper's own hooks never synchronize). The vision
+encoder's forward (``vision_ms``) is timed by the dropper's encoder hooks; ``--encoder-schedules``
+adds each configuration again with V2Drop's stages inside the encoder.
+On slice shapes (``v2drop_eval.bench.shapes``) the rows also give the time to first token extrapolated to
+the whole model and the vision encoder's share of it (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -31,24 +35,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from v2drop_eval.bench.configs import BenchConfig, bench_configs, bench_options
 from v2drop_eval.bench.options import ATTNS, DTYPES, check_args, check_device
-from v2drop_eval.bench.report import KEEP_ALL, PLAIN, check_writable, summarize, write_outputs
-from v2drop_eval.bench.shapes import SHAPES, VISION_TOKENS, Shape, build_model, make_inputs
-from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, METHODS, get_method, parse_options
+from v2drop_eval.bench.report import PLAIN, check_writable, summarize, write_outputs
+from v2drop_eval.bench.shapes import (
+    SHAPES,
+    build_model,
+    encoder_pair,
+    encoder_schedules_of,
+    make_inputs,
+    runs_on,
+    vision_depth,
+)
+from v2drop_eval.methods import METHODS
 from v2drop_eval.methods.api import attach
-from v2drop_eval.methods.fastv import METHOD as FASTV
-from v2drop_eval.methods.fastv_attn import METHOD as FASTV_ATTN
-from v2drop_eval.methods.presets import DropSchedule, preset_table, scaled_schedule
-from v2drop_eval.methods.rules import validate
+from v2drop_eval.methods.presets import preset_table, scaled_schedule
+from v2drop_eval.methods.rules import validate, validate_encoder
 
 __all__ = ["DTYPES", "ATTNS", "check_args", "SHAPES", "SHAPE_DEFAULTS", "PLAIN", "scaled_schedule", "run_bench", "pin_threads", "machine_info", "main"]
-
-
 
 # Per-shape defaults of the command line (any flag given wins). ``extras``: also time ``plain`` (no
 # hooks) and V2Drop with hooks on and nothing dropped (``keep1.0``), cross-checks of the hooks' cost.
 COMMON_DEFAULTS: dict[str, Any] = dict(attn="sdpa,eager", batch_sizes="1,8", methods=",".join(METHODS), budgets=None,
-                                       repeats=5, warmup=1, new_tokens=32, extras=True, threads=None, time_budget=None)
+                                       repeats=5, warmup=1, new_tokens=32, extras=True, threads=None, time_budget=None,
+                                       encoder_schedules=None)
 SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # About 10 minutes on 2 quiet cores (one 636-token LLM prefill at width 4096 takes ~2.5 s a layer);
     # the time guard ends it after 25 minutes on a busy machine. One thread: on a shared machine an
@@ -56,56 +66,12 @@ SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # many-fold and would bias the dropper share (docs/bench.md). The targets' configurations only.
     "7b-slice": dict(attn="sdpa", batch_sizes="1", methods="none,v2drop,random,fastv_attn", budgets="128",
                      repeats=10, warmup=1, new_tokens=2, extras=False, threads=1, time_budget=1500),
+    # The vision share, with and without V2Drop inside the encoder (a few repeats: each takes minutes).
+    "7b-slice-vision": dict(attn="sdpa", batch_sizes="1", methods="none,v2drop", budgets="128", repeats=3, warmup=1,
+                            new_tokens=2, extras=False, threads=1, time_budget=1500, encoder_schedules="default"),
+    "qwen2-vl-hires-slice": dict(attn="sdpa", batch_sizes="1", methods="none", budgets="128", repeats=3, warmup=1,
+                                 new_tokens=2, extras=False, threads=1, time_budget=1500, encoder_schedules="default"),
 }
-
-
-@dataclass
-class _Config:
-    method: str
-    budget: str
-    schedule: DropSchedule
-    options: frozenset[str] = frozenset()  # the method's named options (those of --options it takes)
-    label: str = field(init=False)  # one name per configuration: "plain", "none", "v2drop@128", ...
-
-    def __post_init__(self) -> None:
-        self.label = self.method if self.budget == "-" else f"{self.method}@{self.budget}"
-
-
-def bench_options(methods: Sequence[str], options: str | None) -> dict[str, frozenset[str]]:
-    """``--options a+b``: per benched method, the options it takes; ValueError for an unknown option or one
-    that none of ``methods`` takes."""
-    chosen = parse_options(options)
-    takes = {m: frozenset(o.name for o in get_method(m).options) for m in methods}
-    for name in sorted(chosen):
-        if not any(name in t for t in takes.values()):
-            takers = ", ".join(m for m in METHODS if name in (o.name for o in get_method(m).options))
-            raise ValueError(f"option {name} applies to {takers} only; none of the benched methods "
-                             f"({', '.join(methods)}) takes it")
-    return {m: chosen & t for m, t in takes.items()}
-
-
-def _configs(shape: Shape, methods: Sequence[str], budgets: Sequence[str], extras: bool,
-             options: dict[str, frozenset[str]] | None = None) -> list[_Config]:
-    opts = options or {}
-    out = [_Config(PLAIN, "-", DropSchedule(()))] if extras else []
-    if BASELINE in methods:
-        out.append(_Config(BASELINE, "-", DropSchedule(())))
-    for budget in budgets:
-        for method in methods:
-            if method != BASELINE:
-                out.append(_Config(method, str(budget), scaled_schedule(shape.family, budget, method, shape.layers),
-                                   opts.get(method, frozenset())))
-    if DEFAULT_METHOD in methods and ({FASTV.name, FASTV_ATTN.name} & set(methods)):
-        # V2Drop at FastV's own one-stage schedule: the scorers compared at the same token counts.
-        for budget in budgets:
-            sched = scaled_schedule(shape.family, budget, FASTV.name, shape.layers)
-            out.append(_Config(DEFAULT_METHOD, f"{budget}@{FASTV.name}", sched, opts.get(DEFAULT_METHOD, frozenset())))
-    v2 = [c for c in out if c.method == DEFAULT_METHOD]
-    if extras and v2:
-        # hooks on every layer, nothing dropped: the cost of the machinery alone
-        keep_all = DropSchedule(tuple((layer, 1.0) for layer, _ in v2[0].schedule.stages))
-        out.append(_Config(DEFAULT_METHOD, KEEP_ALL, keep_all))
-    return out
 
 
 class _Timer:
@@ -114,6 +80,7 @@ class _Timer:
     def __init__(self, module: nn.Module, cuda: bool) -> None:
         self.cuda = cuda
         self.times: list[float] = []
+        self.ends: list[float] = []  # when each forward returned
         self._t0 = 0.0
         self._hooks = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
 
@@ -126,16 +93,19 @@ class _Timer:
         self._t0 = self.now()
 
     def _stop(self, *_: Any) -> None:
-        self.times.append(self.now() - self._t0)
+        end = self.now()
+        self.times.append(end - self._t0)
+        self.ends.append(end)
 
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
 
 
-def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda: bool) -> dict:
+def _measure(model: nn.Module, inputs: dict, cfg: BenchConfig, new_tokens: int, cuda: bool) -> dict:
     """One ``generate`` of ``new_tokens`` under ``cfg``: the figures of one repeat."""
-    handle = None if cfg.method == PLAIN else attach(model, cfg.schedule, method=cfg.method, options=cfg.options)
+    handle = None if cfg.method == PLAIN else attach(model, cfg.schedule, method=cfg.method, options=cfg.options,
+                                                     encoder_schedule=cfg.encoder_schedule)
     top = _Timer(model, cuda)
     llm = _Timer(model.model.language_model, cuda)
     try:
@@ -159,7 +129,10 @@ def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda
             handle.detach()
     decode = top.times[1:]
     return {
-        "prefill_ms": top.times[0] * 1e3,
+        # generate entry -> first forward returned: from transformers 5.24 on generate runs the vision
+        # encoder before that forward, so the forward alone no longer holds it (docs/design.md §3)
+        "prefill_ms": (top.ends[0] - t0) * 1e3,
+        "prefill_forward_ms": top.times[0] * 1e3,
         "llm_prefill_ms": llm.times[0] * 1e3,
         "decode_ms_per_token": (sum(decode) / len(decode) * 1e3) if decode else 0.0,
         "generate_ms": total * 1e3,
@@ -167,6 +140,8 @@ def _measure(model: nn.Module, inputs: dict, cfg: _Config, new_tokens: int, cuda
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "dropper": dropper,
         "vision_per_layer": stats[0]["vision_per_layer"] if stats else None,
+        "vision_ms": stats[0].get("vision_ms") if stats else None,
+        "vision_flops": sum(s.get("vision_flops") or 0 for s in stats) if stats else None,
     }
 
 
@@ -222,14 +197,24 @@ def run_bench(
     log: Callable[[str], Any] = print,
     on_group: Callable[[list[dict]], Any] | None = None,
     options: str | None = None,
+    encoder_schedules: Sequence[str] = (),
+    encoder_methods: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Time every (attn, batch size, method, budget) in one process; returns the result rows. ``options``
-    (``a+b``) go to each method that takes them; ``on_group``: called with the rows so far after each
-    (attn, batch size) group (to save them at once)."""
+    """Time every (attn, batch size, method, budget[, encoder schedule]) in one process; returns the rows.
+    ``options`` (``a+b``) go to each method that takes them. ``encoder_schedules``: each configuration again
+    with these stages inside the vision encoder (``"real=slice"``: the stages of the whole model, and where
+    the slice runs them), for the methods in ``encoder_methods`` (None: all but a pre-LLM method).
+    ``on_group``: called with the rows so far after each (attn, batch size) group (to save them at once)."""
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; allowed: {', '.join(SHAPES)}")
     for m in methods:
         validate(m)
+        if not runs_on(m, SHAPES[shape_name]):
+            raise ValueError(f"method {m} does not run on shape {shape_name} ({SHAPES[shape_name].family}): it needs "
+                             "LLaVA-1.5's CLIP [CLS]")
+    for text in encoder_schedules:
+        for part in encoder_pair(text):
+            validate_encoder(part)
     per_method = bench_options(methods, options)
     check_device(device)
     if repeats < 1 or warmup < 0:
@@ -246,7 +231,7 @@ def run_bench(
         for bs in batch_sizes:
             deadline = guard.group_deadline()
             inputs = make_inputs(model, shape, bs, device, torch_dtype)
-            configs = _configs(shape, methods, budgets, extras, per_method)
+            configs = bench_configs(shape, methods, budgets, extras, per_method, encoder_schedules, encoder_methods)
             samples: dict[str, list[dict]] = {c.label: [] for c in configs}
             rep, last = 0, 0.0
             while rep < warmup + repeats:
@@ -261,9 +246,12 @@ def run_bench(
                 last = time.monotonic() - t0
                 rep += 1
                 log(f"[bench] {shape_name} {attn} bs={bs} repeat {rep}/{warmup + repeats} done ({last:.1f} s)")
-            group = [(c.method, c.budget, c.schedule, samples[c.label], c.options) for c in configs]
-            rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, VISION_TOKENS,
-                                  shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0)))
+            group = [(c.method, c.budget, c.schedule, samples[c.label], c.options, c.encoder_label, c.encoder_schedule)
+                     for c in configs]
+            scale = (shape.full_layers / shape.layers if shape.full_layers else 1.0,
+                     shape.full_vision_layers / vision_depth(shape) if shape.full_vision_layers else 1.0)
+            rows.extend(summarize(shape_name, device, attn, bs, group, text_cfg, shape.layers, shape.vision_tokens,
+                                  shape.text_tokens + (2 if shape.family == "qwen2_vl" else 0), scale=scale))
             guard.done += 1
             if on_group is not None:
                 on_group(list(rows))
@@ -298,6 +286,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8)")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--budgets", default=None, help="comma list (default: every preset of the family)")
+    p.add_argument("--encoder-schedules", default=None, metavar="LIST",
+                   help="comma list of stages inside the vision encoder, each run with every configuration, e.g. "
+                        "12:0.5/18:0.5; 'default': the shape's own (default: none)")
     p.add_argument("--options", default=None, metavar="A+B",
                    help="method options, '+'-separated, each given to the benched methods that take it "
                         "(docs/methods.md; default: every method as its authors' code runs)")
@@ -339,6 +330,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     info_start = machine_info(args.device)
     guard = TimeGuard(d["time_budget"], len(attns) * len(batch_sizes))
     t0 = time.monotonic()
+    encoders = encoder_schedules_of(args.shape, d["encoder_schedules"])
 
     def info(partial: bool) -> dict[str, Any]:
         return {**info_start, "threads_pinned": threads, "loadavg_end": machine_info(args.device).get("loadavg"),
@@ -350,6 +342,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.shape, args.device, attns=attns, batch_sizes=batch_sizes, methods=lists["methods"],
         budgets=lists["budgets"], repeats=d["repeats"], warmup=d["warmup"],
         new_tokens=d["new_tokens"], dtype=args.dtype, extras=d["extras"], guard=guard, options=args.options,
+        encoder_schedules=encoders,
         on_group=lambda so_far: write_outputs(so_far, info(True), args.shape, args.device, out),
     )
     json_path, md_path = write_outputs(rows, info(False), args.shape, args.device, out)

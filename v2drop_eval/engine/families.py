@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Family", "FAMILIES", "FAMILY_NAMES", "PRESET_SHAPES", "LmmsModel", "LMMS_MODELS", "get_family",
-           "preset_family", "family_for_class", "family_of_class", "lmms_siblings", "is_plugin_model"]
+           "preset_family", "family_for_class", "family_of_class", "lmms_siblings", "is_plugin_model",
+           "ENCODER_DROP_TYPES", "VISIONZIP_TYPES"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 if unknown := {f.lmms_model for f in FAMILIES.values()} - set(LMMS_MODELS):
     raise RuntimeError(f"families name lmms-eval models that LMMS_MODELS does not declare: {sorted(unknown)}")
+# Dropping before the LLM, by checkpoint type (config.model_type): which take encoder_schedule= (CLIP-ViT of
+# LLaVA-1.5 / NeXT, the Qwen2-VL / Qwen2.5-VL ViT) and method=visionzip (LLaVA-1.5's CLIP [CLS]). A loaded
+# model's reasons for the others: adapters.encoder_for.
+ENCODER_DROP_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+VISIONZIP_TYPES = ("llava",)
 # Every name a config may give (aliases included) -> its family.
 _BY_NAME = {n: f for f in FAMILIES.values() for n in (f.name, *f.aliases)}
 FAMILY_NAMES = tuple(sorted(_BY_NAME))

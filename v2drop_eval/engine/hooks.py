@@ -11,12 +11,14 @@ renumbered (``positions=renumber``, PyramidDrop's and SparseVLM's rule: ``positi
 Rows of a batch may keep different numbers of tokens: the gathered batch is cut to the longest row and
 the shorter rows get surplus slots on the left, masked out as keys (each keeps its own diagonal so no
 attention row is empty). No transformers ``forward`` is copied; removing the hooks restores the model.
+
+Tokens removed before the LLM (VisionZip, ``encoder_schedule=``: ``engine/before_llm.py``) shorten the
+decoder's inputs; the decoder stages then run on that sequence (its slots are the layout's coordinates).
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -24,10 +26,10 @@ import torch
 from torch import nn
 
 from v2drop_eval.engine import contract, gather, merging, refusals
-from v2drop_eval.engine.accounting import row_stats
 from v2drop_eval.engine.adapters import ModelAdapter, adapter_for
+from v2drop_eval.engine.before_llm import BeforeLLM, before_llm_checks
+from v2drop_eval.engine.call import Call
 from v2drop_eval.engine.clock import DropperClock
-from v2drop_eval.engine.gather import Layout
 from v2drop_eval.engine.method import FLOAT32_SCORES, OPTION_SEPARATOR, Method, ScoreContext
 from v2drop_eval.engine.positions import Renumbering, renumbering
 from v2drop_eval.engine.schedule import Adaptive, DropSchedule
@@ -36,41 +38,29 @@ from v2drop_eval.engine.signals import Signals
 __all__ = ["DropHandle"]
 
 
-@dataclass
-class _Call:
-    """State of one forward call of the top model."""
-
-    seq_len: int  # S: the prefill length
-    clock: DropperClock  # the dropper's own time at this prefill and the decode steps after it
-    layout: Layout | None = None  # current layout while the prefill runs through the layers
-    initial: Layout | None = None  # the untouched layout (nothing gathered while it applies)
-    layouts: dict[int, Layout] = field(default_factory=dict)  # drop layer -> layout from there on
-    text_real: list[int] = field(default_factory=list)  # real (non-pad) text tokens per row
-    vision_alive: list[list[int]] = field(default_factory=list)  # per stage, per row
-    video_found: list[int] = field(default_factory=list)  # per row: how many of the vision tokens are video
-    gathered: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage layer, id(obj)) -> copy
-    row_pos: torch.Tensor | None = None  # [B, S] each position's index among its row's real tokens
-    transfers: dict[int, merging.Transfer] = field(default_factory=dict)  # drop layer -> merged tokens placed
-
-
 class DropHandle:
     """Hooks of one attached dropper. ``detach()`` (or leaving a ``with`` block) removes them.
 
     Made by ``v2drop_eval.attach``, which resolves the method by name and checks the arguments by the rules
     every entry point shares; here ``method`` is the :class:`Method` itself, ``schedule`` a parsed one,
-    ``options`` the checked names of the method's options it runs with and ``positions`` (``keep`` |
-    ``renumber``; None: the method's own rule) how rotary positions follow a drop (``engine/positions.py``).
+    ``options`` the checked names of the method's options it runs with, ``encoder_schedule`` the stages
+    inside the vision encoder (parsed) and ``positions`` (``keep`` | ``renumber``; None: the method's own
+    rule) how rotary positions follow tokens removed, in the decoder and before it (``engine/positions.py``).
     """
 
     def __init__(self, model: nn.Module, schedule: DropSchedule, method: Method, metric: str, seed: int,
-                 options: frozenset[str] = frozenset(), positions: str | None = None):
+                 options: frozenset[str] = frozenset(), encoder_schedule: DropSchedule | None = None,
+                 positions: str | None = None):
         self.adapter: ModelAdapter = adapter_for(model)
         schedule.check_depth(self.adapter.num_layers)
         self.options: frozenset[str] = frozenset(options)
         if getattr(model, "_v2drop_handle", None) is not None:
             raise RuntimeError("this model already has a dropper attached; call detach() on it first")
         refusals.check_attention(self.adapter.attn_implementation)
+        spec = self.adapter.encoder
+        pre_llm_positions = before_llm_checks(self.adapter, method, schedule.pre_llm, encoder_schedule, positions)
         self.model, self.schedule, self.method = model, schedule, method.name
+        self.encoder_schedule, self.positions = encoder_schedule, positions
         self.metric, self.seed = metric, int(seed)
         self.text_config = self.adapter.text_config
         self._last_stats: list[dict[str, Any]] | Any = []  # or a builder, run on first read (see last_stats)
@@ -79,11 +69,12 @@ class DropHandle:
         # masking references read it).
         self.last_transfers: dict[int, merging.Transfer] = {}
         self._method = method
+        self._llm = DropSchedule(schedule.llm_stages)  # the decoder's stages
         self._ratios: dict[int, Fraction | Adaptive] = {
-            layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in schedule.stages
+            layer: r if isinstance(r, Adaptive) else Fraction(repr(r)) for layer, r in self._llm.stages
         }
-        self._dropping = self._method.drops and not schedule.is_empty
-        self._call: _Call | None = None  # the prefill being run, or whose layouts decode uses
+        self._dropping = self._method.drops and not self._llm.is_empty
+        self._call: Call | None = None  # the prefill being run, or whose layouts decode uses
         self._mode: str | None = None  # "prefill" | "decode" | None (hooks idle) for the current call
         self._cache_ref: weakref.ref | None = None
         self._hooks: list[Any] = []
@@ -91,8 +82,13 @@ class DropHandle:
         self._renumber: Renumbering | None = None
 
         if self._dropping:  # first: it may refuse, and then nothing is installed yet
-            self._hooks += self.adapter.install_extras(self._positions, schedule.layers)
+            self._hooks += self.adapter.install_extras(self._positions, self._llm.layers)
             self._renumber = renumbering(method, positions, self.adapter, type(model).__name__)
+        self._before: BeforeLLM | None = None
+        if spec is not None and spec.layout:
+            self._before = BeforeLLM(self.adapter, encoder_schedule, schedule.pre_llm, method.pre_llm_tokens,
+                                     pre_llm_positions, self._rebase)
+            self._hooks.append(self._before)
         top = self.adapter.top
         self._hooks.append(top.register_forward_pre_hook(self._on_top_call, with_kwargs=True))
         self._hooks.append(top.register_forward_hook(self._on_top_return, always_call=True))
@@ -100,7 +96,7 @@ class DropHandle:
             # Stages that keep everything score nothing (so fastv_attn leaves its layer's kernel alone there).
             scored = tuple(layer for layer, r in self._ratios.items() if isinstance(r, Adaptive) or r != 1)
             self._signals = Signals(self.adapter, self._method, scored, float32=FLOAT32_SCORES.name in self.options)
-            start = self._signals.first_hooked_layer(schedule.layers[0])
+            start = self._signals.first_hooked_layer(self._llm.layers[0])
             for layer in range(start, self.adapter.num_layers):
                 hook = self.adapter.layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
                 self._hooks.append(hook)
@@ -131,7 +127,8 @@ class DropHandle:
     def __repr__(self) -> str:
         text = OPTION_SEPARATOR.join(o.name for o in self._method.options if o.name in self.options)
         opts = f", options={text!r}" if self.options else ""
-        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}', metric={self.metric!r}{opts})"
+        encoder = f", encoder_schedule='{self.encoder_schedule}'" if self.encoder_schedule else ""
+        return f"DropHandle(method={self.method!r}, schedule='{self.schedule}'{encoder}, metric={self.metric!r}{opts})"
 
     # -- top-level hooks ----------------------------------------------------------------------
     def _on_top_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -153,12 +150,13 @@ class DropHandle:
         if cache is not None:
             contract.check_cache(cache, self.adapter.num_layers)
         prefill = cache is None or cache.get_seq_length() == 0
+        reduces = self._dropping or self._before is not None and self._before.reduces
         if input_ids is None:
-            if self._dropping and prefill:
+            if reduces and prefill:
                 raise ValueError(refusals.INPUTS_EMBEDS)
             return
         if prefill:
-            if self._dropping and kwargs.get("labels") is not None:
+            if reduces and kwargs.get("labels") is not None:
                 raise ValueError(refusals.LABELS)
             contract.check_prefill_call(input_ids, kwargs.get("attention_mask"))
             self._call = self._start_prefill(input_ids, kwargs.get("attention_mask"), clock)
@@ -168,8 +166,7 @@ class DropHandle:
             return
         if self._call is None or self._cache_ref is None or self._cache_ref() is not cache:
             raise ValueError(refusals.FOREIGN_CACHE)
-        if input_ids.shape[1] > 1 and torch.isin(input_ids, self._vision_ids(input_ids)).any():
-            raise ValueError(refusals.CHUNKED)
+        refusals.check_decode_tokens(input_ids, self.adapter.vision_token_ids)
         self._call.gathered.clear()
         self._mode = "decode"
 
@@ -199,31 +196,31 @@ class DropHandle:
             return None
         return call.layout.idx, call.layout.valid
 
-    def _vision_ids(self, ref: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.adapter.vision_token_ids, device=ref.device)
-
-    def _start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, clock: DropperClock) -> _Call:
-        B, S = input_ids.shape
-        device = input_ids.device
-        vision = torch.isin(input_ids, self._vision_ids(input_ids))
-        # The last prompt position produces the first new token: it is never dropped.
-        vision[:, -1] = False
-        real = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        idx = torch.arange(S, device=device).expand(B, S)
-        valid = real if real is not None else torch.ones(B, S, dtype=torch.bool, device=device)
-        layout = Layout(idx=idx, valid=valid, vision=vision & valid)
-        call = _Call(seq_len=S, clock=clock, layout=layout, initial=layout, row_pos=valid.long().cumsum(1) - 1)
-        call.vision_alive.append(vision.sum(1).tolist())
-        if self._renumber is not None:
-            self._renumber.start(valid)
-        video_ids = self.adapter.video_token_ids
-        call.video_found = ((vision & torch.isin(input_ids, torch.tensor(video_ids, device=device))).sum(1).tolist()
-                            if video_ids else [0] * B)
-        call.text_real = ((~vision) & real).sum(1).tolist() if real is not None else (S - vision.sum(1)).tolist()
-        if self._signals is not None:
-            ordinal = (vision.long().cumsum(1) - 1).clamp(min=0)
-            self._signals.start(input_ids, real, ordinal, call.vision_alive[0], clock)
+    def _start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, clock: DropperClock) -> Call:
+        call = Call.start(input_ids, attention_mask, clock, self.adapter.vision_token_ids, self.adapter.video_token_ids)
+        if self._before is not None:
+            call.placeholders = self._before.placeholders(input_ids, call.real)
+        self._restart(call)
         return call
+
+    def _restart(self, call: Call) -> None:
+        """Renumbering and signals follow the call's (initial or rebased) layout."""
+        if self._renumber is not None:
+            self._renumber.start(call.initial.valid)
+        if self._signals is not None:
+            self._signals.start(call.input_ids, call.real, call.ordinal, call.vision_alive[0], call.clock)
+
+    def _rebase(self, idx: torch.Tensor, valid: torch.Tensor) -> None:
+        """Tokens were removed before the LLM: the layout is rebased on the decoder's shorter sequence."""
+        call = self._call
+        if call is None or self._mode != "prefill":
+            raise contract.contract_error("the decoder ran a prefill outside a call of the top model")
+        call.clock.open("bookkeeping")
+        try:
+            call.rebase(idx, valid, self.adapter.video_token_ids)
+            self._restart(call)
+        finally:
+            call.clock.close()
 
     # -- per-layer hook -----------------------------------------------------------------------
     def _layer_hook(self, layer: int):
@@ -239,7 +236,7 @@ class DropHandle:
 
         return hook
 
-    def _layer_inputs(self, layer: int, call: _Call, mode: str, args: tuple, kwargs: dict):
+    def _layer_inputs(self, layer: int, call: Call, mode: str, args: tuple, kwargs: dict):
         """What the layer's pre-hook returns: None (inputs unchanged) or new (args, kwargs)."""
         hidden = contract.layer_hidden(args, kwargs)
         cache = contract.cache_of(kwargs)
@@ -281,10 +278,10 @@ class DropHandle:
 
     def _stage_of(self, layer: int) -> int | None:
         """The drop layer whose layout applies at ``layer`` (None before the first drop)."""
-        return max((d for d in self.schedule.layers if d <= layer), default=None)
+        return max((d for d in self._llm.layers if d <= layer), default=None)
 
     # -- dropping -------------------------------------------------------------------------------
-    def _drop(self, call: _Call, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def _drop(self, call: Call, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         lay = call.layout
         call.clock.open("score")
         try:
@@ -324,7 +321,7 @@ class DropHandle:
             call.clock.close()
         return hidden
 
-    def _score(self, call: _Call, ctx: ScoreContext, kwargs: dict) -> torch.Tensor:
+    def _score(self, call: Call, ctx: ScoreContext, kwargs: dict) -> torch.Tensor:
         # The layer's inputs for the slots before this drop (a probe runs the layer's attention on them).
         before = self._stage_of(ctx.layer - 1)
         inputs = (self._gather_prefill_kwargs(call, before, kwargs, ctx.hidden) if before is not None else None) or kwargs
@@ -332,18 +329,18 @@ class DropHandle:
         return self._method.score(ctx)
 
     # -- gathering inputs ---------------------------------------------------------------------
-    def _gather_prefill_kwargs(self, call: _Call, stage: int, kwargs: dict, hidden: torch.Tensor) -> dict | None:
+    def _gather_prefill_kwargs(self, call: Call, stage: int, kwargs: dict, hidden: torch.Tensor) -> dict | None:
         lay = call.layouts[stage]
         if lay is call.initial:
             return None  # nothing dropped yet: leave the layer's inputs untouched
         out = gather.prefill_inputs(lay, kwargs, self.adapter.mask_format, self.adapter.top.dtype,
-                                    lambda obj, build: self._cached(call, stage, obj, build))
+                                    lambda obj, build: call.cached(stage, obj, build))
         if self._renumber is not None:
             out = self._renumber.prefill_inputs(stage, lay.keys, lay.valid, hidden, kwargs, out)
         return out
 
     def _gather_decode_kwargs(
-        self, call: _Call, stage: int, layer: int, hidden: torch.Tensor, cache: Any, kwargs: dict
+        self, call: Call, stage: int, layer: int, hidden: torch.Tensor, cache: Any, kwargs: dict
     ) -> dict | None:
         lay = call.layouts[stage]
         if lay is call.initial:
@@ -354,28 +351,20 @@ class DropHandle:
         extra = (cache.layers[layer].get_seq_length() - lay.idx.shape[1] + q_len) if cache is not None else q_len
         contract.check_layer_kwargs(layer, kwargs, q=q_len, key_len=call.seq_len + extra)
         fmt, dtype = self.adapter.mask_format, self.adapter.top.dtype
-        built = self._cached(call, stage, mask,
-                             lambda: gather.decode_mask(lay, mask, call.seq_len, q_len, extra, fmt, dtype))
+        built = call.cached(stage, mask,
+                            lambda: gather.decode_mask(lay, mask, call.seq_len, q_len, extra, fmt, dtype))
         out = {**kwargs, "attention_mask": built}
         if self._renumber is not None:
             out = self._renumber.decode_inputs(stage, hidden, kwargs, out)
         return out
 
-    @staticmethod
-    def _cached(call: _Call, stage: int, obj: Any, build: Any) -> Any:
-        key = (stage, id(obj))
-        if key not in call.gathered:
-            call.gathered[key] = (build(), obj)  # keep obj alive so its id stays unique
-        return call.gathered[key][0]
-
     # -- accounting ---------------------------------------------------------------------------
-    def _finish_stats(self, call: _Call) -> None:
+    def _finish_stats(self, call: Call) -> None:
         layers = list(self._ratios) if self._dropping else []
-        elem = torch.finfo(self.adapter.top.dtype).bits // 8
-        args = (self.text_config, elem, self.adapter.num_layers, layers, call.vision_alive, call.text_real)
-        video = call.video_found
+        encoder = self._before.row_stats(call.placeholders) if self._before is not None else None
         # Built on first read: on CUDA the clock's events are read only then, never inside the forward.
-        self._last_stats = lambda: row_stats(*args, call.clock.totals(), video_found=video)
+        self._last_stats = call.stats_builder(self.text_config, torch.finfo(self.adapter.top.dtype).bits // 8,
+                                              self.adapter.num_layers, layers, encoder)
         self.last_layouts = {layer: (lay.idx, lay.valid) for layer, lay in call.layouts.items()}
         self.last_transfers = dict(call.transfers)
 
@@ -387,6 +376,16 @@ class DropHandle:
         if callable(self._last_stats):
             self._last_stats = self._last_stats()
         return self._last_stats
+
+    @property
+    def last_encoder_runs(self) -> list[Any]:
+        """The vision tower runs of the last prefill (``encoder.EncoderRun``), images first, then videos."""
+        return self._before.last_runs if self._before is not None else []
+
+    @property
+    def last_kept_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(idx [B, S'], valid)``: the prompt slots the decoder ran when tokens were removed before it."""
+        return self._before.kept_slots if self._before is not None else None
 
     @property
     def renumbers(self) -> bool:

@@ -42,7 +42,8 @@ SIGNALS = (PREV_HIDDEN, PREV_ATTENTION, PREV_ATTENTION_WEIGHTS, PREV_KEYS, PREV_
 
 # How rotary positions follow a drop (``positions=``, default ``Method.positions``; ``engine/positions.py``):
 KEEP = "keep"  # each token keeps its own rotary position (V2Drop, FastV, DART as their authors' code does)
-# the gaps the dropped tokens leave are closed, per row (PyramidDrop, SparseVLM; docs/design.md §2)
+# the gaps the removed tokens leave are closed, per row (PyramidDrop, SparseVLM; VisionZip's and LLaVA's own
+# code before the LLM; docs/design.md §2)
 RENUMBER = "renumber"
 POSITION_RULES = (KEEP, RENUMBER)
 
@@ -125,18 +126,37 @@ class Method:
     drops: ClassVar[bool] = True  # False: the unpruned baseline
     multi_stage: ClassVar[bool] = True  # False: exactly one drop stage
     adaptive: ClassVar[bool] = False  # takes adaptive stages (layer:tT:MIN:MAX)
+    pre_llm: ClassVar[bool] = False  # drops before the LLM (its one stage is '0:D+C'), not inside the decoder
+    positions: ClassVar[str] = KEEP  # its authors' rule for positions (POSITION_RULES)
     takes_metric: ClassVar[bool] = False
     takes_seed: ClassVar[bool] = False
     # family preset table ('llava', 'qwen2_vl') -> budget -> schedule text
     presets: ClassVar[dict[str, dict[str | int, str]]] = {}
     options: ClassVar[tuple[Option, ...]] = ()  # the named departures from its published rule it takes
-    positions: ClassVar[str] = KEEP  # its authors' position rule (one of POSITION_RULES); ``positions=`` overrides
     style: ClassVar[tuple[str, str]] = ("tab:brown", "X")  # (matplotlib colour, marker) in the plots
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         """``[B, n]`` scores for the slots of ``ctx`` (only ``ctx.candidates`` matter)."""
         raise NotImplementedError
 
+    # -- a method that drops before the LLM (``pre_llm``), at the vision encoder's output ---------------
+    def pre_llm_tokens(self, hidden: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor,
+                       dominant: int, contextual: int) -> torch.Tensor:
+        """The tokens each crop sends to the LLM, ``[B, dominant + contextual, d]``, from the feature
+        layer's ``hidden [B, 1 + N, d]`` ([CLS] first), the [CLS] row's attention over the patches
+        ``[B, N]`` and the block's keys averaged over heads ``[B, 1 + N, k]``."""
+        raise TypeError(f"method {self.name} does not drop before the LLM")
+
+    def pre_llm_problem(self, counts: Any, patches: int) -> str | None:
+        """Why the pre-LLM ``counts`` (``schedule.ZipCounts``) cannot run on crops of ``patches`` patches
+        (None if they can)."""
+        return None
+
+    def fit_pre_llm(self, counts: Any, patches: int) -> Any:
+        """The preset's pre-LLM ``counts`` for an encoder with ``patches`` patches per crop."""
+        return counts
+
+    # -- a method that reads the attention rows of prompt tokens it chooses ----------------------------
     def query_rows(self, ctx: QueryContext) -> torch.Tensor:
         """``[B, S]`` bool: the prompt tokens whose attention rows ``PREV_QUERY_ATTENTION`` records. Only
         non-vision tokens (they are never dropped, so the rows exist at every stage)."""

@@ -8,6 +8,10 @@ tokens still alive are cut to the running method's count (``Method.stage_keep``:
 A stage may instead be adaptive (``layer:tTHRESHOLD:MIN:MAX``, V2Drop only): each image keeps the
 vision tokens whose variation is at least THRESHOLD x the mean variation of its own text tokens at
 that layer, clamped to ``[floor(alive x MIN), floor(alive x MAX)]``.
+
+The one stage at layer 0 is a pre-LLM stage, ``0:D+C`` (VisionZip only): each image reaches the LLM as D
+dominant plus C contextual tokens, so the LLM sees the shorter sequence from its first layer
+(docs/methods.md, "VisionZip").
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 
 from v2drop_eval.engine.method import Method, exact_floor
 
-__all__ = ["DropSchedule", "Adaptive", "kept_count", "format_ratio", "parse_ratio", "install_preset_lookup",
+__all__ = ["DropSchedule", "Adaptive", "ZipCounts", "kept_count", "format_ratio", "parse_ratio", "install_preset_lookup",
            "install_method_lookup"]
 
 # (family, budget, method) -> schedule text; installed by v2drop_eval.methods.presets (see DropSchedule.preset).
@@ -113,8 +117,39 @@ class Adaptive:
         return str(self)
 
 
+@dataclass(frozen=True)
+class ZipCounts:
+    """A pre-LLM stage (layer 0, written ``0:D+C``): each image reaches the LLM as ``dominant`` tokens (the
+    encoder's [CLS] counted among them, as VisionZip counts it) plus ``contextual`` merged tokens."""
+
+    dominant: int
+    contextual: int
+
+    def __post_init__(self) -> None:
+        if self.dominant < 1 or self.contextual < 1:
+            raise ValueError(f"pre-LLM stage {self} is not allowed: VisionZip keeps at least 1 dominant token (the "
+                             "[CLS]) and 1 contextual token (write 0:D+C with integers D >= 1, C >= 1)")
+
+    @property
+    def tokens(self) -> int:
+        return self.dominant + self.contextual
+
+    def __str__(self) -> str:
+        return f"{self.dominant}+{self.contextual}"
+
+    def __format__(self, spec: str) -> str:
+        return str(self)
+
+
 MAX_THRESHOLD = 100.0
-Stage = tuple[int, "float | Adaptive"]
+Stage = tuple[int, "float | Adaptive | ZipCounts"]
+
+
+def _zip_counts(text: str) -> ZipCounts:
+    dominant, _, contextual = text.partition("+")
+    if not (dominant.strip().isdigit() and contextual.strip().isdigit()):
+        raise ValueError(f"{text!r} is not D+C")
+    return ZipCounts(int(dominant), int(contextual))
 
 
 @dataclass(frozen=True)
@@ -125,11 +160,17 @@ class DropSchedule:
 
     def __post_init__(self) -> None:
         stages = tuple(
-            (int(layer), ratio if isinstance(ratio, Adaptive) else float(ratio)) for layer, ratio in self.stages
+            (int(layer), ratio if isinstance(ratio, (Adaptive, ZipCounts)) else float(ratio))
+            for layer, ratio in self.stages
         )
         object.__setattr__(self, "stages", stages)
         prev = 0
-        for layer, ratio in stages:
+        for i, (layer, ratio) in enumerate(stages):
+            if isinstance(ratio, ZipCounts):
+                if layer != 0 or i != 0:
+                    raise ValueError(f"pre-LLM stage {ratio} at layer {layer} is not allowed: a D+C stage is written "
+                                     "at layer 0 and comes first (0:D+C)")
+                continue
             if layer < 1:
                 raise ValueError(
                     f"drop layer {layer} is not allowed: layers must be >= 1 (layer 0 never drops, "
@@ -137,7 +178,7 @@ class DropSchedule:
                 )
             if layer <= prev:
                 raise ValueError(
-                    f"drop layer {layer} follows layer {prev}: layers must be strictly increasing"
+                    f"drop layer {layer} follows layer {max(prev, 0)}: layers must be strictly increasing"
                 )
             if isinstance(ratio, Adaptive):
                 pass
@@ -168,17 +209,19 @@ class DropSchedule:
                 if ratio_s.startswith("t"):
                     threshold, lo, hi = (parse_ratio(x) for x in ratio_s[1:].split(":"))
                     stages.append((int(layer_s), Adaptive(threshold, lo, hi)))
+                elif "+" in ratio_s:
+                    stages.append((int(layer_s), _zip_counts(ratio_s)))
                 else:
                     stages.append((int(layer_s), parse_ratio(ratio_s)))
             except ValueError as err:
-                if "adaptive" in str(err):
+                if "adaptive" in str(err) or "VisionZip" in str(err):
                     raise
                 if "represent" in str(err):
                     raise ValueError(f"schedule stage {part!r} in {text!r}: {err}") from None
                 raise ValueError(
-                    f"schedule stage {part!r} in {text!r} is not 'layer:keep_ratio' or 'layer:tTHRESHOLD:MIN:MAX'; "
-                    "expected stages like '3:0.5/17:0.3/22:0' or '3:t1.0:0.1:0.6/22:0' (integer layer >= 1, "
-                    "ratios in [0, 1], separated by '/')"
+                    f"schedule stage {part!r} in {text!r} is not 'layer:keep_ratio', 'layer:tTHRESHOLD:MIN:MAX' or "
+                    "the pre-LLM '0:D+C'; expected stages like '3:0.5/17:0.3/22:0', '3:t1.0:0.1:0.6/22:0' (integer "
+                    "layer >= 1, ratios in [0, 1], separated by '/') or '0:108+20' (VisionZip)"
                 ) from None
         return cls(tuple(stages))
 
@@ -215,10 +258,19 @@ class DropSchedule:
     def is_adaptive(self) -> bool:
         return any(isinstance(r, Adaptive) for _, r in self.stages)
 
+    @property
+    def pre_llm(self) -> ZipCounts | None:
+        """The pre-LLM stage (``0:D+C``), or None."""
+        return next((r for _, r in self.stages if isinstance(r, ZipCounts)), None)
+
+    @property
+    def llm_stages(self) -> tuple[Stage, ...]:
+        """The stages inside the decoder (layer >= 1)."""
+        return tuple((layer, r) for layer, r in self.stages if not isinstance(r, ZipCounts))
+
     def slug(self) -> str:
         """A file-name-safe form: ``3-0.5_17-0.3_22-0`` (adaptive: ``3-t1-0.1-0.6``)."""
-        return "_".join(f"{layer}-{str(r).replace(':', '-') if isinstance(r, Adaptive) else format_ratio(r)}"
-                        for layer, r in self.stages) or "none"
+        return "_".join(f"{layer}-{_ratio_text(r).replace(':', '-')}" for layer, r in self.stages) or "none"
 
     def check_depth(self, num_layers: int) -> None:
         """Raise if a stage names a layer the model does not have."""
@@ -252,7 +304,9 @@ class DropSchedule:
         los, his = [], []
         for layer in range(num_layers):
             r = ratios.get(layer)
-            if isinstance(r, Adaptive):
+            if isinstance(r, ZipCounts):  # per image of num_vision_tokens (the presets' 576-token shape)
+                lo = hi = min(lo, r.tokens)
+            elif isinstance(r, Adaptive):
                 lo, hi = kept_count(lo, r.min_ratio), kept_count(hi, r.max_ratio)
             elif r is not None:
                 so_far.append(r)
@@ -268,8 +322,11 @@ class DropSchedule:
         return sum(per_layer) / len(per_layer)
 
     def __str__(self) -> str:
-        return "/".join(f"{layer}:{ratio if isinstance(ratio, Adaptive) else format_ratio(ratio)}"
-                        for layer, ratio in self.stages) or "none"
+        return "/".join(f"{layer}:{_ratio_text(ratio)}" for layer, ratio in self.stages) or "none"
+
+
+def _ratio_text(ratio: float | Adaptive | ZipCounts) -> str:
+    return str(ratio) if isinstance(ratio, (Adaptive, ZipCounts)) else format_ratio(ratio)
 
 
 def _after_stage(spec: Method, alive: int, ratios: tuple[float, ...], initial: int, options: frozenset[str]) -> int:

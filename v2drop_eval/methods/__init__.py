@@ -18,7 +18,7 @@ __all__ = ["REGISTRY", "METHODS", "BASELINE", "DEFAULT_METHOD", "OPTIONS", "Meth
            "get_method", "parse_options", "options_text"]
 
 # Order is the order of tables, plots, the bench and error messages: the unpruned baseline first.
-_MODULES = ("none", "v2drop", "random_drop", "fastv", "fastv_attn", "pdrop", "dart", "sparsevlm")
+_MODULES = ("none", "v2drop", "random_drop", "fastv", "fastv_attn", "pdrop", "dart", "sparsevlm", "visionzip")
 
 REGISTRY: dict[str, Method] = {}
 for _module in _MODULES:

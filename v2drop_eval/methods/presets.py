@@ -26,7 +26,7 @@ def scaled_schedule(family: str, budget: int | str, method: str, num_layers: int
     the method refits itself (``Method.refit``: SparseVLM solves its first ratio, counting its recycled tokens).
     """
     ref_tokens, ref_layers = PRESET_SHAPES[family]
-    if num_layers == ref_layers:
+    if num_layers == ref_layers or get_method(method).pre_llm:  # a pre-LLM stage does not depend on depth
         return DropSchedule.preset(family, budget, method=method)
     v2 = _scale_layers(DropSchedule.preset(family, budget, method=DEFAULT_METHOD), num_layers, ref_layers)
     spec = get_method(method)
@@ -89,7 +89,8 @@ def depth_scaled_presets(base: str, num_layers: int) -> dict[str, dict[str | int
     reference = get_method(DEFAULT_METHOD)
     tokens, base_layers = PRESET_SHAPES[base]
     out: dict[str, dict[str | int, str]] = {}
-    derived = [(name, spec) for name, spec in REGISTRY.items() if spec.drops and base in spec.presets]
+    derived = [(name, spec) for name, spec in REGISTRY.items()
+               if spec.drops and not spec.pre_llm and base in spec.presets]
     for name, _ in derived:
         out[name] = {}
     for budget, text in reference.presets[base].items():
@@ -120,12 +121,20 @@ def _scale_layers(schedule: DropSchedule, num_layers: int, ref_layers: int) -> D
     return DropSchedule(tuple(stages))
 
 
-def fitted_preset(family: str, budget: int | str, method: str, num_layers: int | None) -> tuple[DropSchedule, bool]:
+def fitted_preset(family: str, budget: int | str, method: str, num_layers: int | None,
+                  patches: int | None = None) -> tuple[DropSchedule, bool]:
     """``method``'s preset for ``budget``; on a model shallower than the one the presets were made for
     (32 layers for LLaVA, 28 for Qwen2-VL, 36 for Qwen3-VL), the preset scaled to ``num_layers`` by
-    :func:`scaled_schedule`, so that every method still spends the same layer-averaged count.
-    Returns (schedule, scaled)."""
+    :func:`scaled_schedule`, so that every method still spends the same layer-averaged count. A pre-LLM
+    preset (VisionZip's counts per 576-patch crop) scales instead to the encoder's ``patches`` per crop
+    (``Method.fit_pre_llm``). Returns (schedule, scaled)."""
     schedule = DropSchedule.preset(family, budget, method=method)
+    spec = get_method(method)
+    if spec.pre_llm:
+        if patches is None or schedule.pre_llm is None:
+            return schedule, False
+        fitted = spec.fit_pre_llm(schedule.pre_llm, patches)
+        return DropSchedule(((0, fitted),)), fitted != schedule.pre_llm
     if num_layers is None or num_layers >= PRESET_SHAPES[preset_family(family)][1]:
         return schedule, False
     return scaled_schedule(preset_family(family), budget, method, num_layers), True

@@ -20,7 +20,8 @@ from v2drop_eval.methods import BASELINE, METHODS, OPTIONS, get_method, parse_op
 from v2drop_eval.methods.v2drop import DEFAULT_METRIC, METRICS
 
 __all__ = ["METHODS", "METRICS", "OPTIONS", "DEFAULT_METRIC", "DEFAULT_SEED", "validate", "check_drop_method",
-           "check_seed", "schedule_problem", "as_int", "local_model_problem", "checkpoint_family_problem"]
+           "check_seed", "schedule_problem", "as_int", "local_model_problem", "checkpoint_family_problem",
+           "validate_encoder", "POSITION_RULES"]
 
 # The seed a method that takes one uses when none is given.
 DEFAULT_SEED = 0
@@ -47,6 +48,13 @@ def _takers(flag: str) -> str:
 
 def schedule_problem(spec: Method, schedule: DropSchedule) -> str | None:
     """Why method ``spec`` cannot take ``schedule`` (None if it can). The same words everywhere."""
+    if schedule.pre_llm is not None and not spec.pre_llm:
+        return (f"a pre-LLM stage '0:{schedule.pre_llm}' is for {_takers('pre_llm')}; method {spec.name} "
+                "drops inside the decoder")
+    if spec.pre_llm and (schedule.pre_llm is None or schedule.llm_stages):
+        budgets = ", ".join(str(b) for table in spec.presets.values() for b in table)
+        return (f"method {spec.name} takes one pre-LLM stage '0:D+C' (D dominant tokens with the [CLS], C "
+                f"contextual), e.g. 0:108+20, or a budget ({budgets}); got schedule {schedule}")
     if not spec.drops:
         return None  # attach() takes any schedule with it: hooks on, nothing dropped
     if schedule.is_empty:
@@ -101,6 +109,28 @@ def validate(method: Any, schedule: DropSchedule | str | None = None, metric: An
         raise ValueError(problem)
     if num_layers is not None:
         parsed.check_depth(num_layers)
+    return parsed
+
+
+def validate_encoder(encoder_schedule: Any, method: Any = None) -> DropSchedule | None:
+    """``encoder_schedule`` (None, ``""`` or ``none``: not given) parsed as stages ``block:keep_ratio`` inside
+    the vision encoder, and taken with ``method``. ``ValueError`` naming the bad value."""
+    if encoder_schedule is None:
+        return None
+    try:
+        parsed = DropSchedule.parse(encoder_schedule if isinstance(encoder_schedule, DropSchedule)
+                                    else str(encoder_schedule))
+    except ValueError as exc:
+        raise ValueError(f"encoder_schedule={encoder_schedule}: {exc}") from None
+    if parsed.is_empty:
+        return None
+    if parsed.is_adaptive or parsed.pre_llm is not None:
+        raise ValueError(f"encoder_schedule={encoder_schedule}: encoder stages are 'block:keep_ratio' (e.g. "
+                         "12:0.5/18:0.5); adaptive stages compare with text tokens and '0:D+C' is for "
+                         f"{_takers('pre_llm')}, neither exists inside the encoder")
+    if method is not None and get_method(method).pre_llm:
+        raise ValueError(f"encoder_schedule={encoder_schedule} does not combine with method={method}: both choose "
+                         "the tokens that leave the vision encoder")
     return parsed
 
 

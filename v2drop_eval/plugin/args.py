@@ -19,8 +19,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from v2drop_eval.engine.families import FAMILIES, lmms_siblings
-from v2drop_eval.methods import DEFAULT_METHOD, get_method, options_text
+from v2drop_eval.engine.families import (
+    ENCODER_DROP_TYPES,
+    FAMILIES,
+    VISIONZIP_TYPES,
+    get_family,
+    lmms_siblings,
+)
+from v2drop_eval.engine.method import KEEP, RENUMBER
+from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, get_method, options_text
 from v2drop_eval.methods.presets import DropSchedule, fitted_preset
 from v2drop_eval.methods.rules import (
     DEFAULT_METRIC,
@@ -30,12 +37,14 @@ from v2drop_eval.methods.rules import (
     check_drop_method,
     local_model_problem,
     validate,
+    validate_encoder,
 )
 
 __all__ = ["DropArgs", "OWN_ARGS", "METHODS", "METRICS", "FAMILIES", "EXIT_USER_ERROR", "ModelArgsError",
            "user_errors", "pop_drop_args", "check_batch_size", "check_checkpoint", "allowed_args"]
 
-OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "positions", "sidecar", "warmup")
+OWN_ARGS = ("budget", "schedule", "method", "metric", "seed", "options", "positions", "sidecar", "warmup",
+            "encoder_schedule")
 EXIT_USER_ERROR = 2
 
 
@@ -93,6 +102,7 @@ class DropArgs:
     options: frozenset[str] = frozenset()  # the method's named departures from its authors' rule
     positions: str | None = None  # keep | renumber; None: the method's authors' rule
     preset_scaled: bool = False  # budget's preset scaled to a model too shallow for it (check_checkpoint)
+    encoder_schedule: DropSchedule | None = None  # V2Drop's stages inside the vision encoder
 
     def describe(self) -> dict[str, Any]:
         """The side-car's description of the run."""
@@ -104,6 +114,7 @@ class DropArgs:
             "metric": self.metric,
             "seed": self.seed,
             "options": options_text(self.options) or None,
+            "encoder_schedule": None if self.encoder_schedule is None else str(self.encoder_schedule),
             "positions": self.positions,
         }
 
@@ -133,6 +144,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if unknown:
         raise _fail(model_name, f"unknown model argument(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
+    given = set(kwargs)
     method = str(kwargs.pop("method", DEFAULT_METHOD)).strip().lower()
     metric = kwargs.pop("metric", None)
     metric = None if metric is None else str(metric).strip().lower()
@@ -161,6 +173,12 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     sidecar = kwargs.pop("sidecar", None)
     sidecar = None if sidecar is None else str(sidecar)
 
+    encoder_text = kwargs.pop("encoder_schedule", None)
+    try:
+        encoder = validate_encoder(None if encoder_text is None else str(encoder_text), method)
+    except ValueError as exc:
+        raise _fail(model_name, str(exc)) from None
+
     budget = kwargs.pop("budget", None)
     schedule_text = kwargs.pop("schedule", None)
     if budget is not None and schedule_text is not None:
@@ -187,6 +205,9 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
             raise _fail(model_name, f"schedule={schedule_text}: {exc}") from None
         if schedule.is_empty:
             raise _fail(model_name, f"schedule={schedule_text} drops nothing; for the unpruned baseline use method=none")
+    elif encoder is not None and method == DEFAULT_METHOD and "method" not in given and not options:
+        schedule = DropSchedule(())  # encoder_schedule= alone: V2Drop inside the encoder, the decoder whole
+        method = BASELINE
     else:
         raise _fail(model_name, f"method={method} needs budget= (a published preset, e.g. budget=128) or "
                                 "schedule= (e.g. schedule=3:0.5/17:0.3/22:0); for the unpruned baseline use method=none")
@@ -199,7 +220,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
     if isinstance(budget, float) and budget.is_integer():
         budget = int(budget)
     return DropArgs(family=family, method=method, schedule=schedule, budget=budget, metric=metric, seed=seed,
-                    sidecar=sidecar, warmup=warmup, options=options, positions=positions)
+                    sidecar=sidecar, warmup=warmup, options=options, encoder_schedule=encoder, positions=positions)
 
 
 def _has_preset(family: str, budget: Any, method: str) -> bool:
@@ -238,10 +259,11 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
     family = next(f.name for f in siblings if model_type in f.model_types)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = int(text_config.num_hidden_layers)
+    _check_before_llm(args, config, model_type, family, pretrained, model_name)
     schedule, scaled = args.schedule, False
     if args.budget is not None and not args.schedule.is_empty:
         try:
-            schedule, scaled = fitted_preset(family, args.budget, args.method, num_layers)
+            schedule, scaled = fitted_preset(family, args.budget, args.method, num_layers, patches=_patches(config))
         except ValueError as exc:
             raise _fail(model_name, f"budget={args.budget} for {pretrained} ({model_type}): {exc}") from None
     try:
@@ -250,3 +272,37 @@ def check_checkpoint(args: DropArgs, pretrained: str, **config_kwargs: Any) -> D
         raise _fail(model_name, f"schedule {schedule} does not fit {pretrained}: {exc}") from None
     return DropArgs(**{**args.__dict__, "family": family, "schedule": schedule, "num_layers": num_layers,
                        "preset_scaled": scaled})
+
+
+def _patches(config: Any) -> int | None:
+    """Patches per crop of a CLIP-like vision config (image_size / patch_size, squared), else None."""
+    vision = getattr(config, "vision_config", None)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    return (int(size) // int(patch)) ** 2 if isinstance(size, int) and isinstance(patch, int) else None
+
+
+def _check_before_llm(args: DropArgs, config: Any, model_type: str, family: str, pretrained: str,
+                      model_name: str) -> None:
+    """encoder_schedule= and method=visionzip against the checkpoint's type and encoder depth (no weights)."""
+    if args.encoder_schedule is not None:
+        if model_type not in ENCODER_DROP_TYPES:
+            raise _fail(model_name, f"encoder_schedule={args.encoder_schedule} runs on {', '.join(ENCODER_DROP_TYPES)} "
+                                    f"checkpoints; {pretrained} is {model_type!r}")
+        vision = config.vision_config
+        depth = getattr(vision, "depth", None)
+        if depth is None:  # CLIP: the blocks up to the feature layer the model reads
+            layer = getattr(config, "vision_feature_layer", -2)
+            depth = int(layer) % (int(vision.num_hidden_layers) + 1) if isinstance(layer, int) else 0
+        try:
+            args.encoder_schedule.check_depth(int(depth))
+        except ValueError:
+            raise _fail(model_name, f"encoder_schedule={args.encoder_schedule} does not fit {pretrained}'s vision "
+                                    f"encoder: stages are before its blocks 1..{int(depth) - 1}") from None
+    if args.schedule.pre_llm is not None and model_type not in VISIONZIP_TYPES:
+        raise _fail(model_name, f"method={args.method} runs on {', '.join(VISIONZIP_TYPES)} checkpoints (a CLIP "
+                                f"[CLS] the authors' code reads); {pretrained} is {model_type!r}")
+    removes_before = args.encoder_schedule is not None or args.schedule.pre_llm is not None
+    if args.positions == RENUMBER and removes_before and get_family(family).mrope:
+        raise _fail(model_name, f"positions={RENUMBER} before the LLM is for 1-D rotary positions; {pretrained}'s "
+                                f"M-RoPE positions are each patch's time / height / width, so the tokens that reach "
+                                f"its decoder keep their own (positions={KEEP})")

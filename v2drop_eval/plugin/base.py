@@ -83,7 +83,7 @@ class V2DropMixin:
         model = self.model
         self._v2drop_args = args
         self._v2drop_handle = attach(model, args.schedule, method=args.method, metric=args.metric,
-                                     seed=args.seed, options=args.options,
+                                     seed=args.seed, options=args.options, encoder_schedule=args.encoder_schedule,
                                      positions=args.positions)
         handle = self._v2drop_handle
         self._v2drop_timer = GenerateTimer(model, lambda: handle.last_stats)
@@ -97,6 +97,8 @@ class V2DropMixin:
             "device": str(device),
             "device_name": _device_name(device),
             "num_layers": args.num_layers,
+            "positions": handle.positions if handle.positions and (
+                args.encoder_schedule is not None or args.schedule.pre_llm is not None) else None,
             "versions": versions(),
         }
         self._v2drop_log = SampleLog(lambda: sidecar_path(args.sidecar, pretrained, rank=self.rank,

@@ -4,6 +4,11 @@ side-car imports it from here. Light (no torch): the sweep and the tables read s
 
 Written by :class:`SampleLog`, all records so far each time, atomically (a temporary file in the same folder,
 then ``os.replace``), so a reader never sees half a file.
+
+Version 4 adds the vision encoder: ``vision_ms`` (its forwards of the batch, inside ``prefill_ms``, from the
+dropper's encoder hooks, CUDA events on a GPU), ``vision_flops`` per sample (``flops.VISION_CONVENTION``),
+``encoder_tokens_per_layer``, ``llm_vision_tokens`` (the vision tokens that reach the LLM, fewer than
+``vision_tokens`` when tokens are removed before it) and ``positions`` (how those tokens are positioned).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ __all__ = ["SIDECAR_VERSION", "SIDECAR_SUFFIX", "SIDECAR_GLOB", "SampleLog", "sa
 # Version of the record layout (``sidecar_version`` in every record); records without it are version 1.
 # 3: ``options`` (the method's named options, null: its authors' rule); records before 3 carry no ``options``
 # and ran the project's earlier counts and positions (docs/methods.md, "Checked token by token against the originals").
-# 4: the item's own description, ``DOC_FIELDS`` (null where the task's documents have none); records before 4
+# 4: the vision encoder's fields (see above).
+# 5: the item's own description, ``DOC_FIELDS`` (null where the task's documents have none); records before 5
 # carry ``n_objects`` only.
-SIDECAR_VERSION = 4
+SIDECAR_VERSION = 5
 SIDECAR_SUFFIX = "_v2drop_samples.jsonl"
 # Every side-car of a run (ranks included); not lmms-eval's own samples_<task>.jsonl (a task may be named v2drop_*).
 SIDECAR_GLOB = "*_v2drop_samples*.jsonl"
@@ -144,6 +150,7 @@ def sample_records(call: GenerateCall, rows: Sequence[tuple[str, int]], meta: di
             "generated_tokens": call.generated_tokens[b] if b < len(call.generated_tokens) else None,
             "total_ms": call.total_ms,
             "vision_tokens": st.get("vision_tokens"),
+            "llm_vision_tokens": st.get("llm_vision_tokens"),
             "video_tokens": st.get("video_tokens"),
             "text_tokens": st.get("text_tokens"),
             "vision_per_layer": per_layer,
@@ -153,6 +160,10 @@ def sample_records(call: GenerateCall, rows: Sequence[tuple[str, int]], meta: di
             "prefill_flops_convention": flops.CONVENTION,
             "paper_macs": flops.paper_macs(text_config, per_layer) if per_layer else None,
             "paper_macs_convention": flops.PAPER_CONVENTION,
+            "encoder_tokens_per_layer": st.get("encoder_tokens_per_layer"),
+            "vision_flops": st.get("vision_flops"),
+            "vision_flops_convention": flops.VISION_CONVENTION,
+            "vision_ms": st.get("vision_ms"),
             "kv_cache_bytes": st.get("kv_cache_bytes"),
             "score_ms": st.get("score_ms"),
             "gather_ms": st.get("gather_ms"),
@@ -187,10 +198,13 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         "total_ms_per_item": per("total_ms", by_batch=True),
         "generated_tokens": per("generated_tokens"),
         "vision_tokens_found": per("vision_tokens"),
+        "llm_vision_tokens": per("llm_vision_tokens"),
         "video_tokens_found": per("video_tokens"),
         "avg_vision_tokens": per("avg_vision_tokens"),
         "prefill_tflops": per("prefill_flops", 1e-12),
         "paper_tmacs": per("paper_macs", 1e-12),
+        "vision_tflops": per("vision_flops", 1e-12),
+        "vision_ms": per("vision_ms"),
         "kv_cache_mb": per("kv_cache_bytes", 1 / 2**20),
         "peak_memory_mb": per("peak_memory_bytes", 1 / 2**20),
         "batch_size": per("batch_size"),

@@ -40,7 +40,9 @@ ACCURACY_CAPTION = ("Accuracy: headline metric per benchmark in % (MME: percepti
                     "mean metric; Average: mean over benchmarks of the score relative to the unpruned model, in %.")
 EFFICIENCY_CAPTION = ("Efficiency per item (batch timings shared among the batch's items). Prefill TFLOPs: "
                       "2 x MACs of the LLM decoder layers at prefill, every token counted; Paper TFLOPs: "
-                      "MACs of the decoder layers counting vision tokens only (the papers' convention).")
+                      "MACs of the decoder layers counting vision tokens only (the papers' convention); Vision "
+                      "TFLOPs: 2 x MACs of the vision encoder and its projector / merger, every block with the "
+                      "tokens it ran; Vision encoder (ms): the encoder's forward.")
 
 COMPARISON_CAPTION = ("Paired comparisons at the same model and setting, on the items both methods answered "
                       "(lmms-eval --log_samples): diff = A - B in points with its 95% paired bootstrap interval "

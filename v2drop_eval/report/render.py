@@ -11,15 +11,24 @@ from typing import Any
 import pandas as pd
 
 from v2drop_eval.engine.atomic import write_text_atomic
+from v2drop_eval.methods import BASELINE
 from v2drop_eval.report.breakdown import CORR
-from v2drop_eval.report.tables import CI_HI, CI_LO, COMPARISON_COLUMNS, EFFICIENCY_COLUMNS, METHOD_LABELS
+from v2drop_eval.report.tables import (
+    CI_HI,
+    CI_LO,
+    COMPARISON_COLUMNS,
+    EFFICIENCY_COLUMNS,
+    ENCODER_ONLY_LABEL,
+    ENCODER_SETTING,
+    METHOD_LABELS,
+)
 
 __all__ = ["to_markdown", "to_latex", "write_table"]
 
 _KEY_LABELS = {"model": "Model", "method": "Method", "setting": "Tokens / schedule", "metric": "Metric",
                "seed": "Seed", "options": "Options"}
-_DIGITS = {"p": 3, "corr": 2, CORR: 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2, "prefill_tflops": 3,
-           "paper_tmacs": 3}
+_DIGITS = {"p": 3, "corr": 2, CORR: 2, "items": 0, "speedup": 2, "decode_ms_per_token": 2, "throughput_items_s": 2,
+           "prefill_tflops": 3, "paper_tmacs": 3, "vision_tflops": 3}
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -41,7 +50,9 @@ def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
         row = []
         for c, is_num in zip(cols, numeric, strict=True):
             v = r[c]
-            if c == "method":
+            if c == "method" and v == BASELINE and str(r.get("setting", "")).startswith(ENCODER_SETTING):
+                row.append(ENCODER_ONLY_LABEL)  # an unpruned LLM behind V2Drop's stages in the encoder
+            elif c == "method":
                 row.append(METHOD_LABELS.get(v, str(v)))
             elif is_num:
                 digits = _DIGITS.get(c, 1)

@@ -29,7 +29,7 @@ __all__ = ["PointResult", "load_sweep", "not_included", "parse_model_args", "ada
            "SIDECAR_GLOB", "sweeps_inside", "grid_settings"]
 
 _SKIP_DIRS = (FAILED_DIR, "tables")
-_META_KEYS = ("model_name", "family", "method", "budget", "schedule", "metric", "seed", "options", "positions")
+_META_KEYS = ("model_name", "family", "method", "budget", "schedule", "metric", "seed", "options", "positions", "encoder_schedule")
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _normalise_meta(meta: dict[str, Any]) -> dict[str, Any]:
             out[key] = int(value)
         elif isinstance(value, float) and value.is_integer():
             out[key] = int(value)
-    for key in ("schedule", "metric", "method", "family", "options", "positions"):
+    for key in ("schedule", "metric", "method", "family", "options", "positions", "encoder_schedule"):
         if out[key] is not None and not isinstance(out[key], str):
             out[key] = str(out[key])
         if isinstance(out[key], str) and out[key].strip() in ("", "None", "null"):
@@ -153,7 +153,7 @@ def _meta_from_run(point_id: str, config: dict[str, Any], samples: pd.DataFrame)
     meta: dict[str, Any] = {k: args.get(k) for k in _META_KEYS}
     if not samples.empty:
         first = samples.iloc[0].to_dict()
-        for key in ("family", "method", "budget", "schedule", "metric", "seed", "options", "positions"):
+        for key in ("family", "method", "budget", "schedule", "metric", "seed", "options", "positions", "encoder_schedule"):
             if meta.get(key) is None and first.get(key) is not None and not pd.isna(first.get(key)):
                 meta[key] = first[key]
     pretrained = args.get("pretrained") or config.get("model") or point_id

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from v2drop_eval.methods import BASELINE, REGISTRY
+from v2drop_eval.methods import BASELINE, DEFAULT_METHOD, REGISTRY
 from v2drop_eval.report import stats
 from v2drop_eval.report.results import PointResult, adaptive_points, complexity
 
@@ -38,6 +38,8 @@ __all__ = [
     "METHOD_LABELS",
     "EFFICIENCY_COLUMNS",
     "COMPARISON_COLUMNS",
+    "ENCODER_SETTING",
+    "ENCODER_ONLY_LABEL",
 ]
 
 # task -> headline metric (the key before ",<filter>" in lmms-eval's results). MME is special-cased.
@@ -66,6 +68,9 @@ TASK_LABELS = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "scienceqa": "SQA", "te
 METHOD_LABELS = {name: m.label for name, m in REGISTRY.items()}
 METHOD_ORDER = {name: i for i, name in enumerate(REGISTRY)}
 KEY_COLS = ["model", "method", "setting", "metric", "seed", "options"]
+# A row of the baseline behind stages inside the vision encoder: its setting starts with ENCODER_SETTING.
+ENCODER_SETTING = "encoder "
+ENCODER_ONLY_LABEL = f"{REGISTRY[DEFAULT_METHOD].label} (encoder only)"
 # Companion columns of a benchmark's score: its 95% interval from the per-item log (CSV keeps them as
 # columns; Markdown and LaTeX show "score [low, high]" in one cell).
 CI_LO, CI_HI = " 95% low", " 95% high"
@@ -100,11 +105,18 @@ def headline_score(task: str, task_metrics: Mapping[str, Any],
 
 
 def _setting(meta: Mapping[str, Any]) -> str:
+    """``128``, ``3:0.5/17:0.3/22:0`` or ``full``; with V2Drop stages inside the vision encoder, followed by
+    `` + encoder 12:0.5/18:0.5`` (``encoder 12:0.5/18:0.5`` alone for method none)."""
     if meta.get("budget") is not None:
-        return str(meta["budget"])
-    if meta.get("schedule"):
-        return str(meta["schedule"])
-    return "full"
+        out = str(meta["budget"])
+    elif meta.get("schedule"):
+        out = str(meta["schedule"])
+    else:
+        out = "full"
+    if meta.get("encoder_schedule"):
+        encoder = f"{ENCODER_SETTING}{meta['encoder_schedule']}"
+        return encoder if out == "full" else f"{out} + {encoder}"
+    return out
 
 
 def row_key(p: PointResult) -> dict[str, Any]:
@@ -154,7 +166,7 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
         return pd.DataFrame(columns=[*KEY_COLS, "Average"])
     df = pd.DataFrame(rows)
     tasks = [t for t in _task_order(tasks) if t in df.columns]
-    base = df[df["method"] == BASELINE].drop_duplicates("model").set_index("model")
+    base = _baselines(df)
     averages = []
     for _, r in df.iterrows():
         rel = []
@@ -169,6 +181,13 @@ def accuracy_table(points: Sequence[PointResult], headline: Mapping[str, str] | 
     df = sort_rows(df[["point", *KEY_COLS, *tasks, "Average", *ci]])
     labels = {t: TASK_LABELS.get(t, t) for t in tasks}
     return df.rename(columns={**labels, **{t + sfx: labels[t] + sfx for t in tasks for sfx in (CI_LO, CI_HI)}})
+
+
+def _baselines(df: pd.DataFrame) -> pd.DataFrame:
+    """Each model's unpruned row (the baseline method, setting full; any baseline row if it has no such one)."""
+    none = df[df["method"] == BASELINE]
+    none = pd.concat([none[none["setting"] == "full"], none[none["setting"] != "full"]])
+    return none.drop_duplicates("model").set_index("model")
 
 
 def item_scores(p: PointResult, task: str, metric: str, score: float) -> pd.Series | None:
@@ -267,6 +286,8 @@ def _efficiency_row(p: PointResult) -> dict[str, Any]:
     row["vision_tokens_max"] = avg_tokens.max()
     row["vision_tokens_input"] = _num(s, "vision_tokens").mean()
     row["prefill_tflops"] = _num(s, "prefill_flops").mean() / 1e12
+    row["vision_tflops"] = _num(s, "vision_flops").mean() / 1e12
+    row["vision_ms"] = (_num(s, "vision_ms") / bs).sum() / n if "vision_ms" in s.columns else math.nan
     row["paper_tmacs"] = _num(s, "paper_macs").mean() / 1e12
     row["kv_cache_mb"] = _num(s, "kv_cache_bytes").mean() / 2**20
     row["peak_memory_mb"] = _num(s, "peak_memory_bytes").max() / 2**20
@@ -296,6 +317,8 @@ EFFICIENCY_COLUMNS = {
     "vision_tokens_max": "max",
     "prefill_tflops": "Prefill TFLOPs",
     "flops_reduction": "FLOPs reduction (%)",
+    "vision_tflops": "Vision TFLOPs",
+    "vision_ms": "Vision encoder (ms)",
     "paper_tmacs": "Paper TFLOPs (vision MACs)",
     "kv_cache_mb": "KV cache (MB)",
     "peak_memory_mb": "Peak memory (MB)",
@@ -312,7 +335,7 @@ def efficiency_table(points: Sequence[PointResult]) -> pd.DataFrame:
     for col in EFFICIENCY_COLUMNS:
         if col not in df.columns:
             df[col] = math.nan
-    base = df[df["method"] == BASELINE].drop_duplicates("model").set_index("model")
+    base = _baselines(df)
     ref_total = df["model"].map(base["total_ms"]) if len(base) else math.nan
     ref_flops = df["model"].map(base["prefill_tflops"]) if len(base) else math.nan
     df["speedup"] = ref_total / df["total_ms"]

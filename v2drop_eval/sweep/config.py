@@ -17,9 +17,17 @@ from typing import Any
 
 import yaml
 
+from v2drop_eval.engine.families import ENCODER_DROP_TYPES, VISIONZIP_TYPES, get_family
+from v2drop_eval.engine.schedule import DropSchedule
 from v2drop_eval.methods import METHODS, get_method
 from v2drop_eval.methods.presets import fitted_preset
-from v2drop_eval.methods.rules import METRICS, checkpoint_family_problem, local_model_problem, validate
+from v2drop_eval.methods.rules import (
+    METRICS,
+    checkpoint_family_problem,
+    local_model_problem,
+    validate,
+    validate_encoder,
+)
 from v2drop_eval.sweep.fields import (
     EVERY_METHOD,
     EXECUTORS,
@@ -28,6 +36,7 @@ from v2drop_eval.sweep.fields import (
     as_list,
     int_at_least,
     parse_budgets,
+    parse_encoder_schedules,
     parse_executor,
     parse_methods,
     parse_metrics,
@@ -55,6 +64,8 @@ TOP_KEYS = {
                f"positions: [...]}}; {{method: '{EVERY_METHOD}', ...}}: every other registered method that drops",
     "budgets": "preset budgets (192, 128, 64; 'default' for qwen2_vl; a method's own named presets such as 'paper')",
     "schedules": "explicit schedules: 'layer:ratio/...' strings, or {layers: [[...]], keep_ratios: [[...]]}",
+    "encoder_schedules": "V2Drop stages inside the vision encoder, 'block:ratio/...' strings or none (no stage); "
+                         "each combines with every budget/schedule of a method; default [none]",
     "metrics": f"variation metrics for {_takers('takes_metric')}, any of {', '.join(METRICS)}; default [l2]",
     "seeds": f"seeds for {_takers('takes_seed')}; default [0]",
     "tasks": "lmms-eval task names",
@@ -85,6 +96,7 @@ class SweepConfig:
     overrides: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     budgets: list[int | str] = field(default_factory=list)
     schedules: list[str] = field(default_factory=list)
+    encoder_schedules: list[str | None] = field(default_factory=lambda: [None])
     metrics: list[str] = field(default_factory=lambda: ["l2"])
     seeds: list[int] = field(default_factory=lambda: [0])
     limit: int | float | None = None
@@ -104,12 +116,14 @@ class SweepConfig:
     joined: list[str] = field(default_factory=list)  # the methods ``{method: "*"}`` brought in
 
     def grid(self, method: str) -> dict[str, list[Any]]:
-        """``budgets``, ``schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else the config's), and
-        its ``options`` sets and ``positions`` rules (its own only; default: the authors' rule alone)."""
+        """``budgets``, ``schedules``, ``encoder_schedules``, ``metrics``, ``seeds`` of ``method`` (its own, else
+        the config's), and its ``options`` sets and ``positions`` rules (its own only; default: the authors'
+        rule alone)."""
         own = self.overrides.get(method, {})
         return {
             "budgets": own.get("budgets", self.budgets),
             "schedules": own.get("schedules", self.schedules),
+            "encoder_schedules": own.get("encoder_schedules", self.encoder_schedules),
             "metrics": own.get("metrics", self.metrics),
             "seeds": own.get("seeds", self.seeds),
             "options": own.get("options", [None]),
@@ -183,6 +197,7 @@ def parse_config(
     seeds = parse_seeds(raw.get("seeds", [0]), "seeds", errors)
     budgets = parse_budgets(raw.get("budgets"), "budgets", errors)
     schedules = parse_schedules(raw.get("schedules"), errors)
+    encoder_schedules = parse_encoder_schedules(raw.get("encoder_schedules", [None]), "encoder_schedules", errors)
     methods, overrides, joined = parse_methods(raw.get("methods"), errors)
 
     tasks = [str(t) for t in as_list(raw.get("tasks"), "tasks", errors)]
@@ -228,7 +243,8 @@ def parse_config(
 
     cfg = SweepConfig(
         name=name, output=out, models=models, methods=methods, overrides=overrides, tasks=tasks, budgets=budgets,
-        schedules=schedules, metrics=metrics, seeds=seeds, limit=limit, batch_size=batch_size,
+        schedules=schedules, encoder_schedules=encoder_schedules, metrics=metrics, seeds=seeds, limit=limit,
+        batch_size=batch_size,
         num_processes=num_processes, jobs=jobs, include_path=include_path, lmms_eval_args=extra,
         env={str(k): str(v) for k, v in env.items()}, timeout=timeout, prepare=prepare, executor=executor,
         slurm=slurm, raw=raw, source=source, joined=joined,
@@ -278,9 +294,19 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
         elif depth is None:
             cfg.notes.append(f"model {model.name}: depth check skipped (no num_layers)")
         for method in list(cfg.methods):
-            if not get_method(method).drops:
-                continue
             grid = cfg.grid(method)
+            for enc in grid["encoder_schedules"]:
+                why = family_skips(model.family, method, enc)
+                if why:
+                    cfg.notes.append(f"model {model.name} ({model.family}): skips method {method}"
+                                     + (f" at encoder_schedule {enc}" if enc else "") + f": {why}")
+                    continue
+                try:
+                    validate_encoder(enc, method)
+                except ValueError as exc:
+                    errors.append(f"model {model.name}, method {method}: {exc}")
+            if not get_method(method).drops or family_skips(model.family, method, None):
+                continue
             problems = []
             for budget in grid["budgets"]:
                 try:
@@ -308,34 +334,52 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
 
 # -- expansion ----------------------------------------------------------------------------------------
 def expand(cfg: SweepConfig) -> list[Point]:
-    """All points, in a stable order: per model, ``none`` once, then each method over budgets, schedules."""
+    """All points, in a stable order: per model, ``none`` once, then each method over budgets, schedules;
+    each of them once per encoder schedule (``__e<slug>`` in the id; none: no suffix)."""
     points: list[Point] = []
     for model in cfg.models:
         for method in cfg.methods:
             spec = get_method(method)
-            if not spec.drops:
-                points.append(Point(id=f"{model.name}__{method}", model=model, method=method))
-                continue
             grid = cfg.grid(method)
-            settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
-            settings += [(None, s) for s in grid["schedules"]]
-            variants = [(o, p) for o in grid["options"] for p in grid["positions"]]
-            for (budget, schedule), (options, positions) in ((s, v) for s in settings for v in variants):
-                base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, options=options,
-                             positions=positions)
-                stem = f"{model.name}__{method}__{base.label}"
-                # the authors' rule keeps its id
-                tail = (f"__{options}" if options else "") + (f"__positions-{positions}" if positions else "")
-                if spec.takes_metric:
-                    for metric in grid["metrics"]:
-                        points.append(_with(base, id=f"{stem}__{metric}{tail}", metric=metric))
-                elif spec.takes_seed:
-                    for seed in grid["seeds"]:
-                        suffix = f"__seed{seed}" if seed != 0 else ""
-                        points.append(_with(base, id=stem + suffix + tail, seed=seed))
-                else:
-                    points.append(_with(base, id=stem + tail))
+            for enc in grid["encoder_schedules"]:
+                if family_skips(model.family, method, enc):
+                    continue
+                tail = "" if enc is None else "__e" + DropSchedule.parse(enc).slug()
+                if not spec.drops:
+                    points.append(Point(id=f"{model.name}__{method}{tail}", model=model, method=method,
+                                        encoder_schedule=enc))
+                    continue
+                settings: list[tuple[int | str | None, str | None]] = [(b, None) for b in grid["budgets"]]
+                settings += [(None, s) for s in grid["schedules"]]
+                variants = [(o, p) for o in grid["options"] for p in grid["positions"]]
+                for (budget, schedule), (options, positions) in ((s, v) for s in settings for v in variants):
+                    base = Point(id="", model=model, method=method, budget=budget, schedule=schedule, options=options,
+                                 positions=positions, encoder_schedule=enc)
+                    stem = f"{model.name}__{method}__{base.label}{tail}"
+                    # the authors' rule keeps its id
+                    opt = (f"__{options}" if options else "") + (f"__positions-{positions}" if positions else "")
+                    if spec.takes_metric:
+                        for metric in grid["metrics"]:
+                            points.append(_with(base, id=f"{stem}__{metric}{opt}", metric=metric))
+                    elif spec.takes_seed:
+                        for seed in grid["seeds"]:
+                            suffix = f"__seed{seed}" if seed != 0 else ""
+                            points.append(_with(base, id=stem + suffix + opt, seed=seed))
+                    else:
+                        points.append(_with(base, id=stem + opt))
     return points
+
+
+def family_skips(family: str, method: str, encoder_schedule: str | None) -> str | None:
+    """Why a model of ``family`` skips ``method`` at ``encoder_schedule`` (None: it runs it): VisionZip and
+    stages inside the vision encoder run on the checkpoint types of ``families.VISIONZIP_TYPES`` and
+    ``ENCODER_DROP_TYPES`` only, so a config may list them beside families that cannot."""
+    types = get_family(family).model_types
+    if get_method(method).pre_llm and not set(types) & set(VISIONZIP_TYPES):
+        return f"method {method} runs on {', '.join(VISIONZIP_TYPES)} checkpoints (a CLIP [CLS])"
+    if encoder_schedule is not None and not set(types) & set(ENCODER_DROP_TYPES):
+        return f"encoder_schedule runs on {', '.join(ENCODER_DROP_TYPES)} checkpoints"
+    return None
 
 
 def _with(point: Point, **changes: Any) -> Point:

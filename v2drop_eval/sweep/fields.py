@@ -11,11 +11,12 @@ from typing import Any
 from v2drop_eval.engine.families import FAMILY_NAMES, LMMS_MODELS, get_family
 from v2drop_eval.methods import BASELINE, get_method, options_text, parse_options
 from v2drop_eval.methods.presets import DropSchedule
-from v2drop_eval.methods.rules import METHODS, METRICS, POSITION_RULES, check_seed
+from v2drop_eval.methods.rules import METHODS, METRICS, POSITION_RULES, check_seed, validate_encoder
 from v2drop_eval.sweep.points import ModelSpec
 
 __all__ = ["EVERY_METHOD", "EXECUTORS", "SLURM_KEYS", "FAMILY_MODELS", "MODEL_KEYS", "METHOD_KEYS", "OWN_MODEL_ARGS", "ID_RE",
            "substitute", "as_list", "int_at_least", "parse_metrics", "parse_seeds", "parse_option_sets", "parse_budgets", "parse_methods",
+           "parse_encoder_schedules",
            "parse_models", "parse_schedules", "parse_executor", "parse_slurm"]
 
 EXECUTORS = {
@@ -43,7 +44,7 @@ SLURM_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
 EVERY_METHOD = "*"
 # lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
 FAMILY_MODELS = {name: get_family(name).lmms_model for name in FAMILY_NAMES}
-METHOD_KEYS = ("budgets", "schedules", "metrics", "seeds", "options", "positions")
+METHOD_KEYS = ("budgets", "schedules", "encoder_schedules", "metrics", "seeds", "options", "positions")
 MODEL_KEYS = {
     "name": "model id used in point ids (letters, digits, '.', '-', single '_')",
     "family": f"model family, one of {', '.join(sorted(FAMILY_MODELS))}",
@@ -52,7 +53,7 @@ MODEL_KEYS = {
     "num_layers": "decoder layer count, for the depth check; default: read offline with AutoConfig",
     "model_args": "extra model args (mapping), e.g. {device_map: cpu, attn_implementation: sdpa}",
 }
-OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "options", "positions"}
+OWN_MODEL_ARGS = {"pretrained", "budget", "schedule", "method", "metric", "seed", "options", "positions", "encoder_schedule"}
 ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?!_))*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -113,6 +114,27 @@ def parse_seeds(value: Any, where: str, errors: list[str]) -> list[int]:
         else:
             seeds.append(int(s))
     return seeds
+
+
+def parse_encoder_schedules(value: Any, where: str, errors: list[str]) -> list[str | None]:
+    """``[none, "12:0.5/18:0.5"]`` -> ``[None, "12:0.5/18:0.5"]`` (each checked as an encoder schedule)."""
+    out: list[str | None] = []
+    items = [None] if value is None else as_list(value, where, errors)
+    for item in items:
+        text = None if item is None or str(item).strip().lower() in ("", "none") else str(item)
+        if text is not None:
+            try:
+                parsed = validate_encoder(text)
+            except ValueError as exc:
+                errors.append(f"{where}: {exc}")
+                continue
+            text = str(parsed)
+        if text in out:
+            errors.append(f"{where}: {text or 'none'} is listed twice")
+        out.append(text)
+    if not items:
+        errors.append(f"{where}: at least one entry is needed (none: no stage in the encoder)")
+    return out
 
 
 def parse_position_rules(value: Any, where: str, errors: list[str]) -> list[str | None]:
@@ -187,6 +209,9 @@ def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, d
                 grid["budgets"] = parse_budgets(item["budgets"], f"{where}.budgets", errors)
             if "schedules" in item:
                 grid["schedules"] = parse_schedules(item["schedules"], errors, f"{where}.schedules")
+            if "encoder_schedules" in item:
+                grid["encoder_schedules"] = parse_encoder_schedules(item["encoder_schedules"],
+                                                                    f"{where}.encoder_schedules", errors)
             if "metrics" in item:
                 grid["metrics"] = parse_metrics(item["metrics"], f"{where}.metrics", errors)
             if "seeds" in item:

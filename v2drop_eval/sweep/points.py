@@ -32,6 +32,7 @@ class Point:
     schedule: str | None = None
     metric: str | None = None
     seed: int | None = None
+    encoder_schedule: str | None = None
     options: str | None = None  # the method's named options, "a+b" (None: its authors' rule)
     positions: str | None = None  # keep | renumber (None: the method's authors' rule)
 
@@ -54,6 +55,8 @@ class Point:
             args["metric"] = self.metric
         if self.seed is not None:
             args["seed"] = self.seed
+        if self.encoder_schedule is not None:
+            args["encoder_schedule"] = self.encoder_schedule
         if self.options:
             args["options"] = self.options
         if self.positions:
@@ -73,6 +76,7 @@ class Point:
             "schedule": self.schedule,
             "metric": self.metric,
             "seed": self.seed,
+            "encoder_schedule": self.encoder_schedule,
             "options": self.options,
             "positions": self.positions,
             "model_args": self.model_args(),
