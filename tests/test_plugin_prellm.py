@@ -29,6 +29,7 @@ def test_args_visionzip_and_encoder_schedule(tiny_assets):
     assert args.describe()["encoder_schedule"] is None
     args = check_checkpoint(_pop("llava", encoder_schedule="1:0.5"), str(tiny_assets["llava"]))
     assert args.method == "none" and str(args.encoder_schedule) == "1:0.5" and args.schedule.is_empty
+    assert args.metric is None  # the default method's metric is not handed to the baseline (attach refuses it)
     args = check_checkpoint(_pop("qwen2_vl", encoder_schedule="1:0.5", schedule=SCHEDULE), str(tiny_assets["qwen2_vl"]))
     assert args.method == "v2drop" and args.describe()["encoder_schedule"] == "1:0.5"
 

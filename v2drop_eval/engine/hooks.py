@@ -60,7 +60,8 @@ class DropHandle:
         spec = self.adapter.encoder
         pre_llm_positions = before_llm_checks(self.adapter, method, schedule.pre_llm, encoder_schedule, positions)
         self.model, self.schedule, self.method = model, schedule, method.name
-        self.encoder_schedule, self.positions = encoder_schedule, positions
+        # positions: as given; pre_llm_positions: the rule in force for tokens removed before the LLM
+        self.encoder_schedule, self.positions, self.pre_llm_positions = encoder_schedule, positions, pre_llm_positions
         self.metric, self.seed = metric, int(seed)
         self.text_config = self.adapter.text_config
         self._last_stats: list[dict[str, Any]] | Any = []  # or a builder, run on first read (see last_stats)

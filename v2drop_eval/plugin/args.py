@@ -207,7 +207,7 @@ def pop_drop_args(kwargs: dict[str, Any], family: str, parent: type, extra: Iter
             raise _fail(model_name, f"schedule={schedule_text} drops nothing; for the unpruned baseline use method=none")
     elif encoder is not None and method == DEFAULT_METHOD and "method" not in given and not options:
         schedule = DropSchedule(())  # encoder_schedule= alone: V2Drop inside the encoder, the decoder whole
-        method = BASELINE
+        method, metric, seed = BASELINE, None, None  # the default method's metric does not go to the baseline
     else:
         raise _fail(model_name, f"method={method} needs budget= (a published preset, e.g. budget=128) or "
                                 "schedule= (e.g. schedule=3:0.5/17:0.3/22:0); for the unpruned baseline use method=none")

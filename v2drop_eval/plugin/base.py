@@ -22,6 +22,8 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
+from v2drop_eval.engine.method import KEEP, RENUMBER
+from v2drop_eval.methods import get_method
 from v2drop_eval.plugin.args import (
     FAMILIES,
     DropArgs,
@@ -97,8 +99,7 @@ class V2DropMixin:
             "device": str(device),
             "device_name": _device_name(device),
             "num_layers": args.num_layers,
-            "positions": handle.positions if handle.positions and (
-                args.encoder_schedule is not None or args.schedule.pre_llm is not None) else None,
+            "positions": _positions_in_force(handle, args),
             "versions": versions(),
         }
         self._v2drop_log = SampleLog(lambda: sidecar_path(args.sidecar, pretrained, rank=self.rank,
@@ -262,3 +263,12 @@ def _device_name(device: Any) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _positions_in_force(handle: Any, args: DropArgs) -> str | None:
+    """The position rule the run's removals follow (before the LLM, else in the decoder); None: nothing removed."""
+    if args.encoder_schedule is not None or args.schedule.pre_llm is not None:
+        return handle.pre_llm_positions
+    if get_method(args.method).drops and not args.schedule.is_empty:
+        return RENUMBER if handle.renumbers else KEEP
+    return None
