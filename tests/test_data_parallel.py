@@ -11,7 +11,7 @@ import json
 import pandas as pd
 import pytest
 
-from v2drop_eval.demo import paths
+from v2drop_eval.demo import BENCHMARKS, paths
 from v2drop_eval.report.build import write_tables
 from v2drop_eval.report.results import load_sweep
 from v2drop_eval.sweep.config import expand, parse_config
@@ -25,7 +25,7 @@ LIMIT = 6
 def test_two_ranks_split_the_items_and_tables_merge_their_sidecars(tmp_path):
     demo = paths()
     raw = {
-        "name": "dp", "output": str(tmp_path / "dp"), "methods": ["none"], "tasks": demo["tasks"],
+        "name": "dp", "output": str(tmp_path / "dp"), "methods": ["none"], "tasks": [BENCHMARKS["vqa"]],
         "models": [{"name": "demo_llava", "family": "llava", "pretrained": demo["llava"],
                     "model_args": {"device": "cpu", "device_map": "cpu", "attn_implementation": "sdpa"}}],
         "include_path": demo["include_path"], "limit": LIMIT, "batch_size": 2, "num_processes": 2, "timeout": 500,
@@ -49,7 +49,7 @@ def test_two_ranks_split_the_items_and_tables_merge_their_sidecars(tmp_path):
     assert sorted(shares[0] + shares[1]) == list(range(LIMIT))  # together every item, once
     (results,) = folder.rglob("*_results.json")
     data = json.loads(results.read_text())
-    assert data["n-samples"][demo["tasks"][0]]["effective"] == LIMIT
+    assert data["n-samples"][BENCHMARKS["vqa"]]["effective"] == LIMIT
 
     (loaded,) = load_sweep(cfg.output)
     assert sorted(loaded.samples["doc_id"]) == list(range(LIMIT))
