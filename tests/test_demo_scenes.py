@@ -177,14 +177,15 @@ def test_trainer_inputs_and_attention_targets(family):
 
 
 # -- the shipped models -------------------------------------------------------------------------------
-# They are not trained yet (make train-demo-scenes): these tests carry the ``scenes_models`` marker, which
-# make test and make test-all leave out until the models ship; run on their own, they fail, naming the
-# missing model, rather than skip.
+# The LLaVA scenes model ships; the Qwen2-VL one is not trained yet (make train-demo-scenes): its cases carry
+# the ``scenes_models`` marker, which make test and make test-all leave out until it ships; run on their own
+# (pytest -m scenes_models), they fail naming the missing model rather than skip.
 SLICE = 60  # 12 per sub-task of the held-out test split: a fast check, not the measurement (train_log.json)
-MIN_ACCURACY = 0.75  # per sub-task on 12 items; the full test split's figures are >= 0.9 (docs/demo.md)
+MIN_ACCURACY = 0.7  # per sub-task on 12 items; the full test split's figures are in train_log.json (docs/demo.md)
+NOT_SHIPPED = pytest.mark.scenes_models
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", pytest.param("qwen2_vl", marks=NOT_SHIPPED)])
 def scenes_model(request):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -195,7 +196,6 @@ def scenes_model(request):
 
 
 @pytest.mark.slow
-@pytest.mark.scenes_models
 def test_shipped_models_answer_every_subtask(scenes_model):
     from v2drop_eval.demo.train_scenes import accuracy_by_subtask, encode, score_items
 
@@ -208,7 +208,6 @@ def test_shipped_models_answer_every_subtask(scenes_model):
 
 
 @pytest.mark.slow
-@pytest.mark.scenes_models
 def test_demo_scenes_config_short_run(tmp_path):
     """configs/demo_scenes.yaml through the real sweep runner on a few items, then its breakdown tables."""
     import json
@@ -217,9 +216,13 @@ def test_demo_scenes_config_short_run(tmp_path):
     from pathlib import Path
 
     import pandas as pd
+    import yaml
 
     root = Path(__file__).resolve().parents[1]
-    for family in ("llava", "qwen2_vl"):
+    raw = yaml.safe_load((root / "configs" / "demo_scenes.yaml").read_text())
+    models = {m["name"]: m["family"] for m in raw["models"]}
+    assert "scenes_llava" in models
+    for family in models.values():
         path = model_path(family, "scenes")
         assert (path / "model.safetensors").exists(), f"scenes demo model missing: {path} (make train-demo-scenes)"
     out = tmp_path / "scenes"
@@ -233,9 +236,11 @@ def test_demo_scenes_config_short_run(tmp_path):
     assert main(["tables", str(out)]) == 1  # a subset of the grid (--only): the rest named as missing
     assert main(["tables", str(out), "--allow-missing"]) == 0
     sub = pd.read_csv(out / "tables" / "accuracy_by_subtask.csv")
-    assert set(sub["point"]) == {"scenes_llava__none", "scenes_qwen2_vl__none", "scenes_llava__v2drop__s2-t1-0.05-1__l2"}
+    assert set(sub["point"]) == {f"{name}__none" for name in models} | {"scenes_llava__v2drop__s2-t1-0.05-1__l2"}
     assert set(SUBTASKS) <= set(sub.columns)  # 10 items: two of each sub-task
     assert (out / "tables" / "accuracy_by_complexity.csv").exists()
-    rows = [json.loads(line) for line in next((out / "scenes_qwen2_vl__none").rglob("*_v2drop_samples.jsonl"))
-            .read_text().splitlines()]
-    assert len(rows) == 10 and all(r["vision_tokens"] == 256 and r["subtask"] in SUBTASKS for r in rows)
+    for name, family in models.items():
+        rows = [json.loads(line) for line in next((out / f"{name}__none").rglob("*_v2drop_samples.jsonl"))
+                .read_text().splitlines()]
+        tokens = 64 if family == "llava" else 256
+        assert len(rows) == 10 and all(r["vision_tokens"] == tokens and r["subtask"] in SUBTASKS for r in rows)
