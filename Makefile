@@ -100,7 +100,7 @@ tables: install
 # The embedded demo on a CPU, both benchmarks, run afresh into DEMO_OUT and DEMO_SCENES_OUT (git ignores
 # them; the committed results/demo and results/demo_scenes are never written): the vqa benchmark's two demo
 # models x every method (about 7 minutes on 2 cores), then the scenes benchmark's shipped model x every
-# method, adaptive vs static V2Drop (about 5 minutes), each with its tables and plots and each point's
+# method, adaptive vs static V2Drop (6 min 40 s beside a one-thread job), each with its tables and plots and each point's
 # accuracy against the committed run (same or different).
 DEMO_OUT ?= results/demo-run
 DEMO_SCENES_OUT ?= results/demo_scenes-run
