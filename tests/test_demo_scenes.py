@@ -177,15 +177,12 @@ def test_trainer_inputs_and_attention_targets(family):
 
 
 # -- the shipped models -------------------------------------------------------------------------------
-# The LLaVA scenes model ships; the Qwen2-VL one is not trained yet (make train-demo-scenes): its cases carry
-# the ``scenes_models`` marker, which make test and make test-all leave out until it ships; run on their own
-# (pytest -m scenes_models), they fail naming the missing model rather than skip.
+# Both scenes models ship (make train-demo-scenes); a missing one fails naming its folder rather than skip.
 SLICE = 60  # 12 per sub-task of the held-out test split: a fast check, not the measurement (train_log.json)
 MIN_ACCURACY = 0.75  # per sub-task on 12 items; the full test split's figures are in train_log.json (docs/demo.md)
-NOT_SHIPPED = pytest.mark.scenes_models
 
 
-@pytest.fixture(scope="module", params=["llava", pytest.param("qwen2_vl", marks=NOT_SHIPPED)])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
 def scenes_model(request):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -197,12 +194,12 @@ def scenes_model(request):
 
 @pytest.mark.slow
 def test_shipped_models_answer_every_subtask(scenes_model):
-    from v2drop_eval.demo.train_scenes import accuracy_by_subtask, encode, score_items
+    from v2drop_eval.demo.train_scenes import TOKENS_PER_SIDE, accuracy_by_subtask, encode, score_items
 
     family, model, processor = scenes_model
     items = make_split("test", SLICE)
     ids = encode(processor, items[:1], answer=False)[0]["input_ids"]
-    assert int((ids == model.config.image_token_id).sum()) == (64 if family == "llava" else 256)
+    assert int((ids == model.config.image_token_id).sum()) == TOKENS_PER_SIDE[family] ** 2
     acc = accuracy_by_subtask(score_items(model, processor, items), items)
     assert all(acc[s] >= MIN_ACCURACY for s in SUBTASKS), acc
 
@@ -232,6 +229,7 @@ def test_demo_scenes_config_short_run(tmp_path):
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from v2drop_eval.cli import main
+    from v2drop_eval.demo.train_scenes import TOKENS_PER_SIDE
 
     assert main(["tables", str(out)]) == 1  # a subset of the grid (--only): the rest named as missing
     assert main(["tables", str(out), "--allow-missing"]) == 0
@@ -242,5 +240,5 @@ def test_demo_scenes_config_short_run(tmp_path):
     for name, family in models.items():
         rows = [json.loads(line) for line in next((out / f"{name}__none").rglob("*_v2drop_samples.jsonl"))
                 .read_text().splitlines()]
-        tokens = 64 if family == "llava" else 256
+        tokens = TOKENS_PER_SIDE[family] ** 2
         assert len(rows) == 10 and all(r["vision_tokens"] == tokens and r["subtask"] in SUBTASKS for r in rows)

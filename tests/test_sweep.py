@@ -168,17 +168,31 @@ def test_every_other_method_joins_through_the_wildcard():
             parse(base_config(methods=bad))
 
 
+def test_method_entry_runs_on_the_models_it_names():
+    """``models: [...]`` in a method entry (``"*"`` included) limits it to those of the config's models."""
+    two = [{"name": "a", "family": "llava", "pretrained": "x", "num_layers": 32},
+           {"name": "q", "family": "qwen2_vl", "pretrained": "y", "num_layers": 28}]
+    cfg = parse(base_config(models=two, budgets=[], methods=[
+        "none", {"method": "v2drop", "schedules": ["2:0.5"], "models": ["a"]},
+        {"method": "*", "schedules": ["2:0.25"], "models": ["q"]}]))
+    ids = [p.id for p in expand(cfg)]
+    assert "a__v2drop__s2-0.5__l2" in ids and not any(i.startswith("q__v2drop") for i in ids)
+    assert "q__fastv__s2-0.25" in ids and not any(i.startswith("a__fastv") for i in ids)
+    assert {"a__none", "q__none"} <= set(ids)
+
+
 def test_demo_scenes_config_runs_every_method_at_the_same_counts():
     """configs/demo_scenes.yaml: every registered method, each at about 25% and 12.5% of the vision tokens
     entering layer 2 on every model it lists (SparseVLM's recycled tokens counted; DART's authors' counts
     move in steps of 8, so within 4 tokens). The scenes models are checked against the vqa demo models'
     configs (same families and depth), so the grid is checked without reading their weights."""
     from v2drop_eval.demo import model_path
+    from v2drop_eval.demo.train_scenes import TOKENS_PER_SIDE
     from v2drop_eval.engine.schedule import DropSchedule
     from v2drop_eval.methods import REGISTRY
 
     raw = yaml.safe_load((CONFIGS / "demo_scenes.yaml").read_text())
-    tokens = {"scenes_llava": 64, "scenes_qwen2_vl": 256}
+    tokens = {m["name"]: TOKENS_PER_SIDE[m["family"]] ** 2 for m in raw["models"]}
     for m in raw["models"]:
         m["pretrained"] = str(model_path(m["family"]))
     cfg = parse_config(raw)
@@ -228,6 +242,10 @@ def test_demo_scenes_config_runs_every_method_at_the_same_counts():
     ({"methods": [{"method": "pdrop", "options": ["bogus"]}]}, "methods[0].options[0]: unknown option 'bogus'"),
     ({"methods": [{"method": "pdrop", "options": "exact_counts"}]}, "expected a list of option sets"),
     ({"methods": [{"method": "pdrop", "options": [[], None]}]}, "the option set [] is listed twice"),
+    ({"methods": [{"method": "fastv", "models": ["m8b"]}]},
+     "methods (fastv): models 'm8b' not in this config; its models: m7b"),
+    ({"methods": [{"method": "fastv", "models": []}]}, "methods[0].models: expected at least one model name"),
+    ({"methods": [{"method": "fastv", "models": ["m7b", "m7b"]}]}, "model 'm7b' is listed twice"),
 ])
 def test_bad_configs_are_refused(change, message):
     with pytest.raises(ConfigError) as err:

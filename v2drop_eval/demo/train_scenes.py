@@ -85,12 +85,12 @@ from v2drop_eval.demo.train import (
 )
 from v2drop_eval.engine.signals import additive_mask
 
-__all__ = ["FAMILIES", "SCENE_WORDS", "build", "token_cells", "chat_messages", "encode", "score_items",
-           "accuracy_by_subtask", "train", "main"]
+__all__ = ["FAMILIES", "SCENE_WORDS", "TOKENS_PER_SIDE", "build", "token_cells", "chat_messages", "encode", "score_items",
+           "accuracy_by_subtask", "Teacher", "train", "main"]
 
 FAMILIES = ("llava", "qwen2_vl")
 SCENE_WORDS = words_of(QUESTION_WORDS, POST_PROMPT, " ".join(ANSWERS))
-TOKENS_PER_SIDE = {"llava": LAYOUT, "qwen2_vl": 2 * LAYOUT}
+TOKENS_PER_SIDE = {"llava": LAYOUT, "qwen2_vl": 2 * LAYOUT}  # vision tokens per image side (squared: per image)
 LEVELS = (3, 10, 20, 40)
 # Pointer heads at the pointer layer: head -> {sub-task: which cells it reads}; other sub-tasks: the sink.
 HEAD_ROLES: dict[int, dict[str, str]] = {
@@ -398,10 +398,46 @@ def _readout_loss(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, que
 
 
 # -- training ---------------------------------------------------------------------------------------------
+class Teacher:
+    """Phase 1's optional teacher (``--distill-from``): a trained scenes demo model of the other family whose
+    image features (projector / merger output, one per token) the student's features are pulled towards,
+    token by token over the same layout cell. Real vision encoders are often distilled from another; here it
+    lets the Qwen2-VL model start where the LLaVA model's decoder already reads, so a CPU run of an hour or
+    two suffices. Nothing pulls features towards word embeddings: the teacher was trained without that."""
+
+    def __init__(self, source: str | Path, family: str):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).eval()
+        self.processor = AutoProcessor.from_pretrained(source)
+        self.family = "llava" if self.model.config.model_type == "llava" else "qwen2_vl"
+        self.source = str(source)
+        self.captured: dict[str, torch.Tensor] = {}
+        vision_output_module(self.model, self.family).register_forward_hook(
+            lambda m, a, o: self.captured.__setitem__("feat", o if isinstance(o, torch.Tensor) else o[0]))
+        # [T_student] the teacher token under each student token (same layout cell; the teacher's first
+        # token of that cell when it has several).
+        teacher_cells, student_cells = token_cells(self.family), token_cells(family)
+        first = {int(c): i for i, c in reversed(list(enumerate(teacher_cells.tolist())))}
+        self.index = torch.tensor([first[int(c)] for c in student_cells])
+
+    @torch.no_grad()
+    def features(self, items: Sequence[Item]) -> torch.Tensor:
+        pixels = self.processor.image_processor([it.image for it in items], return_tensors="pt")
+        image_features(self.model, self.family, dict(pixels))
+        feat = self.captured["feat"].reshape(len(items), len(token_cells(self.family)), -1)
+        return feat[:, self.index]
+
+    def loss(self, feat: torch.Tensor, items: Sequence[Item]) -> torch.Tensor:
+        target = self.features(items)
+        feat = feat.reshape(target.shape)
+        return (feat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+
+
 def pretrain_vision(model: nn.Module, family: str, processor: Any, heads: AuxHeads, captured: dict, steps: int,
-                    lr: float, seed: int, batch_size: int, target: float) -> dict:
-    """Phase 1: the vision side alone learns the per-token probes, until the running object, word and
-    position accuracies all reach ``target`` or ``steps`` run out."""
+                    lr: float, seed: int, batch_size: int, target: float, teacher: Teacher | None = None) -> dict:
+    """Phase 1: the vision side alone learns the per-token probes (and, with a ``teacher``, its features),
+    until the running object, word and position accuracies all reach ``target`` or ``steps`` run out."""
     embed = model.get_input_embeddings().weight
     lm = {id(p) for p in model.model.language_model.parameters()} | {id(embed)}
     params = [p for p in (*model.parameters(), *heads.parameters()) if p.requires_grad and id(p) not in lm]
@@ -416,6 +452,10 @@ def pretrain_vision(model: nn.Module, family: str, processor: Any, heads: AuxHea
             g["lr"] = lr * min(1.0, step / 30)
         image_features(model, family, dict(pixels))
         loss = heads.loss(captured["feat"], items)
+        if teacher is not None:
+            distill = teacher.loss(captured["feat"], items)
+            running["distill"] = 0.9 * running.get("distill", 1.0) + 0.1 * distill.item()
+            loss = loss + distill
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -425,9 +465,10 @@ def pretrain_vision(model: nn.Module, family: str, processor: Any, heads: AuxHea
         if step % 25 == 0:
             print(f"[{family}] vision step {step}: loss {loss.item():.3f} "
                   + " ".join(f"{k} {v:.3f}" for k, v in running.items()), flush=True)
-        if step >= 50 and all(v >= target for v in running.values()):
+        if step >= 50 and all(v >= target for k, v in running.items() if k != "distill"):
             break
-    return {"vision_steps": step, **{f"vision_{k}_acc": round(v, 4) for k, v in running.items()}}
+    return {"vision_steps": step, **{f"vision_{k}_acc": round(v, 4) for k, v in running.items() if k != "distill"},
+            **({"distill_from": teacher.source, "distill_loss": round(running["distill"], 4)} if teacher else {})}
 
 
 def copy_vision(model: nn.Module, family: str, source: str | Path) -> int:
@@ -450,7 +491,7 @@ def train(family: str, out: str | Path, steps: int = 3000, minutes: float = 120.
           gather_layer: int = 1, pointer_weight: float = 1.0, aux_weight: float = 1.0,
           levels: Sequence[int] = LEVELS, curriculum_acc: float = 0.8, init_from: str | Path | None = None,
           eval_every: int = 200, val_size: int = 250, clip: float = 1.0, idle_sink: bool = True,
-          ground: bool = False, vision_from: str | Path | None = None) -> dict:
+          ground: bool = False, vision_from: str | Path | None = None, distill_from: str | Path | None = None) -> dict:
     """Train one scenes demo model and save it to ``out``; returns the training record (``train_log.json``)."""
     if not 0 <= gather_layer < pointer_layer < layers - 1:
         raise ValueError(f"need 0 <= gather_layer < pointer_layer < layers - 1, got {gather_layer}, {pointer_layer}, {layers}")
@@ -476,8 +517,10 @@ def train(family: str, out: str | Path, steps: int = 3000, minutes: float = 120.
     if vision_from:
         vision = {"vision_from": str(vision_from), "vision_tensors": copy_vision(model, family, vision_from)}
     else:
+        teacher = Teacher(distill_from, family) if distill_from else None
         vision = pretrain_vision(model, family, processor, heads, captured, vision_steps, lr, seed, vision_batch,
-                                 vision_target) if vision_steps else {}
+                                 vision_target, teacher) if vision_steps else {}
+        del teacher
     freeze_vision_tower(model, family)
     own = {id(p) for p in model.parameters()}
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in heads.parameters() if id(p) not in own]
@@ -606,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--vision-from", default=None,
                    help="skip phase 1: copy the vision side of this trained model of the same family (experiments)")
+    p.add_argument("--distill-from", default=None,
+                   help="phase 1 also pulls the image features towards this trained demo model's, token by token")
     p.add_argument("--ground", action="store_true",
                    help="pull image features towards the decoder's word embeddings of their colour, shape, size, word")
     p.add_argument("--free-idle-heads", action="store_true",
@@ -626,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
           aux_weight=args.aux_weight, levels=[int(x) for x in args.levels.split(",")],
           curriculum_acc=args.curriculum_acc, init_from=args.init_from, eval_every=args.eval_every,
           val_size=args.val_size, idle_sink=not args.free_idle_heads,
-          ground=args.ground, vision_from=args.vision_from)
+          ground=args.ground, vision_from=args.vision_from, distill_from=args.distill_from)
     return 0
 
 

@@ -128,7 +128,12 @@ class SweepConfig:
             "seeds": own.get("seeds", self.seeds),
             "options": own.get("options", [None]),
             "positions": own.get("positions", [None]),
+            "models": own.get("models", [m.name for m in self.models]),
         }
+
+    def runs_on(self, method: str, model: ModelSpec) -> bool:
+        """Whether ``method``'s entry runs on ``model`` (its ``models:`` list; default every model)."""
+        return model.name in self.grid(method)["models"]
 
     def command(self, point: Point, output_path: str | Path) -> list[str]:
         """The exact command that evaluates ``point`` and writes its results under ``output_path``."""
@@ -257,7 +262,11 @@ def parse_config(
             errors.append(f"models[{i}] ({model.name}): {problem}")
         elif problem := checkpoint_family_problem(model.pretrained, model.family):
             errors.append(f"models[{i}] ({model.name}): {problem}")
+    known = [model.name for model in models]
     for m in methods:
+        if unknown := [n for n in cfg.grid(m)["models"] if n not in known]:
+            errors.append(f"methods ({m}): models {', '.join(map(repr, unknown))} not in this config; "
+                          f"its models: {', '.join(known)}")
         if m in METHODS and get_method(m).drops and not cfg.grid(m)["budgets"] and not cfg.grid(m)["schedules"]:
             errors.append(f"budgets/schedules: method {m!r} needs at least one budget or schedule")
     if not errors:
@@ -294,6 +303,8 @@ def _check_grid(cfg: SweepConfig, errors: list[str], read_layers: bool) -> None:
         elif depth is None:
             cfg.notes.append(f"model {model.name}: depth check skipped (no num_layers)")
         for method in list(cfg.methods):
+            if not cfg.runs_on(method, model):
+                continue
             grid = cfg.grid(method)
             for enc in grid["encoder_schedules"]:
                 why = family_skips(model.family, method, enc)
@@ -339,6 +350,8 @@ def expand(cfg: SweepConfig) -> list[Point]:
     points: list[Point] = []
     for model in cfg.models:
         for method in cfg.methods:
+            if not cfg.runs_on(method, model):
+                continue
             spec = get_method(method)
             grid = cfg.grid(method)
             for enc in grid["encoder_schedules"]:

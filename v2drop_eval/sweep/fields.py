@@ -15,7 +15,7 @@ from v2drop_eval.methods.rules import METHODS, METRICS, POSITION_RULES, check_se
 from v2drop_eval.sweep.points import ModelSpec
 
 __all__ = ["EVERY_METHOD", "EXECUTORS", "SLURM_KEYS", "FAMILY_MODELS", "MODEL_KEYS", "METHOD_KEYS", "OWN_MODEL_ARGS", "ID_RE",
-           "substitute", "as_list", "int_at_least", "parse_metrics", "parse_seeds", "parse_option_sets", "parse_budgets", "parse_methods",
+           "substitute", "as_list", "int_at_least", "parse_metrics", "parse_seeds", "parse_model_names", "parse_option_sets", "parse_budgets", "parse_methods",
            "parse_encoder_schedules",
            "parse_models", "parse_schedules", "parse_executor", "parse_slurm"]
 
@@ -44,7 +44,7 @@ SLURM_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
 EVERY_METHOD = "*"
 # lmms-eval model name registered by the plugin for each family (``model:`` in a config overrides it).
 FAMILY_MODELS = {name: get_family(name).lmms_model for name in FAMILY_NAMES}
-METHOD_KEYS = ("budgets", "schedules", "encoder_schedules", "metrics", "seeds", "options", "positions")
+METHOD_KEYS = ("budgets", "schedules", "encoder_schedules", "metrics", "seeds", "options", "positions", "models")
 MODEL_KEYS = {
     "name": "model id used in point ids (letters, digits, '.', '-', single '_')",
     "family": f"model family, one of {', '.join(sorted(FAMILY_MODELS))}",
@@ -152,6 +152,22 @@ def parse_position_rules(value: Any, where: str, errors: list[str]) -> list[str 
     return rules or [None]
 
 
+def parse_model_names(value: Any, where: str, errors: list[str]) -> list[str]:
+    """``models: [scenes_llava]``: the entry runs on these of the config's models only (checked against
+    ``models`` once both are read)."""
+    names: list[str] = []
+    for item in as_list(value, where, errors):
+        if not isinstance(item, str) or not item:
+            errors.append(f"{where}: {item!r} is not a model name (a models[].name of this config)")
+        elif item in names:
+            errors.append(f"{where}: model {item!r} is listed twice")
+        else:
+            names.append(item)
+    if not names:
+        errors.append(f"{where}: expected at least one model name (leave the key out to run on every model)")
+    return names
+
+
 def parse_option_sets(value: Any, method: str, where: str, errors: list[str]) -> list[str | None]:
     """``options: [[], [float32_scores], float32_scores+exact_counts]``: one point per set; an empty set (or
     null) is the authors' rule."""
@@ -220,6 +236,8 @@ def parse_methods(value: Any, errors: list[str]) -> tuple[list[str], dict[str, d
                 grid["options"] = parse_option_sets(item["options"], name, f"{where}.options", errors)
             if "positions" in item:
                 grid["positions"] = parse_position_rules(item["positions"], f"{where}.positions", errors)
+            if "models" in item:
+                grid["models"] = parse_model_names(item["models"], f"{where}.models", errors)
             if name == EVERY_METHOD:
                 if every is not None:
                     errors.append(f"methods: {EVERY_METHOD!r} is listed twice")
