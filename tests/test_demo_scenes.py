@@ -176,6 +176,24 @@ def test_trainer_inputs_and_attention_targets(family):
     assert len(preds) == len(items) and all(isinstance(p, str) for p in preds)
 
 
+def test_distillation_teacher_maps_cells_to_tokens():
+    """``--distill-from``: each Qwen2-VL token's target is the LLaVA model's feature of the same layout cell
+    (the four tokens of a cell share it), and the loss is 0 exactly when the student matches it."""
+    from v2drop_eval.demo.train_scenes import TOKENS_PER_SIDE, Teacher, token_cells
+
+    teacher = Teacher(model_path("llava", "scenes"), "qwen2_vl")
+    items = make_split("test", 2)
+    target = teacher.features(items)
+    assert target.shape[:2] == (2, TOKENS_PER_SIDE["qwen2_vl"] ** 2)
+    cells = token_cells("qwen2_vl")
+    for cell in (0, 9, 63):
+        rows = target[:, cells == cell]
+        assert rows.shape[1] == 4 and torch.equal(rows, rows[:, :1].expand_as(rows))
+    assert not torch.equal(target[:, cells == 0], target[:, cells == 9])
+    assert float(teacher.loss(target.flatten(0, 1), items)) == 0.0
+    assert float(teacher.loss(torch.zeros_like(target), items)) == pytest.approx(1.0)
+
+
 # -- the shipped models -------------------------------------------------------------------------------
 # Both scenes models ship (make train-demo-scenes); a missing one fails naming its folder rather than skip.
 SLICE = 60  # 12 per sub-task of the held-out test split: a fast check, not the measurement (train_log.json)
