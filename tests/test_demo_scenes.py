@@ -222,6 +222,39 @@ def test_shipped_models_answer_every_subtask(scenes_model):
     assert all(acc[s] >= MIN_ACCURACY for s in SUBTASKS), acc
 
 
+BENCHMARK_BAR = 0.90  # unpruned accuracy each shipped model must reach on every sub-task of the test split
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_shipped_models_recorded_test_accuracy_meets_the_bar(family):
+    """The training record's full test split (500 items, scored once after training) clears the benchmark's
+    bar on every sub-task: a weaker retrained model cannot ship unnoticed."""
+    import json
+
+    log = json.loads((model_path(family, "scenes") / "train_log.json").read_text())
+    acc = log["test_acc"]
+    assert set(SUBTASKS) <= set(acc) and all(acc[s] >= BENCHMARK_BAR for s in SUBTASKS), acc
+
+
+@pytest.mark.slow
+def test_continued_run_keeps_the_records_it_continues(tmp_path):
+    """--init-from and --vision-from one model continue it: the new train_log.json carries the earlier runs
+    (oldest first) under previous_runs, so the shipped LLaVA model's log tells its whole recipe."""
+    import json
+
+    from v2drop_eval.demo.train_scenes import train
+
+    source = model_path("llava", "scenes")
+    shipped = json.loads((source / "train_log.json").read_text())
+    record = train("llava", tmp_path / "more", steps=1, minutes=5, batch_size=2, lr=1e-6, init_from=source,
+                   vision_from=source, aux_weight=0.0, levels=[40], eval_every=1, val_size=5)
+    runs = record["previous_runs"]
+    assert len(runs) == len(shipped["previous_runs"]) + 1 and "previous_runs" not in runs[-1]
+    assert runs[-1]["test_acc"] == shipped["test_acc"] and runs[-1]["steps"] == shipped["steps"]
+    assert "init_from" not in runs[0]  # the first run trained from scratch
+    assert json.loads((tmp_path / "more" / "train_log.json").read_text())["previous_runs"] == runs
+
+
 @pytest.mark.slow
 def test_demo_scenes_config_short_run(tmp_path):
     """configs/demo_scenes.yaml through the real sweep runner on a few items, then its breakdown tables."""

@@ -25,7 +25,12 @@ cell), Qwen2-VL at 448 pixels (256 tokens, four per cell). What the training doe
   of steps (the first demo's notes);
 - a curriculum on the object count (``--levels``): 3, then 10, 20 and 40 objects at most;
 - ``--init-from DIR``: start the language decoder from another trained demo model's, the way real
-  VLMs start from a pre-trained LLM (the shipped Qwen2-VL model starts from the shipped LLaVA one's).
+  VLMs start from a pre-trained LLM (the shipped Qwen2-VL model starts from the first LLaVA run's);
+- ``--init-from DIR --vision-from DIR`` with one model of the same family: continue it (the whole model;
+  its probe heads are not saved, so such a run sets ``--aux-weight 0``). The shipped LLaVA model is the
+  first LLaVA run continued this way twice, at a low and then a lower learning rate, on every scene size
+  (``make train-demo-scenes``' third and fourth runs): counting was still climbing at the first run's
+  time cap.
 
 Training stops at ``--steps`` (or ``--minutes``), or earlier once every sub-task reaches ``--target``
 on the validation split (never the test split) at the last level; the test split is scored once, per
@@ -616,6 +621,12 @@ def train(family: str, out: str | Path, steps: int = 3000, minutes: float = 120.
         "best_level": levels[best[0]] if best[0] >= 0 else None, "best_val_worst_subtask": best[1],
         "test_acc": test_acc, "log": log,
     }
+    if init_from and vision_from and Path(init_from).resolve() == Path(vision_from).resolve():
+        # A continued model keeps the records of the runs it continues (oldest first), so one log tells its story.
+        earlier_log = Path(init_from) / "train_log.json"
+        if earlier_log.is_file():
+            earlier = json.loads(earlier_log.read_text())
+            record["previous_runs"] = [*earlier.pop("previous_runs", []), earlier]
     print(f"[{family}] test accuracy {json.dumps(test_acc)} ({train_minutes:.1f} min)", flush=True)
     _save(model, processor, out, record)
     return record
@@ -648,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pointer-weight", type=float, default=1.0)
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--vision-from", default=None,
-                   help="skip phase 1: copy the vision side of this trained model of the same family (experiments)")
+                   help="skip phase 1: copy the vision side of this trained model of the same family (with --init-from from the same model: continue it)")
     p.add_argument("--distill-from", default=None,
                    help="phase 1 also pulls the image features towards this trained demo model's, token by token")
     p.add_argument("--ground", action="store_true",
