@@ -97,8 +97,8 @@ tables: install
 
 # The embedded demo on a CPU, both benchmarks, run afresh into DEMO_OUT and DEMO_SCENES_OUT (git ignores
 # them; the committed results/demo and results/demo_scenes are never written): the vqa benchmark's two demo
-# models x every method (about 5 minutes on an idle 2-core machine), then the scenes benchmark's two models (LLaVA x every
-# method, Qwen2-VL x five; adaptive vs static V2Drop; about 7 1/2 minutes), each with its tables and plots and each point's
+# models x every method (about 5 minutes on an idle 2-core machine), then the scenes benchmark's two models (each x every
+# method, VisionZip LLaVA only; adaptive vs static V2Drop; about 10 minutes), each with its tables and plots and each point's
 # accuracy against the committed run (same or different).
 DEMO_OUT ?= results/demo-run
 DEMO_SCENES_OUT ?= results/demo_scenes-run
