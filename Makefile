@@ -145,18 +145,20 @@ SCENES_STEPS ?= 6000
 SCENES_MINUTES ?= 85
 SCENES_QWEN_STEPS ?= 3000
 SCENES_QWEN_MINUTES ?= 105
+# What runs 3 and 4 share: continue a model whole, every scene size, no probe heads (they are not saved).
+SCENES_CONTINUE = --family llava --threads 2 --val-size 500 --aux-weight 0 --levels 40
 train-demo-scenes: install
 	$(PY) -m v2drop_eval.demo.train_scenes --family llava --out $(SCENES_STAGE1) \
 		--steps $(SCENES_STEPS) --minutes $(SCENES_MINUTES) --target 0.92 --threads 1 --seed 0
 	$(PY) -m v2drop_eval.demo.train_scenes --family qwen2_vl --out v2drop_eval/demo/models/scenes_qwen2_vl \
 		--steps $(SCENES_QWEN_STEPS) --minutes $(SCENES_QWEN_MINUTES) --target 0.92 --threads 2 --seed 0 \
 		--init-from $(SCENES_STAGE1) --distill-from $(SCENES_STAGE1)
-	$(PY) -m v2drop_eval.demo.train_scenes --family llava --out $(SCENES_STAGE2) \
-		--steps 7000 --minutes 48 --target 0.95 --threads 2 --seed 1 --lr 3e-4 --val-size 500 \
-		--init-from $(SCENES_STAGE1) --vision-from $(SCENES_STAGE1) --aux-weight 0 --levels 40
-	$(PY) -m v2drop_eval.demo.train_scenes --family llava --out v2drop_eval/demo/models/scenes_llava \
-		--steps 3000 --minutes 20 --target 0.97 --threads 2 --seed 2 --lr 1.5e-4 --val-size 500 \
-		--init-from $(SCENES_STAGE2) --vision-from $(SCENES_STAGE2) --aux-weight 0 --levels 40
+	$(PY) -m v2drop_eval.demo.train_scenes $(SCENES_CONTINUE) --out $(SCENES_STAGE2) \
+		--steps 7000 --minutes 48 --target 0.95 --seed 1 --lr 3e-4 \
+		--init-from $(SCENES_STAGE1) --vision-from $(SCENES_STAGE1)
+	$(PY) -m v2drop_eval.demo.train_scenes $(SCENES_CONTINUE) --out v2drop_eval/demo/models/scenes_llava \
+		--steps 3000 --minutes 20 --target 0.97 --seed 2 --lr 1.5e-4 \
+		--init-from $(SCENES_STAGE2) --vision-from $(SCENES_STAGE2)
 
 # Prefill / decode speed vs the FLOPs limit and the dropper's own cost, paired repeats with intervals
 # (docs/bench.md). `make bench SHAPE=7b-slice` writes results/bench/cpu-7b-slice.{json,md} (~20 min, 1 thread).
