@@ -236,6 +236,15 @@ def test_shipped_models_recorded_test_accuracy_meets_the_bar(family):
     assert set(SUBTASKS) <= set(acc) and all(acc[s] >= BENCHMARK_BAR for s in SUBTASKS), acc
 
 
+@pytest.mark.parametrize("option", ["init_from", "vision_from", "distill_from"])
+def test_missing_model_folders_are_refused_before_training(option, tmp_path):
+    from v2drop_eval.demo.train_scenes import train
+
+    with pytest.raises(FileNotFoundError, match=f"{option} must be a trained demo model folder.*/nonexistent"):
+        train("llava", tmp_path / "out", **{option: "/nonexistent"})
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_continued_run_keeps_the_records_it_continues(tmp_path):
     """--init-from and --vision-from one model continue it: the new train_log.json carries the earlier runs

@@ -502,8 +502,9 @@ def train(family: str, out: str | Path, steps: int = 3000, minutes: float = 120.
         raise ValueError(f"need 0 <= gather_layer < pointer_layer < layers - 1, got {gather_layer}, {pointer_layer}, {layers}")
     if not levels or any(not 1 <= n <= 40 for n in levels) or list(levels) != sorted(levels):
         raise ValueError(f"levels must be increasing object counts in [1, 40], got {list(levels)}")
-    if init_from is not None and not (Path(init_from) / "config.json").is_file():
-        raise FileNotFoundError(f"init_from must be a trained demo model folder (with config.json), got {str(init_from)!r}")
+    for name, folder in (("init_from", init_from), ("vision_from", vision_from), ("distill_from", distill_from)):
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            raise FileNotFoundError(f"{name} must be a trained demo model folder (with config.json), got {str(folder)!r}")
     torch.set_num_threads(threads)
     random.seed(seed)
     t_start = time.time()
